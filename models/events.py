@@ -1,0 +1,103 @@
+"""CRM events (CRM-tapahtumat), their properties, the staff involved and follow-ups."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, JsonValue, utcnow
+
+
+class CrmEvent(Base):
+    __tablename__ = "crm_event"
+    __table_args__ = (
+        # The natural key: redelivery, duplicate webhooks and the same email through two
+        # mailboxes all converge on this one row.
+        UniqueConstraint("source_system", "source_kind", "source_id"),
+        Index("ix_crm_event_seller_category_occurred", "seller_id", "category_code", "occurred_at"),
+        Index("ix_crm_event_customer_occurred", "customer_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_system: Mapped[str] = mapped_column(String(100))
+    #: call | email | visit
+    source_kind: Mapped[str] = mapped_column(String(20))
+    source_id: Mapped[str] = mapped_column(String(500))
+
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customer.id"))
+    contact_id: Mapped[int | None] = mapped_column(ForeignKey("contact.id"), index=True)
+    #: The assigned seller: targets and cards count this staff member.
+    seller_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"))
+    #: linked | unlinked | ambiguous
+    link_state: Mapped[str] = mapped_column(String(20), default="unlinked", index=True)
+    #: auto | hand: events linked by hand are never re-linked automatically.
+    linked_by: Mapped[str] = mapped_column(String(10), default="auto")
+    match_note: Mapped[str] = mapped_column(Text, default="")
+    #: Other candidates when the match is ambiguous (contact ids and names).
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JsonValue, default=list)
+
+    category_code: Mapped[str] = mapped_column(ForeignKey("category.code"), index=True)
+    class_code: Mapped[str] = mapped_column(ForeignKey("event_class.code"), index=True)
+    type_code: Mapped[str] = mapped_column(ForeignKey("event_type.code"), index=True)
+    classification_note: Mapped[str] = mapped_column(Text, default="")
+
+    subject: Mapped[str] = mapped_column(Text, default="")
+    body: Mapped[str] = mapped_column(Text, default="")
+    #: inbound | outbound | null (visits, memos without a direction)
+    direction: Mapped[str | None] = mapped_column(String(20))
+    status: Mapped[str | None] = mapped_column(String(40))
+    occurred_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime | None]
+    duration_s: Mapped[int | None]
+    thread_key: Mapped[str | None] = mapped_column(String(500), index=True)
+    cancelled: Mapped[bool] = mapped_column(default=False)
+    #: Source-specific facts that do not deserve a column (raw numbers, merged call state).
+    details: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class EventPropertyLink(Base):
+    __tablename__ = "event_property_link"
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="CASCADE"), primary_key=True
+    )
+    property_code: Mapped[str] = mapped_column(
+        ForeignKey("event_property.code"), primary_key=True, index=True
+    )
+
+
+class EventParticipant(Base):
+    """Staff involved in an event ("who has been in touch"), the assigned seller included."""
+
+    __tablename__ = "event_participant"
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="CASCADE"), primary_key=True
+    )
+    staff_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True, index=True)
+
+
+class FollowUp(Base):
+    """An open task for a seller, e.g. to call back a customer whose call was missed."""
+
+    __tablename__ = "follow_up"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="CASCADE"), unique=True
+    )
+    seller_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"), index=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customer.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    #: open | closed
+    state: Mapped[str] = mapped_column(String(10), default="open")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None]
+    closed_by_event_id: Mapped[int | None] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="SET NULL")
+    )

@@ -1,0 +1,78 @@
+"""Schema migrations (Alembic) and the default catalogue installation behind ``init-db``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from config import catalogue as defaults
+from models.base import Base
+from models.catalogue import Category, EventClass, EventProperty, EventType
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return cfg
+
+
+def upgrade(engine: Engine) -> None:
+    cfg = alembic_config(engine)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+def schema_drift(engine: Engine) -> list[object]:
+    """Differences between the models and the migrated schema (empty when they agree)."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "render_as_batch": True}
+        )
+        return list(compare_metadata(context, Base.metadata))
+
+
+def install_default_catalogue(session: Session) -> list[str]:
+    """Insert the default catalogue rows that are missing; never overwrite an edited row.
+
+    Returns what was added, so a second run reports (and changes) nothing.
+    """
+    added: list[str] = []
+    for model, rows in (
+        (EventClass, defaults.CLASSES),
+        (EventType, defaults.TYPES),
+        (EventProperty, defaults.PROPERTIES),
+    ):
+        existing = set(session.scalars(select(model.code)))
+        for row in rows:
+            if row.code not in existing:
+                session.add(model(code=row.code, name_fi=row.name_fi, name_en=row.name_en))
+                added.append(f"{model.__tablename__}:{row.code}")
+        session.flush()
+    existing = set(session.scalars(select(Category.code)))
+    for position, cat in enumerate(defaults.CATEGORIES):
+        if cat.code not in existing:
+            session.add(
+                Category(
+                    code=cat.code,
+                    name_fi=cat.name_fi,
+                    name_en=cat.name_en,
+                    default_class=cat.default_class,
+                    default_type=cat.default_type,
+                    allow_selection=cat.allow_selection,
+                    sales_target=cat.sales_target,
+                    position=position,
+                )
+            )
+            added.append(f"category:{cat.code}")
+    session.flush()
+    return added

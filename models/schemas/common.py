@@ -1,0 +1,100 @@
+"""Shared pieces of the message schemas."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+
+class MessageInvalid(Exception):
+    """A message failed validation: bad input, recorded with its field errors, never retried."""
+
+    def __init__(self, reason: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errors = errors or {}
+
+
+class Base64Bytes(fields.Field):
+    """Standard base64 text on the wire, ``bytes`` after loading."""
+
+    default_error_messages = {"invalid": "Not valid base64."}  # noqa: RUF012
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+            raise self.make_error("invalid") from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+def Text(*, required: bool = False, max_length: int = 10_000, **kwargs: Any) -> fields.String:
+    return fields.String(
+        required=required,
+        validate=validate.Length(max=max_length, min=1 if required else 0),
+        **kwargs,
+    )
+
+
+def Code(**kwargs: Any) -> fields.String:
+    """A catalogue code; unknown codes pass validation and are refused (noted) at classify."""
+    return fields.String(validate=validate.Length(min=1, max=40), allow_none=True, **kwargs)
+
+
+class MessageSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    source_system = Text(required=True, max_length=100)
+
+
+class AttachmentSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    filename = Text(required=True, max_length=1000)
+    media_type = Text(max_length=200, load_default="application/octet-stream")
+    content_b64 = Base64Bytes(required=True)
+
+
+def load_message(schema: Schema, payload: Any, expected_schema: str) -> dict[str, Any]:
+    """Validate ``payload`` against ``schema``; raise :class:`MessageInvalid` with every error."""
+    if not isinstance(payload, dict):
+        raise MessageInvalid(
+            f"a {expected_schema} message must be a JSON object, got {type(payload).__name__}"
+        )
+    version = payload.get("schema")
+    if version != expected_schema:
+        raise MessageInvalid(
+            f"schema must be {expected_schema!r}, got {version!r}",
+            {"schema": [f"Must be {expected_schema!r}."]},
+        )
+    try:
+        loaded: dict[str, Any] = schema.load(payload)
+    except ValidationError as exc:
+        errors = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        raise MessageInvalid(_summarise(errors), errors) from exc
+    return loaded
+
+
+def _summarise(errors: dict[str, Any]) -> str:
+    parts = []
+    for field_name, messages in sorted(errors.items()):
+        text = messages if isinstance(messages, str) else _flatten(messages)
+        parts.append(f"{field_name}: {text}")
+    return "invalid message: " + "; ".join(parts)
+
+
+def _flatten(messages: Any) -> str:
+    if isinstance(messages, list):
+        return " ".join(_flatten(m) for m in messages)
+    if isinstance(messages, dict):
+        return " ".join(f"{k}: {_flatten(v)}" for k, v in messages.items())
+    return str(messages)

@@ -1,0 +1,61 @@
+"""``crm.party/1``: upserts of customers, contacts and staff pushed by the ERP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields, validate
+
+from models.schemas.common import MessageInvalid, MessageSchema, Text, load_message
+
+SCHEMA = "crm.party/1"
+
+
+class _PartySchema(MessageSchema):
+    schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
+    kind = fields.String(required=True)
+
+
+class CustomerSchema(_PartySchema):
+    customer_number = Text(required=True, max_length=40)
+    name = Text(required=True, max_length=300)
+    email_domains = fields.List(Text(max_length=255), load_default=list)
+    phones = fields.List(Text(max_length=64), load_default=list)
+    seller = Text(max_length=100, allow_none=True)
+
+
+class ContactSchema(_PartySchema):
+    customer_number = Text(required=True, max_length=40)
+    name = Text(required=True, max_length=300)
+    email = fields.Email(allow_none=True)
+    phones = fields.List(Text(max_length=64), load_default=list)
+
+
+class StaffSchema(_PartySchema):
+    username = Text(required=True, max_length=100)
+    name = Text(required=True, max_length=200)
+    email = fields.Email(allow_none=True)
+    phones = fields.List(Text(max_length=64), load_default=list)
+    extension = Text(max_length=20, allow_none=True)
+    role = fields.String(validate=validate.OneOf(["seller", "manager"]), load_default="seller")
+    manager = Text(max_length=100, allow_none=True)
+    time_zone = Text(max_length=64, load_default="Europe/Helsinki")
+    active = fields.Boolean(load_default=True)
+
+
+PARTY_SCHEMAS: dict[str, type[Schema]] = {
+    "customer": CustomerSchema,
+    "contact": ContactSchema,
+    "staff": StaffSchema,
+}
+
+
+def load_party_message(payload: Any) -> dict[str, Any]:
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    schema_cls = PARTY_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema_cls is None:
+        raise MessageInvalid(
+            f"kind must be one of customer, contact, staff; got {kind!r}",
+            {"kind": ["Must be one of: customer, contact, staff."]},
+        )
+    return load_message(schema_cls(), payload, SCHEMA)

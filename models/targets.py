@@ -1,0 +1,104 @@
+"""Sales targets, tallies, seller cards and the bookkeeping that keeps them fresh and exact."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, JsonValue, utcnow
+
+
+class Target(Base):
+    """A weekly or monthly count target, valid from a date until a later target replaces it."""
+
+    __tablename__ = "target"
+    __table_args__ = (UniqueConstraint("seller_id", "category_code", "kind", "valid_from"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"))
+    category_code: Mapped[str] = mapped_column(ForeignKey("category.code"))
+    #: weekly | monthly
+    kind: Mapped[str] = mapped_column(String(10))
+    value: Mapped[int]
+    valid_from: Mapped[date]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Tally(Base):
+    """Events of one seller in one category in one period (``2026-W48`` or ``2026-11``)."""
+
+    __tablename__ = "tally"
+
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True)
+    category_code: Mapped[str] = mapped_column(ForeignKey("category.code"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(10), primary_key=True)
+    count: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class TallyTouch(Base):
+    """A tally key whose events changed and which the next refresh must recompute.
+
+    Written in the same transaction as the event change, so a refresh can never miss it.
+    """
+
+    __tablename__ = "tally_touch"
+    __table_args__ = (Index("ix_tally_touch_seller_id_id", "seller_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"))
+    category_code: Mapped[str] = mapped_column(String(40))
+    period: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RefreshRequest(Base):
+    """A refresh of one seller is queued: later changes piggyback on it (coalescing)."""
+
+    __tablename__ = "refresh_request"
+
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SellerCard(Base):
+    """The computed card of one seller and one category, as shown on the seller view."""
+
+    __tablename__ = "seller_card"
+
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True)
+    card: Mapped[str] = mapped_column(String(40), primary_key=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonValue)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReportRun(Base):
+    """One target report per (manager, kind, period): the row is claimed before sending."""
+
+    __tablename__ = "report_run"
+    __table_args__ = (UniqueConstraint("manager_id", "kind", "period"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    manager_id: Mapped[int] = mapped_column(ForeignKey("staff.id"))
+    kind: Mapped[str] = mapped_column(String(10))
+    period: Mapped[str] = mapped_column(String(10))
+    #: claimed | sent | failed
+    state: Mapped[str] = mapped_column(String(10), default="claimed")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+
+class ReconcileRun(Base):
+    """The outcome of one recomputation of all tallies from the stored events."""
+
+    __tablename__ = "reconcile_run"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    keys_checked: Mapped[int] = mapped_column(default=0)
+    drift: Mapped[int] = mapped_column(default=0)
+    details: Mapped[list[dict[str, Any]]] = mapped_column(JsonValue, default=list)

@@ -1,0 +1,159 @@
+"""Attach stage: documents stored content-addressed (SHA-256) and attached to events.
+
+Filenames from senders are sanitised for display and never used as a path; the media type is
+sniffed from the bytes; documents over the size cap become stubs with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+
+import filetype
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from models.db import upsert_insert
+from models.documents import DocumentBlob, EventDocument
+
+MAX_FILENAME = 200
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+
+
+def sanitise_filename(raw: str | None, fallback: str = "document") -> str:
+    """A display name that is safe anywhere: no directories, controls or reserved names."""
+    name = unicodedata.normalize("NFC", raw or "")
+    # Keep only the last path component of anything path-like ("../../etc/passwd" -> "passwd").
+    name = re.split(r"[/\\]", name)[-1]
+    name = _UNSAFE.sub("_", name).strip(" .")
+    if not name or set(name) <= {"_", "."}:
+        name = fallback
+    if len(name) > MAX_FILENAME:
+        stem, dot, ext = name.rpartition(".")
+        name = (
+            (stem[: MAX_FILENAME - len(ext) - 1] + dot + ext)
+            if dot and len(ext) < 10
+            else name[:MAX_FILENAME]
+        )
+    return name
+
+
+def sniff_media_type(content: bytes, declared: str | None) -> str:
+    """The type the bytes say they are; a declared type only where the bytes cannot tell."""
+    kind = filetype.guess(content[:8192])
+    if kind is not None:
+        return str(kind.mime)
+    declared = (declared or "").strip().lower()
+    if declared.startswith("text/") or declared in {"message/rfc822", "application/json"}:
+        return declared
+    return "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    sha256: str | None
+    filename: str
+    media_type: str
+    size: int
+    role: str
+    note: str = ""
+
+
+def store_blob(session: Session, settings: Settings, content: bytes, media_type: str) -> str:
+    """Store bytes once (idempotent) and return their SHA-256."""
+    digest = hashlib.sha256(content).hexdigest()
+    if session.get(DocumentBlob, digest) is not None:
+        return digest
+    in_database = settings.document_store == "database"
+    if not in_database:
+        _write_file(settings, digest, content)
+    statement = upsert_insert(session, DocumentBlob.__table__).values(
+        sha256=digest,
+        size=len(content),
+        media_type=media_type,
+        stored_in=settings.document_store,
+        content=content if in_database else None,
+    )
+    session.execute(statement.on_conflict_do_nothing(index_elements=["sha256"]))
+    return digest
+
+
+def _write_file(settings: Settings, digest: str, content: bytes) -> None:
+    folder = settings.effective_document_dir / digest[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / digest
+    if target.exists():
+        return
+    # Write then rename: a crash never leaves a half-written document under its final name.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+    os.replace(tmp, target)
+
+
+def read_blob(session: Session, settings: Settings, digest: str) -> bytes | None:
+    blob = session.get(DocumentBlob, digest)
+    if blob is None:
+        return None
+    if blob.stored_in == "database":
+        return session.scalar(select(DocumentBlob.content).where(DocumentBlob.sha256 == digest))
+    path = settings.effective_document_dir / digest[:2] / digest
+    return path.read_bytes() if path.exists() else None
+
+
+def attach(
+    session: Session,
+    settings: Settings,
+    event_id: int,
+    *,
+    content: bytes | None,
+    filename: str | None,
+    declared_type: str | None,
+    role: str,
+    size: int | None = None,
+    refused_reason: str = "",
+) -> StoredDocument:
+    """Attach a document (or a stub when it was refused) to an event, once."""
+    name = sanitise_filename(filename, fallback=role)
+    note = ""
+    if content is not None and len(content) > settings.max_attachment_bytes:
+        refused_reason = (
+            f"{len(content)} bytes is over the {settings.max_attachment_bytes}-byte attachment cap"
+        )
+    if content is None or refused_reason:
+        digest = None
+        media_type = (declared_type or "application/octet-stream").lower()
+        size = size if size is not None else (len(content) if content is not None else 0)
+        note = f"not stored: {refused_reason}" if refused_reason else "not stored"
+    else:
+        media_type = sniff_media_type(content, declared_type)
+        digest = store_blob(session, settings, content, media_type)
+        size = len(content)
+    if filename and name != filename:
+        note = (note + "; " if note else "") + f"filename sanitised from {filename[:300]!r}"
+    existing = session.scalar(
+        select(EventDocument).where(
+            EventDocument.event_id == event_id,
+            EventDocument.role == role,
+            EventDocument.filename == name,
+            EventDocument.sha256.is_(None) if digest is None else EventDocument.sha256 == digest,
+        )
+    )
+    if existing is None:
+        session.add(
+            EventDocument(
+                event_id=event_id,
+                sha256=digest,
+                filename=name,
+                media_type=media_type,
+                size=size,
+                role=role,
+                note=note,
+            )
+        )
+    return StoredDocument(digest, name, media_type, size, role, note)

@@ -1,0 +1,1 @@
+"""Ingest stages, one module per source: validate, ledger, normalise, match, classify, store."""

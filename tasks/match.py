@@ -1,0 +1,182 @@
+"""Match stage: phone numbers and email addresses to staff, contacts and customers.
+
+Our own numbers and extensions are staff, never customers. A number or address that fits several
+contacts gives one ambiguous match with every candidate, never a copy per contact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import phonenumbers
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from models.parties import Contact, Customer, CustomerDomain, PartyPhone, Staff
+
+
+@dataclass
+class PartyMatch:
+    """Who on the customer side an event concerns, and how sure we are."""
+
+    customer_id: int | None = None
+    contact_id: int | None = None
+    #: Further contacts involved (an email to two people of the same customer).
+    other_contact_ids: list[int] = field(default_factory=list)
+    #: linked | unlinked | ambiguous
+    state: str = "unlinked"
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def normalise_phone(raw: str | None, region: str) -> str | None:
+    """E.164 for a real phone number; None for extensions, junk and empty values."""
+    if not raw:
+        return None
+    digits = "".join(ch for ch in raw if ch.isdigit())
+    if len(digits) < 6:  # an extension such as "201" is never a public number
+        return None
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def own_numbers(settings: Settings) -> set[str]:
+    return {n for raw in settings.own_numbers if (n := normalise_phone(raw, settings.phone_region))}
+
+
+def find_staff(session: Session, reference: str | None, settings: Settings) -> Staff | None:
+    """Staff by username, email, extension or phone number."""
+    if not reference:
+        return None
+    ref = reference.strip()
+    staff = session.scalar(select(Staff).where(Staff.username == ref))
+    if staff is None and "@" in ref:
+        staff = session.scalar(select(Staff).where(func.lower(Staff.email) == ref.lower()))
+    if staff is None and ref.isdigit() and len(ref) < 6:
+        staff = session.scalar(select(Staff).where(Staff.extension == ref))
+    if staff is None and (e164 := normalise_phone(ref, settings.phone_region)):
+        staff = session.scalar(
+            select(Staff)
+            .join(PartyPhone, PartyPhone.staff_id == Staff.id)
+            .where(PartyPhone.e164 == e164)
+        )
+    return staff
+
+
+def is_internal_number(session: Session, raw: str | None, settings: Settings) -> bool:
+    """Our switchboard, an extension or a staff phone: never a customer, never a lead."""
+    if not raw:
+        return False
+    e164 = normalise_phone(raw, settings.phone_region)
+    if e164 is None:
+        digits = "".join(ch for ch in raw if ch.isdigit())
+        return bool(digits) and len(digits) < 6
+    if e164 in own_numbers(settings):
+        return True
+    return (
+        session.scalar(
+            select(PartyPhone.id).where(PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None))
+        )
+        is not None
+    )
+
+
+def match_phone(session: Session, raw: str | None, settings: Settings) -> PartyMatch:
+    result = PartyMatch()
+    e164 = normalise_phone(raw, settings.phone_region)
+    if e164 is None:
+        result.notes.append(f"number {raw!r} is not a public phone number")
+        return result
+    rows = session.execute(
+        select(PartyPhone.contact_id, PartyPhone.customer_id, Contact.customer_id, Contact.name)
+        .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
+        .where(PartyPhone.e164 == e164, PartyPhone.staff_id.is_(None))
+    ).all()
+    contacts = sorted({(row[0], row[2], row[3]) for row in rows if row[0] is not None})
+    customers = {row[1] for row in rows if row[1] is not None} | {c[1] for c in contacts}
+    if len(contacts) == 1:
+        result.contact_id, result.customer_id = contacts[0][0], contacts[0][1]
+        result.state = "linked"
+        result.notes.append(f"number {e164} is contact {contacts[0][2]}")
+    elif len(contacts) > 1:
+        result.state = "ambiguous"
+        result.candidates = [{"contact_id": c[0], "name": c[2]} for c in contacts]
+        if len(customers) == 1:
+            result.customer_id = next(iter(customers))
+        names = ", ".join(c[2] for c in contacts)
+        result.notes.append(f"number {e164} is shared by {len(contacts)} contacts: {names}")
+    elif len(customers) == 1:
+        result.customer_id = next(iter(customers))
+        result.state = "linked"
+        result.notes.append(f"number {e164} is a customer's number (no contact)")
+    elif len(customers) > 1:
+        result.state = "ambiguous"
+        result.candidates = [{"customer_id": c} for c in sorted(customers)]
+        result.notes.append(f"number {e164} belongs to {len(customers)} customers")
+    else:
+        result.notes.append(f"number {e164} matches no contact or customer")
+    return result
+
+
+def email_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def match_addresses(session: Session, addresses: Iterable[str], settings: Settings) -> PartyMatch:
+    """Contacts by address (case-insensitive), then customers by domain; the first wins."""
+    result = PartyMatch()
+    contacts: list[Contact] = []
+    domain_customers: list[int] = []
+    for address in addresses:
+        lowered = address.lower()
+        found = session.scalars(
+            select(Contact).where(func.lower(Contact.email) == lowered).order_by(Contact.id)
+        ).all()
+        if len(found) > 1:
+            result.candidates.extend({"contact_id": c.id, "name": c.name} for c in found)
+            result.notes.append(f"{lowered} is the address of {len(found)} contacts")
+        if found:
+            if found[0].id not in {c.id for c in contacts}:
+                contacts.append(found[0])
+            continue
+        domain = email_domain(lowered)
+        if domain in settings.free_mail_domains:
+            result.notes.append(f"{domain} is a free-mail domain: never matched to a company")
+            continue
+        for customer_id in session.scalars(
+            select(CustomerDomain.customer_id).where(CustomerDomain.domain == domain)
+        ):
+            if customer_id not in domain_customers:
+                domain_customers.append(customer_id)
+    if contacts:
+        primary = contacts[0]
+        result.contact_id, result.customer_id = primary.id, primary.customer_id
+        result.other_contact_ids = [
+            c.id for c in contacts[1:] if c.customer_id == primary.customer_id
+        ]
+        result.state = "ambiguous" if result.candidates else "linked"
+        result.notes.append(f"address of contact {primary.name}")
+    elif domain_customers:
+        result.customer_id = domain_customers[0]
+        result.state = "linked"
+        if len(domain_customers) > 1:
+            result.state = "ambiguous"
+            result.candidates = [{"customer_id": c} for c in domain_customers]
+        result.notes.append("matched by the customer's email domain")
+    else:
+        result.notes.append("no contact or customer domain matches")
+    return result
+
+
+def customer_by_number(session: Session, number: str | None) -> Customer | None:
+    if not number:
+        return None
+    return session.scalar(select(Customer).where(Customer.customer_number == number))

@@ -1,0 +1,59 @@
+"""Time: naive inputs, the seller's zone, ISO weeks (``2026-W48``) and months (``2026-11``)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+WEEK_RE = re.compile(r"^(\d{4})-W(\d{2})$")
+MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+def aware(value: datetime | None, zone: ZoneInfo, notes: list[str], label: str) -> datetime | None:
+    """Attach ``zone`` to a naive time and record that assumption in ``notes``."""
+    if value is None or value.tzinfo is not None:
+        return value
+    notes.append(f"{label} had no UTC offset; read as {zone.key}")
+    return value.replace(tzinfo=zone)
+
+
+def week_key(moment: datetime, zone: ZoneInfo) -> str:
+    return moment.astimezone(zone).strftime("%G-W%V")
+
+
+def month_key(moment: datetime, zone: ZoneInfo) -> str:
+    return moment.astimezone(zone).strftime("%Y-%m")
+
+
+def period_keys(moment: datetime, zone: ZoneInfo) -> tuple[str, str]:
+    return week_key(moment, zone), month_key(moment, zone)
+
+
+def period_dates(period: str) -> tuple[date, date]:
+    """First and last calendar day of ``2026-W48`` or ``2026-11``."""
+    if match := WEEK_RE.match(period):
+        monday = date.fromisocalendar(int(match[1]), int(match[2]), 1)
+        return monday, monday + timedelta(days=6)
+    if match := MONTH_RE.match(period):
+        first = date(int(match[1]), int(match[2]), 1)
+        following = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+        return first, following - timedelta(days=1)
+    raise ValueError(f"a period is 2026-W48 or 2026-11, got {period!r}")
+
+
+def period_bounds(period: str, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The half-open UTC interval ``[start, end)`` of a period in the seller's zone."""
+    first, last = period_dates(period)
+    start = datetime.combine(first, time.min, tzinfo=zone)
+    end = datetime.combine(last + timedelta(days=1), time.min, tzinfo=zone)
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def period_kind(period: str) -> str:
+    return "weekly" if WEEK_RE.match(period) else "monthly"
+
+
+def validate_period(period: str) -> str:
+    period_dates(period)
+    return period

@@ -1,0 +1,146 @@
+"""Refresh stage: recompute the touched tallies and the seller's cards from stored events.
+
+``crm.refresh.seller`` is coalesced: producers enqueue it only when no refresh of that seller is
+pending (``tasks.store.claim_refresh``), and one run handles every key touched until it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from celery import shared_task
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session
+
+from models.base import utcnow
+from models.db import is_postgresql, transaction, upsert_insert
+from models.events import CrmEvent
+from models.parties import Staff
+from models.targets import SellerCard, Tally, TallyTouch
+from tasks.context import StageContext
+from tasks.errors import TRANSIENT_ERRORS
+from tasks.periods import period_bounds
+from tasks.store import clear_refresh_request, seller_zone
+from tasks.views import seller_cards
+from workers.base import CrmTask
+
+log = logging.getLogger(__name__)
+
+#: Namespace of the transaction-level advisory locks that serialise one seller's refreshes.
+REFRESH_LOCK_NAMESPACE = 0x43524D  # "CRM"
+
+
+def count_for(session: Session, seller_id: int, category: str, period: str) -> int:
+    zone = seller_zone(session, seller_id)
+    start, end = period_bounds(period, zone)
+    return (
+        session.scalar(
+            select(func.count(CrmEvent.id)).where(
+                CrmEvent.seller_id == seller_id,
+                CrmEvent.category_code == category,
+                CrmEvent.cancelled.is_(False),
+                CrmEvent.occurred_at >= start,
+                CrmEvent.occurred_at < end,
+            )
+        )
+        or 0
+    )
+
+
+def write_tally(session: Session, seller_id: int, category: str, period: str, count: int) -> None:
+    statement = upsert_insert(session, Tally.__table__).values(
+        seller_id=seller_id, category_code=category, period=period, count=count, updated_at=utcnow()
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["seller_id", "category_code", "period"],
+            set_={"count": count, "updated_at": utcnow()},
+        )
+    )
+
+
+def lock_seller(session: Session, seller_id: int) -> None:
+    """Serialise refreshes of one seller (SQLite serialises every writer already)."""
+    if is_postgresql(session):
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+            {"ns": REFRESH_LOCK_NAMESPACE, "key": seller_id},
+        )
+
+
+def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[str, Any] | None:
+    """Recompute touched tallies and the cards of one seller; returns the notification."""
+    lock_seller(session, seller_id)
+    seller = session.get(Staff, seller_id)
+    if seller is None:
+        return None
+    touches = session.execute(
+        select(TallyTouch.id, TallyTouch.category_code, TallyTouch.period).where(
+            TallyTouch.seller_id == seller_id
+        )
+    ).all()
+    keys = sorted({(category, period) for _, category, period in touches})
+    tallies = {}
+    for category, period in keys:
+        count = count_for(session, seller_id, category, period)
+        write_tally(session, seller_id, category, period, count)
+        tallies[f"{category}/{period}"] = count
+    if touches:
+        # Delete exactly the touches read: one committed meanwhile waits for the next refresh.
+        session.execute(delete(TallyTouch).where(TallyTouch.id.in_([t[0] for t in touches])))
+    cards = seller_cards(session, seller)
+    for card in cards:
+        statement = upsert_insert(session, SellerCard.__table__).values(
+            seller_id=seller_id, card=card["category"], payload=card, computed_at=utcnow()
+        )
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["seller_id", "card"],
+                set_={"payload": card, "computed_at": utcnow()},
+            )
+        )
+    return {
+        "seller": seller.username,
+        "tallies": tallies,
+        "cards": {
+            c["category"]: {"week": c["count_week"], "month": c["count_month"]} for c in cards
+        },
+    }
+
+
+def publish_notification(ctx: StageContext, notification: dict[str, Any]) -> None:
+    """Tell live screens on Redis channel ``crm.seller.<username>``; no Redis, no live screens."""
+    url = ctx.settings.effective_redis_url
+    if not url:
+        return
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.publish(f"crm.seller.{notification['seller']}", json.dumps(notification))
+    finally:
+        client.close()
+
+
+@shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
+def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
+    """crm.refresh.seller: recompute one seller's touched tallies and cards."""
+    ctx = self.context()
+    try:
+        # Clear the request first, in its own transaction: any change committed after this
+        # point claims a new refresh, and any change before it is visible to the reads below.
+        with transaction(self.sessions) as session:
+            clear_refresh_request(session, seller_id)
+        with transaction(self.sessions) as session:
+            notification = refresh_seller(session, ctx, seller_id)
+    except TRANSIENT_ERRORS as exc:
+        self.retry_or_record(seller_id, exc)
+        return "failed"
+    if notification is not None:
+        try:
+            publish_notification(ctx, notification)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("seller notification not published: %s", exc)
+    return "done"

@@ -1,0 +1,251 @@
+"""Store stage: the inbound ledger, the event upsert on its natural key, and tally bookkeeping.
+
+Everything here runs inside the ingest task's one transaction; nothing commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from models.base import utcnow
+from models.db import is_postgresql, upsert_insert
+from models.events import CrmEvent, EventParticipant, EventPropertyLink
+from models.ledger import Delivery, InboundMessage
+from models.parties import Staff
+from models.targets import RefreshRequest, TallyTouch
+from tasks.periods import period_keys
+
+#: A refresh request older than this is presumed lost (its task never ran) and is re-sent.
+STALE_REFRESH_REQUEST = timedelta(seconds=60)
+
+
+@dataclass
+class StageResult:
+    """What one stage execution did; the task wrapper records it and acts on it after commit."""
+
+    outcome: str
+    event_id: int | None = None
+    detail: str = ""
+    sellers_to_refresh: set[int] = field(default_factory=set)
+
+
+def canonical_hash(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def upsert_key(kind: str, ctx: Any, payload: Any) -> str:
+    """Ledger key of a message whose latest version wins (a visit, a party).
+
+    A redelivery of the same task message is a duplicate; the same content sent again later
+    is applied again (harmless, and right when an A, B, A sequence of updates arrives).
+    """
+    return f"{kind}:{ctx.task_id or '-'}:{canonical_hash(payload)}"
+
+
+def record_inbound(
+    session: Session,
+    *,
+    idempotency_key: str,
+    schema: str,
+    source_kind: str,
+    source_system: str,
+    source_id: str,
+    payload: dict[str, Any],
+) -> InboundMessage | None:
+    """Add the message to the ledger; None when the same message was already accepted."""
+    statement = (
+        upsert_insert(session, InboundMessage.__table__)
+        .values(
+            idempotency_key=idempotency_key,
+            schema=schema,
+            source_kind=source_kind,
+            source_system=source_system,
+            source_id=source_id,
+            payload=payload,
+            received_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(InboundMessage.id)
+    )
+    inserted = session.execute(statement).scalar()
+    if inserted is None:
+        return None
+    return session.get(InboundMessage, inserted)
+
+
+def lock_event(
+    session: Session,
+    *,
+    source_system: str,
+    source_kind: str,
+    source_id: str,
+    defaults: dict[str, Any],
+) -> tuple[CrmEvent, bool]:
+    """The event of a natural key, created if missing, locked for this transaction.
+
+    Concurrent first deliveries of one call both reach this point: the unique key makes one
+    INSERT win and the other wait for it, and ``FOR UPDATE`` then serialises their merges.
+    """
+    statement = (
+        upsert_insert(session, CrmEvent.__table__)
+        .values(
+            source_system=source_system,
+            source_kind=source_kind,
+            source_id=source_id,
+            created_at=utcnow(),
+            updated_at=utcnow(),
+            **_column_defaults(),
+            **defaults,
+        )
+        .on_conflict_do_nothing(index_elements=["source_system", "source_kind", "source_id"])
+        .returning(CrmEvent.id)
+    )
+    created_id = session.execute(statement).scalar()
+    query = select(CrmEvent).where(
+        CrmEvent.source_system == source_system,
+        CrmEvent.source_kind == source_kind,
+        CrmEvent.source_id == source_id,
+    )
+    if is_postgresql(session):
+        query = query.with_for_update()
+    event = session.execute(query.execution_options(populate_existing=True)).scalar_one()
+    return event, created_id is not None
+
+
+def _column_defaults() -> dict[str, Any]:
+    return {
+        "link_state": "unlinked",
+        "linked_by": "auto",
+        "match_note": "",
+        "candidates": [],
+        "classification_note": "",
+        "subject": "",
+        "body": "",
+        "cancelled": False,
+        "details": {},
+    }
+
+
+@dataclass(frozen=True)
+class TallyKey:
+    seller_id: int
+    category: str
+    period: str
+
+
+def tally_keys(session: Session, event: CrmEvent) -> set[TallyKey]:
+    """The tally keys an event counts toward: none when unassigned or cancelled."""
+    if event.seller_id is None or event.cancelled:
+        return set()
+    zone = seller_zone(session, event.seller_id)
+    return {
+        TallyKey(event.seller_id, event.category_code, period)
+        for period in period_keys(event.occurred_at, zone)
+    }
+
+
+def seller_zone(session: Session, seller_id: int) -> ZoneInfo:
+    name = session.scalar(select(Staff.time_zone).where(Staff.id == seller_id))
+    try:
+        return ZoneInfo(name or "Europe/Helsinki")
+    except (KeyError, ValueError):
+        return ZoneInfo("Europe/Helsinki")
+
+
+def touch_tallies(session: Session, keys: Iterable[TallyKey]) -> set[int]:
+    """Mark tally keys for recomputation (same transaction as the change); returns the sellers."""
+    sellers: set[int] = set()
+    for key in keys:
+        session.add(
+            TallyTouch(seller_id=key.seller_id, category_code=key.category, period=key.period)
+        )
+        sellers.add(key.seller_id)
+    session.flush()
+    return sellers
+
+
+def set_properties(session: Session, event: CrmEvent, codes: Iterable[str]) -> None:
+    wanted = set(codes)
+    current = set(
+        session.scalars(
+            select(EventPropertyLink.property_code).where(EventPropertyLink.event_id == event.id)
+        )
+    )
+    for code in current - wanted:
+        session.execute(
+            delete(EventPropertyLink).where(
+                EventPropertyLink.event_id == event.id, EventPropertyLink.property_code == code
+            )
+        )
+    for code in sorted(wanted - current):
+        session.add(EventPropertyLink(event_id=event.id, property_code=code))
+
+
+def add_participants(session: Session, event: CrmEvent, staff_ids: Iterable[int | None]) -> None:
+    current = set(
+        session.scalars(
+            select(EventParticipant.staff_id).where(EventParticipant.event_id == event.id)
+        )
+    )
+    for staff_id in sorted({s for s in staff_ids if s is not None} - current):
+        session.add(EventParticipant(event_id=event.id, staff_id=staff_id))
+
+
+def record_delivery(
+    session: Session,
+    *,
+    task_id: str | None,
+    task_name: str,
+    outcome: str,
+    event_id: int | None = None,
+    detail: str = "",
+) -> None:
+    if not task_id:
+        return
+    values = {
+        "task_id": task_id,
+        "task_name": task_name,
+        "outcome": outcome,
+        "event_id": event_id,
+        "detail": detail[:2000],
+        "finished_at": utcnow(),
+    }
+    statement = upsert_insert(session, Delivery.__table__).values(**values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["task_id"],
+            set_={k: v for k, v in values.items() if k != "task_id"},
+        )
+    )
+
+
+def claim_refresh(session: Session, seller_id: int, now: datetime | None = None) -> bool:
+    """Claim the right to enqueue a refresh of ``seller_id``; False when one is already queued.
+
+    Runs in its own small transaction *after* the change committed: a refresh that clears the
+    request before reading the touched keys then always sees this change (see docs/design.md).
+    """
+    now = now or utcnow()
+    statement = upsert_insert(session, RefreshRequest.__table__).values(
+        seller_id=seller_id, requested_at=now
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["seller_id"],
+        set_={"requested_at": now},
+        where=RefreshRequest.__table__.c.requested_at < now - STALE_REFRESH_REQUEST,
+    ).returning(RefreshRequest.seller_id)
+    return session.execute(statement).scalar() is not None
+
+
+def clear_refresh_request(session: Session, seller_id: int) -> None:
+    session.execute(delete(RefreshRequest).where(RefreshRequest.seller_id == seller_id))

@@ -1,0 +1,86 @@
+"""The Celery app factory: queues, routes, JSON only, delivery settings (DESIGN §5 and §8).
+
+Nothing is created at import time; every process calls :func:`create_app` with its settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from config.settings import Settings
+from workers.beat import BEAT_SCHEDULE
+from workers.queues import QUEUES, TASK_QUEUES
+
+TASK_MODULES = (
+    "tasks.ingest.call",
+    "tasks.ingest.email",
+    "tasks.ingest.visit",
+    "tasks.ingest.party",
+    "tasks.refresh",
+    "tasks.reports",
+    "tasks.maintenance",
+)
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.embedded_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            # The virtual transport polls; 1 s (the default) would dominate the latency.
+            "polling_interval": 0.05,
+        }
+    return {
+        # Must exceed the longest task plus its longest retry backoff, or Redis redelivers a
+        # message that is still being worked on (checked by config.load_settings).
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("crm_events", set_as_current=True)
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_default_queue="crm.ingest.party",
+        task_routes={
+            name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
+        },
+        task_create_missing_queues=False,
+        worker_concurrency=settings.worker_concurrency,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=not settings.embedded_broker,
+        task_send_sent_event=not settings.embedded_broker,
+        timezone=settings.time_zone,
+        enable_utc=True,
+        beat_schedule=BEAT_SCHEDULE,
+        beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
+    )
+    app.conf.crm_settings = settings
+    for module in TASK_MODULES:
+        __import__(module)
+    app.finalize()
+    return app

@@ -1,0 +1,696 @@
+"""The ``crm-events`` command line (DESIGN §10, a contract).
+
+Every listing takes ``--json`` and then prints exactly one JSON document on stdout; logs and
+progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.logging import configure_logging
+from config.settings import ConfigError, Settings, load_settings
+from models.db import create_db_engine, create_session_factory, transaction
+from tasks.errors import BadInput
+from workers.queues import INGEST_TASKS, QUEUES
+
+Handler = Callable[[argparse.Namespace, "Runtime"], int]
+
+
+class CommandError(Exception):
+    """A user error: printed to stderr, exit status 1 (2 for bad configuration)."""
+
+
+class Runtime:
+    """Lazily built engine, sessions and Celery app for one command invocation."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self._app: Any = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_db_engine(self.settings)
+        return self._engine
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._sessions = create_session_factory(self.engine)
+        return self._sessions
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from workers.app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.migrate import install_default_catalogue, upgrade
+
+    upgrade(rt.engine)
+    with transaction(rt.sessions) as session:
+        added = install_default_catalogue(session)
+    if args.json:
+        emit_json(
+            {
+                "database": rt.engine.url.render_as_string(hide_password=True),
+                "catalogue_added": added,
+            }
+        )
+    else:
+        print(f"schema at head; catalogue rows added: {len(added)}", file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
+    argv = ["worker", *args.celery_args]
+    if not any(
+        a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in args.celery_args
+    ):
+        argv += ["-Q", ",".join(QUEUES)]
+    if not any(a.startswith(("-l", "--loglevel")) for a in args.celery_args):
+        argv += ["--loglevel", rt.settings.log_level]
+    if rt.settings.embedded_broker:
+        # The filesystem transport has no broadcast for gossip/mingle; heartbeats need events.
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    rt.app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace, rt: Runtime) -> int:
+    rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["beat", "--pidfile", "", *args.celery_args]
+    if not any(a.startswith(("-l", "--loglevel")) for a in args.celery_args):
+        argv += ["--loglevel", rt.settings.log_level]
+    rt.app.start(argv)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
+    argv = ["flower", *args.celery_args]
+    if rt.settings.flower_basic_auth:
+        argv.append(f"--basic-auth={rt.settings.flower_basic_auth}")
+    rt.app.start(argv)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.publish import PublishError, publish_files, wait_for
+
+    try:
+        published = publish_files(rt.app, rt.settings, args.kind, [Path(p) for p in args.files])
+    except PublishError as exc:
+        raise CommandError(str(exc)) from exc
+    rows = [{"task_id": p.task_id, "task": p.task_name, "source": p.source} for p in published]
+    status = 0
+    if args.wait is not None:
+        done = wait_for(rt.sessions, [p.task_id for p in published], args.wait)
+        for row in rows:
+            delivery = done.get(row["task_id"])
+            row["outcome"] = delivery.outcome if delivery else "pending"
+            row["event_id"] = delivery.event_id if delivery else None
+            row["detail"] = delivery.detail if delivery else ""
+        missing = sum(1 for r in rows if r["outcome"] == "pending")
+        if missing:
+            print(
+                f"timed out after {args.wait:g} s: {missing} message(s) not processed",
+                file=sys.stderr,
+            )
+            status = 3
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        columns = ["source", "task_id"] + (
+            ["outcome", "event_id", "detail"] if args.wait is not None else []
+        )
+        table(
+            f"published {len(rows)} {args.kind} message(s)",
+            columns,
+            [[r.get(c) for c in columns] for r in rows],
+        )
+    return status
+
+
+def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(
+        rt, examples=Path(args.examples) if args.examples else None, timeout=args.timeout
+    )
+
+
+def _events_query(args: argparse.Namespace, zone: Any) -> Any:
+    from models.events import CrmEvent, EventPropertyLink
+    from models.parties import Customer, Staff
+
+    query = select(CrmEvent)
+    if args.customer:
+        query = query.join(Customer, Customer.id == CrmEvent.customer_id).where(
+            Customer.customer_number == args.customer
+        )
+    if args.seller:
+        query = query.join(Staff, Staff.id == CrmEvent.seller_id).where(
+            Staff.username == args.seller
+        )
+    for attribute, column in (
+        ("class_", CrmEvent.class_code),
+        ("type", CrmEvent.type_code),
+        ("category", CrmEvent.category_code),
+        ("source", CrmEvent.source_system),
+    ):
+        value = getattr(args, attribute)
+        if value:
+            query = query.where(column == value)
+    if args.property:
+        query = query.where(
+            CrmEvent.id.in_(
+                select(EventPropertyLink.event_id).where(
+                    EventPropertyLink.property_code == args.property
+                )
+            )
+        )
+    if args.since:
+        query = query.where(CrmEvent.occurred_at >= _day_start(args.since, zone))
+    if args.until:
+        query = query.where(CrmEvent.occurred_at < _day_start(args.until, zone, next_day=True))
+    if args.text:
+        pattern = f"%{args.text.lower()}%"
+        query = query.where(
+            func.lower(CrmEvent.subject).like(pattern) | func.lower(CrmEvent.body).like(pattern)
+        )
+    if args.unlinked:
+        query = query.where(CrmEvent.link_state != "linked")
+    if args.thread:
+        query = query.where(CrmEvent.thread_key == args.thread)
+    return query.order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc()).limit(args.limit)
+
+
+def _day_start(text: str, zone: Any, next_day: bool = False) -> Any:
+    from datetime import datetime, time, timedelta
+
+    try:
+        day = date.fromisoformat(text)
+    except ValueError as exc:
+        raise CommandError(f"not a date (YYYY-MM-DD): {text!r}") from exc
+    if next_day:
+        day += timedelta(days=1)
+    return datetime.combine(day, time.min, tzinfo=zone)
+
+
+def cmd_events(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.views import events_json
+
+    with rt.sessions() as session:
+        events = events_json(
+            session, list(session.scalars(_events_query(args, rt.settings.zone))), rt.settings.zone
+        )
+    if args.json:
+        emit_json(events)
+    else:
+        from workers.render import events_table
+
+        events_table(f"{len(events)} event(s)", events)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.events import CrmEvent
+    from models.parties import Customer
+    from tasks.views import events_json
+
+    with rt.sessions() as session:
+        customer = session.scalar(select(Customer).where(Customer.customer_number == args.customer))
+        if customer is None:
+            raise CommandError(f"no customer {args.customer}")
+        events = events_json(
+            session,
+            list(
+                session.scalars(
+                    select(CrmEvent)
+                    .where(CrmEvent.customer_id == customer.id)
+                    .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
+                )
+            ),
+            rt.settings.zone,
+        )
+    if args.json:
+        emit_json(
+            {"customer_number": customer.customer_number, "name": customer.name, "events": events}
+        )
+        return 0
+    from workers.render import console, table
+
+    console.print(f"[bold]{customer.customer_number} {customer.name}[/bold]")
+    table(
+        "history (newest first)",
+        ["when", "who", "category", "about", "documents"],
+        [
+            [
+                e["occurred_at"][:16].replace("T", " "),
+                ", ".join(e["staff"]),
+                e["category"],
+                (e["subject"] or "")[:60],
+                ", ".join(d["filename"] for d in e["documents"] if d["role"] != "raw_message"),
+            ]
+            for e in events
+        ],
+    )
+    return 0
+
+
+def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.views import seller_cards, staff_by_username
+
+    with rt.sessions() as session:
+        staff = staff_by_username(session, args.username)
+        if staff is None:
+            raise CommandError(f"no staff member {args.username!r}")
+        cards = seller_cards(session, staff)
+    if args.json:
+        emit_json(cards)
+    else:
+        from workers.render import seller_view
+
+        seller_view(staff.username, staff.name, cards)
+    return 0
+
+
+def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.targets import set_target
+
+    kind, value = ("weekly", args.weekly) if args.weekly is not None else ("monthly", args.monthly)
+    valid_from = date.fromisoformat(args.valid_from) if args.valid_from else date.today()
+    with transaction(rt.sessions) as session:
+        sellers = set_target(session, args.username, args.category, kind, value, valid_from)
+    from workers.base import request_refresh
+
+    for seller_id in sellers:
+        request_refresh(rt.app, rt.sessions, seller_id)
+    print(
+        f"{args.username}: {args.category} {kind} target {value} from {valid_from}", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.periods import validate_period
+    from tasks.views import targets_progress
+
+    if args.period:
+        try:
+            validate_period(args.period)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+    with rt.sessions() as session:
+        rows = targets_progress(session, seller=args.seller, period=args.period)
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import progress
+
+        progress(rows)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.stats import statistics
+
+    with rt.sessions() as session:
+        rows = statistics(session, args.by, args.period, rt.settings.zone)
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            f"events by {args.by}" + (f" in {args.period}" if args.period else ""),
+            [args.by, "events"],
+            [[r[args.by], r["events"]] for r in rows],
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.parties import Staff
+    from tasks.reports import build_target_report, report_email, send_email, write_report_files
+
+    with rt.sessions() as session:
+        query = select(Staff).where(Staff.role == "manager").order_by(Staff.username)
+        if args.manager:
+            query = select(Staff).where(Staff.username == args.manager)
+        managers = session.scalars(query).all()
+        if not managers:
+            raise CommandError("no manager to report to")
+        reports = [build_target_report(session, m, args.kind, args.period) for m in managers]
+    written: list[str] = []
+    for report in reports:
+        if args.out:
+            written += [str(p) for p in write_report_files(report, Path(args.out))]
+        if args.send:
+            if not report.manager_email:
+                raise CommandError(f"manager {report.manager} has no email address")
+            send_email(report_email(report, rt.settings), rt.settings)
+    for path in written:
+        print(path)
+    if not args.out and not args.send:
+        sys.stdout.write(reports[0].csv_text)
+    return 0
+
+
+def cmd_rejected(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.ledger import RejectedMessage
+
+    with rt.sessions() as session:
+        rows = [
+            {
+                "id": f"rejected:{r.id}",
+                "task": r.task_name,
+                "task_id": r.task_id,
+                "reason": r.reason,
+                "errors": r.errors,
+                "rejected_at": r.rejected_at.isoformat(),
+                "replayed_at": r.replayed_at.isoformat() if r.replayed_at else None,
+                "payload": r.payload,
+            }
+            for r in session.scalars(select(RejectedMessage).order_by(RejectedMessage.id))
+        ]
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            f"{len(rows)} rejected message(s)",
+            ["id", "task", "when", "reason"],
+            [[r["id"], r["task"], r["rejected_at"][:19], r["reason"][:100]] for r in rows],
+        )
+    return 0
+
+
+def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.ledger import FailedMessage
+
+    with rt.sessions() as session:
+        rows = [
+            {
+                "id": f"failed:{r.id}",
+                "task": r.task_name,
+                "task_id": r.task_id,
+                "kind": r.kind,
+                "exception": r.exception,
+                "attempts": r.attempts,
+                "failed_at": r.failed_at.isoformat(),
+                "replayed_at": r.replayed_at.isoformat() if r.replayed_at else None,
+                "payload": r.payload,
+            }
+            for r in session.scalars(select(FailedMessage).order_by(FailedMessage.id))
+        ]
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            f"{len(rows)} failed message(s)",
+            ["id", "task", "kind", "when", "exception"],
+            [
+                [r["id"], r["task"], r["kind"], r["failed_at"][:19], r["exception"][:100]]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.base import utcnow
+    from models.ledger import FailedMessage, RejectedMessage
+    from workers.publish import publish
+
+    kind, _, number = args.id.partition(":")
+    model = {"rejected": RejectedMessage, "failed": FailedMessage}.get(kind)
+    if model is None or not number.isdigit():
+        raise CommandError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
+    with transaction(rt.sessions) as session:
+        row = session.get(model, int(number))
+        if row is None:
+            raise CommandError(f"no {args.id}")
+        task_name, payload = row.task_name, row.payload
+        args_list = payload if task_name in ("crm.refresh.seller",) else None
+        row.replayed_at = utcnow()
+    if args_list is not None:
+        rt.app.send_task(task_name, args=[args_list])
+        print(f"replayed {args.id} as {task_name}", file=sys.stderr)
+        return 0
+    published = publish(rt.app, task_name, payload, args.id)
+    print(f"replayed {args.id} as task {published.task_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.catalogue import apply_catalogue, catalogue_document
+
+    if args.action in ("show", "export"):
+        with rt.sessions() as session:
+            document = catalogue_document(session)
+        if args.json or args.action == "export":
+            emit_json(document)
+        else:
+            from workers.render import table
+
+            table(
+                "classes (laji)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["classes"]],
+            )
+            table(
+                "types (tyyppi)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["types"]],
+            )
+            table(
+                "properties (ominaisuus)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["properties"]],
+            )
+            table(
+                "categories (kategoria)",
+                ["code", "fi", "en", "class", "type", "allow_selection", "sales_target"],
+                [
+                    [
+                        c["code"],
+                        c["fi"],
+                        c["en"],
+                        c["default_class"],
+                        c["default_type"],
+                        c["allow_selection"],
+                        c["sales_target"],
+                    ]
+                    for c in document["categories"]
+                ],
+            )
+        return 0
+    if not args.file:
+        raise CommandError("catalogue apply needs a FILE")
+    try:
+        document = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CommandError(f"{args.file}: {exc}") from exc
+    with transaction(rt.sessions) as session:
+        changes = apply_catalogue(session, document)
+        if args.dry_run:
+            session.rollback()
+    if args.json:
+        emit_json({"dry_run": args.dry_run, "changes": changes})
+    else:
+        for change in changes or ["no changes"]:
+            print(change)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.maintenance import reconcile
+
+    with transaction(rt.sessions) as session:
+        run = reconcile(session)
+        result = {"keys_checked": run.keys_checked, "drift": run.drift, "details": run.details}
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"checked {run.keys_checked} tally keys; drift {run.drift}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crm-events", description="CRM events worker and tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, handler: Handler, help_text: str, *, json_flag: bool = False
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return p
+
+    add(
+        "init-db",
+        cmd_init_db,
+        "create or upgrade the schema and install the default catalogue",
+        json_flag=True,
+    )
+    for name, handler, text in (
+        ("worker", cmd_worker, "run a worker (all queues unless -Q narrows)"),
+        ("beat", cmd_beat, "run the scheduler"),
+        ("flower", cmd_flower, "run the monitoring UI"),
+    ):
+        add(name, handler, text + "; further options go to Celery")
+
+    p = add(
+        "publish", cmd_publish, "publish messages from JSON files or .eml files", json_flag=True
+    )
+    p.add_argument("kind", choices=sorted(INGEST_TASKS))
+    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait until every message is processed"
+    )
+
+    p = add("demo", cmd_demo, "the embedded end-to-end run on the bundled examples")
+    p.add_argument("--examples", help="folder of example messages (default: the bundled examples)")
+    p.add_argument("--timeout", type=float, default=120.0)
+
+    p = add("events", cmd_events, "search events", json_flag=True)
+    for flag in (
+        "--customer",
+        "--seller",
+        "--type",
+        "--category",
+        "--property",
+        "--source",
+        "--since",
+        "--until",
+        "--text",
+        "--thread",
+    ):
+        p.add_argument(flag)
+    p.add_argument("--class", dest="class_")
+    p.add_argument("--unlinked", action="store_true", help="only unlinked and ambiguous events")
+    p.add_argument("--limit", type=int, default=1000)
+
+    p = add("history", cmd_history, "a customer's history", json_flag=True)
+    p.add_argument("customer", metavar="CUSTOMER_NUMBER")
+
+    p = add("seller-view", cmd_seller_view, "the seller's cards", json_flag=True)
+    p.add_argument("username")
+
+    targets = sub.add_parser("targets", help="sales targets").add_subparsers(
+        dest="targets_command", required=True
+    )
+    p = targets.add_parser("set", help="set a target")
+    p.set_defaults(handler=cmd_targets_set)
+    p.add_argument("username")
+    p.add_argument("category")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--weekly", type=int)
+    group.add_argument("--monthly", type=int)
+    p.add_argument("--from", dest="valid_from", metavar="DATE")
+    p = targets.add_parser("progress", help="targets vs actuals")
+    p.set_defaults(handler=cmd_targets_progress)
+    p.add_argument("--seller")
+    p.add_argument("--period")
+    p.add_argument("--json", action="store_true")
+
+    p = add("stats", cmd_stats, "statistics", json_flag=True)
+    p.add_argument(
+        "--by", required=True, choices=["class", "type", "category", "property", "seller"]
+    )
+    p.add_argument("--period")
+
+    report = sub.add_parser("report", help="reports").add_subparsers(
+        dest="report_command", required=True
+    )
+    p = report.add_parser("targets", help="build (and send) a target report")
+    p.set_defaults(handler=cmd_report)
+    p.add_argument("--kind", required=True, choices=["weekly", "monthly"])
+    p.add_argument("--period")
+    p.add_argument("--manager")
+    p.add_argument("--out")
+    p.add_argument("--send", action="store_true")
+
+    add("rejected", cmd_rejected, "messages rejected as bad input, with reasons", json_flag=True)
+    add("failed", cmd_failed, "messages whose processing failed", json_flag=True)
+    p = add("replay", cmd_replay, "publish a rejected or failed message again")
+    p.add_argument("id", metavar="ID", help="rejected:N or failed:N")
+
+    p = add("catalogue", cmd_catalogue, "the classification settings", json_flag=True)
+    p.add_argument("action", choices=["show", "export", "apply"])
+    p.add_argument("file", nargs="?")
+    p.add_argument("--dry-run", action="store_true")
+
+    add(
+        "reconcile",
+        cmd_reconcile,
+        "recompute every tally from the events and report drift",
+        json_flag=True,
+    )
+    return parser
+
+
+#: Commands whose unknown options are Celery's (``crm-events worker -Q crm.refresh -c 4``).
+PASSTHROUGH_COMMANDS = ("worker", "beat", "flower")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in PASSTHROUGH_COMMANDS:
+        args.celery_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    runtime = Runtime(settings)
+    try:
+        return int(args.handler(args, runtime) or 0)
+    except CommandError as exc:
+        print(f"crm-events: {exc}", file=sys.stderr)
+        return 1
+    except BadInput as exc:
+        print(f"crm-events: {exc.reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

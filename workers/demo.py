@@ -1,0 +1,165 @@
+"""``crm-events demo``: the embedded end-to-end run with real worker processes.
+
+Starts a worker and beat as child processes, publishes the bundled examples (parties, calls with
+several status updates, forwarded emails with attachments, visits with memos, and a few bad
+messages), waits until every one is processed, and prints the seller views and target progress.
+The data stays under the data directory for the other commands to explore.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from models.db import transaction
+from models.parties import Staff
+from workers.publish import publish_files, wait_for
+
+#: Targets the demo sets for its sellers (category, kind, value), valid from the month's start.
+DEMO_TARGETS = (
+    ("sales_action", "weekly", 3),
+    ("sales_action", "monthly", 12),
+    ("customer_visit", "weekly", 2),
+    ("customer_visit", "monthly", 8),
+)
+
+
+def default_examples() -> Path:
+    return Path(__file__).resolve().parent.parent / "examples"
+
+
+def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 (owned by the child for its lifetime)
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    # Signal the main process only: Celery's warm shutdown lets children finish their task.
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
+    from workers.cli import cmd_init_db
+    from workers.render import console, progress, seller_view, table
+
+    examples = examples or default_examples()
+    settings = rt.settings
+    console.print(f"[bold]CRM events demo[/bold] — data in {settings.data_dir.resolve()}")
+    if not settings.embedded_broker:
+        console.print(f"broker: {settings.effective_broker_url.split('@')[-1]}")
+
+    class _Args:
+        json = False
+
+    cmd_init_db(_Args(), rt)  # type: ignore[arg-type]
+    logs = settings.data_dir / "log"
+    worker = _start(
+        ["worker", "--concurrency", str(settings.worker_concurrency)], logs / "worker.log"
+    )
+    beat = _start(["beat"], logs / "beat.log")
+    try:
+        outcomes: Counter[str] = Counter()
+        steps = [
+            ("party", [examples / "parties.json"]),
+            ("call", sorted((examples / "calls").glob("*.json"))),
+            ("email", sorted((examples / "emails").glob("*.eml"))),
+            ("visit", sorted((examples / "visits").glob("*.json"))),
+            ("call", sorted((examples / "bad").glob("*.json"))),
+        ]
+        started = time.monotonic()
+        for kind, files in steps:
+            files = [f for f in files if "twilio" not in f.name]
+            if not files:
+                continue
+            published = publish_files(rt.app, settings, kind, files)
+            done = wait_for(rt.sessions, [p.task_id for p in published], timeout)
+            missing = [p for p in published if p.task_id not in done]
+            for delivery in done.values():
+                outcomes[delivery.outcome] += 1
+            console.print(
+                f"published {len(published)} {kind} message(s) from {len(files)} file(s): "
+                + ", ".join(
+                    f"{k} {v}" for k, v in sorted(Counter(d.outcome for d in done.values()).items())
+                )
+            )
+            if missing:
+                console.print(
+                    f"[red]{len(missing)} message(s) not processed within {timeout:g} s;"
+                    f" see {logs / 'worker.log'}[/red]"
+                )
+                return 3
+        console.print(
+            f"all processed in {time.monotonic() - started:.1f} s: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+        )
+
+        from tasks.targets import set_target
+        from workers.base import request_refresh
+
+        first_of_month = date.today().replace(day=1)
+        with transaction(rt.sessions) as session:
+            sellers = session.scalars(
+                select(Staff).where(Staff.role == "seller").order_by(Staff.username)
+            ).all()
+            for seller in sellers:
+                for category, kind, value in DEMO_TARGETS:
+                    set_target(session, seller.username, category, kind, value, first_of_month)
+        for seller in sellers:
+            request_refresh(rt.app, rt.sessions, seller.id)
+        time.sleep(1.0)
+
+        from tasks.reports import build_target_report, write_report_files
+        from tasks.views import seller_cards, targets_progress
+
+        with rt.sessions() as session:
+            for seller in sellers:
+                console.print()
+                seller_view(seller.username, seller.name, seller_cards(session, seller))
+            console.print()
+            progress(targets_progress(session))
+            from models.ledger import RejectedMessage
+
+            rejected = session.scalars(select(RejectedMessage).order_by(RejectedMessage.id)).all()
+            table(
+                "rejected messages (crm-events rejected)",
+                ["id", "reason"],
+                [[f"rejected:{r.id}", r.reason[:110]] for r in rejected],
+            )
+            managers = session.scalars(select(Staff).where(Staff.role == "manager")).all()
+            written = []
+            for manager in managers:
+                report = build_target_report(session, manager, "weekly", period=None)
+                written += write_report_files(report, settings.data_dir / "reports")
+        for path in written:
+            console.print(f"sample report: {path}")
+        console.print(
+            "\nExplore: crm-events events · history 10001 · seller-view anna"
+            " · targets progress · rejected"
+        )
+        return 0
+    finally:
+        _stop(worker)
+        _stop(beat)

@@ -1,0 +1,109 @@
+"""Publishing messages from files (``crm-events publish``) and waiting for their outcomes."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import email.utils
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from models.ledger import Delivery
+from workers.queues import INGEST_TASKS, TASK_QUEUES
+
+
+class PublishError(Exception):
+    """A file could not be turned into messages (not JSON, unreadable, …)."""
+
+
+@dataclass
+class Published:
+    task_id: str
+    task_name: str
+    source: str
+
+
+def messages_from_file(kind: str, path: Path, settings: Settings) -> list[Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PublishError(f"{path}: {exc.strerror or exc}") from exc
+    if kind == "email" and path.suffix.lower() == ".eml":
+        return [email_message_from_raw(data, settings)]
+    try:
+        loaded = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PublishError(f"{path}: not JSON ({exc})") from exc
+    return loaded if isinstance(loaded, list) else [loaded]
+
+
+def email_message_from_raw(
+    raw: bytes, settings: Settings, source_system: str = "cli"
+) -> dict[str, Any]:
+    """Wrap a raw .eml as ``crm.email/1``; the envelope recipient is the CRM address it names,
+    else the first configured CRM address (the message was BCC'd to us)."""
+    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    addresses = [
+        a.lower()
+        for _, a in email.utils.getaddresses(parsed.get_all("To", []) + parsed.get_all("Cc", []))
+    ]
+    crm = [a for a in addresses if _is_crm(a, settings)]
+    senders = email.utils.getaddresses(parsed.get_all("From", []))
+    return {
+        "schema": "crm.email/1",
+        "source_system": source_system,
+        "raw_b64": base64.b64encode(raw).decode("ascii"),
+        "mail_from": senders[0][1] if senders else None,
+        "rcpt_to": crm or list(settings.crm_addresses[:1]),
+    }
+
+
+def _is_crm(address: str, settings: Settings) -> bool:
+    local, _, domain = address.partition("@")
+    return f"{local.partition('+')[0]}@{domain}" in settings.crm_addresses
+
+
+def publish(app: Celery, task_name: str, message: Any, source: str) -> Published:
+    task_id = str(uuid.uuid4())
+    app.send_task(task_name, args=[message], task_id=task_id, queue=TASK_QUEUES[task_name])
+    return Published(task_id, task_name, source)
+
+
+def publish_files(app: Celery, settings: Settings, kind: str, paths: list[Path]) -> list[Published]:
+    task_name = INGEST_TASKS[kind]
+    published = []
+    for path in paths:
+        for index, message in enumerate(messages_from_file(kind, path, settings)):
+            published.append(publish(app, task_name, message, f"{path.name}#{index + 1}"))
+    return published
+
+
+def wait_for(
+    sessions: sessionmaker[Session], task_ids: list[str], timeout: float
+) -> dict[str, Delivery]:
+    """Poll the delivery records until every task id has an outcome or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    done: dict[str, Delivery] = {}
+    pending = set(task_ids)
+    while True:
+        with sessions() as session:
+            for chunk_start in range(0, len(pending), 500):
+                chunk = sorted(pending)[chunk_start : chunk_start + 500]
+                for delivery in session.scalars(
+                    select(Delivery).where(Delivery.task_id.in_(chunk))
+                ):
+                    done[delivery.task_id] = delivery
+        pending -= set(done)
+        if not pending or time.monotonic() >= deadline:
+            return done
+        time.sleep(0.1)

@@ -1,0 +1,23 @@
+"""Stable task names and their queues (DESIGN §5, a contract)."""
+
+from __future__ import annotations
+
+TASK_QUEUES: dict[str, str] = {
+    "crm.ingest.call": "crm.ingest.call",
+    "crm.ingest.email": "crm.ingest.email",
+    "crm.ingest.visit": "crm.ingest.visit",
+    "crm.ingest.party": "crm.ingest.party",
+    "crm.refresh.seller": "crm.refresh",
+    "crm.reports.targets": "crm.reports",
+    "crm.maintenance.reconcile": "crm.maintenance",
+}
+
+QUEUES: tuple[str, ...] = tuple(dict.fromkeys(TASK_QUEUES.values()))
+
+#: ``crm-events publish KIND`` -> task name.
+INGEST_TASKS: dict[str, str] = {
+    "call": "crm.ingest.call",
+    "email": "crm.ingest.email",
+    "visit": "crm.ingest.visit",
+    "party": "crm.ingest.party",
+}
