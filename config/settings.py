@@ -71,7 +71,6 @@ class Settings:
     )
     max_email_bytes: int = 40 * 1024 * 1024
     max_attachment_bytes: int = 25 * 1024 * 1024
-    max_message_bytes: int = 50 * 1024 * 1024
     #: "database" (transactional with the event) or "filesystem" (under ``document_dir``).
     document_store: str = "database"
     document_dir: Path | None = None
@@ -104,7 +103,7 @@ class Settings:
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def embedded_broker(self) -> bool:
@@ -200,7 +199,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "plus_address_categories": _parse_pairs,
     "max_email_bytes": _parse_positive_int,
     "max_attachment_bytes": _parse_positive_int,
-    "max_message_bytes": _parse_positive_int,
     "document_store": _parse_choice("database", "filesystem"),
     "task_time_limit_s": _parse_positive_int,
     "visibility_timeout_s": _parse_positive_int,

@@ -117,14 +117,17 @@ def attach(
     role: str,
     size: int | None = None,
     refused_reason: str = "",
+    max_bytes: int | None = None,
 ) -> StoredDocument:
-    """Attach a document (or a stub when it was refused) to an event, once."""
+    """Attach a document (or a stub when it was refused) to an event, once.
+
+    ``max_bytes`` overrides the attachment cap (the raw email is bounded by its own limit).
+    """
     name = sanitise_filename(filename, fallback=role)
     note = ""
-    if content is not None and len(content) > settings.max_attachment_bytes:
-        refused_reason = (
-            f"{len(content)} bytes is over the {settings.max_attachment_bytes}-byte attachment cap"
-        )
+    cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
+    if content is not None and len(content) > cap:
+        refused_reason = f"{len(content)} bytes is over the {cap}-byte attachment cap"
     if content is None or refused_reason:
         digest = None
         media_type = (declared_type or "application/octet-stream").lower()

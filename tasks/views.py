@@ -35,16 +35,14 @@ def events_json(
     zone = zone or ZoneInfo("UTC")
     ids = [e.id for e in events]
     staff = {s.id: s.username for s in session.scalars(select(Staff))}
-    customers = dict(session.execute(select(Customer.id, Customer.customer_number)).tuples().all())
+    customers = dict(session.execute(select(Customer.id, Customer.customer_number)).all())
     contact_ids = {e.contact_id for e in events if e.contact_id}
     for e in events:
         contact_ids.update(
             c for c in (e.details or {}).get("contact_ids", []) if isinstance(c, int)
         )
     contacts = dict(
-        session.execute(select(Contact.id, Contact.name).where(Contact.id.in_(contact_ids)))
-        .tuples()
-        .all()
+        session.execute(select(Contact.id, Contact.name).where(Contact.id.in_(contact_ids))).all()
     )
     properties: dict[int, list[str]] = defaultdict(list)
     for event_id, code in session.execute(

@@ -50,6 +50,8 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("crm_events", set_as_current=True)
     app.conf.update(
         broker_url=settings.effective_broker_url,
+        # The embedded broker is kombu's filesystem transport with atomic writes (broker_fs).
+        broker_transport="workers.broker_fs:Transport" if settings.embedded_broker else None,
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_serializer="json",

@@ -106,7 +106,7 @@ class CrmTask(Task):  # type: ignore[misc]
                 RejectedMessage(
                     task_name=self.name,
                     task_id=self.request.id,
-                    reason=reason,
+                    reason=_json_safe(reason),
                     errors=_json_safe(errors),
                     payload=_json_safe(message),
                 )
@@ -116,7 +116,7 @@ class CrmTask(Task):  # type: ignore[misc]
                 task_id=self.request.id,
                 task_name=self.name,
                 outcome="rejected",
-                detail=reason,
+                detail=_json_safe(reason),
             )
 
     def record_failure(self, message: Any, exc: BaseException, *, kind: str) -> None:
@@ -127,8 +127,8 @@ class CrmTask(Task):  # type: ignore[misc]
                     task_name=self.name,
                     task_id=self.request.id,
                     kind=kind,
-                    exception=f"{type(exc).__name__}: {exc}"[:5000],
-                    traceback="".join(traceback.format_exception(exc))[-20000:],
+                    exception=_json_safe(f"{type(exc).__name__}: {exc}"[:5000]),
+                    traceback=_json_safe("".join(traceback.format_exception(exc))[-20000:]),
                     attempts=self.request.retries + 1,
                     payload=_json_safe(message),
                 )
@@ -138,7 +138,7 @@ class CrmTask(Task):  # type: ignore[misc]
                 task_id=self.request.id,
                 task_name=self.name,
                 outcome="failed",
-                detail=f"{kind}: {type(exc).__name__}: {exc}"[:2000],
+                detail=_json_safe(f"{kind}: {type(exc).__name__}: {exc}"[:2000]),
             )
 
 
@@ -152,11 +152,17 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
 
 
 def _json_safe(value: Any) -> Any:
-    """Payloads are JSON by construction (JSON-only serializer); guard against surprises."""
-    import json
+    """A payload as a JSON document the database can keep, whatever the sender put in it.
 
-    try:
-        json.dumps(value)
+    PostgreSQL's JSONB cannot hold a NUL in a string: NULs are shown as U+2400 (␀) instead, so
+    the rejection of a message with a NUL is recorded rather than failing itself.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\u2400")
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float):
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    return repr(value)

@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import RAISE, Base64Bytes, Code, MessageSchema, Text
+from models.schemas.common import RAISE, Base64Bytes, Code, CodeList, MessageSchema, Text
 
 SCHEMA = "crm.call/1"
 
@@ -56,5 +56,5 @@ class CallMessageSchema(MessageSchema):
     category = Code()
     class_ = Code(data_key="class")
     type = Code()
-    properties = fields.List(Text(max_length=40), allow_none=True)
+    properties = CodeList()
     customer_number = Text(max_length=40, allow_none=True)

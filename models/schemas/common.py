@@ -21,31 +21,56 @@ class MessageInvalid(Exception):
 class Base64Bytes(fields.Field):
     """Standard base64 text on the wire, ``bytes`` after loading."""
 
-    default_error_messages = {"invalid": "Not valid base64."}  # noqa: RUF012
+    default_error_messages = {  # noqa: RUF012
+        "invalid": "Not valid base64.",
+        "empty": "Empty content.",
+    }
+
+    def __init__(self, *, allow_empty: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_empty = allow_empty
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         if not isinstance(value, str):
             raise self.make_error("invalid")
         try:
-            return base64.b64decode(value.encode("ascii"), validate=True)
+            decoded = base64.b64decode(value.encode("ascii"), validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
             raise self.make_error("invalid") from exc
+        if not decoded and not self.allow_empty:
+            raise self.make_error("empty")
+        return decoded
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else base64.b64encode(value).decode("ascii")
 
 
+def no_nul(value: str) -> None:
+    """PostgreSQL text cannot hold NUL; a NUL in a message is bad input, not a database error."""
+    if "\x00" in value:
+        raise ValidationError("Contains a NUL character.")
+
+
 def Text(*, required: bool = False, max_length: int = 10_000, **kwargs: Any) -> fields.String:
     return fields.String(
         required=required,
-        validate=validate.Length(max=max_length, min=1 if required else 0),
+        validate=[validate.Length(max=max_length, min=1 if required else 0), no_nul],
         **kwargs,
+    )
+
+
+def CodeList() -> fields.List:
+    """Property codes; unknown ones are refused (noted) at classify, empty ones here."""
+    return fields.List(
+        fields.String(validate=[validate.Length(min=1, max=40), no_nul]), allow_none=True
     )
 
 
 def Code(**kwargs: Any) -> fields.String:
     """A catalogue code; unknown codes pass validation and are refused (noted) at classify."""
-    return fields.String(validate=validate.Length(min=1, max=40), allow_none=True, **kwargs)
+    return fields.String(
+        validate=[validate.Length(min=1, max=40), no_nul], allow_none=True, **kwargs
+    )
 
 
 class MessageSchema(Schema):

@@ -13,7 +13,7 @@ SCHEMA = "crm.email/1"
 
 class EmailMessageSchema(MessageSchema):
     schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
-    raw_b64 = Base64Bytes(allow_none=True)
+    raw_b64 = Base64Bytes(allow_none=True, allow_empty=False)
     #: SHA-256 of a raw message our own SMTP gateway already stored as a document.
     raw_ref = fields.String(validate=validate.Regexp(r"^[0-9a-f]{64}$"), allow_none=True)
     mail_from = Text(max_length=320, allow_none=True)

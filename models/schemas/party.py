@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
 from models.schemas.common import MessageInvalid, MessageSchema, Text, load_message
 
 SCHEMA = "crm.party/1"
+
+
+def _known_zone(value: str) -> None:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationError(f"Unknown time zone {value!r}.") from exc
 
 
 class _PartySchema(MessageSchema):
@@ -39,7 +47,7 @@ class StaffSchema(_PartySchema):
     extension = Text(max_length=20, allow_none=True)
     role = fields.String(validate=validate.OneOf(["seller", "manager"]), load_default="seller")
     manager = Text(max_length=100, allow_none=True)
-    time_zone = Text(max_length=64, load_default="Europe/Helsinki")
+    time_zone = fields.String(validate=_known_zone, load_default="Europe/Helsinki")
     active = fields.Boolean(load_default=True)
 
 

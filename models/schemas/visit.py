@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import AttachmentSchema, Code, MessageSchema, Text
+from models.schemas.common import AttachmentSchema, Code, CodeList, MessageSchema, Text
 
 SCHEMA = "crm.visit/1"
 
@@ -30,7 +30,7 @@ class VisitMessageSchema(MessageSchema):
     category = Code()
     class_ = Code(data_key="class")
     type = Code()
-    properties = fields.List(Text(max_length=40), allow_none=True)
+    properties = CodeList()
 
     @validates_schema
     def times_in_order(self, data: dict[str, Any], **_: Any) -> None:

@@ -6,7 +6,6 @@ sequence, so the stored event does not depend on the order in which updates arri
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any
 
@@ -59,15 +58,18 @@ MERGED_FIELDS = (
 
 
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResult:
-    message = load_message(CallMessageSchema(), payload, SCHEMA)
+    schema = CallMessageSchema()
+    message = load_message(schema, payload, SCHEMA)
+    # The fold works on the validated values in wire form ("448" and 448 are one duration).
+    normalised = schema.dump(message)
     inbound = record_inbound(
         session,
-        idempotency_key=f"call:{canonical_hash(payload)}",
+        idempotency_key=f"call:{canonical_hash(normalised)}",
         schema=SCHEMA,
         source_kind="call",
         source_system=message["source_system"],
         source_id=message["call_id"],
-        payload=_ledger_payload(payload),
+        payload=_ledger_payload(normalised),
     )
     if inbound is None:
         return StageResult("duplicate", detail="this update was already accepted")
@@ -99,13 +101,13 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResul
     apply_call_state(session, ctx, event, state, notes)
     inbound.event_id = event.id
 
-    recording = payload.get("recording") if isinstance(payload, dict) else None
+    recording = message.get("recording")
     if recording and recording.get("content_b64"):
         attach(
             session,
             ctx.settings,
             event.id,
-            content=base64.b64decode(recording["content_b64"]),
+            content=recording["content_b64"],
             filename=recording.get("filename") or f"{message['call_id']}-recording",
             declared_type=recording.get("media_type"),
             role="recording",

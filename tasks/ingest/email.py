@@ -119,6 +119,8 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         filename="message.eml",
         declared_type="message/rfc822",
         role="raw_message",
+        # Already within max_email_bytes: the source of truth is kept whatever the attachment cap.
+        max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
     )
     for item in _all_attachments(parsed):
         attach(

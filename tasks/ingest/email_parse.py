@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage, Message
 from html.parser import HTMLParser
-from typing import ClassVar
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 MAX_PARTS = 500
@@ -134,7 +134,51 @@ def parse_email(raw: bytes, zone: ZoneInfo) -> ParsedEmail:
     except Exception as exc:  # the parser is lenient; this is the last line of defence
         return ParsedEmail(notes=[f"unparseable message: {type(exc).__name__}: {exc}"])
     counter = [0]
-    return _parse_message(message, zone, depth=0, counter=counter)
+    return _without_nul(_parse_message(message, zone, depth=0, counter=counter))
+
+
+#: The parsed strings the stage stores or looks up; the database's text cannot hold NUL.
+_TEXT_FIELDS = (
+    "message_id",
+    "subject",
+    "from_",
+    "to",
+    "cc",
+    "in_reply_to",
+    "references",
+    "text",
+    "forward_memo",
+    "auto_reply",
+    "notes",
+)
+
+
+def _without_nul(parsed: ParsedEmail) -> ParsedEmail:
+    """Drop NUL characters (a stray byte, a UTF-16 body labelled UTF-8) and note it."""
+    if _strip_nul(parsed):
+        parsed.notes.append("NUL characters removed from the text")
+    return parsed
+
+
+def _strip_nul(parsed: ParsedEmail) -> bool:
+    found = False
+
+    def clean(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, str) and "\x00" in value:
+            found = True
+            return value.replace("\x00", "")
+        if isinstance(value, tuple):
+            return tuple(clean(v) for v in value)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    for name in _TEXT_FIELDS:
+        setattr(parsed, name, clean(getattr(parsed, name)))
+    if parsed.forwarded is not None and _strip_nul(parsed.forwarded):
+        found = True
+    return found
 
 
 def _header(message: Message, name: str, notes: list[str]) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
+from models.documents import EventDocument
 from models.parties import Contact, Customer
 from models.schemas.common import load_message
 from models.schemas.visit import SCHEMA, VisitMessageSchema
@@ -130,6 +132,15 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     session.flush()
     set_properties(session, event, classification.properties)
     add_participants(session, event, participants)
+    # The memo document is the visit's current memo: an updated visit replaces the earlier one.
+    memo_digest = hashlib.sha256((message.get("memo") or "").encode("utf-8")).hexdigest()
+    session.execute(
+        delete(EventDocument).where(
+            EventDocument.event_id == event.id,
+            EventDocument.role == "memo",
+            or_(EventDocument.sha256.is_(None), EventDocument.sha256 != memo_digest),
+        )
+    )
     if message.get("memo"):
         attach(
             session,

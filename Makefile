@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck services clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job on the embedded default: SQLite and the filesystem broker under ./var/.
+demo: $(STAMP)
+	$(BIN)/crm-events demo
+
+## Lint, then the whole test suite on real PostgreSQL, Redis and worker processes.
+test: $(STAMP) services
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+services:
+	tests/ensure_services.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy config models tasks workers
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

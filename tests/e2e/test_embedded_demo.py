@@ -1,0 +1,101 @@
+"""The embedded default end to end: `crm-events demo` on SQLite and the filesystem broker,
+with real worker processes, then the command line reading what it left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config import catalogue
+from tests.conftest import ROOT
+
+
+def run(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    env["CRM_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def run_json(data_dir: Path, *args: str) -> Any:
+    result = run(data_dir, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # exactly one JSON document on stdout
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("embedded")
+    result = run(data_dir, "demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Myyjän näkymä" in result.stdout
+    assert (data_dir / "crm.sqlite3").exists()
+    return data_dir
+
+
+def test_demo_stores_every_sample_once(demo_dir: Path) -> None:
+    events = run_json(demo_dir, "events")
+    by_source = {(e["source_kind"], e["source_id"]) for e in events}
+    assert len(by_source) == len(events) == 9
+    call = next(e for e in events if e["source_id"] == "c-2026-11-23-0001")
+    assert (call["status"], call["duration_s"], call["seller"]) == ("completed", 448, "anna")
+    forwarded = next(e for e in events if e["source_id"] == "fwd-20261120090500.77@myyntitalo.fi")
+    assert forwarded["occurred_at"] == "2026-11-20T08:41:03+02:00"
+    assert "Laiteluettelo_kevät_2027.pdf" in [d["filename"] for d in forwarded["documents"]]
+
+
+def test_catalogue_is_the_design_default(demo_dir: Path) -> None:
+    document = run_json(demo_dir, "catalogue", "show")
+    assert [(c["code"], c["fi"], c["en"]) for c in document["classes"]] == sorted(
+        (c.code, c.name_fi, c.name_en) for c in catalogue.CLASSES
+    )
+    categories = {c["code"]: c for c in document["categories"]}
+    assert categories["crm_event"]["allow_selection"] is True
+    assert categories["sales_action"]["sales_target"] is True
+    assert categories["customer_visit"]["fi"] == "Asiakaskäynti"
+    assert categories["lead"]["default_class"] == "marketing"
+
+
+def test_rejections_have_reasons(demo_dir: Path) -> None:
+    rejected = run_json(demo_dir, "rejected")
+    reasons = [r["reason"] for r in rejected]
+    assert len(rejected) == 3
+    assert any(r.startswith("auto-reply") for r in reasons)
+    assert any("schema must be 'crm.call/1'" in r for r in reasons)
+
+
+def test_seller_view_counts_equal_lists_and_progress_has_targets(demo_dir: Path) -> None:
+    cards = run_json(demo_dir, "seller-view", "anna")
+    assert [c["card"] for c in cards] == [
+        "CRM-tapahtuma",
+        "Liidi",
+        "Myyntitoimenpide",
+        "Asiakaskäynti",
+    ]
+    for card in cards:
+        assert card["count_week"] == sum(e["in_week"] for e in card["events"])
+        assert card["count_month"] == sum(e["in_month"] for e in card["events"])
+    rows = run_json(demo_dir, "targets", "progress", "--seller", "anna", "--period", "2026-11")
+    visits = next(r for r in rows if r["category"] == "customer_visit")
+    assert visits["actual"] == 2  # the field-app visit and the crm+visit@ memo
+    assert {"seller", "category", "period", "target", "actual"} <= set(visits)
+
+
+def test_history_and_reconcile(demo_dir: Path) -> None:
+    history = run_json(demo_dir, "history", "10001")
+    times = [e["occurred_at"] for e in history["events"]]
+    assert times == sorted(times, reverse=True)
+    assert {"anna", "mikko"} <= {s for e in history["events"] for s in e["staff"]}
+    assert run_json(demo_dir, "reconcile")["drift"] == 0

@@ -1,0 +1,137 @@
+"""One real worker process per test session: PostgreSQL + Redis, the production wiring."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from models.db import create_session_factory
+from models.ledger import Delivery
+from tests.conftest import ROOT, TemporaryDatabase, migrated, redis_url_for_tests
+from workers.app import create_app
+from workers.publish import wait_for
+from workers.queues import INGEST_TASKS, TASK_QUEUES
+
+
+@dataclass
+class LiveSystem:
+    settings: Settings
+    app: Celery
+    engine: Engine
+    sessions: sessionmaker[Session]
+    worker: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str]
+
+    def publish(self, kind: str, messages: list[Any], timeout: float = 60) -> list[Delivery]:
+        """Publish ingest messages and wait until every one has an outcome."""
+        task_name = INGEST_TASKS[kind]
+        ids = []
+        for message in messages:
+            task_id = str(uuid.uuid4())
+            self.app.send_task(
+                task_name, args=[message], task_id=task_id, queue=TASK_QUEUES[task_name]
+            )
+            ids.append(task_id)
+        done = wait_for(self.sessions, ids, timeout)
+        missing = [i for i in ids if i not in done]
+        assert not missing, f"{len(missing)} message(s) not processed; worker log:\n{self.tail()}"
+        return [done[i] for i in ids]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "workers.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        replies = self.app.control.ping(timeout=2)
+        return self.worker.poll() is None and bool(replies)
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    env.update(
+        CRM_DATABASE_URL=settings.database_url,
+        CRM_BROKER_URL=settings.broker_url,
+        CRM_REDIS_URL=settings.redis_url,
+        CRM_DATA_DIR=str(settings.data_dir),
+        CRM_LOG_LEVEL="INFO",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis
+) -> Iterator[LiveSystem]:
+    database = TemporaryDatabase("live")
+    data_dir = tmp_path_factory.mktemp("live-var")
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=database.url,
+        broker_url=redis_url_for_tests(),
+        redis_url=redis_url_for_tests(),
+    )
+    engine = migrated(settings)
+    redis_client.flushdb()  # no stale messages from an earlier run in the test Redis database
+    env = service_env(settings)
+    log = data_dir / "worker.log"
+    with open(log, "wb") as handle:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "worker",
+                "--concurrency",
+                "2",
+                "--hostname",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    app = create_app(settings)
+    system = LiveSystem(settings, app, engine, create_session_factory(engine), worker, log, env)
+    deadline = time.monotonic() + 60
+    while not app.control.ping(timeout=1):
+        assert worker.poll() is None, f"worker exited:\n{system.tail()}"
+        assert time.monotonic() < deadline, f"worker did not answer:\n{system.tail()}"
+    try:
+        yield system
+    finally:
+        worker.send_signal(signal.SIGTERM)  # warm shutdown of the main process
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        engine.dispose()
+        database.drop()
+        redis_client.flushdb()

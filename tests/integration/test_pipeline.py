@@ -1,0 +1,124 @@
+"""publish → real broker (Redis) → real worker process → PostgreSQL, as in production."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from models.events import CrmEvent
+from models.targets import RefreshRequest, Tally, TallyTouch
+from tasks.views import events_json, seller_cards, staff_by_username
+from tests.conftest import EXAMPLES, load_example, redis_url_for_tests
+from tests.integration.conftest import LiveSystem
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def loaded(live: LiveSystem) -> LiveSystem:
+    outcomes = live.publish("party", load_example("parties.json"))
+    assert {d.outcome for d in outcomes} == {"done"}
+    return live
+
+
+def event_by_source_id(live: LiveSystem, source_id: str) -> dict:
+    with live.sessions() as session:
+        events = session.scalars(select(CrmEvent).where(CrmEvent.source_id == source_id)).all()
+        assert len(events) == 1, f"{len(events)} events for {source_id}"
+        return events_json(session, list(events), live.settings.zone)[0]
+
+
+def test_publish_wait_gives_one_event_for_three_call_updates(loaded: LiveSystem) -> None:
+    result = loaded.cli(
+        "publish", "call", str(EXAMPLES / "calls/inbound-answered.json"), "--wait", "60", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["outcome"] for r in rows] == ["stored"] * 3
+    assert len({r["event_id"] for r in rows}) == 1
+    event = event_by_source_id(loaded, "c-2026-11-23-0001")
+    assert event["customer_number"] == "10001"
+    assert event["contact"] == "Matti Virtanen"
+    assert event["seller"] == "anna"
+    assert event["category"] == "crm_event"
+    assert event["status"] == "completed"
+    assert event["duration_s"] == 448
+    assert event["body"].startswith("Kysyi huoltosopimuksen")
+
+
+def test_tallies_and_cards_refresh_within_a_second_and_notify(
+    loaded: LiveSystem, redis_client: redis.Redis
+) -> None:
+    subscriber = redis.Redis.from_url(redis_url_for_tests()).pubsub()
+    subscriber.subscribe("crm.seller.anna")
+    subscriber.get_message(timeout=1)  # the subscribe confirmation
+    loaded.publish("call", load_example("calls/outbound-sales-action.json"))
+    stored_at = time.monotonic()
+    while True:
+        with loaded.sessions() as session:
+            count = session.scalar(
+                select(Tally.count).where(
+                    Tally.category_code == "sales_action", Tally.period == "2026-W48"
+                )
+            )
+            pending = session.scalar(select(func.count()).select_from(TallyTouch))
+        if count == 1 and pending == 0:
+            break
+        assert time.monotonic() - stored_at < 1.0, "tally not refreshed within a second"
+        time.sleep(0.02)
+    message = subscriber.get_message(timeout=2)
+    assert message is not None and message["type"] == "message"
+    assert json.loads(message["data"])["seller"] == "anna"
+    subscriber.close()
+
+
+def test_every_message_delivered_three_times_is_stored_once(loaded: LiveSystem) -> None:
+    visits = [
+        load_example("visits/visit-with-memo.json"),
+        load_example("visits/visit-class-override-refused.json"),
+    ]
+    calls = load_example("calls/missed-from-switchboard.json")
+    loaded.publish("visit", visits * 3)
+    loaded.publish("call", calls * 3)
+    for source_id in ("v-2026-11-24-anna-01", "v-2026-11-26-mikko-01", "c-2026-11-24-0042"):
+        event_by_source_id(loaded, source_id)  # exactly one each
+    missed = event_by_source_id(loaded, "c-2026-11-24-0042")
+    assert missed["link_state"] == "ambiguous"
+    refused = event_by_source_id(loaded, "v-2026-11-26-mikko-01")
+    assert refused["class"] == "sales" and "refused" in refused["classification_note"]
+
+
+def test_bad_messages_are_rejected_with_reasons_and_the_worker_lives(loaded: LiveSystem) -> None:
+    bad = [
+        {"schema": "crm.call/1", "source_system": "pbx", "status": "completed", "colour": "blue"},
+        "not an object",
+        {"schema": "crm.visit/1"},
+    ]
+    outcomes = loaded.publish("call", bad[:2]) + loaded.publish("visit", bad[2:])
+    assert [d.outcome for d in outcomes] == ["rejected"] * 3
+    result = loaded.cli("rejected", "--json")
+    assert result.returncode == 0, result.stderr
+    reasons = [r["reason"] for r in json.loads(result.stdout)]
+    assert any("colour: Unknown field" in r and "call_id: Missing data" in r for r in reasons)
+    assert any("must be a JSON object" in r for r in reasons)
+    assert loaded.alive()
+
+
+def test_emails_through_the_worker(loaded: LiveSystem) -> None:
+    files = sorted((EXAMPLES / "emails").glob("*.eml"))
+    result = loaded.cli("publish", "email", *map(str, files), "--wait", "60", "--json")
+    assert result.returncode == 0, result.stderr
+    outcomes = {r["source"].split("#")[0]: r["outcome"] for r in json.loads(result.stdout)}
+    assert outcomes["auto-reply.eml"] == "rejected"
+    assert {v for k, v in outcomes.items() if k != "auto-reply.eml"} == {"stored"}
+    with loaded.sessions() as session:
+        anna = staff_by_username(session, "anna")
+        assert anna is not None
+        for card in seller_cards(session, anna):
+            assert card["count_week"] == sum(e["in_week"] for e in card["events"])
+            assert card["count_month"] == sum(e["in_month"] for e in card["events"])
+        assert session.scalar(select(func.count()).select_from(RefreshRequest)) in (0, 1)
