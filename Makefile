@@ -19,10 +19,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/crm-events demo
 
-## Lint, then the whole test suite on real PostgreSQL, Redis and worker processes.
+## Lint and type checks, then the whole test suite on real PostgreSQL, Redis and worker processes.
 test: $(STAMP) services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy config models tasks workers
 	$(BIN)/python -m pytest
 
 services:

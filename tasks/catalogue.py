@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -10,17 +11,21 @@ from sqlalchemy.orm import Session
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from tasks.errors import BadInput
 
-NAMED = (("classes", EventClass), ("types", EventType), ("properties", EventProperty))
+#: One of the code-and-names models (a type variable, so helpers keep the concrete class).
+Named = TypeVar("Named", bound=EventClass | EventType | EventProperty)
+
+NAMED: tuple[tuple[str, type[EventClass] | type[EventType] | type[EventProperty]], ...] = (
+    ("classes", EventClass),
+    ("types", EventType),
+    ("properties", EventProperty),
+)
 CATEGORY_FIELDS = ("fi", "en", "default_class", "default_type", "allow_selection", "sales_target")
 
 
 def catalogue_document(session: Session) -> dict[str, Any]:
     document: dict[str, Any] = {}
     for key, model in NAMED:
-        document[key] = [
-            {"code": row.code, "fi": row.name_fi, "en": row.name_en}
-            for row in session.scalars(select(model).order_by(model.code))
-        ]
+        document[key] = _named_document(session, model)
     document["categories"] = [
         {
             "code": c.code,
@@ -36,25 +41,41 @@ def catalogue_document(session: Session) -> dict[str, Any]:
     return document
 
 
+def _named_document(session: Session, model: type[Named]) -> list[dict[str, Any]]:
+    return [
+        {"code": row.code, "fi": row.name_fi, "en": row.name_en}
+        for row in session.scalars(select(model).order_by(model.code))
+    ]
+
+
+def _apply_named(
+    session: Session,
+    key: str,
+    model: type[Named],
+    items: Iterable[dict[str, Any]],
+    changes: list[str],
+) -> None:
+    """Add or rename the ``key`` entries (classes, types or properties), noting each change."""
+    for item in items:
+        row = session.get(model, item["code"])
+        if row is None:
+            session.add(model(code=item["code"], name_fi=item["fi"], name_en=item["en"]))
+            changes.append(f"add {key[:-1] if key != 'classes' else 'class'} {item['code']}")
+            continue
+        for attr, field_name in (("name_fi", "fi"), ("name_en", "en")):
+            if field_name in item and getattr(row, attr) != item[field_name]:
+                old, new = getattr(row, attr), item[field_name]
+                changes.append(f"{model.__tablename__} {row.code}: {field_name} {old!r} -> {new!r}")
+                setattr(row, attr, item[field_name])
+
+
 def apply_catalogue(session: Session, document: dict[str, Any]) -> list[str]:
     """Add or change what the document says (nothing is deleted); returns the changes."""
     if not isinstance(document, dict):
         raise BadInput("a catalogue document is a JSON object")
     changes: list[str] = []
     for key, model in NAMED:
-        for item in document.get(key, []):
-            row = session.get(model, item["code"])
-            if row is None:
-                session.add(model(code=item["code"], name_fi=item["fi"], name_en=item["en"]))
-                changes.append(f"add {key[:-1] if key != 'classes' else 'class'} {item['code']}")
-                continue
-            for attr, field_name in (("name_fi", "fi"), ("name_en", "en")):
-                if field_name in item and getattr(row, attr) != item[field_name]:
-                    old, new = getattr(row, attr), item[field_name]
-                    changes.append(
-                        f"{model.__tablename__} {row.code}: {field_name} {old!r} -> {new!r}"
-                    )
-                    setattr(row, attr, item[field_name])
+        _apply_named(session, key, model, document.get(key, []), changes)
     session.flush()
     for position, item in enumerate(document.get("categories", [])):
         row = session.get(Category, item["code"])

@@ -27,6 +27,8 @@ def expected_tallies(session: Session) -> dict[tuple[int, str, str], int]:
             CrmEvent.seller_id.is_not(None), CrmEvent.cancelled.is_(False)
         )
     ):
+        if seller_id is None:  # excluded by the query; this tells the type checker
+            continue
         zone = zones.setdefault(seller_id, seller_zone(session, seller_id))
         for period in period_keys(occurred, zone):
             key = (seller_id, category, period)

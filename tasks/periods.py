@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, time, timedelta
+from typing import overload
 from zoneinfo import ZoneInfo
 
 WEEK_RE = re.compile(r"^(\d{4})-W(\d{2})$")
 MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
 
+@overload
+def aware(value: datetime, zone: ZoneInfo, notes: list[str], label: str) -> datetime: ...
+@overload
+def aware(
+    value: datetime | None, zone: ZoneInfo, notes: list[str], label: str
+) -> datetime | None: ...
 def aware(value: datetime | None, zone: ZoneInfo, notes: list[str], label: str) -> datetime | None:
     """Attach ``zone`` to a naive time and record that assumption in ``notes``."""
     if value is None or value.tzinfo is not None:

@@ -32,6 +32,8 @@ from tasks.views import targets_progress
 from workers.base import CrmTask
 
 CSV_COLUMNS = ("period", "seller", "category", "target", "actual", "expected_by_now", "pace")
+#: Sending a report failed in a way worth retrying: SMTP trouble or any transient error.
+REPORT_SEND_ERRORS: tuple[type[BaseException], ...] = (smtplib.SMTPException, *TRANSIENT_ERRORS)
 
 
 @dataclass
@@ -199,7 +201,7 @@ def send_target_reports_task(self: CrmTask, kind: str) -> str:
                 continue
         try:
             send_email(report_email(report, settings), settings)
-        except (smtplib.SMTPException, *TRANSIENT_ERRORS) as exc:
+        except REPORT_SEND_ERRORS as exc:
             with transaction(self.sessions) as session:
                 finish_report(session, manager.id, kind, report.period, "failed", repr(exc))
             self.retry_or_record({"kind": kind, "manager": manager.username}, exc)

@@ -40,7 +40,7 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
     return _engines[key][1]
 
 
-class CrmTask(Task):  # type: ignore[misc]
+class CrmTask(Task):
     """Base class of every crm.* task."""
 
     acks_late = True

@@ -20,7 +20,9 @@ from kombu.utils.json import dumps
 
 
 class Channel(filesystem.Channel):
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    # Same signature as filesystem.Channel._put, which kombu itself declares with ``payload``
+    # where its base AbstractChannel says ``message``: no override can match both.
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         filename = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, filename)
         # The leading dot keeps the temporary name out of every queue's pattern.

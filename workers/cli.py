@@ -124,7 +124,9 @@ def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
         published = publish_files(rt.app, rt.settings, args.kind, [Path(p) for p in args.files])
     except PublishError as exc:
         raise CommandError(str(exc)) from exc
-    rows = [{"task_id": p.task_id, "task": p.task_name, "source": p.source} for p in published]
+    rows: list[dict[str, Any]] = [
+        {"task_id": p.task_id, "task": p.task_name, "source": p.source} for p in published
+    ]
     status = 0
     if args.wait is not None:
         done = wait_for(rt.sessions, [p.task_id for p in published], args.wait)
@@ -452,11 +454,14 @@ def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
     from workers.publish import publish
 
     kind, _, number = args.id.partition(":")
-    model = {"rejected": RejectedMessage, "failed": FailedMessage}.get(kind)
-    if model is None or not number.isdigit():
+    if kind not in ("rejected", "failed") or not number.isdigit():
         raise CommandError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
     with transaction(rt.sessions) as session:
-        row = session.get(model, int(number))
+        row: RejectedMessage | FailedMessage | None
+        if kind == "rejected":
+            row = session.get(RejectedMessage, int(number))
+        else:
+            row = session.get(FailedMessage, int(number))
         if row is None:
             raise CommandError(f"no {args.id}")
         task_name, payload = row.task_name, row.payload

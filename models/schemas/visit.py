@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
@@ -34,7 +35,10 @@ class VisitMessageSchema(MessageSchema):
 
     @validates_schema
     def times_in_order(self, data: dict[str, Any], **_: Any) -> None:
-        started, ended = data.get("started_at"), data.get("ended_at")
-        comparable = started and ended and (started.tzinfo is None) == (ended.tzinfo is None)
+        started: datetime | None = data.get("started_at")
+        ended: datetime | None = data.get("ended_at")
+        if not started or not ended:
+            return
+        comparable = (started.tzinfo is None) == (ended.tzinfo is None)
         if comparable and ended < started:
             raise ValidationError("ended_at is before started_at", "ended_at")

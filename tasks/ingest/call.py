@@ -6,6 +6,7 @@ sequence, so the stored event does not depend on the order in which updates arri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -142,7 +143,7 @@ def _update_order(update: dict[str, Any]) -> tuple[int, int, int, str]:
     )
 
 
-def fold_updates(updates: list[dict[str, Any]]) -> dict[str, Any]:
+def fold_updates(updates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge every update of one call: status only moves forward, empty never overwrites known.
 
     Updates are applied in (status rank, sequence, …) order, so a late "ringing" cannot

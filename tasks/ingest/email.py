@@ -28,6 +28,7 @@ from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.ingest.email_parse import ParsedEmail, parse_email, raw_hash
 from tasks.match import customer_by_number, find_staff, match_addresses
+from tasks.periods import aware
 from tasks.store import (
     StageResult,
     add_participants,
@@ -73,6 +74,9 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         )
     digest = raw_hash(raw)
     parsed = parse_email(raw, settings.zone)
+    message["received_at"] = aware(
+        message.get("received_at"), settings.zone, parsed.notes, "received_at"
+    )
     if parsed.auto_reply:
         raise BadInput(parsed.auto_reply, {"headers": [parsed.auto_reply]})
     message_id = parsed.message_id or f"sha256:{digest}"

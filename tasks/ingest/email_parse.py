@@ -266,6 +266,9 @@ def _parse_message(message: Message, zone: ZoneInfo, depth: int, counter: list[i
         except Exception as exc:
             notes.append(f"attachment unreadable: {type(exc).__name__}")
             continue
+        if not isinstance(content, bytes):  # never from the parser; never a crash either
+            notes.append("attachment with an unexpected payload skipped")
+            continue
         try:
             filename = part.get_filename()
         except Exception:
@@ -295,7 +298,8 @@ def _inner_message(part: Message) -> Message | None:
         raw = part.get_payload(decode=True)
     except Exception:
         return None
-    if raw:
+    # Not a Message (handled above): the decoded payload is bytes, or None for a multipart.
+    if isinstance(raw, bytes) and raw:
         return email.message_from_bytes(raw, policy=email.policy.default)
     return None
 
@@ -314,6 +318,8 @@ def _leaf_parts(
     if not isinstance(payload, list):
         return result
     for part in payload:
+        if not isinstance(part, Message):  # the parser only puts messages here
+            continue
         counter[0] += 1
         if counter[0] > MAX_PARTS:
             notes.append(f"more than {MAX_PARTS} MIME parts: the rest ignored")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 from typing import Any
 
 from celery import shared_task
@@ -55,8 +56,11 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
         return StageResult("duplicate", detail="this visit message was already accepted")
 
     notes: list[str] = []
-    started = aware(message["started_at"], settings.zone, notes, "started_at")
-    ended = aware(message.get("ended_at"), settings.zone, notes, "ended_at")
+    # The schema makes started_at a required datetime; ended_at may be missing or null.
+    started_at: datetime = message["started_at"]
+    ended_at: datetime | None = message.get("ended_at")
+    started = aware(started_at, settings.zone, notes, "started_at")
+    ended = aware(ended_at, settings.zone, notes, "ended_at")
     event, created = lock_event(
         session,
         source_system=message["source_system"],
