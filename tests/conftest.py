@@ -37,7 +37,29 @@ def server_url() -> str:
 
 
 def redis_url_for_tests() -> str:
-    return os.environ.get("CRM_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    """The Redis database this test session owns (see :func:`_claim_redis_database`)."""
+    return _claimed_redis_url or os.environ.get("CRM_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+_claimed_redis_url: str | None = None
+CLAIM_KEY = "crm-events-tests:claimed-by"
+
+
+def _claim_redis_database() -> str:
+    """Own one Redis database for the session, so two test runs on one machine never flush or
+    consume each other's queues: CRM_TEST_REDIS_URL when given, else the first of databases
+    15, 14, … 8 on the loopback server that no other live session has claimed."""
+    if "CRM_TEST_REDIS_URL" in os.environ:
+        return os.environ["CRM_TEST_REDIS_URL"]
+    for index in range(15, 7, -1):
+        url = f"redis://127.0.0.1:6379/{index}"
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            if client.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=3600):
+                return url
+        finally:
+            client.close()
+    raise RuntimeError("no free Redis test database among 8-15 (other test runs hold them)")
 
 
 class TemporaryDatabase:
@@ -74,12 +96,12 @@ def unit_database() -> Iterator[TemporaryDatabase]:
 
 @pytest.fixture(scope="session")
 def settings(
-    unit_database: TemporaryDatabase, tmp_path_factory: pytest.TempPathFactory
+    unit_database: TemporaryDatabase, tmp_path_factory: pytest.TempPathFactory, redis_database: str
 ) -> Settings:
     return Settings(
         data_dir=tmp_path_factory.mktemp("unit-var"),
         database_url=unit_database.url,
-        broker_url=redis_url_for_tests(),
+        broker_url=redis_database,
     )
 
 
@@ -123,9 +145,21 @@ def world(db: Session, ctx: StageContext) -> Session:
     return db
 
 
+@pytest.fixture(scope="session", autouse=True)
+def redis_database() -> Iterator[str]:
+    """Claim this session's Redis database before anything uses it; release it at the end."""
+    global _claimed_redis_url
+    _claimed_redis_url = _claim_redis_database()
+    yield _claimed_redis_url
+    client = redis.Redis.from_url(_claimed_redis_url, socket_timeout=5)
+    client.flushdb()  # also drops the claim
+    client.close()
+    _claimed_redis_url = None
+
+
 @pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url_for_tests(), socket_timeout=5)
+def redis_client(redis_database: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_database, socket_timeout=5)
     client.ping()  # fails the run when Redis is missing: never a skip
     yield client
     client.close()

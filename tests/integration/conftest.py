@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery
-from tests.conftest import ROOT, TemporaryDatabase, migrated, redis_url_for_tests
+from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
 from workers.app import create_app
 from workers.publish import wait_for
 from workers.queues import INGEST_TASKS, TASK_QUEUES
@@ -85,18 +85,21 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def live(
-    tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis
+    tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis, redis_database: str
 ) -> Iterator[LiveSystem]:
     database = TemporaryDatabase("live")
     data_dir = tmp_path_factory.mktemp("live-var")
     settings = Settings(
         data_dir=data_dir,
         database_url=database.url,
-        broker_url=redis_url_for_tests(),
-        redis_url=redis_url_for_tests(),
+        broker_url=redis_database,
+        redis_url=redis_database,
     )
     engine = migrated(settings)
-    redis_client.flushdb()  # no stale messages from an earlier run in the test Redis database
+    # No stale messages from an earlier run in this session's Redis database (keep the claim).
+    for key in redis_client.scan_iter():
+        if key != CLAIM_KEY.encode():
+            redis_client.delete(key)
     env = service_env(settings)
     log = data_dir / "worker.log"
     with open(log, "wb") as handle:
@@ -134,4 +137,3 @@ def live(
             worker.wait()
         engine.dispose()
         database.drop()
-        redis_client.flushdb()

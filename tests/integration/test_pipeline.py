@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from models.events import CrmEvent
 from models.targets import RefreshRequest, Tally, TallyTouch
 from tasks.views import events_json, seller_cards, staff_by_username
-from tests.conftest import EXAMPLES, load_example, redis_url_for_tests
+from tests.conftest import EXAMPLES, load_example
 from tests.integration.conftest import LiveSystem
 
 pytestmark = pytest.mark.integration
@@ -51,9 +51,10 @@ def test_publish_wait_gives_one_event_for_three_call_updates(loaded: LiveSystem)
 
 
 def test_tallies_and_cards_refresh_within_a_second_and_notify(
-    loaded: LiveSystem, redis_client: redis.Redis
+    loaded: LiveSystem, redis_database: str
 ) -> None:
-    subscriber = redis.Redis.from_url(redis_url_for_tests()).pubsub()
+    client = redis.Redis.from_url(redis_database)
+    subscriber = client.pubsub()
     subscriber.subscribe("crm.seller.anna")
     subscriber.get_message(timeout=1)  # the subscribe confirmation
     loaded.publish("call", load_example("calls/outbound-sales-action.json"))
@@ -74,6 +75,7 @@ def test_tallies_and_cards_refresh_within_a_second_and_notify(
     assert message is not None and message["type"] == "message"
     assert json.loads(message["data"])["seller"] == "anna"
     subscriber.close()
+    client.close()
 
 
 def test_every_message_delivered_three_times_is_stored_once(loaded: LiveSystem) -> None:
