@@ -29,7 +29,8 @@ def upgrade(engine: Engine) -> None:
     cfg = alembic_config(engine)
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        # "heads": independent migration branches (one per capability) all apply.
+        command.upgrade(cfg, "heads")
 
 
 def schema_drift(engine: Engine) -> list[object]:
