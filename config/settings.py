@@ -7,11 +7,14 @@ in one :class:`ConfigError`. Tests build ``Settings`` directly (``Settings.embed
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -69,8 +72,20 @@ class Settings:
         ("lead", "lead"),
         ("sales", "sales_action"),
     )
+    #: An inbound call / email from a party matching no contact or customer becomes a lead
+    #: (category lead), once per number or address. Emails to crm+lead@ are leads regardless.
+    lead_from_unknown_calls: bool = False
+    lead_from_unknown_emails: bool = False
     max_email_bytes: int = 40 * 1024 * 1024
     max_attachment_bytes: int = 25 * 1024 * 1024
+    #: Caps on an email's MIME structure, checked before it is parsed.
+    email_max_parts: int = 1000
+    email_max_depth: int = 20
+    #: The SMTP gateway sends a raw email inline up to this size, else stores it (``raw_ref``).
+    email_inline_max_bytes: int = 1024 * 1024
+    #: Emails accepted from one sender per window; more are rejected as a mail loop (0: off).
+    email_sender_limit: int = 200
+    email_sender_window_s: int = 3600
     #: "database" (transactional with the event) or "filesystem" (under ``document_dir``).
     document_store: str = "database"
     document_dir: Path | None = None
@@ -89,7 +104,35 @@ class Settings:
     smtp_user: str = ""
     smtp_password: str = field(default="", repr=False)
     report_from: str = "crm-reports@myyntitalo.fi"
+    #: CA bundle that verifies the SMTP server's certificate under STARTTLS (default: the
+    #: system's trusted CAs).
+    smtp_ca_file: Path | None = None
+    #: When the managers' target reports are due, in each manager's own time zone: weekly as
+    #: ``<weekday> HH:MM`` (the week just closed), monthly as ``<day of month> HH:MM`` (the month
+    #: just closed); ``off`` sends none of that kind.
+    weekly_report_at: str = "mon 07:00"
+    monthly_report_at: str = "1 07:00"
+    #: The seller view's cards in display order, as ``category`` or ``category=Title`` items;
+    #: empty means one card per category, titled with its type's name (CRM-tapahtumat, Liidit,
+    #: Myyntitoimenpiteet, Asiakaskäynnit).
+    seller_cards: tuple[tuple[str, str], ...] = ()
     flower_basic_auth: str = field(default="", repr=False)
+    #: Telephony (docs/telephony.md). A recording URL is fetched by ``crm.ingest.recording``;
+    #: off keeps it on the event as a link only.
+    recording_fetch: bool = True
+    #: Hosts or networks (``pbx.example.fi``, ``10.20.0.0/16``) a recording may be fetched from
+    #: although they are not public addresses: the guard against server-side request forgery.
+    recording_fetch_allow: tuple[str, ...] = ()
+    #: Budget of one recording download (connect, redirects and body together).
+    recording_fetch_timeout_s: int = 30
+    #: Twilio's auth token: checks X-Twilio-Signature at the HTTP gateway (and fetches recordings).
+    twilio_auth_token: str = field(default="", repr=False)
+    #: Shared secret that JSON posts to the HTTP gateway carry in ``X-CRM-Webhook-Secret``.
+    webhook_secret: str = field(default="", repr=False)
+    #: The gateway's public URL as the telephony provider calls it (signatures cover the URL).
+    public_base_url: str = ""
+    #: Largest request body the HTTP gateway accepts.
+    http_max_body_bytes: int = 1024 * 1024
 
     # -- derived values -------------------------------------------------------------------------
 
@@ -164,6 +207,77 @@ def _parse_pairs(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def report_schedule(raw: str, kind: str) -> tuple[int, int, int] | None:
+    """``mon 07:00`` (weekly) or ``1 07:00`` (monthly) as (day, hour, minute); None for ``off``.
+
+    The weekly day is 0 for Monday; the monthly day is 1-28, so that every month has it.
+    """
+    text = raw.strip().lower()
+    if text == "off":
+        return None
+    day_text, _, clock = text.partition(" ")
+    hour_text, sep, minute_text = clock.strip().partition(":")
+    if not sep or not hour_text.isdigit() or not minute_text.isdigit():
+        raise ValueError(f"expected {'mon' if kind == 'weekly' else '1'} 07:00 or off, got {raw!r}")
+    hour, minute = int(hour_text), int(minute_text)
+    if not (0 <= hour < 24 and 0 <= minute < 60):
+        raise ValueError(f"not a time of day in {raw!r}")
+    if kind == "weekly":
+        if day_text not in WEEKDAYS:
+            raise ValueError(f"expected a weekday ({', '.join(WEEKDAYS)}) in {raw!r}")
+        return WEEKDAYS.index(day_text), hour, minute
+    if not day_text.isdigit() or not 1 <= int(day_text) <= 28:
+        raise ValueError(f"expected a day of the month 1-28 in {raw!r}")
+    return int(day_text), hour, minute
+
+
+def _parse_schedule(kind: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        report_schedule(raw, kind)
+        return raw.strip().lower()
+
+    return parse
+
+
+def _parse_cards(raw: str) -> tuple[tuple[str, str], ...]:
+    cards = []
+    for item in _parse_list(raw):
+        code, _, title = item.partition("=")
+        if not code.strip():
+            raise ValueError(f"expected category or category=Title items, got {item!r}")
+        cards.append((code.strip(), title.strip()))
+    return tuple(cards)
+
+
+_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _parse_fetch_allow(items: tuple[str, ...]) -> tuple[str, ...]:
+    """Host names or IP networks; a bare address is a network of one."""
+    allowed = []
+    for item in items:
+        try:
+            allowed.append(str(ipaddress.ip_network(item, strict=False)))
+            continue
+        except ValueError:
+            pass
+        host = item.lower().rstrip(".")
+        if not all(_HOST_LABEL.match(label) for label in host.split(".")):
+            raise ValueError(f"expected host names or networks (10.0.0.0/8), got {item!r}")
+        allowed.append(host)
+    return tuple(allowed)
+
+
+def _parse_base_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"expected an http(s) URL without query, got {raw!r}")
+    return raw.strip().rstrip("/")
+
+
 def _parse_zone(raw: str) -> str:
     try:
         ZoneInfo(raw)
@@ -197,8 +311,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "crm_addresses": lambda raw: tuple(a.lower() for a in _parse_list(raw)),
     "free_mail_domains": lambda raw: tuple(d.lower() for d in _parse_list(raw)),
     "plus_address_categories": _parse_pairs,
+    "lead_from_unknown_calls": _parse_bool,
+    "lead_from_unknown_emails": _parse_bool,
     "max_email_bytes": _parse_positive_int,
     "max_attachment_bytes": _parse_positive_int,
+    "email_max_parts": _parse_positive_int,
+    "email_max_depth": _parse_positive_int,
+    "email_inline_max_bytes": _parse_positive_int,
+    "email_sender_limit": int,
+    "email_sender_window_s": _parse_positive_int,
     "document_store": _parse_choice("database", "filesystem"),
     "task_time_limit_s": _parse_positive_int,
     "visibility_timeout_s": _parse_positive_int,
@@ -209,6 +330,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_json": _parse_bool,
     "smtp_port": _parse_positive_int,
     "smtp_starttls": _parse_bool,
+    "recording_fetch": _parse_bool,
+    "recording_fetch_allow": lambda raw: _parse_fetch_allow(_parse_list(raw)),
+    "recording_fetch_timeout_s": _parse_positive_int,
+    "public_base_url": _parse_base_url,
+    "http_max_body_bytes": _parse_positive_int,
+    "smtp_ca_file": Path,
+    "weekly_report_at": _parse_schedule("weekly"),
+    "monthly_report_at": _parse_schedule("monthly"),
+    "seller_cards": _parse_cards,
 }
 
 

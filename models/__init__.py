@@ -5,7 +5,17 @@ from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.documents import DocumentBlob, EventDocument
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.ledger import Delivery, FailedMessage, InboundMessage, RejectedMessage
-from models.parties import Contact, Customer, CustomerDomain, PartyPhone, Staff
+from models.mail import EmailSenderWindow
+from models.parties import (
+    Contact,
+    ContactEmail,
+    Customer,
+    CustomerDomain,
+    EventPartyKey,
+    Lead,
+    PartyPhone,
+    Staff,
+)
 from models.targets import (
     ReconcileRun,
     RefreshRequest,
@@ -20,20 +30,24 @@ __all__ = [
     "Base",
     "Category",
     "Contact",
+    "ContactEmail",
     "CrmEvent",
     "Customer",
     "CustomerDomain",
     "Delivery",
     "DocumentBlob",
+    "EmailSenderWindow",
     "EventClass",
     "EventDocument",
     "EventParticipant",
+    "EventPartyKey",
     "EventProperty",
     "EventPropertyLink",
     "EventType",
     "FailedMessage",
     "FollowUp",
     "InboundMessage",
+    "Lead",
     "PartyPhone",
     "ReconcileRun",
     "RefreshRequest",

@@ -19,6 +19,35 @@ class CrmEvent(Base):
         UniqueConstraint("source_system", "source_kind", "source_id"),
         Index("ix_crm_event_seller_category_occurred", "seller_id", "category_code", "occurred_at"),
         Index("ix_crm_event_customer_occurred", "customer_id", "occurred_at"),
+        # Time ranges and newest-first listings; on PostgreSQL it also carries the codes that
+        # statistics group by, so statistics for a period are an index-only scan (see
+        # docs/targets-and-reports.md for the plans).
+        Index(
+            "ix_crm_event_occurred_classification",
+            "occurred_at",
+            postgresql_include=[
+                "class_code",
+                "type_code",
+                "category_code",
+                "seller_id",
+                "cancelled",
+            ],
+        ),
+        # Free-text search over subject and memo: trigram indexes serve ILIKE '%word%' on
+        # PostgreSQL. SQLite has no such index (the embedded default scans, which is fine at its
+        # size); ``ddl_if`` keeps them PostgreSQL-only and models.migrate compares accordingly.
+        Index(
+            "ix_crm_event_subject_trgm",
+            "subject",
+            postgresql_using="gin",
+            postgresql_ops={"subject": "gin_trgm_ops"},
+        ).ddl_if(dialect="postgresql"),
+        Index(
+            "ix_crm_event_body_trgm",
+            "body",
+            postgresql_using="gin",
+            postgresql_ops={"body": "gin_trgm_ops"},
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -49,7 +78,8 @@ class CrmEvent(Base):
     #: inbound | outbound | null (visits, memos without a direction)
     direction: Mapped[str | None] = mapped_column(String(20))
     status: Mapped[str | None] = mapped_column(String(40))
-    occurred_at: Mapped[datetime] = mapped_column(index=True)
+    #: Indexed by ix_crm_event_occurred_classification (above).
+    occurred_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
     duration_s: Mapped[int | None]
     thread_key: Mapped[str | None] = mapped_column(String(500), index=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -37,9 +38,36 @@ def schema_drift(engine: Engine) -> list[object]:
     """Differences between the models and the migrated schema (empty when they agree)."""
     with engine.connect() as connection:
         context = MigrationContext.configure(
-            connection, opts={"compare_type": True, "render_as_batch": True}
+            connection,
+            opts={
+                "compare_type": True,
+                "render_as_batch": True,
+                "include_object": include_for_dialect(connection.dialect.name),
+            },
         )
         return list(compare_metadata(context, Base.metadata))
+
+
+def include_for_dialect(dialect: str) -> Callable[..., bool]:
+    """An Alembic ``include_object`` hook that honours ``ddl_if(dialect=...)`` on model objects.
+
+    Some indexes exist on PostgreSQL only (the pg_trgm GIN indexes of the text search): the
+    models declare them with ``.ddl_if(dialect="postgresql")`` and the migrations create them
+    only there, so on SQLite they are neither expected nor reported as missing.
+    """
+
+    def include_object(
+        obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+    ) -> bool:
+        condition = getattr(obj, "_ddl_if", None)
+        if condition is None or reflected:
+            return True
+        wanted = condition.dialect
+        if wanted is None:
+            return True
+        return dialect == wanted if isinstance(wanted, str) else dialect in wanted
+
+    return include_object
 
 
 def install_default_catalogue(session: Session) -> list[str]:

@@ -1,10 +1,15 @@
-"""Parties: customers (asiakas), their contacts (yhteyshenkilö) and our staff (henkilökunta)."""
+"""Parties: customers (asiakas), their contacts (yhteyshenkilö) and our staff (henkilökunta).
+
+Also what ties events to parties that were not known when the event arrived: the outside
+numbers and addresses an event was matched by (for the automatic re-link), and the leads
+created by unknown parties.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
@@ -74,3 +79,58 @@ class PartyPhone(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customer.id"), index=True)
     contact_id: Mapped[int | None] = mapped_column(ForeignKey("contact.id"), index=True)
     staff_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"), index=True)
+
+
+class ContactEmail(Base):
+    """An email address of a contact, lower-cased; the primary address (``Contact.email``) too.
+
+    A contact may have several addresses; any of them matches the contact.
+    """
+
+    __tablename__ = "contact_email"
+    __table_args__ = (UniqueConstraint("contact_id", "email"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contact.id", ondelete="CASCADE"))
+    email: Mapped[str] = mapped_column(String(320), index=True)
+
+
+class EventPartyKey(Base):
+    """An outside party an event was matched by: an E.164 number, an address, a domain.
+
+    Kept so that when a contact or customer later gains that number, address or domain, the
+    unlinked and ambiguous events it explains are found by index, not by scanning every event.
+    """
+
+    __tablename__ = "event_party_key"
+    __table_args__ = (Index("ix_event_party_key_kind_value", "kind", "value"),)
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: phone | email | domain | customer (a customer number named by a visit)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    value: Mapped[str] = mapped_column(String(320), primary_key=True)
+    #: Order within the event: the first phone or address is the party the event is about.
+    position: Mapped[int] = mapped_column(default=0)
+
+
+class Lead(Base):
+    """An unknown party that has become a lead: one per number or address, ever.
+
+    The unique key is what guarantees that the same unknown party never creates a second lead,
+    also when two of its calls are processed at the same moment.
+    """
+
+    __tablename__ = "lead"
+    __table_args__ = (UniqueConstraint("kind", "value"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: phone | email
+    kind: Mapped[str] = mapped_column(String(10))
+    value: Mapped[str] = mapped_column(String(320))
+    #: The lead event; null when that event was deleted (the party stays a lead).
+    event_id: Mapped[int | None] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

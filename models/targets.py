@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JsonValue, utcnow
@@ -24,6 +24,10 @@ class Target(Base):
     kind: Mapped[str] = mapped_column(String(10))
     value: Mapped[int]
     valid_from: Mapped[date]
+    #: Who set it: ``cli`` (``crm-events targets set``) or the ``source_system`` of a
+    #: ``crm.target/1`` message.
+    source_system: Mapped[str] = mapped_column(String(100), default="cli", server_default="cli")
+    #: When it was set (or last replaced by a target with the same start date).
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -88,6 +92,10 @@ class ReportRun(Base):
     #: claimed | sent | failed
     state: Mapped[str] = mapped_column(String(10), default="claimed")
     detail: Mapped[str] = mapped_column(Text, default="")
+    #: Sending attempts so far (a refused or failed send is retried and counted).
+    attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    #: When the current claim was taken: a claim older than the task time limit is abandoned.
+    claimed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
 

@@ -118,13 +118,14 @@ def attach(
     size: int | None = None,
     refused_reason: str = "",
     max_bytes: int | None = None,
+    note: str = "",
 ) -> StoredDocument:
     """Attach a document (or a stub when it was refused) to an event, once.
 
-    ``max_bytes`` overrides the attachment cap (the raw email is bounded by its own limit).
+    ``max_bytes`` overrides the attachment cap (the raw email is bounded by its own limit);
+    ``note`` says what the caller did to the content (kept with the document).
     """
     name = sanitise_filename(filename, fallback=role)
-    note = ""
     cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
     if content is not None and len(content) > cap:
         refused_reason = f"{len(content)} bytes is over the {cap}-byte attachment cap"
@@ -132,7 +133,8 @@ def attach(
         digest = None
         media_type = (declared_type or "application/octet-stream").lower()
         size = size if size is not None else (len(content) if content is not None else 0)
-        note = f"not stored: {refused_reason}" if refused_reason else "not stored"
+        refused = f"not stored: {refused_reason}" if refused_reason else "not stored"
+        note = f"{note}; {refused}" if note else refused
     else:
         media_type = sniff_media_type(content, declared_type)
         digest = store_blob(session, settings, content, media_type)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
-from models.parties import Contact, Customer, CustomerDomain, PartyPhone, Staff
+from models.parties import Contact, ContactEmail, Customer, CustomerDomain, PartyPhone, Staff
 
 
 @dataclass
@@ -53,22 +53,25 @@ def own_numbers(settings: Settings) -> set[str]:
 
 
 def find_staff(session: Session, reference: str | None, settings: Settings) -> Staff | None:
-    """Staff by username, email, extension or phone number."""
+    """Staff by username, email, extension or phone number (in that order), in one query."""
     if not reference:
         return None
     ref = reference.strip()
-    staff = session.scalar(select(Staff).where(Staff.username == ref))
-    if staff is None and "@" in ref:
-        staff = session.scalar(select(Staff).where(func.lower(Staff.email) == ref.lower()))
-    if staff is None and ref.isdigit() and len(ref) < 6:
-        staff = session.scalar(select(Staff).where(Staff.extension == ref))
-    if staff is None and (e164 := normalise_phone(ref, settings.phone_region)):
-        staff = session.scalar(
-            select(Staff)
-            .join(PartyPhone, PartyPhone.staff_id == Staff.id)
-            .where(PartyPhone.e164 == e164)
+    ways: list[Any] = [Staff.username == ref]
+    if "@" in ref:
+        ways.append(func.lower(Staff.email) == ref.lower())
+    if ref.isdigit() and len(ref) < 6:
+        ways.append(Staff.extension == ref)
+    if e164 := normalise_phone(ref, settings.phone_region):
+        ways.append(
+            Staff.id.in_(
+                select(PartyPhone.staff_id).where(
+                    PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None)
+                )
+            )
         )
-    return staff
+    priority = case(*[(way, rank) for rank, way in enumerate(ways)], else_=len(ways))
+    return session.scalar(select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1))
 
 
 def is_internal_number(session: Session, raw: str | None, settings: Settings) -> bool:
@@ -131,14 +134,25 @@ def email_domain(address: str) -> str:
 
 
 def match_addresses(session: Session, addresses: Iterable[str], settings: Settings) -> PartyMatch:
-    """Contacts by address (case-insensitive), then customers by domain; the first wins."""
+    """Contacts by any of their addresses (case-insensitive), then customers by domain; the
+    first wins."""
     result = PartyMatch()
     contacts: list[Contact] = []
     domain_customers: list[int] = []
     for address in addresses:
         lowered = address.lower()
         found = session.scalars(
-            select(Contact).where(func.lower(Contact.email) == lowered).order_by(Contact.id)
+            select(Contact)
+            .where(
+                # A contact's further addresses (contact_email) match as well as the primary one.
+                or_(
+                    func.lower(Contact.email) == lowered,
+                    Contact.id.in_(
+                        select(ContactEmail.contact_id).where(ContactEmail.email == lowered)
+                    ),
+                )
+            )
+            .order_by(Contact.id)
         ).all()
         if len(found) > 1:
             result.candidates.extend({"contact_id": c.id, "name": c.name} for c in found)

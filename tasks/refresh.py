@@ -50,15 +50,27 @@ def count_for(session: Session, seller_id: int, category: str, period: str) -> i
 
 
 def write_tally(session: Session, seller_id: int, category: str, period: str, count: int) -> None:
-    statement = upsert_insert(session, Tally.__table__).values(
-        seller_id=seller_id, category_code=category, period=period, count=count, updated_at=utcnow()
+    write_tallies(session, [(seller_id, category, period, count)])
+
+
+def write_tallies(session: Session, rows: list[tuple[int, str, str, int]]) -> None:
+    """Upsert tally rows (seller, category, period, count) in one statement per batch."""
+    if not rows:
+        return
+    now = utcnow()
+    statement = upsert_insert(session, Tally.__table__)
+    statement = statement.on_conflict_do_update(
+        index_elements=["seller_id", "category_code", "period"],
+        set_={"count": statement.excluded["count"], "updated_at": statement.excluded.updated_at},
     )
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["seller_id", "category_code", "period"],
-            set_={"count": count, "updated_at": utcnow()},
+    for start in range(0, len(rows), 5000):
+        session.execute(
+            statement,
+            [
+                {"seller_id": s, "category_code": c, "period": p, "count": n, "updated_at": now}
+                for s, c, p, n in rows[start : start + 5000]
+            ],
         )
-    )
 
 
 def lock_seller(session: Session, seller_id: int) -> None:
@@ -90,7 +102,14 @@ def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[
     if touches:
         # Delete exactly the touches read: one committed meanwhile waits for the next refresh.
         session.execute(delete(TallyTouch).where(TallyTouch.id.in_([t[0] for t in touches])))
-    cards = seller_cards(session, seller)
+    cards = seller_cards(session, seller, cards=ctx.settings.seller_cards)
+    # Cards no longer configured (CRM_SELLER_CARDS changed) are not kept around.
+    session.execute(
+        delete(SellerCard).where(
+            SellerCard.seller_id == seller_id,
+            SellerCard.card.not_in([card["category"] for card in cards]),
+        )
+    )
     for card in cards:
         statement = upsert_insert(session, SellerCard.__table__).values(
             seller_id=seller_id, card=card["category"], payload=card, computed_at=utcnow()

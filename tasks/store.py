@@ -13,15 +13,17 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
+from config.settings import Settings
 from models.base import utcnow
 from models.db import is_postgresql, upsert_insert
 from models.events import CrmEvent, EventParticipant, EventPropertyLink
 from models.ledger import Delivery, InboundMessage
-from models.parties import Staff
+from models.parties import Customer, EventPartyKey, Staff
 from models.targets import RefreshRequest, TallyTouch
+from tasks.match import email_domain, is_internal_number, normalise_phone
 from tasks.periods import period_keys
 
 #: A refresh request older than this is presumed lost (its task never ran) and is re-sent.
@@ -249,3 +251,127 @@ def claim_refresh(session: Session, seller_id: int, now: datetime | None = None)
 
 def clear_refresh_request(session: Session, seller_id: int) -> None:
     session.execute(delete(RefreshRequest).where(RefreshRequest.seller_id == seller_id))
+
+
+# -- master data: the party keys of an event and the responsible seller (docs/master-data.md) --
+
+#: Namespace of the advisory locks that order a stage's party keys against a re-link.
+PARTY_KEY_LOCK_NAMESPACE = 0x4B4559  # "KEY"
+
+
+@dataclass(frozen=True, order=True)
+class PartyKey:
+    """A normalised outside party: ``phone`` (E.164), ``email``, ``domain`` or ``customer``."""
+
+    kind: str
+    value: str
+
+
+def party_keys(
+    session: Session,
+    settings: Settings,
+    *,
+    phones: Iterable[str | None] = (),
+    addresses: Iterable[str | None] = (),
+    customer_numbers: Iterable[str | None] = (),
+) -> list[PartyKey]:
+    """Normalised keys in the order given; our own numbers, extensions and staff phones dropped."""
+    keys: list[PartyKey] = []
+    for raw in phones:
+        e164 = normalise_phone(raw, settings.phone_region)
+        if e164 and not is_internal_number(session, raw, settings):
+            keys.append(PartyKey("phone", e164))
+    for raw in addresses:
+        address = (raw or "").strip().lower()
+        if "@" not in address or len(address) > 320:
+            continue
+        keys.append(PartyKey("email", address))
+        domain = email_domain(address)
+        if domain and domain not in settings.free_mail_domains:
+            keys.append(PartyKey("domain", domain))
+    for raw in customer_numbers:
+        if raw and raw.strip():
+            keys.append(PartyKey("customer", raw.strip()[:320]))
+    return list(dict.fromkeys(keys))
+
+
+def record_party_keys(
+    session: Session,
+    settings: Settings,
+    event: CrmEvent,
+    *,
+    phones: Iterable[str | None] = (),
+    addresses: Iterable[str | None] = (),
+    customer_numbers: Iterable[str | None] = (),
+) -> list[PartyKey]:
+    """Remember which outside numbers and addresses the stage matched ``event`` by.
+
+    Called by the call, email and visit stages after matching. When a contact or customer
+    later gains one of these, ``tasks.relink`` finds the event by index and links it. An event
+    that is not linked also takes the keys' advisory locks (PostgreSQL): a party change that
+    holds them has either committed before our re-check (``tasks.leads``) or waits for us and
+    then sees this event's keys, so no re-link falls between the two transactions.
+    """
+    keys = party_keys(
+        session, settings, phones=phones, addresses=addresses, customer_numbers=customer_numbers
+    )
+    wanted = {(k.kind, k.value): position for position, k in enumerate(keys)}
+    current = {
+        (row.kind, row.value): row.position
+        for row in session.scalars(select(EventPartyKey).where(EventPartyKey.event_id == event.id))
+    }
+    if current != wanted:
+        session.execute(delete(EventPartyKey).where(EventPartyKey.event_id == event.id))
+        for (kind, value), position in wanted.items():
+            session.add(EventPartyKey(event_id=event.id, kind=kind, value=value, position=position))
+        session.flush()
+    if event.link_state != "linked" and event.linked_by != "hand":
+        lock_party_keys(session, keys)
+    return keys
+
+
+def lock_party_keys(session: Session, keys: Iterable[PartyKey]) -> None:
+    """Transaction-level advisory locks on party keys, in one global order (no deadlock among
+    them). SQLite needs none: it runs one writing transaction at a time."""
+    if not is_postgresql(session):
+        return
+    for key in sorted(set(keys)):
+        digest = hashlib.sha256(f"{key.kind}:{key.value}".encode()).digest()
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+            {"ns": PARTY_KEY_LOCK_NAMESPACE, "key": int.from_bytes(digest[:4], "big", signed=True)},
+        )
+
+
+def responsible_seller_id(session: Session, customer_id: int | None) -> int | None:
+    """The customer's responsible seller, for events no staff member handled.
+
+    A deactivated staff member keeps their history but is assigned no new events: while the
+    customer's responsible seller is deactivated, such events stay unassigned until the ERP
+    names a new seller.
+    """
+    if customer_id is None:
+        return None
+    return session.scalar(
+        select(Staff.id)
+        .join(Customer, Customer.seller_id == Staff.id)
+        .where(Customer.id == customer_id, Staff.active.is_(True))
+    )
+
+
+def responsible_seller_notes(
+    session: Session, customer_id: int | None, seller_id: int | None
+) -> list[str]:
+    """Why an event got (or did not get) the customer's responsible seller, for its note."""
+    if customer_id is None:
+        return []
+    if seller_id is not None:
+        return ["assigned to the customer's responsible seller"]
+    row = session.execute(
+        select(Staff.username, Staff.active)
+        .join(Customer, Customer.seller_id == Staff.id)
+        .where(Customer.id == customer_id)
+    ).first()
+    if row is not None and not row.active:
+        return [f"the customer's responsible seller {row.username} is deactivated: unassigned"]
+    return ["the customer has no responsible seller: unassigned"]

@@ -6,6 +6,8 @@ A card's counts and its event list are computed from one query result, so they a
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -14,13 +16,16 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.catalogue import Category
+from models.catalogue import Category, EventType
 from models.documents import EventDocument
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.parties import Contact, Customer, Staff
 from models.targets import Tally, Target
-from tasks.periods import period_bounds, period_dates, period_keys
-from tasks.store import seller_zone
+from tasks.periods import period_bounds, period_dates, period_keys, period_kind
+
+DEFAULT_ZONE = "Europe/Helsinki"
+#: Pace is "behind" when the actual count is short of the expected count by this share or more.
+BEHIND_SHARE = 0.10
 
 
 def events_json(
@@ -118,19 +123,26 @@ def staff_by_username(session: Session, username: str) -> Staff | None:
     return session.scalar(select(Staff).where(Staff.username == username))
 
 
+def zone_of(staff: Staff) -> ZoneInfo:
+    """The staff member's zone (weeks and months are counted in it); Helsinki if unusable."""
+    try:
+        return ZoneInfo(staff.time_zone or DEFAULT_ZONE)
+    except (KeyError, ValueError):
+        return ZoneInfo(DEFAULT_ZONE)
+
+
 def target_in_force(session: Session, seller_id: int, category: str, period: str) -> int | None:
     """The target that applied to a period: the latest one valid by the period's last day.
 
     A changed target therefore never rewrites the periods that ended before it took effect.
     """
-    kind = "weekly" if "W" in period else "monthly"
     _, last = period_dates(period)
     return session.scalar(
         select(Target.value)
         .where(
             Target.seller_id == seller_id,
             Target.category_code == category,
-            Target.kind == kind,
+            Target.kind == period_kind(period),
             Target.valid_from <= last,
         )
         .order_by(Target.valid_from.desc(), Target.id.desc())
@@ -152,7 +164,11 @@ def tally_count(session: Session, seller_id: int, category: str, period: str) ->
 
 
 def pace(target: int | None, actual: int, period: str, zone: Any, now: datetime) -> dict[str, Any]:
-    """Expected by now (pro rata over the period) vs actual; behind when 10 % or more short."""
+    """Expected by now (pro rata over the period) vs actual.
+
+    "behind" when the actual count falls short of the expected count by 10 % or more (Zoho
+    Motivator's "off track"); a closed period expects the whole target.
+    """
     if not target:
         return {"expected_by_now": None, "pace": None}
     start, end = period_bounds(period, zone)
@@ -163,8 +179,85 @@ def pace(target: int | None, actual: int, period: str, zone: Any, now: datetime)
     else:
         fraction = (now - start) / (end - start)
     expected = target * fraction
-    on_track = actual >= expected * 0.9
-    return {"expected_by_now": round(expected, 1), "pace": "on track" if on_track else "behind"}
+    behind = expected > 0 and actual <= expected * (1 - BEHIND_SHARE) + 1e-9
+    return {"expected_by_now": round(expected, 1), "pace": "behind" if behind else "on track"}
+
+
+def target_categories(session: Session) -> list[Category]:
+    return list(
+        session.scalars(
+            select(Category).where(Category.sales_target.is_(True)).order_by(Category.position)
+        )
+    )
+
+
+def progress_rows(
+    session: Session,
+    sellers: list[Staff],
+    categories: list[Category],
+    periods: Callable[[Staff], list[str]],
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Targets vs actuals for many sellers with a fixed number of queries (reports, the CLI).
+
+    Actuals are the tallies (kept exact by the refresh, proven by the nightly reconcile);
+    targets are the ones in force for each period (see :func:`target_in_force`).
+    """
+    if not sellers or not categories:
+        return []
+    ids = [s.id for s in sellers]
+    codes = [c.code for c in categories]
+    wanted = {s.id: periods(s) for s in sellers}
+    all_periods = sorted({p for ps in wanted.values() for p in ps})
+    history: dict[tuple[int, str, str], list[tuple[date, int]]] = defaultdict(list)
+    counts: dict[tuple[int, str, str], int] = {}
+    for chunk in _chunks(ids):
+        for seller_id, code, kind, valid_from, value in session.execute(
+            select(
+                Target.seller_id, Target.category_code, Target.kind, Target.valid_from, Target.value
+            )
+            .where(Target.seller_id.in_(chunk), Target.category_code.in_(codes))
+            .order_by(Target.valid_from.desc(), Target.id.desc())
+        ):
+            history[(seller_id, code, kind)].append((valid_from, value))
+        for seller_id, code, period, count in session.execute(
+            select(Tally.seller_id, Tally.category_code, Tally.period, Tally.count).where(
+                Tally.seller_id.in_(chunk),
+                Tally.category_code.in_(codes),
+                Tally.period.in_(all_periods),
+            )
+        ):
+            counts[(seller_id, code, period)] = count
+    rows = []
+    for staff in sellers:
+        zone = zone_of(staff)
+        for period in wanted[staff.id]:
+            kind = period_kind(period)
+            _, last = period_dates(period)
+            for category in categories:
+                target = next(
+                    (v for start, v in history[(staff.id, category.code, kind)] if start <= last),
+                    None,
+                )
+                actual = counts.get((staff.id, category.code, period), 0)
+                rows.append(
+                    {
+                        "seller": staff.username,
+                        "seller_name": staff.name,
+                        "category": category.code,
+                        "category_name": category.name_fi,
+                        "period": period,
+                        "kind": kind,
+                        "target": target,
+                        "actual": actual,
+                        **pace(target, actual, period, zone, now),
+                    }
+                )
+    return rows
+
+
+def _chunks(ids: list[int], size: int = 500) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def targets_progress(
@@ -174,52 +267,80 @@ def targets_progress(
     period: str | None = None,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
+    """Targets vs actuals of the active sellers (or one) for a period, else this week and month."""
     now = now or utcnow()
     query = (
         select(Staff).where(Staff.active.is_(True), Staff.role == "seller").order_by(Staff.username)
     )
     if seller:
         query = select(Staff).where(Staff.username == seller)
-    categories = session.scalars(
-        select(Category).where(Category.sales_target.is_(True)).order_by(Category.position)
-    ).all()
-    rows = []
-    for staff in session.scalars(query):
-        zone = seller_zone(session, staff.id)
-        periods = [period] if period else list(period_keys(now, zone))
-        for p in periods:
-            for category in categories:
-                target = target_in_force(session, staff.id, category.code, p)
-                actual = tally_count(session, staff.id, category.code, p)
-                rows.append(
-                    {
-                        "seller": staff.username,
-                        "category": category.code,
-                        "category_name": category.name_fi,
-                        "period": p,
-                        "kind": "weekly" if "W" in p else "monthly",
-                        "target": target,
-                        "actual": actual,
-                        **pace(target, actual, p, zone, now),
-                    }
-                )
-    return rows
+    sellers = list(session.scalars(query))
+
+    def periods(staff: Staff) -> list[str]:
+        return [period] if period else list(period_keys(now, zone_of(staff)))
+
+    return progress_rows(session, sellers, target_categories(session), periods, now)
+
+
+@dataclass(frozen=True)
+class CardDefinition:
+    category: Category
+    title: str
+    title_en: str
+
+
+def card_definitions(
+    session: Session, configured: Sequence[tuple[str, str]] = ()
+) -> list[CardDefinition]:
+    """The seller view's cards: ``CRM_SELLER_CARDS`` when set, else one per category.
+
+    A card's default title is the name of its category's type (DESIGN §3: CRM-tapahtumat,
+    Liidit, Myyntitoimenpiteet, Asiakaskäynnit); a configured ``category=Title`` overrides it.
+    A configured category that does not exist (any more) is left out.
+    """
+    categories = {c.code: c for c in session.scalars(select(Category).order_by(Category.position))}
+    types = {t.code: t for t in session.scalars(select(EventType))}
+    chosen = list(configured) or [(code, "") for code in categories]
+    cards = []
+    for code, title in chosen:
+        category = categories.get(code)
+        if category is None:
+            continue
+        kind = types.get(category.default_type)
+        cards.append(
+            CardDefinition(
+                category,
+                title or (kind.name_fi if kind else category.name_fi),
+                title or (kind.name_en if kind else category.name_en),
+            )
+        )
+    return cards
 
 
 def seller_cards(
-    session: Session, seller: Staff, now: datetime | None = None
+    session: Session,
+    seller: Staff,
+    now: datetime | None = None,
+    cards: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, Any]]:
-    """The seller view: one card per category, counts and lists from the same rows."""
+    """The seller view: one card per configured category, counts and lists from the same rows.
+
+    Each card lists every event of this week and this month (newest first) and counts exactly
+    those, so a card's counts always equal its list; open follow-ups and, where the category
+    takes sales targets, the targets in force with the pace so far.
+    """
     now = now or utcnow()
-    zone = seller_zone(session, seller.id)
+    zone = zone_of(seller)
     week, month = period_keys(now, zone)
     week_start, week_end = period_bounds(week, zone)
     month_start, month_end = period_bounds(month, zone)
+    definitions = card_definitions(session, cards)
     rows = session.scalars(
         select(CrmEvent)
         .where(
             CrmEvent.seller_id == seller.id,
             CrmEvent.cancelled.is_(False),
+            CrmEvent.category_code.in_([d.category.code for d in definitions]),
             or_(
                 and_(CrmEvent.occurred_at >= week_start, CrmEvent.occurred_at < week_end),
                 and_(CrmEvent.occurred_at >= month_start, CrmEvent.occurred_at < month_end),
@@ -236,29 +357,30 @@ def seller_cards(
         .where(FollowUp.seller_id == seller.id, FollowUp.state == "open")
         .order_by(FollowUp.created_at)
     ).all()
-    cards = []
-    for category in session.scalars(select(Category).order_by(Category.position)):
-        events = by_category.get(category.code, [])
-        listed = []
-        for e in events:
-            listed.append(
-                {
-                    "id": e.id,
-                    "occurred_at": e.occurred_at.astimezone(zone).isoformat(),
-                    "subject": e.subject,
-                    "status": e.status,
-                    "in_week": week_start <= e.occurred_at < week_end,
-                    "in_month": month_start <= e.occurred_at < month_end,
-                }
-            )
+    result = []
+    for definition in definitions:
+        category = definition.category
+        listed = [
+            {
+                "id": e.id,
+                "occurred_at": e.occurred_at.astimezone(zone).isoformat(),
+                "subject": e.subject,
+                "status": e.status,
+                "in_week": week_start <= e.occurred_at < week_end,
+                "in_month": month_start <= e.occurred_at < month_end,
+            }
+            for e in by_category.get(category.code, [])
+        ]
+        count_week = sum(1 for e in listed if e["in_week"])
+        count_month = sum(1 for e in listed if e["in_month"])
         card: dict[str, Any] = {
-            "card": category.name_fi,
-            "card_en": category.name_en,
+            "card": definition.title,
+            "card_en": definition.title_en,
             "category": category.code,
             "week": week,
             "month": month,
-            "count_week": sum(1 for e in listed if e["in_week"]),
-            "count_month": sum(1 for e in listed if e["in_month"]),
+            "count_week": count_week,
+            "count_month": count_month,
             "events": listed,
             "follow_ups": [
                 {"event_id": f.event_id, "reason": f.reason, "subject": subject}
@@ -268,12 +390,26 @@ def seller_cards(
             "target": None,
         }
         if category.sales_target:
+            weekly = target_in_force(session, seller.id, category.code, week)
+            monthly = target_in_force(session, seller.id, category.code, month)
             card["target"] = {
-                "weekly": target_in_force(session, seller.id, category.code, week),
-                "monthly": target_in_force(session, seller.id, category.code, month),
+                "weekly": weekly,
+                "monthly": monthly,
+                "week": {
+                    "period": week,
+                    "target": weekly,
+                    "actual": count_week,
+                    **pace(weekly, count_week, week, zone, now),
+                },
+                "month": {
+                    "period": month,
+                    "target": monthly,
+                    "actual": count_month,
+                    **pace(monthly, count_month, month, zone, now),
+                },
             }
-        cards.append(card)
-    return cards
+        result.append(card)
+    return result
 
 
 def parse_day(text: str) -> date:

@@ -16,9 +16,11 @@ from workers.queues import QUEUES, TASK_QUEUES
 
 TASK_MODULES = (
     "tasks.ingest.call",
+    "tasks.telephony.recordings",
     "tasks.ingest.email",
     "tasks.ingest.visit",
     "tasks.ingest.party",
+    "tasks.targets",
     "tasks.refresh",
     "tasks.reports",
     "tasks.maintenance",

@@ -96,7 +96,9 @@ class CrmTask(Task):
     def retry_or_record(self, message: Any, exc: BaseException) -> None:
         if self.request.retries < self.settings.max_retries:
             log.warning("%s: transient error, retrying: %s", self.name, exc)
-            raise self.retry(exc=exc, countdown=self.backoff())
+            raise self.retry(
+                exc=exc, countdown=self.backoff(), max_retries=self.settings.max_retries
+            )
         self.record_failure(message, exc, kind="transient")
 
     def record_rejection(self, message: Any, reason: str, errors: dict[str, Any]) -> None:

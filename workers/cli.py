@@ -14,7 +14,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.logging import configure_logging
@@ -201,12 +201,14 @@ def _events_query(args: argparse.Namespace, zone: Any) -> Any:
     if args.until:
         query = query.where(CrmEvent.occurred_at < _day_start(args.until, zone, next_day=True))
     if args.text:
-        pattern = f"%{args.text.lower()}%"
+        # ILIKE on the columns: served by the pg_trgm GIN indexes on PostgreSQL.
+        escaped = args.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
         query = query.where(
-            func.lower(CrmEvent.subject).like(pattern) | func.lower(CrmEvent.body).like(pattern)
+            CrmEvent.subject.ilike(pattern, escape="\\") | CrmEvent.body.ilike(pattern, escape="\\")
         )
     if args.unlinked:
-        query = query.where(CrmEvent.link_state != "linked")
+        query = query.where(CrmEvent.link_state.in_(("unlinked", "ambiguous")))
     if args.thread:
         query = query.where(CrmEvent.thread_key == args.thread)
     return query.order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc()).limit(args.limit)
@@ -241,47 +243,53 @@ def cmd_events(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
-    from models.events import CrmEvent
     from models.parties import Customer
-    from tasks.views import events_json
+    from tasks.history import customer_history
 
     with rt.sessions() as session:
         customer = session.scalar(select(Customer).where(Customer.customer_number == args.customer))
         if customer is None:
             raise CommandError(f"no customer {args.customer}")
-        events = events_json(
-            session,
-            list(
-                session.scalars(
-                    select(CrmEvent)
-                    .where(CrmEvent.customer_id == customer.id)
-                    .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
-                )
-            ),
-            rt.settings.zone,
-        )
+        history = customer_history(session, customer, rt.settings.zone)
     if args.json:
-        emit_json(
-            {"customer_number": customer.customer_number, "name": customer.name, "events": events}
-        )
+        emit_json(history)
         return 0
     from workers.render import console, table
 
-    console.print(f"[bold]{customer.customer_number} {customer.name}[/bold]")
-    table(
-        "history (newest first)",
-        ["when", "who", "category", "about", "documents"],
-        [
-            [
-                e["occurred_at"][:16].replace("T", " "),
-                ", ".join(e["staff"]),
-                e["category"],
-                (e["subject"] or "")[:60],
-                ", ".join(d["filename"] for d in e["documents"] if d["role"] != "raw_message"),
-            ]
-            for e in events
-        ],
+    console.print(
+        f"[bold]{history['customer_number']} {history['name']}[/bold]"
+        f" · responsible seller {history['seller'] or '–'}"
     )
+    table(
+        "contacts",
+        ["name", "addresses", "phones"],
+        [[c["name"], ", ".join(c["emails"]), ", ".join(c["phones"])] for c in history["contacts"]],
+    )
+    table(
+        "who on the staff has been in touch",
+        ["staff", "name", "events", "last"],
+        [[s["username"], s["name"], s["events"], s["last"][:10]] for s in history["staff"]],
+    )
+    # A timeline rather than a table: subjects, file names and thread keys are shown whole.
+    from rich.text import Text
+
+    console.print(Text(f"history (newest first): {len(history['events'])} event(s)", "bold"))
+    for e in history["events"]:
+        head = Text(e["occurred_at"][:16].replace("T", " ") + "  ", "bold")
+        head.append(e["category"] + (" (cancelled)" if e["cancelled"] else "") + "  ")
+        head.append(e["subject"] or "", "bold")
+        console.print(head)
+        facts = [f"staff: {', '.join(e['staff']) or '–'}"]
+        if e["contacts"]:
+            facts.append(f"contacts: {', '.join(e['contacts'])}")
+        files = [d["filename"] for d in e["documents"] if d["role"] != "raw_message"]
+        if files:
+            facts.append(f"documents: {', '.join(files)}")
+        if e["follow_up"]:
+            facts.append(f"follow-up: {e['follow_up']['state']}")
+        if e["thread_key"]:
+            facts.append(f"thread: {e['thread_key']}")
+        console.print(Text("    " + " · ".join(facts)))
     return 0
 
 
@@ -292,7 +300,7 @@ def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
         staff = staff_by_username(session, args.username)
         if staff is None:
             raise CommandError(f"no staff member {args.username!r}")
-        cards = seller_cards(session, staff)
+        cards = seller_cards(session, staff, cards=rt.settings.seller_cards)
     if args.json:
         emit_json(cards)
     else:
@@ -319,6 +327,35 @@ def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+def cmd_targets_list(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.targets import target_history
+
+    with rt.sessions() as session:
+        rows = target_history(session, args.seller)
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            "Tavoitteet / targets (each applies until the next of its kind starts)",
+            ["seller", "category", "kind", "target", "valid from", "valid until", "set by"],
+            [
+                [
+                    r["seller"],
+                    r["category"],
+                    r["kind"],
+                    r["value"],
+                    r["valid_from"],
+                    r["valid_until"] or "–",
+                    r["source"],
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
 def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
     from tasks.periods import validate_period
     from tasks.views import targets_progress
@@ -340,8 +377,14 @@ def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.periods import validate_period
     from tasks.stats import statistics
 
+    if args.period:
+        try:
+            validate_period(args.period)
+        except ValueError as exc:
+            raise CommandError(f"not a period {args.period!r} ({exc})") from exc
     with rt.sessions() as session:
         rows = statistics(session, args.by, args.period, rt.settings.zone)
     if args.json:
@@ -351,32 +394,57 @@ def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
 
         table(
             f"events by {args.by}" + (f" in {args.period}" if args.period else ""),
-            [args.by, "events"],
-            [[r[args.by], r["events"]] for r in rows],
+            [args.by, "name", "events"],
+            [[r[args.by], r["name"], r["events"]] for r in rows],
         )
     return 0
 
 
 def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
     from models.parties import Staff
-    from tasks.reports import build_target_report, report_email, send_email, write_report_files
+    from tasks.periods import period_kind, validate_period
+    from tasks.reports import (
+        REPORT_SEND_ERRORS,
+        build_target_report,
+        send_report_once,
+        write_report_files,
+    )
 
+    if args.period:
+        try:
+            validate_period(args.period)
+        except ValueError as exc:
+            raise CommandError(f"not a period {args.period!r} ({exc})") from exc
+        if period_kind(args.period) != args.kind:
+            raise CommandError(f"{args.period} is not a {args.kind} period")
     with rt.sessions() as session:
         query = select(Staff).where(Staff.role == "manager").order_by(Staff.username)
         if args.manager:
             query = select(Staff).where(Staff.username == args.manager)
         managers = session.scalars(query).all()
         if not managers:
-            raise CommandError("no manager to report to")
+            raise CommandError(
+                f"no manager {args.manager!r}" if args.manager else "no manager to report to"
+            )
         reports = [build_target_report(session, m, args.kind, args.period) for m in managers]
     written: list[str] = []
-    for report in reports:
+    for manager, report in zip(managers, reports, strict=True):
         if args.out:
             written += [str(p) for p in write_report_files(report, Path(args.out))]
         if args.send:
             if not report.manager_email:
                 raise CommandError(f"manager {report.manager} has no email address")
-            send_email(report_email(report, rt.settings), rt.settings)
+            try:
+                outcome = send_report_once(
+                    rt.sessions, rt.settings, manager, args.kind, report.period
+                )
+            except REPORT_SEND_ERRORS as exc:
+                raise CommandError(f"report to {report.manager} not sent: {exc}") from exc
+            print(
+                f"{report.manager} {args.kind} {report.period}: "
+                + ("sent" if outcome == "sent" else "already sent, not sent again"),
+                file=sys.stderr,
+            )
     for path in written:
         print(path)
     if not args.out and not args.send:
@@ -538,16 +606,57 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
-    from tasks.maintenance import reconcile
+    from tasks.maintenance import reconcile, snapshot
 
-    with transaction(rt.sessions) as session:
+    with snapshot(rt.sessions) as session:
         run = reconcile(session)
-        result = {"keys_checked": run.keys_checked, "drift": run.drift, "details": run.details}
+        result = {
+            "run": run.id,
+            "keys_checked": run.keys_checked,
+            "drift": run.drift,
+            "details": run.details,
+        }
     if args.json:
         emit_json(result)
-    else:
-        print(f"checked {run.keys_checked} tally keys; drift {run.drift}")
+        return 0
+    print(f"checked {run.keys_checked} tally keys; drift {run.drift}")
+    if run.details:
+        from workers.render import table
+
+        table(
+            "drift found and repaired (stored → recomputed from the events)",
+            ["seller", "category", "period", "stored", "expected"],
+            [
+                [d["seller"], d["category"], d["period"], d["stored"], d["expected"]]
+                for d in run.details
+            ],
+        )
     return 0
+
+
+def cmd_delete_event(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.maintenance import delete_event
+    from workers.base import request_refresh
+
+    with transaction(rt.sessions) as session:
+        summary, sellers = delete_event(session, args.id)
+    for seller_id in sellers:
+        request_refresh(rt.app, rt.sessions, seller_id)
+    if args.json:
+        emit_json({"deleted": summary})
+    else:
+        print(
+            f"deleted event {summary['id']} ({summary['source_kind']} {summary['source_id']},"
+            f" {summary['category']}, {summary['occurred_at'][:16]})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_smtp_gateway(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.smtp_gateway import run
+
+    return run(rt.settings, rt.app, rt.sessions, args)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -627,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weekly", type=int)
     group.add_argument("--monthly", type=int)
     p.add_argument("--from", dest="valid_from", metavar="DATE")
+    p = targets.add_parser("list", help="every target with its validity (the history)")
+    p.set_defaults(handler=cmd_targets_list)
+    p.add_argument("--seller")
+    p.add_argument("--json", action="store_true")
     p = targets.add_parser("progress", help="targets vs actuals")
     p.set_defaults(handler=cmd_targets_progress)
     p.add_argument("--seller")
@@ -642,13 +755,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="reports").add_subparsers(
         dest="report_command", required=True
     )
-    p = report.add_parser("targets", help="build (and send) a target report")
+    p = report.add_parser(
+        "targets",
+        help="build (and send) a target report",
+        description="build a manager's target report: the period (default: the one just closed"
+        " in the manager's zone) and the current one so far; --out writes HTML, PNG and CSV,"
+        " --send mails it (at most once per manager, kind and period)",
+    )
     p.set_defaults(handler=cmd_report)
     p.add_argument("--kind", required=True, choices=["weekly", "monthly"])
-    p.add_argument("--period")
-    p.add_argument("--manager")
-    p.add_argument("--out")
-    p.add_argument("--send", action="store_true")
+    p.add_argument("--period", help="2026-W48 (weekly) or 2026-11 (monthly)")
+    p.add_argument("--manager", help="one manager's username (default: every manager)")
+    p.add_argument("--out", metavar="DIR", help="write the HTML, PNG and CSV files here")
+    p.add_argument("--send", action="store_true", help="send by email (SMTP from CRM_SMTP_*)")
 
     add("rejected", cmd_rejected, "messages rejected as bad input, with reasons", json_flag=True)
     add("failed", cmd_failed, "messages whose processing failed", json_flag=True)
@@ -666,6 +785,28 @@ def build_parser() -> argparse.ArgumentParser:
         "recompute every tally from the events and report drift",
         json_flag=True,
     )
+    p = add(
+        "delete-event",
+        cmd_delete_event,
+        "delete an event; its counts move off the seller's tallies and cards",
+        json_flag=True,
+    )
+    p.add_argument("id", type=int, metavar="EVENT_ID")
+
+    p = add("smtp-gateway", cmd_smtp_gateway, "receive mail for the CRM addresses and enqueue it")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8025)
+    p.add_argument("--lmtp", action="store_true", help="speak LMTP (RFC 2033) instead of SMTP")
+
+    # Master data: import parties, triage, link (workers/cli_parties.py).
+    from workers.cli_parties import register as register_party_commands
+
+    register_party_commands(sub, add)
+    # Telephony: `http-gateway` and `import cdr` (workers/http_gateway.py, workers/cdr_import.py);
+    # after the master-data commands, whose `import` group it joins.
+    from workers.cdr_import import register as register_telephony_commands
+
+    register_telephony_commands(sub, add)
     return parser
 
 

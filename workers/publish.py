@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.parser
 import email.policy
 import email.utils
 import json
@@ -52,7 +53,8 @@ def email_message_from_raw(
 ) -> dict[str, Any]:
     """Wrap a raw .eml as ``crm.email/1``; the envelope recipient is the CRM address it names,
     else the first configured CRM address (the message was BCC'd to us)."""
-    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    # Headers only: the worker parses the body (a hostile MIME tree must not stop the command).
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
     addresses = [
         a.lower()
         for _, a in email.utils.getaddresses(parsed.get_all("To", []) + parsed.get_all("Cc", []))

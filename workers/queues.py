@@ -4,9 +4,13 @@ from __future__ import annotations
 
 TASK_QUEUES: dict[str, str] = {
     "crm.ingest.call": "crm.ingest.call",
+    # Recordings fetched by URL share the call queue: they belong to a call and are few.
+    "crm.ingest.recording": "crm.ingest.call",
     "crm.ingest.email": "crm.ingest.email",
     "crm.ingest.visit": "crm.ingest.visit",
     "crm.ingest.party": "crm.ingest.party",
+    # Targets are master data from the ERP, like parties: the same queue.
+    "crm.ingest.target": "crm.ingest.party",
     "crm.refresh.seller": "crm.refresh",
     "crm.reports.targets": "crm.reports",
     "crm.maintenance.reconcile": "crm.maintenance",
@@ -20,4 +24,5 @@ INGEST_TASKS: dict[str, str] = {
     "email": "crm.ingest.email",
     "visit": "crm.ingest.visit",
     "party": "crm.ingest.party",
+    "target": "crm.ingest.target",
 }

@@ -46,25 +46,39 @@ def _dash(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _target_text(progress: dict[str, Any] | None, label: str) -> str:
+    if not progress or progress["target"] is None:
+        return ""
+    pace = progress["pace"]
+    marker = f"[red]{pace}[/red]" if pace == "behind" else f"[green]{pace}[/green]"
+    return (
+        f"{label} {progress['actual']}/{progress['target']}"
+        f" (expected by now {progress['expected_by_now']}, {marker})"
+    )
+
+
 def seller_view(username: str, name: str, cards: list[dict[str, Any]]) -> None:
+    """Myyjän näkymä: one table per card; the counts are the ✓ marks of the rows below."""
     console.print(f"[bold]Myyjän näkymä / seller view: {name} ({username})[/bold]")
     for card in cards:
-        target = card.get("target")
-        target_text = ""
-        if target:
-            weekly, monthly = (_dash(target["weekly"]), _dash(target["monthly"]))
-            target_text = (
-                f" · tavoite/target: week {card['count_week']}/{weekly},"
-                f" month {card['count_month']}/{monthly}"
-            )
-        title = (
-            f"{card['card']} — {card['week']}: {card['count_week']}, "
-            f"{card['month']}: {card['count_month']}{target_text}"
+        console.print()
+        console.print(
+            f"[bold]{card['card']}[/bold] — viikko/week {card['week']}: {card['count_week']} · "
+            f"kuukausi/month {card['month']}: {card['count_month']}",
+            highlight=False,
         )
+        target = card.get("target")
+        if target:
+            parts = [
+                _target_text(target.get("week"), "week target"),
+                _target_text(target.get("month"), "month target"),
+            ]
+            text = " · ".join(p for p in parts if p)
+            console.print("  tavoite/target: " + (text or "none set"))
         rows = [
             [
                 e["occurred_at"][:16].replace("T", " "),
-                e["subject"][:60],
+                (e["subject"] or "")[:60],
                 e["status"],
                 "✓" if e["in_week"] else "",
                 "✓" if e["in_month"] else "",
@@ -72,9 +86,13 @@ def seller_view(username: str, name: str, cards: list[dict[str, Any]]) -> None:
             for e in card["events"]
         ]
         rows += [
-            ["follow-up", f["reason"][:60], "open", "", ""] for f in card.get("follow_ups", [])
+            [f"follow-up (event {f['event_id']})", (f["reason"] or "")[:60], "open", "", ""]
+            for f in card.get("follow_ups", [])
         ]
-        table(title, ["when", "subject", "status", "week", "month"], rows)
+        if rows:
+            table("", ["when", "subject", "status", "week", "month"], rows)
+        else:
+            console.print("  ei tapahtumia tässä kuussa / no events this month")
 
 
 def progress(rows: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ from sqlalchemy import Connection, engine_from_config, pool
 
 import models  # noqa: F401  (registers every table on Base.metadata)
 from models.base import Base
+from models.migrate import include_for_dialect
 
 config = context.config
 target_metadata = Base.metadata
@@ -19,6 +20,8 @@ def _configure(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place: batch mode copies the table.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # PostgreSQL-only indexes (``ddl_if``) are not expected on SQLite.
+        include_object=include_for_dialect(connection.dialect.name),
     )
 
 

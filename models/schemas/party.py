@@ -36,6 +36,8 @@ class ContactSchema(_PartySchema):
     customer_number = Text(required=True, max_length=40)
     name = Text(required=True, max_length=300)
     email = fields.Email(allow_none=True)
+    #: Further addresses of the contact; ``email`` stays the primary one and the natural key.
+    emails = fields.List(fields.Email(validate=[validate.Length(max=320)]), load_default=list)
     phones = fields.List(Text(max_length=64), load_default=list)
 
 

@@ -28,6 +28,8 @@ class VisitMessageSchema(MessageSchema):
     attendees = fields.List(Text(max_length=320), load_default=list)
     attachments = fields.List(fields.Nested(AttachmentSchema), load_default=list)
     cancelled = fields.Boolean(load_default=False)
+    #: When the app last changed the visit: an update older than the one applied is ignored.
+    updated_at = fields.DateTime(format="iso", allow_none=True)
     category = Code()
     class_ = Code(data_key="class")
     type = Code()

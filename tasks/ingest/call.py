@@ -1,29 +1,40 @@
 """Ingest of ``crm.call/1`` call status updates: every update of one call merges into one event.
 
-The merged state is a fold over *all* accepted updates of the call, ordered by status rank and
-sequence, so the stored event does not depend on the order in which updates arrived.
+The merged state is a fold over *all* accepted updates of the call, read from the inbound ledger
+while the event's row is locked, so the stored event depends neither on the order in which the
+updates arrived nor on which worker process handled which update (docs/telephony.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
+from models.db import is_postgresql
 from models.events import CrmEvent, FollowUp
 from models.ledger import InboundMessage
-from models.parties import Customer
+from models.parties import Staff
 from models.schemas.call import SCHEMA, STATUS_RANK, CallMessageSchema
 from models.schemas.common import load_message
 from tasks.attach import attach
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
-from tasks.match import PartyMatch, customer_by_number, find_staff, is_internal_number, match_phone
+from tasks.leads import apply_lead_rule
+from tasks.match import (
+    PartyMatch,
+    customer_by_number,
+    find_staff,
+    is_internal_number,
+    match_phone,
+    normalise_phone,
+)
 from tasks.periods import aware
 from tasks.store import (
     StageResult,
@@ -31,24 +42,29 @@ from tasks.store import (
     canonical_hash,
     lock_event,
     record_inbound,
+    record_party_keys,
+    responsible_seller_id,
     set_properties,
     tally_keys,
     touch_tallies,
 )
+from tasks.telephony.recordings import enqueue_recording_fetches, link_recordings
 from workers.base import CrmTask
 
 #: A missed inbound call from a known customer opens a follow-up for the seller.
-MISSED_STATUSES = {"missed", "busy", "voicemail", "failed"}
-#: Among terminal statuses of equal sequence, the more informative one wins (deterministic).
+MISSED_STATUSES = frozenset({"missed", "busy", "voicemail", "failed"})
+#: An inbound call in one of these statuses reached us: it closes earlier follow-ups.
+ANSWERED_STATUSES = frozenset({"answered", "completed"})
+#: Among terminal statuses of equal sequence, the more informative one wins: someone talked
+#: beats a voicemail beats a plain miss. This also makes an answered leg of a call outrank the
+#: legs that rang unanswered.
 TERMINAL_PREFERENCE = {"completed": 5, "voicemail": 4, "missed": 3, "busy": 2, "failed": 1}
+#: Fields where the latest known value (in fold order) wins and an empty one never overwrites.
 MERGED_FIELDS = (
     "direction",
     "from",
     "to",
     "agent",
-    "started_at",
-    "answered_at",
-    "ended_at",
     "duration_s",
     "note",
     "category",
@@ -56,9 +72,22 @@ MERGED_FIELDS = (
     "type",
     "customer_number",
 )
+#: Times: like the merged fields, and a time without an offset never replaces one with an offset.
+TIME_FIELDS = ("started_at", "answered_at", "ended_at")
+#: Fields that name the call rather than say something about it.
+IDENTITY_FIELDS = frozenset({"schema", "source_system", "call_id"})
+#: Namespace of the transaction-level advisory locks that serialise one customer's follow-ups.
+FOLLOW_UP_LOCK_NAMESPACE = 0x43524E
 
 
-def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResult:
+@dataclass
+class CallStageResult(StageResult):
+    """A stage result plus the recordings to fetch once the event is committed."""
+
+    recordings_to_fetch: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
     schema = CallMessageSchema()
     message = load_message(schema, payload, SCHEMA)
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
@@ -73,8 +102,10 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResul
         payload=_ledger_payload(normalised),
     )
     if inbound is None:
-        return StageResult("duplicate", detail="this update was already accepted")
+        return CallStageResult("duplicate", detail="this update was already accepted")
 
+    # Serialises every update of this call, the very first ones included (see lock_event):
+    # whoever holds the lock folds every update committed before it, plus its own.
     event, created = lock_event(
         session,
         source_system=message["source_system"],
@@ -88,18 +119,8 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResul
         },
     )
     before = tally_keys(session, event)
-    updates = session.scalars(
-        select(InboundMessage.payload)
-        .where(
-            InboundMessage.source_kind == "call",
-            InboundMessage.source_system == message["source_system"],
-            InboundMessage.source_id == message["call_id"],
-        )
-        .order_by(InboundMessage.id)
-    ).all()
-    state = fold_updates(updates)
-    notes: list[str] = []
-    apply_call_state(session, ctx, event, state, notes)
+    state = fold_updates(call_updates(session, event))
+    apply_call_state(session, ctx, event, state, [])
     inbound.event_id = event.id
 
     recording = message.get("recording")
@@ -113,14 +134,45 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> StageResul
             declared_type=recording.get("media_type"),
             role="recording",
         )
-    elif recording and recording.get("url"):
-        event.details = {**event.details, "recording_url": recording["url"]}
+    fetches = link_recordings(session, ctx.settings, event, state["recordings"])
 
     session.flush()
     sellers = touch_tallies(session, before | tally_keys(session, event))
-    return StageResult(
-        "stored", event.id, "created" if created else "merged", sellers_to_refresh=sellers
+    return CallStageResult(
+        "stored",
+        event.id,
+        "created" if created else "merged",
+        sellers_to_refresh=sellers,
+        recordings_to_fetch=fetches,
     )
+
+
+def refold_call(session: Session, ctx: StageContext, event: CrmEvent) -> set[int]:
+    """Recompute a call's event from its updates (after its parties changed, for example).
+
+    Locks the event like an update would; returns the sellers whose tallies were touched.
+    """
+    lock = select(CrmEvent).where(CrmEvent.id == event.id)
+    if is_postgresql(session):
+        lock = lock.with_for_update()
+    session.execute(lock.execution_options(populate_existing=True))
+    before = tally_keys(session, event)
+    apply_call_state(session, ctx, event, fold_updates(call_updates(session, event)), [])
+    session.flush()
+    return touch_tallies(session, before | tally_keys(session, event))
+
+
+def call_updates(session: Session, event: CrmEvent) -> Sequence[dict[str, Any]]:
+    """Every accepted update of the event's call, as kept in the ledger."""
+    return session.scalars(
+        select(InboundMessage.payload)
+        .where(
+            InboundMessage.source_kind == "call",
+            InboundMessage.source_system == event.source_system,
+            InboundMessage.source_id == event.source_id,
+        )
+        .order_by(InboundMessage.id)
+    ).all()
 
 
 def _ledger_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -131,42 +183,83 @@ def _ledger_payload(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def _update_order(update: dict[str, Any]) -> tuple[int, int, int, str]:
+# -- the fold -------------------------------------------------------------------------------------
+
+
+def update_order(update: dict[str, Any]) -> tuple[int, int, int, str]:
+    """The total order in which updates are applied; later ones win where they know something.
+
+    1. status rank: ringing < answered < terminal (an update without a known status ranks
+       lowest), so status only moves forward and a late "ringing" changes nothing it knows;
+    2. ``sequence`` within a rank, where the provider sends one (an update without one before
+       those with one);
+    3. among terminal statuses of equal sequence, the more informative status;
+    4. the hash of the update's content: two conflicting updates without a sequence are
+       ordered the same way whatever order they arrived in (and in whichever call).
+    """
     status = update.get("status") or ""
-    rank = STATUS_RANK.get(status, 0)
     sequence = update.get("sequence")
+    content = {k: v for k, v in update.items() if k not in IDENTITY_FIELDS}
     return (
-        rank,
+        STATUS_RANK.get(status, 0),
         sequence if isinstance(sequence, int) else -1,
         TERMINAL_PREFERENCE.get(status, 0),
-        canonical_hash(update),
+        canonical_hash(content),
     )
 
 
 def fold_updates(updates: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Merge every update of one call: status only moves forward, empty never overwrites known.
-
-    Updates are applied in (status rank, sequence, …) order, so a late "ringing" cannot
-    overwrite "completed" and any permutation of the same updates gives the same state.
-    """
-    state: dict[str, Any] = {"raw_statuses": [], "properties": set(), "updates": len(updates)}
-    for change in sorted(updates, key=_update_order):
+    """Merge every update of one call into its state: status only moves forward, empty never
+    overwrites known, and any permutation of the same updates (duplicates included) gives the
+    same state."""
+    state: dict[str, Any] = {
+        "raw_statuses": [],
+        "raw_status": None,
+        "properties": set(),
+        "recordings": {},
+        "updates": len(updates),
+    }
+    for change in sorted(updates, key=update_order):
         status = change.get("status")
-        if status:
-            if status in STATUS_RANK:
-                state["status"] = status
-            elif status not in state["raw_statuses"]:
+        if status in STATUS_RANK:
+            state["status"] = status
+        elif status:
+            # Unknown provider statuses are kept, never a reason to drop the call.
+            state["raw_status"] = status
+            if status not in state["raw_statuses"]:
                 state["raw_statuses"].append(status)
         for name in MERGED_FIELDS:
             value = change.get(name)
             if value not in (None, "", []):
                 state[name] = value
+        for name in TIME_FIELDS:
+            value = change.get(name)
+            if not value:
+                continue
+            if _has_offset(state.get(name)) and not _has_offset(value):
+                continue  # the time with an offset is the more complete one
+            state[name] = value
         state["properties"] |= set(change.get("properties") or [])
         if isinstance(change.get("sequence"), int):
             state["sequence"] = max(state.get("sequence", -1), change["sequence"])
+        recording = change.get("recording")
+        if isinstance(recording, dict) and recording.get("url"):
+            state["recordings"][recording["url"]] = {
+                k: recording.get(k) for k in ("url", "filename", "media_type")
+            }
     state["raw_statuses"].sort()
     state["properties"] = sorted(state["properties"])
+    state["recordings"] = [state["recordings"][url] for url in sorted(state["recordings"])]
     return state
+
+
+def _has_offset(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def _parse_time(
@@ -177,9 +270,13 @@ def _parse_time(
     return aware(datetime.fromisoformat(value), ctx.settings.zone, notes, label)
 
 
+# -- the event ------------------------------------------------------------------------------------
+
+
 def apply_call_state(
     session: Session, ctx: StageContext, event: CrmEvent, state: dict[str, Any], notes: list[str]
 ) -> None:
+    """Write the folded state to the event: times, status, parties, seller, classification."""
     settings = ctx.settings
     started = _parse_time(state.get("started_at"), ctx, notes, "started_at")
     answered = _parse_time(state.get("answered_at"), ctx, notes, "answered_at")
@@ -187,17 +284,27 @@ def apply_call_state(
     duration = state.get("duration_s")
     if duration is None and answered and ended and ended >= answered:
         duration = int((ended - answered).total_seconds())
-    direction = state.get("direction")
-    status = state.get("status") or (state["raw_statuses"][-1] if state["raw_statuses"] else None)
+    status = state.get("status") or state.get("raw_status")
 
+    from_raw, to_raw = state.get("from"), state.get("to")
+    direction = state.get("direction")
+    if direction is None:
+        direction = _infer_direction(session, from_raw, to_raw, settings, notes)
     # Who is outside (the customer side) and who is inside (staff)?
-    external_raw = state.get("to") if direction == "outbound" else state.get("from")
-    internal_raw = state.get("from") if direction == "outbound" else state.get("to")
+    external_raw = to_raw if direction == "outbound" else from_raw
+    internal_raw = from_raw if direction == "outbound" else to_raw
     agent = find_staff(session, state.get("agent"), settings)
     internal_staff = find_staff(session, internal_raw, settings)
-    match = PartyMatch()
-    if is_internal_number(session, external_raw, settings):
-        match.notes.append(f"{external_raw} is our own number or a staff member: not a customer")
+    external_staff: Staff | None = None
+    if not external_raw:
+        match = PartyMatch(notes=["the call's updates give no outside number"])
+    elif is_internal_number(session, external_raw, settings):
+        # Extensions, our own numbers and staff phones are never customers or leads.
+        match = PartyMatch(
+            state="internal",
+            notes=[f"{external_raw} is our own number, an extension or a staff phone: internal"],
+        )
+        external_staff = find_staff(session, external_raw, settings)
     else:
         match = match_phone(session, external_raw, settings)
     if customer := customer_by_number(session, state.get("customer_number")):
@@ -212,11 +319,11 @@ def apply_call_state(
     seller = agent or internal_staff
     seller_id = seller.id if seller else None
     if seller_id is None and match.customer_id is not None:
-        seller_id = session.scalar(
-            select(Customer.seller_id).where(Customer.id == match.customer_id)
-        )
+        seller_id = responsible_seller_id(session, match.customer_id)
         if seller_id is not None:
             match.notes.append("no staff member handled it: assigned to the customer's seller")
+    if seller_id is None and external_staff is not None:
+        seller_id = external_staff.id
 
     classification = classify(
         session,
@@ -231,12 +338,13 @@ def apply_call_state(
     if state["raw_statuses"]:
         notes.append("provider statuses kept raw: " + ", ".join(state["raw_statuses"]))
 
-    event.occurred_at = started or answered or ended or event.occurred_at
+    talk_start = ended - timedelta(seconds=duration) if ended and duration is not None else None
+    event.occurred_at = started or answered or talk_start or ended or event.occurred_at
     event.ended_at = ended
     event.duration_s = duration
     event.direction = direction
     event.status = status
-    event.subject = _subject(direction, external_raw, status)
+    event.subject = _subject(direction, external_raw, status, internal=match.state == "internal")
     event.body = state.get("note") or ""
     event.category_code = classification.category
     event.class_code = classification.class_code
@@ -251,9 +359,11 @@ def apply_call_state(
         event.seller_id = seller_id
     event.details = {
         **event.details,
-        "from": state.get("from"),
-        "to": state.get("to"),
+        "from": from_raw,
+        "to": to_raw,
         "agent": state.get("agent"),
+        "outside_number": normalise_phone(external_raw, settings.phone_region),
+        "contact_ids": [event.contact_id] if event.contact_id else [],
         "answered_at": answered.isoformat() if answered else None,
         "raw_statuses": state["raw_statuses"],
         "updates": state["updates"],
@@ -261,54 +371,205 @@ def apply_call_state(
     }
     session.flush()
     set_properties(session, event, classification.properties)
-    add_participants(session, event, [agent.id if agent else None, event.seller_id])
-    _follow_up(session, event)
+    # Remembered for the automatic re-link when a contact later gains the number, and for the
+    # lead rule (tasks.relink, tasks.leads); our own numbers are never keys.
+    record_party_keys(
+        session,
+        settings,
+        event,
+        phones=[external_raw] if match.state != "internal" else [],
+        customer_numbers=[state.get("customer_number")],
+    )
+    apply_lead_rule(session, ctx, event, requested_category=state.get("category"))
+    add_participants(
+        session,
+        event,
+        [
+            agent.id if agent else None,
+            internal_staff.id if internal_staff else None,
+            external_staff.id if external_staff else None,
+            event.seller_id,
+        ],
+    )
+    reconcile_follow_ups(session, event)
 
 
-def _subject(direction: str | None, number: str | None, status: str | None) -> str:
+def _infer_direction(
+    session: Session, from_raw: str | None, to_raw: str | None, settings: Any, notes: list[str]
+) -> str | None:
+    """A call without a direction: from our side to an outside number goes out, else in."""
+    from_ours = is_internal_number(session, from_raw, settings)
+    to_ours = is_internal_number(session, to_raw, settings)
+    if from_ours and to_raw and not to_ours:
+        notes.append("no direction given: outbound (from our side to an outside number)")
+        return "outbound"
+    if from_raw and not from_ours:
+        notes.append("no direction given: inbound (from an outside number)")
+        return "inbound"
+    return None
+
+
+def _subject(direction: str | None, number: str | None, status: str | None, internal: bool) -> str:
     label = {"inbound": "Inbound call", "outbound": "Outbound call"}.get(direction or "", "Call")
+    if internal:
+        label = "Internal call"
     parts = [label]
     if number:
-        parts.append(("from " if direction == "inbound" else "to ") + number)
+        parts.append(("to " if direction == "outbound" else "from ") + number)
     if status:
         parts.append(f"({status})")
     return " ".join(parts)
 
 
-def _follow_up(session: Session, event: CrmEvent) -> None:
-    """Missed inbound call from a known customer: open a follow-up; a later contact closes it."""
-    if event.customer_id is None:
-        return
-    if event.direction == "inbound" and event.status in MISSED_STATUSES:
-        if session.scalar(select(FollowUp.id).where(FollowUp.event_id == event.id)) is None:
-            seller_id = session.scalar(
-                select(Customer.seller_id).where(Customer.id == event.customer_id)
-            )
-            session.add(
-                FollowUp(
-                    event_id=event.id,
-                    seller_id=seller_id or event.seller_id,
-                    customer_id=event.customer_id,
-                    reason=f"missed call: call back ({event.subject})",
+# -- follow-ups -----------------------------------------------------------------------------------
+
+
+def is_missed_inbound(event: CrmEvent) -> bool:
+    return (
+        event.direction == "inbound"
+        and event.status in MISSED_STATUSES
+        and event.customer_id is not None
+        and event.link_state != "internal"
+    )
+
+
+def reaches_customer(event: CrmEvent) -> bool:
+    """A call that reached the customer: an answered inbound call or any outbound call."""
+    return event.source_kind == "call" and (
+        event.direction == "outbound"
+        or (event.direction == "inbound" and event.status in ANSWERED_STATUSES)
+    )
+
+
+def _reaches_customer_sql(table: Any) -> Any:
+    return (table.source_kind == "call") & or_(
+        table.direction == "outbound",
+        (table.direction == "inbound") & table.status.in_(ANSWERED_STATUSES),
+    )
+
+
+def reconcile_follow_ups(session: Session, event: CrmEvent) -> None:
+    """Open, close or withdraw follow-ups so that they match the calls as stored now.
+
+    A missed inbound call from a known customer has a follow-up for the customer's seller. It is
+    closed by the first later call that reached the customer: an answered inbound call or an
+    outbound call to them ("later" by when the calls happened, not when their updates arrived:
+    a callback made before the missed call does not close it). When further updates show that
+    the call was not missed after all, its follow-up is withdrawn.
+
+    The follow-ups of one customer are serialised by a transaction-level advisory lock taken
+    before they are read, so a missed call and its callback processed at the same moment by two
+    workers cannot miss each other.
+    """
+    session.flush()
+    missed = is_missed_inbound(event)
+    closer = reaches_customer(event) and event.customer_id is not None
+    involved = session.scalars(
+        select(FollowUp.customer_id).where(
+            or_(FollowUp.event_id == event.id, FollowUp.closed_by_event_id == event.id)
+        )
+    ).all()
+    if not (missed or closer or involved):
+        return  # most updates: nothing to open, close or withdraw
+    customers = sorted({c for c in (event.customer_id, *involved) if c is not None})
+    for customer_id in customers:
+        _lock_customer(session, customer_id)
+    wanted = [
+        FollowUp.state == "open",
+        FollowUp.event_id == event.id,
+        FollowUp.closed_by_event_id == event.id,
+    ]
+    if closer:
+        # A callback that arrives late but happened before the one that closed a follow-up
+        # becomes the one that closed it.
+        wanted.append(
+            FollowUp.event_id.in_(
+                select(CrmEvent.id).where(
+                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at < event.occurred_at
                 )
             )
-    elif event.status == "completed" or event.direction == "outbound":
-        session.execute(
-            update(FollowUp)
-            .where(
-                FollowUp.customer_id == event.customer_id,
-                FollowUp.state == "open",
-                FollowUp.created_at <= utcnow(),
-                FollowUp.event_id != event.id,
-                FollowUp.event_id.in_(
-                    select(CrmEvent.id).where(CrmEvent.occurred_at <= event.occurred_at)
-                ),
+            & FollowUp.closed_by_event_id.in_(
+                select(CrmEvent.id).where(
+                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at > event.occurred_at
+                )
             )
-            .values(state="closed", closed_at=utcnow(), closed_by_event_id=event.id)
+        )
+    affected = list(
+        session.scalars(
+            select(FollowUp)
+            .where(FollowUp.customer_id.in_(customers) | (FollowUp.event_id == event.id))
+            .where(or_(*wanted))
+            .order_by(FollowUp.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+    own = next((f for f in affected if f.event_id == event.id), None)
+    if missed:
+        seller_id = responsible_seller_id(session, event.customer_id)
+        if own is None:
+            own = FollowUp(event_id=event.id, state="open")
+            session.add(own)
+            affected.append(own)
+        own.seller_id = seller_id or event.seller_id
+        own.customer_id = event.customer_id
+        own.reason = f"missed call: call back ({event.subject})"
+        session.flush()
+    elif own is not None:
+        affected.remove(own)
+        session.delete(own)
+        session.flush()
+    for follow_up in affected:
+        _settle(session, follow_up)
+
+
+def _settle(session: Session, follow_up: FollowUp) -> None:
+    """Closed by the first call after the missed one that reached the customer, else open."""
+    missed = session.get(CrmEvent, follow_up.event_id)
+    if missed is None:
+        return
+    closer = session.scalar(
+        select(CrmEvent.id)
+        .where(
+            CrmEvent.customer_id == follow_up.customer_id,
+            CrmEvent.id != missed.id,
+            CrmEvent.occurred_at > missed.occurred_at,
+            _reaches_customer_sql(CrmEvent),
+        )
+        .order_by(CrmEvent.occurred_at, CrmEvent.id)
+        .limit(1)
+    )
+    if closer is None:
+        follow_up.state, follow_up.closed_at, follow_up.closed_by_event_id = "open", None, None
+    elif follow_up.closed_by_event_id != closer or follow_up.state != "closed":
+        follow_up.state, follow_up.closed_at, follow_up.closed_by_event_id = (
+            "closed",
+            utcnow(),
+            closer,
         )
 
 
-@shared_task(name="crm.ingest.call", base=CrmTask, bind=True)
-def ingest_call_task(self: CrmTask, message: Any) -> str:
+def _lock_customer(session: Session, customer_id: int) -> None:
+    """Serialise follow-up bookkeeping of one customer (SQLite serialises every writer)."""
+    if is_postgresql(session):
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+            {"ns": FOLLOW_UP_LOCK_NAMESPACE, "key": customer_id},
+        )
+
+
+# -- the task -------------------------------------------------------------------------------------
+
+
+class CallTask(CrmTask):
+    """The call task: after the commit, also requests the fetch of new recording URLs."""
+
+    def after_commit(self, result: StageResult) -> None:
+        super().after_commit(result)
+        if isinstance(result, CallStageResult) and result.recordings_to_fetch:
+            enqueue_recording_fetches(self.app, result.recordings_to_fetch)
+
+
+@shared_task(name="crm.ingest.call", base=CallTask, bind=True)
+def ingest_call_task(self: CallTask, message: Any) -> str:
     """crm.ingest.call: one call status update (DESIGN §5)."""
     return self.run_ingest(ingest_call, message)

@@ -3,30 +3,44 @@
 Who is who: a staff member forwarding a customer's email is the seller and the original sender
 is the customer side (the original's date is the event time, the forwarder's text the memo); a
 staff sender (BCC, the CRM address only in the envelope) is the seller and the recipients are
-the customer side; otherwise the sender is the customer side.
+the customer side; otherwise the sender is the customer side. Auto-replies, delivery reports,
+bounces and senders over the mail-loop limit are rejected with the reason, never stored.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nh3
 from celery import shared_task
-from sqlalchemy import select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from models.base import utcnow
+from models.db import upsert_insert
+from models.documents import DocumentBlob
 from models.events import CrmEvent
-from models.parties import Customer
+from models.ledger import InboundMessage
+from models.mail import EmailSenderWindow
 from models.schemas.common import load_message
 from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
 from tasks.errors import BadInput
-from tasks.ingest.email_parse import ParsedEmail, parse_email, raw_hash
+from tasks.ingest.email_parse import (
+    Attachment,
+    ParsedEmail,
+    ParseLimits,
+    decode_text,
+    parse_email,
+    raw_hash,
+)
+from tasks.leads import apply_lead_rule
 from tasks.match import customer_by_number, find_staff, match_addresses
 from tasks.periods import aware
 from tasks.store import (
@@ -34,6 +48,8 @@ from tasks.store import (
     add_participants,
     lock_event,
     record_inbound,
+    record_party_keys,
+    responsible_seller_id,
     set_properties,
     tally_keys,
     touch_tallies,
@@ -49,36 +65,38 @@ CUSTOMER_NUMBER = re.compile(
 #: Emails are one event per Message-ID whichever gateway or mailbox delivered them.
 EMAIL_SOURCE_SYSTEM = "email"
 
+#: Attachments that a browser would render as a page: stored sanitised, never as sent.
+HTML_TYPES = {"text/html", "application/xhtml+xml"}
+
 
 def crm_tag(address: str, settings: Settings) -> str | None:
     """``crm+visit@x`` -> ``visit`` when ``crm@x`` is a CRM address; ``""`` for ``crm@x``."""
-    local, _, domain = address.lower().partition("@")
+    local, _, domain = address.strip().lower().partition("@")
     base, plus, tag = local.partition("+")
     if f"{base}@{domain}" not in settings.crm_addresses:
         return None
     return tag if plus else ""
 
 
+def parse_limits(settings: Settings) -> ParseLimits:
+    return ParseLimits(max_parts=settings.email_max_parts, max_depth=settings.email_max_depth)
+
+
 def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResult:
     message = load_message(EmailMessageSchema(), payload, SCHEMA)
     settings = ctx.settings
-    if message.get("raw_ref"):
-        raw = read_blob(session, settings, message["raw_ref"])
-        if raw is None:
-            raise BadInput(f"raw_ref {message['raw_ref']} is not a stored document")
-    else:
-        raw = message["raw_b64"]
-    if len(raw) > settings.max_email_bytes:
-        raise BadInput(
-            f"email of {len(raw)} bytes is over the {settings.max_email_bytes}-byte limit"
-        )
+    raw = _raw_bytes(session, settings, message)
     digest = raw_hash(raw)
-    parsed = parse_email(raw, settings.zone)
+    parsed = parse_email(raw, settings.zone, parse_limits(settings))
     message["received_at"] = aware(
         message.get("received_at"), settings.zone, parsed.notes, "received_at"
     )
     if parsed.auto_reply:
         raise BadInput(parsed.auto_reply, {"headers": [parsed.auto_reply]})
+    if message.get("mail_from") == "":
+        # RFC 5321 §4.5.5 and RFC 3834: bounces and automatic notices use the null sender.
+        reason = "null envelope sender (<>): a bounce or an automatic notice, not a memo"
+        raise BadInput(reason, {"mail_from": [reason]})
     message_id = parsed.message_id or f"sha256:{digest}"
 
     ledger_payload = {k: v for k, v in payload.items() if k != "raw_b64"} | {"raw_sha256": digest}
@@ -92,7 +110,12 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         payload=ledger_payload,
     )
     if inbound is None:
-        return StageResult("duplicate", detail="these exact bytes were already accepted")
+        first = session.scalar(
+            select(InboundMessage.event_id).where(
+                InboundMessage.idempotency_key == f"email:{digest}"
+            )
+        )
+        return StageResult("duplicate", first, "these exact bytes were already accepted")
 
     event, created = lock_event(
         session,
@@ -111,6 +134,9 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         # The same email through a second mailbox or gateway: one event, nothing counted twice.
         return StageResult("duplicate", event.id, "an event for this Message-ID exists")
 
+    sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
+    check_sender_limit(session, settings, sender)
+
     notes = list(parsed.notes)
     if not parsed.message_id:
         notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
@@ -127,15 +153,7 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
     )
     for item in _all_attachments(parsed):
-        attach(
-            session,
-            settings,
-            event.id,
-            content=item.content,
-            filename=item.filename,
-            declared_type=item.content_type,
-            role="attachment",
-        )
+        attach_email_file(session, settings, event.id, item)
     session.flush()
     return StageResult(
         "stored",
@@ -145,10 +163,146 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     )
 
 
-def _all_attachments(parsed: ParsedEmail) -> Iterable[Any]:
+def _raw_bytes(session: Session, settings: Settings, message: dict[str, Any]) -> bytes:
+    """The raw email: inline, or the document our SMTP gateway stored (checked before read)."""
+    if not message.get("raw_ref"):
+        raw: bytes = message["raw_b64"]
+        size = len(raw)
+    else:
+        stored_size = session.scalar(
+            select(DocumentBlob.size).where(DocumentBlob.sha256 == message["raw_ref"])
+        )
+        if stored_size is None:
+            raise BadInput(f"raw_ref {message['raw_ref']} is not a stored document")
+        size = stored_size
+    if size > settings.max_email_bytes:
+        raise BadInput(f"email of {size} bytes is over the {settings.max_email_bytes}-byte limit")
+    if message.get("raw_ref"):
+        stored = _read_stored(session, settings, message["raw_ref"], size)
+        if stored is None:
+            raise BadInput(f"raw_ref {message['raw_ref']} is not a stored document")
+        raw = stored
+    return raw
+
+
+#: A raw email kept in the database is read in slices of this size: one query for the whole
+#: value would hold it several times over (the driver's text form is twice the bytes).
+READ_CHUNK = 1024 * 1024
+
+
+def _read_stored(session: Session, settings: Settings, digest: str, size: int) -> bytes | None:
+    blob = session.get(DocumentBlob, digest)
+    if blob is None or blob.stored_in != "database" or size <= READ_CHUNK:
+        return read_blob(session, settings, digest)
+    chunks = []
+    for offset in range(0, size, READ_CHUNK):
+        chunk = session.scalar(
+            select(func.substr(DocumentBlob.content, offset + 1, READ_CHUNK)).where(
+                DocumentBlob.sha256 == digest
+            )
+        )
+        if chunk is None:
+            return None
+        chunks.append(bytes(chunk))
+    return b"".join(chunks)
+
+
+def check_sender_limit(session: Session, settings: Settings, sender: str) -> None:
+    """Count the email against its sender's window; over the limit it is a mail loop.
+
+    The count lives in the database (an upsert that row-locks the sender's window), so the
+    limit holds across worker processes. A rejected email rolls its increment back with the
+    rest of the transaction: the window counts accepted emails only.
+    """
+    limit, window = settings.email_sender_limit, settings.email_sender_window_s
+    if limit <= 0 or not sender:
+        return
+    now = utcnow()
+    start = datetime.fromtimestamp(int(now.timestamp()) // window * window, UTC)
+    table = EmailSenderWindow.__table__
+    statement = (
+        upsert_insert(session, table)
+        .values(sender=sender[:320], window_start=start, count=1)
+        .on_conflict_do_update(
+            index_elements=["sender", "window_start"], set_={"count": table.c.count + 1}
+        )
+        .returning(table.c.count)
+    )
+    count = session.execute(statement).scalar_one()
+    if count == 1:
+        # A sender's first email in a window clears the windows that can never count again
+        # (once per sender and window, not per email).
+        session.execute(
+            delete(EmailSenderWindow).where(
+                EmailSenderWindow.window_start < start - timedelta(seconds=window)
+            )
+        )
+    if count > limit:
+        reason = (
+            f"mail loop suspected: {sender} sent more than {limit} emails to the CRM address"
+            f" within {window} s"
+        )
+        raise BadInput(reason, {"from": [reason]})
+
+
+def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:
     yield from parsed.attachments
-    if parsed.forwarded is not None:
-        yield from _all_attachments(parsed.forwarded)
+    for inner in [parsed.forwarded, *parsed.other_messages]:
+        if inner is not None:
+            yield from _all_attachments(inner)
+
+
+def attach_email_file(
+    session: Session, settings: Settings, event_id: int, item: Attachment
+) -> None:
+    content, note = item.content, ""
+    if item.content_type in HTML_TYPES and len(content) <= settings.max_attachment_bytes:
+        # A browser would run the sender's scripts and fetch tracking pixels: keep the page
+        # readable, drop the active parts. The original stays in the raw message.
+        content = nh3.clean(decode_text(content, None, [])).encode("utf-8")
+        note = "HTML sanitised (scripts, styles and event handlers removed)"
+    attach(
+        session,
+        settings,
+        event_id,
+        content=content,
+        filename=item.filename,
+        declared_type=item.content_type,
+        role="attachment",
+        note=note,
+    )
+
+
+def thread_key(session: Session, candidates: list[str], own_ids: list[str]) -> str | None:
+    """The conversation's key: that of the earliest referenced email we hold, else the
+    earliest reference, else the email's own Message-ID (RFC 5322 §3.6.4).
+
+    Replies that arrived before the email they answer were keyed by its Message-ID; they are
+    moved to the conversation's key here, so the thread is one however the mail arrived.
+    """
+    key = None
+    if candidates:
+        rows = session.execute(
+            select(CrmEvent.source_id, CrmEvent.thread_key).where(
+                CrmEvent.source_kind == "email",
+                or_(CrmEvent.source_id.in_(candidates), CrmEvent.thread_key.in_(candidates)),
+            )
+        ).all()
+        known: dict[str, str] = {}
+        for source_id, key_of_row in rows:
+            if key_of_row:
+                known.setdefault(source_id, key_of_row)
+                known.setdefault(key_of_row, key_of_row)
+        key = next((known[c] for c in candidates if c in known), candidates[0])
+    key = key or next(iter(own_ids), None)
+    moved = [i for i in own_ids if i and i != key]
+    if key and moved:
+        session.execute(
+            update(CrmEvent)
+            .where(CrmEvent.source_kind == "email", CrmEvent.thread_key.in_(moved))
+            .values(thread_key=key)
+        )
+    return key
 
 
 def apply_email(
@@ -171,13 +325,21 @@ def apply_email(
     original = parsed.forwarded
     staff_ids = {sender_staff.id} if sender_staff else set()
     if original is not None and sender_staff is not None:
+        # A forward of a colleague's forward: the customer is at the end of the chain.
+        while original.forwarded is not None and original.from_:
+            colleague = find_staff(session, original.from_[1], settings)
+            if colleague is None:
+                break
+            staff_ids.add(colleague.id)
+            original = original.forwarded
         outside = [original.from_[1]] if original.from_ else []
         outside += [a for _, a in original.to + original.cc]
         occurred = original.date or parsed.date
         subject = original.subject or parsed.subject
         memo = parsed.forward_memo
         body = "\n\n".join(p for p in (memo, original.text) if p)
-        thread = original.thread_root or parsed.thread_root
+        candidates = original.thread_candidates + parsed.thread_candidates
+        own_ids = [i for i in (original.message_id, parsed.message_id) if i]
         how = f"forwarded by {sender_staff.username}"
     else:
         outside = recipients if sender_staff is not None else [sender]
@@ -186,8 +348,13 @@ def apply_email(
         subject = parsed.subject
         memo = ""
         body = parsed.text
-        thread = parsed.thread_root
+        candidates = parsed.thread_candidates
+        own_ids = [parsed.message_id] if parsed.message_id else []
         how = "sent by staff" if sender_staff is not None else "sent by the customer side"
+        if original is not None and not parsed.forwarded_inline:
+            body = "\n\n".join(p for p in (body, _quoted(original)) if p)
+    for other in parsed.other_messages:
+        body = "\n\n".join(p for p in (body, _quoted(other)) if p)
 
     customer_side = []
     for address in outside:
@@ -201,7 +368,7 @@ def apply_email(
     match = match_addresses(session, customer_side, settings)
     if match.customer_id is None:
         # A staff memo to the CRM address names the customer in its text ("Asiakas: 10001").
-        for number in CUSTOMER_NUMBER.findall(f"{subject}\n{memo or body}"):
+        for number in CUSTOMER_NUMBER.findall(f"{subject}\n{memo or body}"[:100_000]):
             customer = customer_by_number(session, number)
             if customer is not None:
                 match.customer_id, match.state = customer.id, "linked"
@@ -213,9 +380,7 @@ def apply_email(
         others = [s for s in staff_ids if s is not None]
         seller_id = min(others) if others else None
     if seller_id is None and match.customer_id is not None:
-        seller_id = session.scalar(
-            select(Customer.seller_id).where(Customer.id == match.customer_id)
-        )
+        seller_id = responsible_seller_id(session, match.customer_id)
         match.notes.append("no staff member involved: assigned to the customer's seller")
 
     classification = classify(
@@ -234,7 +399,7 @@ def apply_email(
     event.body = body
     event.direction = "outbound" if sender_staff is not None and original is None else "inbound"
     event.status = "received"
-    event.thread_key = thread
+    event.thread_key = thread_key(session, candidates, own_ids)
     event.category_code = classification.category
     event.class_code = classification.class_code
     event.type_code = classification.type_code
@@ -253,10 +418,15 @@ def apply_email(
         "contact_ids": [c for c in [match.contact_id, *match.other_contact_ids] if c],
         "message_id": parsed.message_id,
         "original_message_id": original.message_id if original else None,
+        "parse_notes": parsed.notes,
     }
     session.flush()
     set_properties(session, event, classification.properties)
     add_participants(session, event, [*staff_ids, seller_id])
+    # Master data (docs/master-data.md): remembered for the automatic re-link when a contact or
+    # customer later gains one of these addresses or domains; then the unknown-party lead rule.
+    record_party_keys(session, settings, event, addresses=customer_side)
+    apply_lead_rule(session, ctx, event)
     if memo:
         attach(
             session,
@@ -267,6 +437,14 @@ def apply_email(
             declared_type="text/plain",
             role="memo",
         )
+
+
+def _quoted(inner: ParsedEmail) -> str:
+    """An attached email as text under a one-line heading (who, when, what)."""
+    who = inner.from_[1] if inner.from_ else "unknown sender"
+    when = inner.date.isoformat() if inner.date else "no date"
+    heading = f"---------- {who} · {when} · {inner.subject or '(no subject)'}"
+    return "\n".join(p for p in (heading, inner.text) if p)
 
 
 @shared_task(name="crm.ingest.email", base=CrmTask, bind=True)

@@ -79,10 +79,10 @@ def test_rejections_have_reasons(demo_dir: Path) -> None:
 def test_seller_view_counts_equal_lists_and_progress_has_targets(demo_dir: Path) -> None:
     cards = run_json(demo_dir, "seller-view", "anna")
     assert [c["card"] for c in cards] == [
-        "CRM-tapahtuma",
-        "Liidi",
-        "Myyntitoimenpide",
-        "Asiakaskäynti",
+        "CRM-tapahtumat",
+        "Liidit",
+        "Myyntitoimenpiteet",
+        "Asiakaskäynnit",
     ]
     for card in cards:
         assert card["count_week"] == sum(e["in_week"] for e in card["events"])

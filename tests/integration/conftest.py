@@ -23,6 +23,7 @@ from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery
 from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
+from tests.smtp_sink import SmtpSink
 from workers.app import create_app
 from workers.publish import wait_for
 from workers.queues import INGEST_TASKS, TASK_QUEUES
@@ -84,8 +85,19 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real SMTP server on loopback, started before the worker so its port is in the env."""
+    sink = SmtpSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="session")
 def live(
-    tmp_path_factory: pytest.TempPathFactory, redis_client: redis.Redis, redis_database: str
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_client: redis.Redis,
+    redis_database: str,
+    smtp_sink: SmtpSink,
 ) -> Iterator[LiveSystem]:
     database = TemporaryDatabase("live")
     data_dir = tmp_path_factory.mktemp("live-var")
@@ -101,6 +113,7 @@ def live(
         if key != CLAIM_KEY.encode():
             redis_client.delete(key)
     env = service_env(settings)
+    env.update(CRM_SMTP_HOST=smtp_sink.host, CRM_SMTP_PORT=str(smtp_sink.port))
     log = data_dir / "worker.log"
     with open(log, "wb") as handle:
         worker = subprocess.Popen(

@@ -20,6 +20,7 @@ from models.schemas import (
     load_party_message,
 )
 from models.schemas.party import PARTY_SCHEMAS
+from models.schemas.target import TargetMessageSchema, load_target_message
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 MESSAGES_MD = (DOCS / "messages.md").read_text(encoding="utf-8")
@@ -31,11 +32,13 @@ LOADERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "crm.email": lambda m: load_message(EmailMessageSchema(), m, "crm.email/1"),
     "crm.visit": lambda m: load_message(VisitMessageSchema(), m, "crm.visit/1"),
     "crm.party": load_party_message,
+    "crm.target": load_target_message,
 }
 JSON_SCHEMAS = {
     "crm.call-1.schema.json": CallMessageSchema,
     "crm.email-1.schema.json": EmailMessageSchema,
     "crm.visit-1.schema.json": VisitMessageSchema,
+    "crm.target-1.schema.json": TargetMessageSchema,
 }
 
 

@@ -200,6 +200,7 @@ def test_same_email_twice_is_one_event(world: Session, ctx: StageContext) -> Non
     first = ingest_email(world, ctx, message)
     second = ingest_email(world, ctx, message)
     assert (first.outcome, second.outcome) == ("stored", "duplicate")
+    assert second.event_id == first.event_id  # the outcome points at the one event
     assert email_count(world) == 1
 
 

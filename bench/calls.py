@@ -1,0 +1,270 @@
+"""Call status updates per second, end to end through a real worker, against a no-op task.
+
+Measures, in the same run and on the same broker, database and settings:
+
+* calls: N calls of four ``crm.ingest.call`` updates each (ringing, answered, completed, and the
+  completed update once more, as a webhook retry does), published round by round as a PBX
+  with many calls in progress sends them (every call's ringing, then every call's answer, …),
+  all from one sample contact. The clock runs from the first publish until every update has
+  its ``delivery`` row and the sellers' tallies are refreshed (``tally_touch`` and
+  ``refresh_request`` empty). Reported as updates/s.
+* no-op: N×4 ``bench.noop`` tasks (bench/noop_worker.py: the same Celery app and delivery
+  settings, a task that only increments a Redis counter). Reported as tasks/s.
+
+Runs alternate; the medians and their ratio are printed, and every run is checked: exactly N
+events, all completed, every update stored or a duplicate. The throw-away world (a scratch
+PostgreSQL database, a Redis database index, ``crm-events worker --concurrency 2`` and the no-op
+worker) comes from bench/pipeline.py's helpers.
+
+    .venv/bin/python bench/calls.py --calls 500 --repeats 3
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+# bench/ holds scripts named like standard modules (email.py): keep it off the import path,
+# before anything else is imported, and load the helpers by their path.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR)]
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import datetime, timedelta  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+def _load_helpers() -> Any:
+    """bench/pipeline.py: the throw-away world, workers and the no-op measurement."""
+    name = "crm_bench_pipeline"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "pipeline.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+helpers = _load_helpers()
+
+UPDATES_PER_CALL = 4
+
+
+@dataclass
+class Run:
+    kind: str
+    n: int
+    elapsed_s: float
+    stored_s: float | None = None
+    detail: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed_s
+
+
+def call_updates(call_id: str, started: datetime) -> list[dict[str, Any]]:
+    base = {
+        "schema": "crm.call/1",
+        "source_system": "pbx-bench",
+        "call_id": call_id,
+        "direction": "inbound",
+        "from": helpers.CONTACT_NUMBER,
+        "to": helpers.SWITCHBOARD,
+        "agent": helpers.AGENT,
+    }
+    answered = started + timedelta(seconds=7)
+    ended = answered + timedelta(seconds=240)
+    completed = {
+        **base,
+        "sequence": 3,
+        "status": "completed",
+        "started_at": started.isoformat(timespec="seconds"),
+        "answered_at": answered.isoformat(timespec="seconds"),
+        "ended_at": ended.isoformat(timespec="seconds"),
+        "duration_s": 240,
+        "note": "Kysyi huoltosopimuksen jatkamisesta.",
+    }
+    return [
+        {**base, "sequence": 1, "status": "ringing", "started_at": started.isoformat()},
+        {**base, "sequence": 2, "status": "answered", "answered_at": answered.isoformat()},
+        completed,
+        completed,  # the provider's retry of the last callback: a duplicate
+    ]
+
+
+def run_calls(world: Any, run_id: str, tag: str, calls: int, timeout: float) -> Run:
+    from sqlalchemy import text
+
+    zone = world.app.conf.crm_settings.zone
+    monday, span = helpers.week_so_far(zone)
+    prefix = f"bench-{run_id}-{tag}-"
+    per_call = [
+        call_updates(f"{prefix}{i:06d}", monday + span * ((i + 0.5) / calls)) for i in range(calls)
+    ]
+    # As a PBX sends them: a call's updates are seconds or minutes apart, so the queue holds
+    # the updates of many calls interleaved (round by round), not one call's back to back
+    # (that worst case is tests/integration/test_calls_parallel.py).
+    messages = [updates[k] for k in range(UPDATES_PER_CALL) for updates in per_call]
+    task_ids = [f"{prefix}{uuid.uuid4()}" for _ in messages]
+    worker = next(w for w in world.workers if w.label == "pipeline")
+    log_offset = worker.log_path.stat().st_size
+    poll = text(helpers.POLL_PIPELINE)
+    with world.engine.connect() as connection:
+        start = time.perf_counter()
+        for message, task_id in zip(messages, task_ids, strict=True):
+            world.app.send_task(
+                "crm.ingest.call", args=[message], queue="crm.ingest.call", task_id=task_id
+            )
+        stored = None
+        while True:
+            done, touches, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
+            now = time.perf_counter() - start
+            if done >= len(messages) and stored is None:
+                stored = now
+            if done >= len(messages) and touches == 0 and requests == 0:
+                break
+            if now > timeout:
+                raise helpers.BenchError(
+                    f"calls run {tag}: after {timeout:.0f} s only {done}/{len(messages)} updates"
+                )
+            helpers.check_alive(world)
+            time.sleep(helpers.POLL_INTERVAL_S)
+        outcomes = dict(
+            connection.execute(
+                text(
+                    "SELECT outcome, count(*) FROM delivery WHERE task_id LIKE :prefix "
+                    "GROUP BY outcome"
+                ),
+                {"prefix": prefix + "%"},
+            ).all()
+        )
+        events = dict(
+            connection.execute(
+                text(
+                    "SELECT status, count(*) FROM crm_event WHERE source_id LIKE :prefix "
+                    "GROUP BY status"
+                ),
+                {"prefix": prefix + "%"},
+            ).all()
+        )
+    expected = {"stored": calls * 3, "duplicate": calls}
+    if outcomes != expected or events != {"completed": calls}:
+        raise helpers.BenchError(f"calls run {tag}: outcomes {outcomes}, events {events}")
+    # With --log-level INFO the worker logs every task's run time: where the time went.
+    times = helpers.task_times(worker, log_offset, None)
+    detail = ""
+    for name in ("crm.ingest.call", "crm.refresh.seller"):
+        if times.get(name):
+            detail += (
+                f"; {len(times[name])} × {name} median "
+                f"{statistics.median(times[name]) * 1000:.0f} ms"
+            )
+    return Run("calls", len(messages), now, stored, detail)
+
+
+def run_noop(world: Any, run_id: str, tag: str, n: int, timeout: float) -> Run:
+    result = helpers.run_noop(world, run_id, tag, n, timeout)
+    return Run("no-op", n, result.elapsed_s)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500, help="calls per run (4 updates each)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=25, help="unmeasured calls first")
+    parser.add_argument("--redis-db", type=int, default=6, help="Redis database index (flushed!)")
+    parser.add_argument(
+        "--redis", default=os.environ.get("CRM_BENCH_REDIS_URL", helpers.DEFAULT_REDIS)
+    )
+    parser.add_argument(
+        "--database-server",
+        default=os.environ.get("CRM_BENCH_DATABASE_URL", helpers.DEFAULT_DATABASE_SERVER),
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the database and worker logs")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="of the workers; INFO also reports the task times",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.repeats < 1:
+        parser.error("--calls and --repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from sqlalchemy import create_engine
+
+    from config.settings import Settings
+
+    run_id = uuid.uuid4().hex[:8]
+    world = None
+    with helpers.sigterm_as_exit():
+        try:
+            world = helpers.new_world(args)
+            helpers.create_world(world, args)
+            env = helpers.worker_env(world, args.log_level)
+            helpers.init_db(world, env)
+            settings = Settings(
+                database_url=world.database_url,
+                broker_url=world.broker_url,
+                data_dir=world.data_dir,
+            )
+            world.app = helpers.noop_worker().create_noop_app(settings)
+            world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
+            helpers.start_worker(world, "pipeline", [helpers.crm_events_command(), "worker"], env)
+            noop = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
+            helpers.start_worker(world, "no-op", noop, env)
+            helpers.wait_ready(world)
+            helpers.load_parties(world, env)
+            if args.warmup:
+                run_calls(world, run_id, "w", args.warmup, args.timeout)
+                run_noop(world, run_id, "w", args.warmup * UPDATES_PER_CALL, args.timeout)
+            runs: list[Run] = []
+            for i in range(1, args.repeats + 1):
+                calls = run_calls(world, run_id, f"c{i}", args.calls, args.timeout)
+                noop_run = run_noop(world, run_id, f"n{i}", calls.n, args.timeout)
+                for run in (calls, noop_run):
+                    unit = "updates" if run.kind == "calls" else "tasks"
+                    extra = f", all stored at {run.stored_s:.2f} s" if run.stored_s else ""
+                    extra += run.detail
+                    print(
+                        f"run {i}/{args.repeats} {run.kind:6} {run.n} {unit} in "
+                        f"{run.elapsed_s:6.2f} s = {run.rate:6.0f} {unit}/s{extra}",
+                        flush=True,
+                    )
+                    runs.append(run)
+            calls_rate = statistics.median(r.rate for r in runs if r.kind == "calls")
+            noop_rate = statistics.median(r.rate for r in runs if r.kind == "no-op")
+            print()
+            print(
+                f"median of {args.repeats} run(s) of {args.calls} calls "
+                f"({args.calls * UPDATES_PER_CALL} updates):"
+            )
+            print(
+                f"  call updates {calls_rate:.0f}/s, no-op tasks {noop_rate:.0f}/s, "
+                f"ratio {calls_rate / noop_rate:.2f}"
+            )
+            return 0
+        except helpers.BenchError as exc:
+            helpers.log(f"bench failed: {exc}")
+            return 1
+        finally:
+            if world is not None:
+                helpers.destroy_world(world, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Adapters: Twilio status callbacks and Asterisk CDRs translated into ``crm.call/1`` messages.
+
+Pure functions, no database and no network: a provider's fields in, a ``crm.call/1`` dict out.
+The result goes through ``crm.ingest.call`` like any other call update (validated there with the
+call schema), so every format gets the same merging, matching and follow-ups.
+"""
+
+from __future__ import annotations
+
+import csv
+import email.utils
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import phonenumbers
+
+SCHEMA = "crm.call/1"
+
+
+class AdapterError(ValueError):
+    """The provider's data cannot be a call update (no call id, a malformed time, …)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- Twilio -------------------------------------------------------------------------------------
+
+#: Twilio ``CallStatus`` → our status. ``canceled`` (the caller hung up while it rang) and
+#: ``no-answer`` are both a call nobody answered.
+TWILIO_STATUSES = {
+    "queued": "ringing",
+    "initiated": "ringing",
+    "ringing": "ringing",
+    "in-progress": "answered",
+    "completed": "completed",
+    "busy": "busy",
+    "failed": "failed",
+    "no-answer": "missed",
+    "canceled": "missed",
+}
+#: Statuses of a child leg that say only that this one leg was not answered (another leg of the
+#: same call may have been): kept raw, so they never mark the whole call missed.
+TWILIO_UNANSWERED_LEG = {"busy", "failed", "no-answer", "canceled"}
+TWILIO_DIRECTIONS = {"inbound": "inbound", "outbound-api": "outbound", "outbound-dial": "outbound"}
+#: Which time a callback's ``Timestamp`` is, by our status.
+TIME_OF_STATUS = {
+    "ringing": "started_at",
+    "answered": "answered_at",
+    "completed": "ended_at",
+    "missed": "ended_at",
+    "busy": "ended_at",
+    "failed": "ended_at",
+}
+
+
+def twilio_to_call(
+    params: Mapping[str, str] | Iterable[tuple[str, str]], *, source_system: str = "twilio"
+) -> dict[str, Any]:
+    """One Twilio call status callback (its form fields) as a ``crm.call/1`` update.
+
+    A child leg (``ParentCallSid``, e.g. the ``<Dial>`` to an agent) merges into its parent call:
+    it gives its status, times, duration and the party it rang (as the agent), while the numbers
+    and direction of the call stay those of the parent. Its ``SequenceNumber`` counts that leg's
+    own callbacks, so it is not used to order it against the parent's.
+    """
+    fields = _single_values(params)
+    call_sid = fields.get("CallSid", "").strip()
+    if not call_sid:
+        raise AdapterError("a Twilio status callback needs CallSid")
+    parent = fields.get("ParentCallSid", "").strip()
+    raw_status = fields.get("CallStatus", "").strip().lower()
+    status: str | None = TWILIO_STATUSES.get(raw_status, raw_status or None)
+    message: dict[str, Any] = {
+        "schema": SCHEMA,
+        "source_system": source_system,
+        "call_id": parent or call_sid,
+    }
+    from_raw, to_raw = fields.get("From", "").strip(), fields.get("To", "").strip()
+    if parent:
+        if raw_status in TWILIO_UNANSWERED_LEG:
+            status = f"leg {raw_status}"
+        message["agent"] = _identity(to_raw) or to_raw or None
+    else:
+        message["direction"] = TWILIO_DIRECTIONS.get(fields.get("Direction", "").strip().lower())
+        message["from"] = _identity(from_raw) or from_raw or None
+        message["to"] = _identity(to_raw) or to_raw or None
+        # A browser or SIP client on our side is the staff member who handled the call.
+        agent = _identity(to_raw) if message["direction"] == "inbound" else _identity(from_raw)
+        if agent:
+            message["agent"] = agent
+        if (sequence := _non_negative_int(fields.get("SequenceNumber"))) is not None:
+            message["sequence"] = sequence
+    message["status"] = status
+    if status in TIME_OF_STATUS and (moment := _rfc2822(fields.get("Timestamp"))):
+        message[TIME_OF_STATUS[status]] = moment
+    if status == "completed" and (duration := _non_negative_int(fields.get("CallDuration"))):
+        message["duration_s"] = duration
+    recording = fields.get("RecordingUrl", "").strip()
+    if recording.lower().startswith(("http://", "https://")):
+        message["recording"] = {"url": recording}
+    return {k: v for k, v in message.items() if v is not None}
+
+
+def _single_values(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Form fields as a dict; of a field sent twice the first value counts."""
+    pairs = params.items() if isinstance(params, Mapping) else params
+    fields: dict[str, str] = {}
+    for key, value in pairs:
+        fields.setdefault(str(key), str(value))
+    return fields
+
+
+def _identity(value: str) -> str | None:
+    """``client:anna`` → ``anna``, ``sip:201@pbx.example.fi`` → ``201``; None for a number."""
+    lowered = value.lower()
+    if lowered.startswith("client:"):
+        return value[len("client:") :] or None
+    if lowered.startswith(("sip:", "sips:")):
+        user = value.split(":", 1)[1].split("@", 1)[0].split(";", 1)[0]
+        return user or None
+    return None
+
+
+def _non_negative_int(value: str | None) -> int | None:
+    text = (value or "").strip()
+    return int(text) if text.isdigit() and len(text) <= 9 else None
+
+
+def _rfc2822(value: str | None) -> str | None:
+    """Twilio's ``Timestamp`` (RFC 2822, ``Wed, 25 Nov 2026 08:30:01 +0000``) as ISO 8601."""
+    if not value:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # RFC 2822's "-0000": UTC with no claim about local time
+        return moment.isoformat() + "+00:00"
+    return moment.isoformat()
+
+
+# -- Asterisk -----------------------------------------------------------------------------------
+
+#: The columns of Asterisk's Master.csv (cdr_csv) in file order. ``uniqueid`` and ``userfield``
+#: are written with ``loguniqueid``/``loguserfield``; the last three with ``newcdrcolumns``.
+CDR_BASE_COLUMNS = (
+    "accountcode",
+    "src",
+    "dst",
+    "dcontext",
+    "clid",
+    "channel",
+    "dstchannel",
+    "lastapp",
+    "lastdata",
+    "start",
+    "answer",
+    "end",
+    "duration",
+    "billsec",
+    "disposition",
+    "amaflags",
+)
+#: Column layouts of a Master.csv without a header row, by the number of fields.
+CDR_LAYOUTS: dict[int, tuple[str, ...]] = {
+    16: CDR_BASE_COLUMNS,
+    17: (*CDR_BASE_COLUMNS, "uniqueid"),
+    18: (*CDR_BASE_COLUMNS, "uniqueid", "userfield"),
+    19: (*CDR_BASE_COLUMNS, "peeraccount", "linkedid", "sequence"),
+    20: (*CDR_BASE_COLUMNS, "uniqueid", "peeraccount", "linkedid", "sequence"),
+    21: (*CDR_BASE_COLUMNS, "uniqueid", "userfield", "peeraccount", "linkedid", "sequence"),
+}
+#: Asterisk's dispositions → our statuses. A CDR is written when the call has ended.
+DISPOSITIONS = {
+    "ANSWERED": "completed",
+    "NO ANSWER": "missed",
+    "BUSY": "busy",
+    "FAILED": "failed",
+    "CONGESTION": "failed",
+}
+#: Dialplan contexts that say which way a call went (FreePBX and common hand-written names).
+INBOUND_CONTEXT = re.compile(r"pstn|trunk|did|incoming|inbound|external", re.IGNORECASE)
+OUTBOUND_CONTEXT = re.compile(r"internal|outbound|outgoing", re.IGNORECASE)
+#: ``PJSIP/202-00000a2``, ``SIP/anna-0000001f``, ``Local/201@from-queue-…;1`` → the endpoint.
+CHANNEL_ENDPOINT = re.compile(r"^[A-Za-z0-9_]+/([A-Za-z0-9_.]+?)(?:-[0-9a-fA-F]+)?(?:[@;].*)?$")
+CLID_NUMBER = re.compile(r"<([^<>]*)>\s*$")
+CDR_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?$")
+
+
+@dataclass(frozen=True)
+class CdrContext:
+    """What the CDR adapter needs to know about our side of the calls."""
+
+    source_system: str = "asterisk"
+    #: Our own numbers (switchboard, trunks): a call from one of them goes out.
+    own_numbers: tuple[str, ...] = ()
+    phone_region: str = "FI"
+    #: The zone of the PBX's times when known (``usegmtime=yes`` writes UTC); None leaves them
+    #: naive, to be read in the configured zone with the assumption noted on the event.
+    time_zone: str | None = None
+
+
+def asterisk_cdr_to_call(row: Mapping[str, Any], context: CdrContext) -> dict[str, Any]:
+    """One Asterisk CDR (the Master.csv columns by name) as a ``crm.call/1`` update.
+
+    The legs of one call share ``linkedid`` and merge into one event; without it ``uniqueid``
+    identifies the call. A CDR has no update counter across legs, so none is sent: among the
+    legs, an answered one outranks unanswered ones.
+    """
+    cdr = {str(k).strip().lower(): "" if v is None else str(v).strip() for k, v in row.items()}
+    call_id = cdr.get("linkedid") or cdr.get("uniqueid")
+    if not call_id:
+        if not (cdr.get("channel") and cdr.get("start")):
+            raise AdapterError("a CDR needs uniqueid or linkedid (or at least channel and start)")
+        key = "|".join(cdr.get(c, "") for c in ("channel", "start", "src", "dst"))
+        call_id = "cdr-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    disposition = cdr.get("disposition", "").upper()
+    status = DISPOSITIONS.get(disposition, disposition.lower() or None)
+    source = cdr.get("src") or _clid_number(cdr.get("clid", ""))
+    destination = cdr.get("dst", "")
+    direction = _cdr_direction(source, destination, cdr.get("dcontext", ""), context)
+    answered = disposition == "ANSWERED"
+    message: dict[str, Any] = {
+        "schema": SCHEMA,
+        "source_system": context.source_system,
+        "call_id": call_id,
+        "status": status,
+        "direction": direction,
+        "from": source or None,
+        "to": destination or None,
+        "agent": _cdr_agent(cdr, direction, context),
+        "started_at": _cdr_time(cdr, "start", context),
+        "answered_at": _cdr_time(cdr, "answer", context) if answered else None,
+        "ended_at": _cdr_time(cdr, "end", context),
+        "duration_s": _non_negative_int(cdr.get("billsec")) if answered else None,
+    }
+    return {k: v for k, v in message.items() if v is not None}
+
+
+def _clid_number(clid: str) -> str:
+    match = CLID_NUMBER.search(clid)
+    return match[1].strip() if match else ""
+
+
+def _is_extension(value: str) -> bool:
+    return value.isdigit() and len(value) < 6
+
+
+def _is_ours(value: str, context: CdrContext) -> bool:
+    if _is_extension(value):
+        return True
+    own = {_e164(n, context.phone_region) for n in context.own_numbers} - {None}
+    return _e164(value, context.phone_region) in own
+
+
+def _e164(raw: str, region: str) -> str | None:
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _cdr_direction(source: str, destination: str, dcontext: str, context: CdrContext) -> str | None:
+    """By the numbers first (an extension or our own number is our side), then the context."""
+    ours_from, ours_to = _is_ours(source, context), _is_ours(destination, context)
+    if ours_from and not ours_to and destination:
+        return "outbound"
+    if ours_to and not ours_from and source:
+        return "inbound"
+    if ours_from and ours_to:
+        return None  # between our own extensions: an internal call
+    if INBOUND_CONTEXT.search(dcontext):
+        return "inbound"
+    if OUTBOUND_CONTEXT.search(dcontext):
+        return "outbound"
+    return None
+
+
+def _cdr_agent(cdr: dict[str, str], direction: str | None, context: CdrContext) -> str | None:
+    """Our side's extension: the number dialled in, or the one that dialled out."""
+    number, channel = (
+        (cdr.get("src", ""), cdr.get("channel", ""))
+        if direction == "outbound"
+        else (cdr.get("dst", ""), cdr.get("dstchannel", ""))
+    )
+    if _is_extension(number):
+        return number
+    match = CHANNEL_ENDPOINT.match(channel)
+    return match[1] if match else None
+
+
+def _cdr_time(cdr: dict[str, str], column: str, context: CdrContext) -> str | None:
+    text = cdr.get(column, "")
+    if not text:
+        return None
+    if not CDR_TIME.match(text):
+        raise AdapterError(f"CDR {column} {text[:40]!r} is not a time (YYYY-MM-DD HH:MM:SS)")
+    moment = datetime.fromisoformat(text)
+    if context.time_zone:
+        moment = moment.replace(tzinfo=ZoneInfo(context.time_zone))
+    return moment.isoformat()
+
+
+@dataclass(frozen=True)
+class CdrRow:
+    line: int
+    fields: dict[str, str] | None
+    error: str = ""
+
+
+def read_cdr_csv(text: str) -> Iterator[CdrRow]:
+    """The rows of a Master.csv, with or without a header row (Asterisk writes none).
+
+    Without a header, the columns are known by their number (``CDR_LAYOUTS``). A row that fits
+    no layout is returned with its error, so one bad line never hides the others.
+    """
+    header: tuple[str, ...] | None = None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for values in reader:
+            line = reader.line_num
+            if not values or all(not v.strip() for v in values):
+                continue
+            lowered = tuple(v.strip().lower() for v in values)
+            if header is None and "disposition" in lowered and "src" in lowered:
+                header = lowered
+                continue
+            columns = header or CDR_LAYOUTS.get(len(values))
+            if columns is None or len(columns) != len(values):
+                expected = len(columns) if columns else "16-21"
+                yield CdrRow(line, None, f"{len(values)} fields, expected {expected}")
+                continue
+            yield CdrRow(line, dict(zip(columns, values, strict=True)))
+    except csv.Error as exc:
+        yield CdrRow(reader.line_num, None, f"not CSV: {exc}")

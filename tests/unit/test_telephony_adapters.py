@@ -1,0 +1,292 @@
+"""Twilio status callbacks and Asterisk CDRs as crm.call/1 updates; Twilio's signature."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from models.schemas.call import SCHEMA, CallMessageSchema
+from models.schemas.common import load_message
+from tasks.telephony.adapters import (
+    AdapterError,
+    CdrContext,
+    asterisk_cdr_to_call,
+    read_cdr_csv,
+    twilio_to_call,
+)
+from tests.conftest import EXAMPLES
+from workers.http_gateway import twilio_signature, url_variants, valid_twilio_signature
+
+CONTEXT = CdrContext(own_numbers=("+358 9 111 000",))
+
+
+def twilio(**fields: str) -> dict[str, str]:
+    return {
+        "AccountSid": "AC0000000000000000000000000000demo",
+        "CallSid": "CA11",
+        "Direction": "inbound",
+        "From": "+358447654321",
+        "To": "+35891110000",
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("twilio_status", "status"),
+    [
+        ("queued", "ringing"),
+        ("ringing", "ringing"),
+        ("in-progress", "answered"),
+        ("completed", "completed"),
+        ("busy", "busy"),
+        ("failed", "failed"),
+        ("no-answer", "missed"),
+        ("canceled", "missed"),
+        ("some-new-status", "some-new-status"),
+    ],
+)
+def test_twilio_statuses(twilio_status: str, status: str) -> None:
+    message = twilio_to_call(twilio(CallStatus=twilio_status))
+    assert message["status"] == status
+    load_message(CallMessageSchema(), message, SCHEMA)  # always a valid crm.call/1
+
+
+@pytest.mark.parametrize(
+    ("direction", "ours"),
+    [("inbound", "inbound"), ("outbound-api", "outbound"), ("outbound-dial", "outbound")],
+)
+def test_twilio_directions(direction: str, ours: str) -> None:
+    assert twilio_to_call(twilio(Direction=direction, CallStatus="ringing"))["direction"] == ours
+
+
+def test_twilio_fields() -> None:
+    message = twilio_to_call(
+        twilio(
+            CallStatus="completed",
+            Timestamp="Wed, 25 Nov 2026 08:36:44 +0000",
+            SequenceNumber="2",
+            CallDuration="398",
+            RecordingUrl="https://api.twilio.com/2010-04-01/Accounts/AC1/Recordings/RE1",
+        )
+    )
+    assert message == {
+        "schema": "crm.call/1",
+        "source_system": "twilio",
+        "call_id": "CA11",
+        "direction": "inbound",
+        "from": "+358447654321",
+        "to": "+35891110000",
+        "sequence": 2,
+        "status": "completed",
+        "ended_at": "2026-11-25T08:36:44+00:00",
+        "duration_s": 398,
+        "recording": {"url": "https://api.twilio.com/2010-04-01/Accounts/AC1/Recordings/RE1"},
+    }
+    # The time of each status: started, answered, ended.
+    ringing = twilio_to_call(
+        twilio(CallStatus="ringing", Timestamp="Wed, 25 Nov 2026 08:30:01 +0000")
+    )
+    assert ringing["started_at"] == "2026-11-25T08:30:01+00:00"
+    answered = twilio_to_call(
+        twilio(CallStatus="in-progress", Timestamp="Wed, 25 Nov 2026 10:30:09 +0200")
+    )
+    assert answered["answered_at"] == "2026-11-25T10:30:09+02:00"
+
+
+def test_twilio_child_leg_merges_into_its_parent() -> None:
+    leg = twilio_to_call(
+        {
+            "CallSid": "CA22",
+            "ParentCallSid": "CA11",
+            "CallStatus": "in-progress",
+            "Direction": "outbound-dial",
+            "From": "+35891110000",
+            "To": "client:mikko",
+            "SequenceNumber": "1",
+            "Timestamp": "Wed, 25 Nov 2026 08:30:09 +0000",
+        }
+    )
+    assert leg["call_id"] == "CA11"
+    assert leg["agent"] == "mikko"
+    assert leg["status"] == "answered"
+    assert "from" not in leg and "to" not in leg and "direction" not in leg
+    assert "sequence" not in leg  # a leg's counter is not the parent's
+    unanswered = twilio_to_call(
+        {
+            "CallSid": "CA23",
+            "ParentCallSid": "CA11",
+            "CallStatus": "no-answer",
+            "To": "+358501112222",
+        }
+    )
+    # One leg that nobody answered does not make the whole call missed.
+    assert unanswered["status"] == "leg no-answer"
+    assert unanswered["agent"] == "+358501112222"
+
+
+def test_twilio_garbage_is_tolerated_or_refused_with_a_reason() -> None:
+    odd = twilio_to_call(
+        twilio(CallStatus="completed", Timestamp="yesterday", SequenceNumber="x", CallDuration="-4")
+    )
+    assert "ended_at" not in odd and "sequence" not in odd and "duration_s" not in odd
+    with pytest.raises(AdapterError, match="CallSid"):
+        twilio_to_call({"CallStatus": "completed"})
+    # A repeated field counts once (its first value).
+    repeated = twilio_to_call(
+        [("CallSid", "CA1"), ("CallStatus", "busy"), ("CallStatus", "completed")]
+    )
+    assert repeated["status"] == "busy"
+
+
+def cdr(**fields: Any) -> dict[str, Any]:
+    base = {
+        "src": "0401234567",
+        "dst": "202",
+        "dcontext": "from-pstn",
+        "clid": '"Matti Virtanen" <0401234567>',
+        "channel": "PJSIP/trunk-00000a1",
+        "dstchannel": "PJSIP/202-00000a2",
+        "start": "2026-11-26 10:05:00",
+        "answer": "2026-11-26 10:05:07",
+        "end": "2026-11-26 10:09:47",
+        "duration": "287",
+        "billsec": "280",
+        "disposition": "ANSWERED",
+        "uniqueid": "1764144300.161",
+    }
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    ("disposition", "status"),
+    [
+        ("ANSWERED", "completed"),
+        ("NO ANSWER", "missed"),
+        ("BUSY", "busy"),
+        ("FAILED", "failed"),
+        ("CONGESTION", "failed"),
+        ("WEIRD", "weird"),
+    ],
+)
+def test_asterisk_dispositions(disposition: str, status: str) -> None:
+    message = asterisk_cdr_to_call(cdr(disposition=disposition), CONTEXT)
+    assert message["status"] == status
+    load_message(CallMessageSchema(), message, SCHEMA)
+    if status != "completed":
+        assert "answered_at" not in message and "duration_s" not in message
+
+
+def test_asterisk_fields_and_naive_times() -> None:
+    assert asterisk_cdr_to_call(cdr(), CONTEXT) == {
+        "schema": "crm.call/1",
+        "source_system": "asterisk",
+        "call_id": "1764144300.161",
+        "status": "completed",
+        "direction": "inbound",
+        "from": "0401234567",
+        "to": "202",
+        "agent": "202",
+        "started_at": "2026-11-26T10:05:00",
+        "answered_at": "2026-11-26T10:05:07",
+        "ended_at": "2026-11-26T10:09:47",
+        "duration_s": 280,
+    }
+    utc = asterisk_cdr_to_call(cdr(), CdrContext(time_zone="UTC"))
+    assert utc["started_at"] == "2026-11-26T10:05:00+00:00"
+
+
+def test_asterisk_direction_agent_and_legs() -> None:
+    out = asterisk_cdr_to_call(
+        cdr(
+            src="201",
+            dst="0447654321",
+            dcontext="from-internal",
+            channel="PJSIP/201-0001",
+            dstchannel="PJSIP/trunk-0002",
+        ),
+        CONTEXT,
+    )
+    assert (out["direction"], out["agent"]) == ("outbound", "201")
+    # The caller id when src is empty; the agent from the channel when dst is a DID.
+    did = asterisk_cdr_to_call(
+        cdr(src="", dst="+35891110000", dstchannel="SIP/anna-0000001f"), CONTEXT
+    )
+    assert (did["from"], did["direction"], did["agent"]) == ("0401234567", "inbound", "anna")
+    # Legs of one call share linkedid.
+    leg = asterisk_cdr_to_call(cdr(uniqueid="1764144300.162", linkedid="1764144300.161"), CONTEXT)
+    assert leg["call_id"] == "1764144300.161"
+    internal = asterisk_cdr_to_call(cdr(src="201", dst="202"), CONTEXT)
+    assert "direction" not in internal
+
+
+def test_asterisk_bad_rows() -> None:
+    with pytest.raises(AdapterError, match="start"):
+        asterisk_cdr_to_call(cdr(start="26.11.2026 10:05"), CONTEXT)
+    with pytest.raises(AdapterError, match="uniqueid"):
+        asterisk_cdr_to_call({"src": "1", "dst": "2"}, CONTEXT)
+    # Without an id, the same row always gets the same call id (a re-import is a duplicate).
+    no_id = cdr(uniqueid="")
+    assert (
+        asterisk_cdr_to_call(no_id, CONTEXT)["call_id"]
+        == asterisk_cdr_to_call(no_id, CONTEXT)["call_id"]
+    )
+
+
+def test_master_csv_with_and_without_header() -> None:
+    with_header = list(read_cdr_csv((EXAMPLES / "calls/asterisk-cdr.csv").read_text()))
+    assert [r.line for r in with_header] == [2, 3]
+    assert (
+        with_header[0].fields is not None and with_header[0].fields["uniqueid"] == "1764144300.161"
+    )
+    # Asterisk itself writes no header: columns by count (18: uniqueid and userfield; 21: also
+    # peeraccount, linkedid and sequence).
+    raw = (EXAMPLES / "calls/asterisk-cdr.csv").read_text().splitlines()[1:]
+    headerless = list(read_cdr_csv("\n".join(raw) + "\n"))
+    assert [r.fields for r in headerless] == [r.fields for r in with_header]
+    newcolumns = raw[0] + ',"","1764144300.100",7'
+    row = next(read_cdr_csv(newcolumns))
+    assert row.fields is not None and row.fields["linkedid"] == "1764144300.100"
+    broken = list(read_cdr_csv('"a","b"\n\n' + raw[1] + "\n"))
+    assert broken[0].error == "2 fields, expected 16-21"
+    assert broken[1].fields is not None
+
+
+def test_twilio_signature_matches_twilios_published_examples() -> None:
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    params = [
+        ("CallSid", "CA1234567890ABCDE"),
+        ("Caller", "+14158675309"),
+        ("Digits", "1234"),
+        ("From", "+14158675309"),
+        ("To", "+18005551212"),
+    ]
+    assert twilio_signature("12345", url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    assert valid_twilio_signature("12345", url, params[::-1], "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+    repeated = [
+        ("Sid", "CA123"),
+        ("SidAccount", "AC123"),
+        ("Digits", "5678"),
+        ("Digits", "1234"),
+        ("Digits", "1234"),
+    ]
+    assert twilio_signature("12345", url, repeated) == "IK+Dwps556ElfBT0I3Rgjkr1wJU="
+    assert not valid_twilio_signature("12345", url + "&x=1", params, "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+    assert not valid_twilio_signature(
+        "12345", url, [*params, ("Digits", "9")], "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    )
+    assert not valid_twilio_signature("", url, params, "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+    assert not valid_twilio_signature("12345", url, params, "")
+    assert not valid_twilio_signature("12345", url, params, "ääkköset")
+
+
+def test_signature_url_with_and_without_the_default_port() -> None:
+    assert url_variants("https://crm.example.fi/t?x=1") == [
+        "https://crm.example.fi/t?x=1",
+        "https://crm.example.fi:443/t?x=1",
+    ]
+    assert url_variants("https://crm.example.fi:443/t") == [
+        "https://crm.example.fi:443/t",
+        "https://crm.example.fi/t",
+    ]
+    assert url_variants("http://127.0.0.1:8080/t") == ["http://127.0.0.1:8080/t"]
