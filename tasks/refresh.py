@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from celery import shared_task
@@ -129,18 +130,24 @@ def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[
     }
 
 
+_notifiers: dict[tuple[int, str], Any] = {}
+
+
 def publish_notification(ctx: StageContext, notification: dict[str, Any]) -> None:
-    """Tell live screens on Redis channel ``crm.seller.<username>``; no Redis, no live screens."""
+    """Tell live screens on Redis channel ``crm.seller.<username>``; no Redis, no live screens.
+
+    One client (and its connection pool) per process and URL: a refresh runs for nearly every
+    burst of events, and a new connection each time would be a TCP handshake on the hot path.
+    """
     url = ctx.settings.effective_redis_url
     if not url:
         return
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        client.publish(f"crm.seller.{notification['seller']}", json.dumps(notification))
-    finally:
-        client.close()
+    key = (os.getpid(), url)
+    if key not in _notifiers:
+        _notifiers[key] = redis.Redis.from_url(url, socket_timeout=5)
+    _notifiers[key].publish(f"crm.seller.{notification['seller']}", json.dumps(notification))
 
 
 @shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)

@@ -26,6 +26,7 @@ from tasks.ingest.call import ingest_call
 from tasks.refresh import refresh_seller
 from tasks.reports import build_target_report, send_due_reports, write_report_files
 from tasks.targets import set_target
+from tests.messages import outbound_call
 from tests.smtp_sink import SmtpSink
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
@@ -57,18 +58,7 @@ def sessions(team: Session) -> sessionmaker[Session]:
 
 
 def sales_call(call_id: str, started_at: str, agent: str = "anna") -> dict[str, Any]:
-    return {
-        "schema": "crm.call/1",
-        "source_system": "pbx-hki",
-        "call_id": call_id,
-        "status": "completed",
-        "direction": "outbound",
-        "from": "201",
-        "to": "+358 44 765 4321",
-        "agent": agent,
-        "started_at": started_at,
-        "category": "sales_action",
-    }
+    return outbound_call(call_id, started_at, agent, category="sales_action")
 
 
 @pytest.fixture

@@ -24,24 +24,13 @@ from tasks.refresh import refresh_seller
 from tasks.targets import set_target
 from tasks.views import seller_cards, target_in_force, targets_progress
 from tests.conftest import load_example
+from tests.messages import outbound_call
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
 
 def call(call_id: str, started_at: str, *, agent: str = "anna", **fields: Any) -> dict[str, Any]:
-    return {
-        "schema": "crm.call/1",
-        "source_system": "pbx-hki",
-        "call_id": call_id,
-        "status": "completed",
-        "direction": "outbound",
-        "from": "201",
-        "to": "+358 44 765 4321",
-        "agent": agent,
-        "started_at": started_at,
-        "duration_s": 60,
-        **fields,
-    }
+    return outbound_call(call_id, started_at, agent, **{"duration_s": 60, **fields})
 
 
 def ingest(db: Session, ctx: StageContext, *messages: dict[str, Any]) -> None:

@@ -21,23 +21,12 @@ from tasks.maintenance import delete_event, reconcile
 from tasks.refresh import refresh_seller
 from tasks.targets import set_target
 from tasks.views import seller_cards
+from tests.messages import outbound_call
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
 
-def call(call_id: str, started_at: str, agent: str = "anna", **fields: Any) -> dict[str, Any]:
-    return {
-        "schema": "crm.call/1",
-        "source_system": "pbx-hki",
-        "call_id": call_id,
-        "status": "completed",
-        "direction": "outbound",
-        "from": "201",
-        "to": "+358 44 765 4321",
-        "agent": agent,
-        "started_at": started_at,
-        **fields,
-    }
+call = outbound_call
 
 
 def visit(visit_id: str, started_at: str, seller: str = "anna", **fields: Any) -> dict[str, Any]:

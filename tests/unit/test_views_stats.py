@@ -13,24 +13,13 @@ from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ingest.visit import ingest_visit
 from tasks.stats import statistics
+from tests.messages import outbound_call
 from workers.cli import _events_query
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
 
-def call(call_id: str, started_at: str, agent: str = "anna", **fields: Any) -> dict[str, Any]:
-    return {
-        "schema": "crm.call/1",
-        "source_system": "pbx-hki",
-        "call_id": call_id,
-        "status": "completed",
-        "direction": "outbound",
-        "from": "201",
-        "to": "+358 44 765 4321",
-        "agent": agent,
-        "started_at": started_at,
-        **fields,
-    }
+call = outbound_call
 
 
 @pytest.fixture
