@@ -20,7 +20,23 @@ def create_db_engine(settings: Settings, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    if engine.dialect.driver == "psycopg":
+        _send_bytes_in_binary(engine)
+    return engine
+
+
+def _send_bytes_in_binary(engine: Engine) -> None:
+    """Send ``bytes`` parameters (documents, raw emails) in PostgreSQL's binary format.
+
+    psycopg's default is the text format: every byte escaped as two hex digits, so a 25 MB
+    email became a 50 MB string in the worker and as much work for the server to parse.
+    """
+    from psycopg.types.string import BytesBinaryDumper
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.adapters.register_dumper(bytes, BytesBinaryDumper)
 
 
 def _configure_sqlite(engine: Engine) -> None:

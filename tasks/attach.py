@@ -67,8 +67,9 @@ class StoredDocument:
 def store_blob(session: Session, settings: Settings, content: bytes, media_type: str) -> str:
     """Store bytes once (idempotent) and return their SHA-256."""
     digest = hashlib.sha256(content).hexdigest()
-    if session.get(DocumentBlob, digest) is not None:
-        return digest
+    # No look-up first: the upsert is one round trip whether or not the bytes are known (the
+    # unique index answers a conflict before the row is built), and a file is written only
+    # when it is missing.
     in_database = settings.document_store == "database"
     if not in_database:
         _write_file(settings, digest, content)
@@ -119,11 +120,14 @@ def attach(
     refused_reason: str = "",
     max_bytes: int | None = None,
     note: str = "",
+    attached: set[tuple[str, str, str | None]] | None = None,
 ) -> StoredDocument:
     """Attach a document (or a stub when it was refused) to an event, once.
 
     ``max_bytes`` overrides the attachment cap (the raw email is bounded by its own limit);
-    ``note`` says what the caller did to the content (kept with the document).
+    ``note`` says what the caller did to the content (kept with the document). ``attached``:
+    for an event created by the calling stage, the documents it attached so far (role,
+    filename, SHA-256), kept by the caller instead of asking the database each time.
     """
     name = sanitise_filename(filename, fallback=role)
     cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
@@ -141,15 +145,24 @@ def attach(
         size = len(content)
     if filename and name != filename:
         note = (note + "; " if note else "") + f"filename sanitised from {filename[:300]!r}"
-    existing = session.scalar(
-        select(EventDocument).where(
-            EventDocument.event_id == event_id,
-            EventDocument.role == role,
-            EventDocument.filename == name,
-            EventDocument.sha256.is_(None) if digest is None else EventDocument.sha256 == digest,
+    if attached is not None:
+        existing = (role, name, digest) in attached
+        attached.add((role, name, digest))
+    else:
+        existing = (
+            session.scalar(
+                select(EventDocument.id).where(
+                    EventDocument.event_id == event_id,
+                    EventDocument.role == role,
+                    EventDocument.filename == name,
+                    EventDocument.sha256.is_(None)
+                    if digest is None
+                    else EventDocument.sha256 == digest,
+                )
+            )
+            is not None
         )
-    )
-    if existing is None:
+    if not existing:
         session.add(
             EventDocument(
                 event_id=event_id,

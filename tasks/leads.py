@@ -33,17 +33,21 @@ def apply_lead_rule(
     event: CrmEvent,
     *,
     requested_category: str | None = None,
+    new: bool = False,
 ) -> None:
     """Decide whether ``event`` is its party's lead; called by the call and email stages after
     matching and classifying, once the event's party keys are recorded.
 
     ``requested_category`` is the category the message itself named (calls): an accepted
-    category from the message is never overridden.
+    category from the message is never overridden. ``new``: the event was created by this
+    stage, so it cannot be a lead yet and, when it is linked or outbound, never becomes one.
     """
     # The party counts as unknown only if it is still unknown under the party keys' locks.
     recheck_open_event(session, ctx, event)
     kind = LEAD_KEY_KIND.get(event.source_kind)
     if kind is None:
+        return
+    if new and (event.direction != "inbound" or event.link_state != "unlinked"):
         return
     party = session.scalar(
         select(EventPartyKey.value)

@@ -66,7 +66,7 @@ def record_inbound(
 ) -> InboundMessage | None:
     """Add the message to the ledger; None when the same message was already accepted."""
     statement = (
-        upsert_insert(session, InboundMessage.__table__)
+        upsert_insert(session, InboundMessage)
         .values(
             idempotency_key=idempotency_key,
             schema=schema,
@@ -77,12 +77,11 @@ def record_inbound(
             received_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(InboundMessage.id)
+        .returning(InboundMessage)
     )
-    inserted = session.execute(statement).scalar()
-    if inserted is None:
-        return None
-    return session.get(InboundMessage, inserted)
+    # One round trip: the ORM INSERT … RETURNING gives the row as an object (None on conflict).
+    inserted: InboundMessage | None = session.scalars(statement).one_or_none()
+    return inserted
 
 
 def lock_event(
@@ -99,7 +98,7 @@ def lock_event(
     INSERT win and the other wait for it, and ``FOR UPDATE`` then serialises their merges.
     """
     statement = (
-        upsert_insert(session, CrmEvent.__table__)
+        upsert_insert(session, CrmEvent)
         .values(
             source_system=source_system,
             source_kind=source_kind,
@@ -110,9 +109,12 @@ def lock_event(
             **defaults,
         )
         .on_conflict_do_nothing(index_elements=["source_system", "source_kind", "source_id"])
-        .returning(CrmEvent.id)
+        .returning(CrmEvent)
     )
-    created_id = session.execute(statement).scalar()
+    created: CrmEvent | None = session.scalars(statement).one_or_none()
+    if created is not None:
+        # Our own uncommitted row: no other transaction can see it, let alone change it.
+        return created, True
     query = select(CrmEvent).where(
         CrmEvent.source_system == source_system,
         CrmEvent.source_kind == source_kind,
@@ -121,7 +123,7 @@ def lock_event(
     if is_postgresql(session):
         query = query.with_for_update()
     event = session.execute(query.execution_options(populate_existing=True)).scalar_one()
-    return event, created_id is not None
+    return event, False
 
 
 def _column_defaults() -> dict[str, Any]:
@@ -157,7 +159,9 @@ def tally_keys(session: Session, event: CrmEvent) -> set[TallyKey]:
 
 
 def seller_zone(session: Session, seller_id: int) -> ZoneInfo:
-    name = session.scalar(select(Staff.time_zone).where(Staff.id == seller_id))
+    # Usually already in the session (matching loaded the seller): no query then.
+    seller = session.get(Staff, seller_id)
+    name = seller.time_zone if seller is not None else None
     try:
         return ZoneInfo(name or "Europe/Helsinki")
     except (KeyError, ValueError):
@@ -176,13 +180,20 @@ def touch_tallies(session: Session, keys: Iterable[TallyKey]) -> set[int]:
     return sellers
 
 
-def set_properties(session: Session, event: CrmEvent, codes: Iterable[str]) -> None:
+def set_properties(
+    session: Session, event: CrmEvent, codes: Iterable[str], *, new: bool = False
+) -> None:
+    """Make the event's properties ``codes``; ``new``: created by this stage, so it has none."""
     wanted = set(codes)
-    current = set(
-        session.scalars(
-            select(EventPropertyLink.property_code).where(EventPropertyLink.event_id == event.id)
+    current: set[str] = set()
+    if not new:
+        current = set(
+            session.scalars(
+                select(EventPropertyLink.property_code).where(
+                    EventPropertyLink.event_id == event.id
+                )
+            )
         )
-    )
     for code in current - wanted:
         session.execute(
             delete(EventPropertyLink).where(
@@ -193,12 +204,17 @@ def set_properties(session: Session, event: CrmEvent, codes: Iterable[str]) -> N
         session.add(EventPropertyLink(event_id=event.id, property_code=code))
 
 
-def add_participants(session: Session, event: CrmEvent, staff_ids: Iterable[int | None]) -> None:
-    current = set(
-        session.scalars(
-            select(EventParticipant.staff_id).where(EventParticipant.event_id == event.id)
+def add_participants(
+    session: Session, event: CrmEvent, staff_ids: Iterable[int | None], *, new: bool = False
+) -> None:
+    """Add staff members as participants; ``new``: created by this stage, so it has none."""
+    current: set[int] = set()
+    if not new:
+        current = set(
+            session.scalars(
+                select(EventParticipant.staff_id).where(EventParticipant.event_id == event.id)
+            )
         )
-    )
     for staff_id in sorted({s for s in staff_ids if s is not None} - current):
         session.add(EventParticipant(event_id=event.id, staff_id=staff_id))
 
@@ -303,6 +319,7 @@ def record_party_keys(
     phones: Iterable[str | None] = (),
     addresses: Iterable[str | None] = (),
     customer_numbers: Iterable[str | None] = (),
+    new: bool = False,
 ) -> list[PartyKey]:
     """Remember which outside numbers and addresses the stage matched ``event`` by.
 
@@ -311,17 +328,23 @@ def record_party_keys(
     that is not linked also takes the keys' advisory locks (PostgreSQL): a party change that
     holds them has either committed before our re-check (``tasks.leads``) or waits for us and
     then sees this event's keys, so no re-link falls between the two transactions.
+    ``new``: the event was created by this stage (it has no keys yet).
     """
     keys = party_keys(
         session, settings, phones=phones, addresses=addresses, customer_numbers=customer_numbers
     )
     wanted = {(k.kind, k.value): position for position, k in enumerate(keys)}
-    current = {
-        (row.kind, row.value): row.position
-        for row in session.scalars(select(EventPartyKey).where(EventPartyKey.event_id == event.id))
-    }
+    current: dict[tuple[str, str], int] = {}
+    if not new:  # an event created by this stage has no keys yet
+        current = {
+            (row.kind, row.value): row.position
+            for row in session.scalars(
+                select(EventPartyKey).where(EventPartyKey.event_id == event.id)
+            )
+        }
     if current != wanted:
-        session.execute(delete(EventPartyKey).where(EventPartyKey.event_id == event.id))
+        if current:
+            session.execute(delete(EventPartyKey).where(EventPartyKey.event_id == event.id))
         for (kind, value), position in wanted.items():
             session.add(EventPartyKey(event_id=event.id, kind=kind, value=value, position=position))
         session.flush()

@@ -120,7 +120,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     )
     before = tally_keys(session, event)
     state = fold_updates(call_updates(session, event))
-    apply_call_state(session, ctx, event, state, [])
+    apply_call_state(session, ctx, event, state, [], new=created)
     inbound.event_id = event.id
 
     recording = message.get("recording")
@@ -274,9 +274,18 @@ def _parse_time(
 
 
 def apply_call_state(
-    session: Session, ctx: StageContext, event: CrmEvent, state: dict[str, Any], notes: list[str]
+    session: Session,
+    ctx: StageContext,
+    event: CrmEvent,
+    state: dict[str, Any],
+    notes: list[str],
+    *,
+    new: bool = False,
 ) -> None:
-    """Write the folded state to the event: times, status, parties, seller, classification."""
+    """Write the folded state to the event: times, status, parties, seller, classification.
+
+    ``new``: the event was created by this stage (no properties, keys or participants yet).
+    """
     settings = ctx.settings
     started = _parse_time(state.get("started_at"), ctx, notes, "started_at")
     answered = _parse_time(state.get("answered_at"), ctx, notes, "answered_at")
@@ -370,7 +379,7 @@ def apply_call_state(
         "last_sequence": state.get("sequence"),
     }
     session.flush()
-    set_properties(session, event, classification.properties)
+    set_properties(session, event, classification.properties, new=new)
     # Remembered for the automatic re-link when a contact later gains the number, and for the
     # lead rule (tasks.relink, tasks.leads); our own numbers are never keys.
     record_party_keys(
@@ -379,8 +388,9 @@ def apply_call_state(
         event,
         phones=[external_raw] if match.state != "internal" else [],
         customer_numbers=[state.get("customer_number")],
+        new=new,
     )
-    apply_lead_rule(session, ctx, event, requested_category=state.get("category"))
+    apply_lead_rule(session, ctx, event, requested_category=state.get("category"), new=new)
     add_participants(
         session,
         event,
@@ -390,6 +400,7 @@ def apply_call_state(
             external_staff.id if external_staff else None,
             event.seller_id,
         ],
+        new=new,
     )
     reconcile_follow_ups(session, event)
 

@@ -26,6 +26,7 @@ from models.documents import DocumentBlob
 from models.events import CrmEvent
 from models.ledger import InboundMessage
 from models.mail import EmailSenderWindow
+from models.parties import Staff
 from models.schemas.common import load_message
 from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
@@ -41,7 +42,8 @@ from tasks.ingest.email_parse import (
     raw_hash,
 )
 from tasks.leads import apply_lead_rule
-from tasks.match import customer_by_number, find_staff, match_addresses
+from tasks.match import customer_by_number, match_addresses
+from tasks.match import find_staff as find_staff_in_db
 from tasks.periods import aware
 from tasks.store import (
     StageResult,
@@ -140,20 +142,13 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     notes = list(parsed.notes)
     if not parsed.message_id:
         notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
-    apply_email(session, ctx, event, parsed, message, notes)
-    attach(
-        session,
-        settings,
-        event.id,
-        content=raw,
-        filename="message.eml",
-        declared_type="message/rfc822",
-        role="raw_message",
-        # Already within max_email_bytes: the source of truth is kept whatever the attachment cap.
-        max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
-    )
-    for item in _all_attachments(parsed):
-        attach_email_file(session, settings, event.id, item)
+    # The event is new (a second arrival returned above): what it has is what we attach now.
+    attached: set[tuple[str, str, str | None]] = set()
+    # Staff looked up by address, held until the tallies are keyed (the seller's zone).
+    staff_seen: dict[str, Staff | None] = {}
+    apply_email(session, ctx, event, parsed, message, notes, attached, staff_seen)
+    with session.no_autoflush:  # the document rows go to the database in one statement
+        _attach_all(session, settings, event.id, raw, parsed, attached)
     session.flush()
     return StageResult(
         "stored",
@@ -161,6 +156,30 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         "created",
         sellers_to_refresh=touch_tallies(session, tally_keys(session, event)),
     )
+
+
+def _attach_all(
+    session: Session,
+    settings: Settings,
+    event_id: int,
+    raw: bytes,
+    parsed: ParsedEmail,
+    attached: set[tuple[str, str, str | None]],
+) -> None:
+    attach(
+        session,
+        settings,
+        event_id,
+        content=raw,
+        filename="message.eml",
+        declared_type="message/rfc822",
+        role="raw_message",
+        # Already within max_email_bytes: the source of truth is kept whatever the attachment cap.
+        max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
+        attached=attached,
+    )
+    for item in _all_attachments(parsed):
+        attach_email_file(session, settings, event_id, item, attached)
 
 
 def _raw_bytes(session: Session, settings: Settings, message: dict[str, Any]) -> bytes:
@@ -207,6 +226,10 @@ def _read_stored(session: Session, settings: Settings, digest: str, size: int) -
     return b"".join(chunks)
 
 
+#: Per process: the window whose expired predecessors were last cleared, by window length.
+_windows_cleared: dict[int, datetime] = {}
+
+
 def check_sender_limit(session: Session, settings: Settings, sender: str) -> None:
     """Count the email against its sender's window; over the limit it is a mail loop.
 
@@ -229,14 +252,15 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
         .returning(table.c.count)
     )
     count = session.execute(statement).scalar_one()
-    if count == 1:
-        # A sender's first email in a window clears the windows that can never count again
-        # (once per sender and window, not per email).
+    if _windows_cleared.get(window) != start:
+        # The first email of a window in this process clears the windows that can never count
+        # again (once per process and window, not per email).
         session.execute(
             delete(EmailSenderWindow).where(
                 EmailSenderWindow.window_start < start - timedelta(seconds=window)
             )
         )
+        _windows_cleared[window] = start
     if count > limit:
         reason = (
             f"mail loop suspected: {sender} sent more than {limit} emails to the CRM address"
@@ -253,7 +277,11 @@ def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:
 
 
 def attach_email_file(
-    session: Session, settings: Settings, event_id: int, item: Attachment
+    session: Session,
+    settings: Settings,
+    event_id: int,
+    item: Attachment,
+    attached: set[tuple[str, str, str | None]] | None = None,
 ) -> None:
     content, note = item.content, ""
     if item.content_type in HTML_TYPES and len(content) <= settings.max_attachment_bytes:
@@ -270,6 +298,7 @@ def attach_email_file(
         declared_type=item.content_type,
         role="attachment",
         note=note,
+        attached=attached,
     )
 
 
@@ -312,8 +341,18 @@ def apply_email(
     parsed: ParsedEmail,
     message: dict[str, Any],
     notes: list[str],
+    attached: set[tuple[str, str, str | None]],
+    staff_by_address: dict[str, Staff | None],
 ) -> None:
+    """Match, classify and fill the event just created for this email."""
     settings = ctx.settings
+
+    def find_staff(session: Session, address: str, settings: Settings) -> Staff | None:
+        # The sender and the recipients are often looked up twice: once per email is enough.
+        if address not in staff_by_address:
+            staff_by_address[address] = find_staff_in_db(session, address, settings)
+        return staff_by_address[address]
+
     sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
     recipients = [a for _, a in parsed.to + parsed.cc]
     envelope = [a.lower() for a in message.get("rcpt_to", [])]
@@ -421,12 +460,12 @@ def apply_email(
         "parse_notes": parsed.notes,
     }
     session.flush()
-    set_properties(session, event, classification.properties)
-    add_participants(session, event, [*staff_ids, seller_id])
+    set_properties(session, event, classification.properties, new=True)
+    add_participants(session, event, [*staff_ids, seller_id], new=True)
     # Master data (docs/master-data.md): remembered for the automatic re-link when a contact or
     # customer later gains one of these addresses or domains; then the unknown-party lead rule.
-    record_party_keys(session, settings, event, addresses=customer_side)
-    apply_lead_rule(session, ctx, event)
+    record_party_keys(session, settings, event, addresses=customer_side, new=True)
+    apply_lead_rule(session, ctx, event, new=True)
     if memo:
         attach(
             session,
@@ -436,6 +475,7 @@ def apply_email(
             filename="memo.txt",
             declared_type="text/plain",
             role="memo",
+            attached=attached,
         )
 
 
