@@ -284,12 +284,14 @@ def init_db(world: World, env: dict[str, str]) -> None:
         raise BenchError(f"crm-events init-db failed:\n{done.stderr[-4000:]}")
 
 
-def start_worker(world: World, label: str, command: list[str], env: dict[str, str]) -> Worker:
+def start_worker(
+    world: World, label: str, command: list[str], env: dict[str, str], concurrency: int = 2
+) -> Worker:
     nodename = f"bench-{label}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     log_path = world.tmp / f"{label}-worker.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [*command, "--concurrency", "2", "-n", nodename],
+            [*command, "--concurrency", str(concurrency), "-n", nodename],
             env=env,
             cwd=world.tmp,
             stdin=subprocess.DEVNULL,
