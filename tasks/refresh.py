@@ -123,6 +123,7 @@ def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[
         )
     return {
         "seller": seller.username,
+        "seller_id": seller.id,
         "tallies": tallies,
         "cards": {
             c["category"]: {"week": c["count_week"], "month": c["count_month"]} for c in cards
@@ -134,7 +135,8 @@ _notifiers: dict[tuple[int, str], Any] = {}
 
 
 def publish_notification(ctx: StageContext, notification: dict[str, Any]) -> None:
-    """Tell live screens on Redis channel ``crm.seller.<username>``; no Redis, no live screens.
+    """Tell live screens on the Redis channels ``crm.seller.<seller_id>`` (DESIGN §5) and
+    ``crm.seller.<username>``, in one round trip; no Redis, no live screens.
 
     One client (and its connection pool) per process and URL: a refresh runs for nearly every
     burst of events, and a new connection each time would be a TCP handshake on the hot path.
@@ -147,7 +149,11 @@ def publish_notification(ctx: StageContext, notification: dict[str, Any]) -> Non
     key = (os.getpid(), url)
     if key not in _notifiers:
         _notifiers[key] = redis.Redis.from_url(url, socket_timeout=5)
-    _notifiers[key].publish(f"crm.seller.{notification['seller']}", json.dumps(notification))
+    document = json.dumps(notification)
+    pipe = _notifiers[key].pipeline(transaction=False)
+    pipe.publish(f"crm.seller.{notification['seller_id']}", document)
+    pipe.publish(f"crm.seller.{notification['seller']}", document)
+    pipe.execute()
 
 
 @shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)

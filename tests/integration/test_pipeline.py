@@ -10,6 +10,7 @@ import redis
 from sqlalchemy import func, select
 
 from models.events import CrmEvent
+from models.parties import Staff
 from models.targets import RefreshRequest, Tally, TallyTouch
 from tasks.views import events_json, seller_cards, staff_by_username
 from tests.conftest import EXAMPLES, load_example
@@ -54,9 +55,13 @@ def test_tallies_and_cards_refresh_within_a_second_and_notify(
     loaded: LiveSystem, redis_database: str
 ) -> None:
     client = redis.Redis.from_url(redis_database)
+    with loaded.sessions() as session:
+        anna = session.scalar(select(Staff.id).where(Staff.username == "anna"))
     subscriber = client.pubsub()
-    subscriber.subscribe("crm.seller.anna")
-    subscriber.get_message(timeout=1)  # the subscribe confirmation
+    # DESIGN §5 names the channel by the seller's id; screens that know the username use that.
+    subscriber.subscribe("crm.seller.anna", f"crm.seller.{anna}")
+    for _ in range(2):
+        subscriber.get_message(timeout=1)  # the subscribe confirmations
     loaded.publish("call", load_example("calls/outbound-sales-action.json"))
     stored_at = time.monotonic()
     while True:
@@ -71,9 +76,14 @@ def test_tallies_and_cards_refresh_within_a_second_and_notify(
             break
         assert time.monotonic() - stored_at < 1.0, "tally not refreshed within a second"
         time.sleep(0.02)
-    message = subscriber.get_message(timeout=2)
-    assert message is not None and message["type"] == "message"
-    assert json.loads(message["data"])["seller"] == "anna"
+    channels = set()
+    for _ in range(2):
+        message = subscriber.get_message(timeout=2)
+        assert message is not None and message["type"] == "message"
+        assert json.loads(message["data"])["seller"] == "anna"
+        assert json.loads(message["data"])["seller_id"] == anna
+        channels.add(message["channel"].decode())
+    assert channels == {"crm.seller.anna", f"crm.seller.{anna}"}
     subscriber.close()
     client.close()
 
