@@ -54,11 +54,12 @@ class Settings:
     #: Directory for the embedded default's SQLite file, broker folders and document files.
     data_dir: Path = Path("var")
     #: SQLAlchemy URL; empty means the embedded SQLite file ``<data_dir>/crm.sqlite3``.
-    database_url: str = ""
+    #: The URLs may hold passwords: they are left out of the settings' repr.
+    database_url: str = field(default="", repr=False)
     #: Celery broker URL; empty means the embedded filesystem transport under ``<data_dir>/broker``.
-    broker_url: str = ""
+    broker_url: str = field(default="", repr=False)
     #: Redis for live seller-view notifications; empty means "the broker, if it is Redis".
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)
     time_zone: str = "Europe/Helsinki"
     phone_region: str = "FI"
     #: Our own phone numbers (switchboard, trunks): never a customer, never a lead.
@@ -94,6 +95,10 @@ class Settings:
     visibility_timeout_s: int = 3600
     max_retries: int = 5
     retry_backoff_max_s: int = 300
+    #: A message delivered this many times without an outcome (its worker process died each
+    #: time: killed, out of memory, crashed) is not run again on the next delivery but recorded
+    #: as a failed message of kind ``poison``, so it cannot loop forever.
+    max_deliveries: int = 5
     worker_concurrency: int = 2
     log_level: str = "INFO"
     log_json: bool = False
@@ -116,7 +121,14 @@ class Settings:
     #: empty means one card per category, titled with its type's name (CRM-tapahtumat, Liidit,
     #: Myyntitoimenpiteet, Asiakaskäynnit).
     seller_cards: tuple[tuple[str, str], ...] = ()
+    #: ``user:password`` (several separated by commas) that Flower demands (docs/security.md).
     flower_basic_auth: str = field(default="", repr=False)
+    #: Message signing (docs/security.md): the private key that signs, its certificate, and the
+    #: directory of certificates whose signatures are accepted. All three or none; when set,
+    #: every process signs what it publishes and accepts only signed messages.
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    signing_cert_store: Path | None = None
     #: Telephony (docs/telephony.md). A recording URL is fetched by ``crm.ingest.recording``;
     #: off keeps it on the event as a link only.
     recording_fetch: bool = True
@@ -163,6 +175,10 @@ class Settings:
         if self.effective_broker_url.startswith(("redis://", "rediss://")):
             return self.effective_broker_url
         return ""
+
+    @property
+    def signing_enabled(self) -> bool:
+        return self.signing_key is not None
 
     @property
     def effective_document_dir(self) -> Path:
@@ -278,6 +294,40 @@ def _parse_base_url(raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _parse_basic_auth(raw: str) -> str:
+    if not raw.strip():
+        return ""
+    for item in raw.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            # The value is a secret: never echoed in the error.
+            raise ValueError("expected user:password (several separated by commas)")
+    return raw.strip()
+
+
+def _parse_readable_file(raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError(f"no such file {raw!r}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {raw!r}: {exc.strerror}") from exc
+    return path
+
+
+def _parse_directory(raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise ValueError(f"no such directory {raw!r}")
+    return path
+
+
 def _parse_zone(raw: str) -> str:
     try:
         ZoneInfo(raw)
@@ -325,6 +375,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "visibility_timeout_s": _parse_positive_int,
     "max_retries": int,
     "retry_backoff_max_s": _parse_positive_int,
+    "max_deliveries": _parse_positive_int,
     "worker_concurrency": _parse_positive_int,
     "log_level": _parse_choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "log_json": _parse_bool,
@@ -339,6 +390,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "weekly_report_at": _parse_schedule("weekly"),
     "monthly_report_at": _parse_schedule("monthly"),
     "seller_cards": _parse_cards,
+    "flower_basic_auth": _parse_basic_auth,
+    "signing_key": _parse_readable_file,
+    "signing_cert": _parse_readable_file,
+    "signing_cert_store": _parse_directory,
 }
 
 
@@ -369,6 +424,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         errors.append(
             "CRM_VISIBILITY_TIMEOUT_S must exceed CRM_TASK_TIME_LIMIT_S + CRM_RETRY_BACKOFF_MAX_S, "
             "or a slow task would be delivered twice"
+        )
+    signing = ("signing_key", "signing_cert", "signing_cert_store")
+    given = [name for name in signing if env.get(PREFIX + name.upper())]
+    if given and len(given) != len(signing):
+        errors.append(
+            "CRM_SIGNING_KEY, CRM_SIGNING_CERT and CRM_SIGNING_CERT_STORE go together; missing: "
+            + ", ".join(PREFIX + name.upper() for name in signing if name not in given)
         )
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -58,12 +58,15 @@ class FailedMessage(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     task_name: Mapped[str] = mapped_column(String(100))
     task_id: Mapped[str | None] = mapped_column(String(100))
-    #: transient | bug
+    #: transient (retries exhausted) | bug | timeout (over the task time limit) | poison (its
+    #: worker process died on every delivery, see :class:`DeliveryAttempt`)
     kind: Mapped[str] = mapped_column(String(20))
     exception: Mapped[str] = mapped_column(Text)
     traceback: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(default=1)
     payload: Mapped[Any] = mapped_column(JsonValue)
+    #: The queue the message was delivered from: ``replay`` sends it back there.
+    queue: Mapped[str | None] = mapped_column(String(200))
     failed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     replayed_at: Mapped[datetime | None]
 
@@ -83,3 +86,22 @@ class Delivery(Base):
     event_id: Mapped[int | None] = mapped_column(ForeignKey("crm_event.id", ondelete="SET NULL"))
     detail: Mapped[str] = mapped_column(Text, default="")
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryAttempt(Base):
+    """How many times the broker has delivered one task message (by its Celery task id).
+
+    A first delivery writes nothing here. Only a redelivery counts (a message put back on its
+    queue because the worker process running it died, or because its worker stopped before
+    acknowledging it), and the count is committed before the task runs, so it survives the
+    next death too. Past ``CRM_MAX_DELIVERIES`` the message is recorded as a ``poison``
+    failure instead of being run again.
+    """
+
+    __tablename__ = "delivery_attempt"
+
+    task_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    #: Deliveries so far, the first one included.
+    deliveries: Mapped[int]
+    last_delivered_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -61,4 +61,23 @@ if ! answers "$REDIS_HOST" "$REDIS_PORT"; then
   wait_for Redis "$REDIS_HOST" "$REDIS_PORT"
 fi
 
+# A Redis that was already running keeps its own configuration: give it what production requires
+# (docs/operations.md), so the tests run against the broker configuration we document. Plain
+# inline commands over bash's /dev/tcp: no redis-cli needed.
+redis_command() {
+  local reply
+  exec 3<>"/dev/tcp/$REDIS_HOST/$REDIS_PORT" || return 1
+  printf '%s\r\n' "$*" >&3
+  IFS= read -r -t 5 reply <&3 || reply="(no reply)"
+  exec 3>&-
+  printf '%s\n' "${reply%$'\r'}"
+}
+
+for setting in "appendonly yes" "appendfsync everysec" "maxmemory-policy noeviction"; do
+  reply=$(redis_command CONFIG SET $setting)
+  if [ "$reply" != "+OK" ]; then
+    echo "ensure_services: Redis refused CONFIG SET $setting: $reply" >&2
+  fi
+done
+
 echo "ensure_services: PostgreSQL $PG_HOST:$PG_PORT and Redis $REDIS_HOST:$REDIS_PORT answer"

@@ -1,11 +1,15 @@
 """The base task: one session per execution, the error taxonomy, after-commit follow-ups.
 
 Stage functions never commit; this class opens the transaction, commits or rolls back, records
-the delivery's outcome in the same transaction, and only then enqueues follow-up work.
+the delivery's outcome in the same transaction, and only then enqueues follow-up work. It also
+bounds what a message can do to its worker: a redelivered message is counted and parked as
+``poison`` past ``CRM_MAX_DELIVERIES``, and one over the hard time limit is recorded as
+``timeout``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -14,12 +18,16 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import worker_ready
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from config.settings import Settings
-from models.db import create_db_engine, create_session_factory, transaction
-from models.ledger import FailedMessage, RejectedMessage
+from models.base import utcnow
+from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
+from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMessage
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.store import StageResult, claim_refresh, record_delivery
@@ -45,7 +53,127 @@ class CrmTask(Task):
 
     acks_late = True
     reject_on_worker_lost = True
+    # Over the hard time limit, the message goes back to its queue rather than being
+    # acknowledged: the worker's main process first records it as a ``timeout`` failure
+    # (on_failure), and its redelivery finds that outcome and is acknowledged without running.
+    # Should that record fail, the message is not lost: it runs again, bounded by the counter.
+    acks_on_timeout = False
     ignore_result = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task, unless this is a redelivery that must not run again.
+
+        A first delivery costs nothing here. A redelivered message (the broker marks a message
+        it puts back on its queue) is counted in ``delivery_attempt`` in its own committed
+        transaction before the task runs, so the count survives the death of this process too.
+        """
+        delivery_info = self.request.delivery_info or {}
+        if delivery_info.get("redelivered") and not self.admit_redelivery(args, kwargs):
+            return "failed"
+        return super().__call__(*args, **kwargs)
+
+    def admit_redelivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Count one redelivery; False when the message must not run again (acknowledged)."""
+        task_id = self.request.id
+        limit = self.settings.max_deliveries
+        try:
+            with transaction(self.sessions) as session:
+                finished = session.get(Delivery, task_id)
+                if finished is not None:
+                    # Its outcome is recorded (a timeout recorded by the main process, or a
+                    # worker that died between commit and acknowledgement): nothing left to do.
+                    log.warning(
+                        "%s %s redelivered after its outcome (%s) was recorded: not run again",
+                        self.name,
+                        task_id,
+                        finished.outcome,
+                    )
+                    return False
+                deliveries = count_delivery(session, task_id, self.name)
+                if deliveries <= limit:
+                    log.warning(
+                        "%s %s redelivered (delivery %d of at most %d)",
+                        self.name,
+                        task_id,
+                        deliveries,
+                        limit,
+                    )
+                    return True
+                reason = (
+                    f"PoisonMessage: delivered {deliveries} times, more than CRM_MAX_DELIVERIES"
+                    f"={limit}; each of the {deliveries - 1} earlier deliveries ended without an "
+                    "outcome because the worker process running it died (killed, out of memory, "
+                    "a crash), so it is not run again"
+                )
+                log.error("%s %s parked: %s", self.name, task_id, reason)
+                add_failure(
+                    session,
+                    task_name=self.name,
+                    task_id=task_id,
+                    kind="poison",
+                    exception=reason,
+                    attempts=deliveries,
+                    payload=payload_of(self, args, kwargs),
+                    queue=delivery_info_queue(self.request.delivery_info),
+                )
+                return False
+        except TRANSIENT_ERRORS as exc:
+            # Not counted: the task runs and meets the same outage in its own transaction,
+            # which retries with backoff; the counter resumes once the database answers.
+            log.warning("%s %s: redelivery not counted: %s", self.name, task_id, exc)
+            return True
+
+    def routed_queue(self) -> str | None:
+        """The queue this task is routed to (the main process has no delivery info at hand)."""
+        routes = self.app.conf.task_routes
+        route = routes.get(self.name) if isinstance(routes, dict) else None
+        queue = route.get("queue") if isinstance(route, dict) else None
+        return str(queue) if queue else None
+
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        """Record a task killed at the hard time limit (called in the worker's main process).
+
+        The pool process was killed, so nothing inside it could record anything: the main
+        process does, with a connection of its own that it closes at once (its pool processes
+        are forked from it and must not inherit an open connection).
+        """
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        settings = self.settings
+        reason = (
+            f"TimeLimitExceeded: over the hard time limit of {settings.task_time_limit_s} s "
+            "(CRM_TASK_TIME_LIMIT_S): the worker process running it was killed"
+        )
+        log.error("%s %s: %s", self.name, task_id, reason)
+        options: dict[str, Any] = {"poolclass": NullPool}
+        if not settings.effective_database_url.startswith("sqlite"):
+            # This runs in the worker's event loop: an unreachable database must not stall it.
+            options["connect_args"] = {"connect_timeout": 10}
+        engine = create_db_engine(settings, **options)
+        try:
+            with transaction(create_session_factory(engine)) as session:
+                add_failure(
+                    session,
+                    task_name=self.name,
+                    task_id=task_id,
+                    kind="timeout",
+                    exception=reason,
+                    attempts=1,
+                    payload=payload_of(self, args, kwargs),
+                    queue=self.routed_queue(),
+                )
+        except Exception:
+            # The message was put back on its queue: it runs again, bounded by the counter.
+            log.exception("%s %s: the timeout could not be recorded", self.name, task_id)
+        finally:
+            engine.dispose()
 
     @property
     def settings(self) -> Settings:
@@ -82,6 +210,11 @@ class CrmTask(Task):
             return "rejected"
         except TRANSIENT_ERRORS as exc:
             self.retry_or_record(message, exc)
+            return "failed"
+        except SoftTimeLimitExceeded as exc:
+            # Interrupted at the soft time limit: rolled back, recorded, not retried (it would
+            # most likely overrun again); replay it once the cause is known.
+            self.record_failure(message, exc, kind="timeout")
             return "failed"
         except Exception as exc:
             self.record_failure(message, exc, kind="bug")
@@ -123,25 +256,111 @@ class CrmTask(Task):
 
     def record_failure(self, message: Any, exc: BaseException, *, kind: str) -> None:
         log.error("%s failed (%s) %s: %r", self.name, kind, self.request.id, exc, exc_info=exc)
+        if isinstance(exc, SoftTimeLimitExceeded):
+            exception = (
+                f"SoftTimeLimitExceeded: interrupted at the soft time limit, 30 s before the hard "
+                f"limit of {self.settings.task_time_limit_s} s (CRM_TASK_TIME_LIMIT_S)"
+            )
+        else:
+            exception = f"{type(exc).__name__}: {exc}"
         with transaction(self.sessions) as session:
-            session.add(
-                FailedMessage(
-                    task_name=self.name,
-                    task_id=self.request.id,
-                    kind=kind,
-                    exception=_json_safe(f"{type(exc).__name__}: {exc}"[:5000]),
-                    traceback=_json_safe("".join(traceback.format_exception(exc))[-20000:]),
-                    attempts=self.request.retries + 1,
-                    payload=_json_safe(message),
-                )
-            )
-            record_delivery(
+            add_failure(
                 session,
-                task_id=self.request.id,
                 task_name=self.name,
-                outcome="failed",
-                detail=_json_safe(f"{kind}: {type(exc).__name__}: {exc}"[:2000]),
+                task_id=self.request.id,
+                kind=kind,
+                exception=exception,
+                traceback="".join(traceback.format_exception(exc)),
+                attempts=self.request.retries + 1,
+                payload=message,
+                queue=delivery_info_queue(self.request.delivery_info),
             )
+
+
+def add_failure(
+    session: Session,
+    *,
+    task_name: str,
+    task_id: str | None,
+    kind: str,
+    exception: str,
+    attempts: int,
+    payload: Any,
+    queue: str | None,
+    traceback: str = "",
+) -> None:
+    """A failed message and its delivery's ``failed`` outcome, in the caller's transaction."""
+    session.add(
+        FailedMessage(
+            task_name=task_name,
+            task_id=task_id,
+            kind=kind,
+            exception=_json_safe(exception[:5000]),
+            traceback=_json_safe(traceback[-20000:]),
+            attempts=attempts,
+            payload=_json_safe(payload),
+            queue=queue,
+        )
+    )
+    record_delivery(
+        session,
+        task_id=task_id,
+        task_name=task_name,
+        outcome="failed",
+        detail=_json_safe(f"{kind}: {exception}"[:2000]),
+    )
+
+
+def count_delivery(session: Session, task_id: str, task_name: str) -> int:
+    """Count one redelivery of ``task_id``; returns its deliveries so far, the first included.
+
+    The first delivery is never written (it would cost every message a round trip), so the
+    first redelivery stores 2.
+    """
+    table = DeliveryAttempt.__table__
+    now = utcnow()
+    statement = (
+        upsert_insert(session, table)
+        .values(task_id=task_id, task_name=task_name, deliveries=2, last_delivered_at=now)
+        .on_conflict_do_update(
+            index_elements=["task_id"],
+            set_={"deliveries": table.c.deliveries + 1, "last_delivered_at": now},
+        )
+        .returning(table.c.deliveries)
+    )
+    return int(session.execute(statement).scalar_one())
+
+
+def payload_of(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A task's arguments as the ledger keeps them, the form ``crm-events replay`` sends back.
+
+    A task of one parameter (every ingest task, the seller refresh) is recorded as that value;
+    any other as an object of its parameters by name (the reports, the reconcile).
+    """
+    try:
+        bound = inspect.signature(task.run).bind(*args, **kwargs)
+    except TypeError:
+        return {"args": list(args), "kwargs": kwargs}
+    bound.apply_defaults()
+    if len(bound.arguments) == 1:
+        return next(iter(bound.arguments.values()))
+    return dict(bound.arguments)
+
+
+def delivery_info_queue(delivery_info: dict[str, Any] | None) -> str | None:
+    """The queue a message came from (our queues are bound with their own name as the key)."""
+    routing_key = (delivery_info or {}).get("routing_key")
+    return str(routing_key) if routing_key else None
+
+
+@worker_ready.connect
+def check_broker_when_ready(sender: Any = None, **_: Any) -> None:
+    """Warn at worker start-up when the Redis broker could lose messages (docs/operations.md)."""
+    from workers.healthcheck import warn_about_broker
+
+    settings = getattr(getattr(sender, "app", None), "conf", {}).get("crm_settings")
+    if isinstance(settings, Settings):
+        warn_about_broker(settings)
 
 
 #: How long a requested refresh waits before it runs. Changes committed meanwhile find the

@@ -37,5 +37,13 @@ class Channel(filesystem.Channel):
             raise filesystem.ChannelError(f"Cannot add file {final!r} to directory") from exc
 
 
+    def _restore(self, message: Any) -> None:
+        # kombu marks the restored copy where Celery does not look; mark it where it does (as
+        # kombu's Redis transport does), so the delivery counter (workers/base.py) parks a
+        # message that keeps killing its worker process instead of running it forever.
+        message.delivery_info["redelivered"] = True
+        super()._restore(message)
+
+
 class Transport(filesystem.Transport):
     Channel = Channel

@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SecurityError
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -109,10 +110,39 @@ def cmd_beat(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
 def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
-    argv = ["flower", *args.celery_args]
+    """Flower shows every task's arguments (customer data) and can shut workers down: it runs
+    behind basic auth (CRM_FLOWER_BASIC_AUTH), or, with ``--no-auth``, on loopback only."""
+    celery_args = list(args.celery_args)
+    if any(a.startswith(("--basic-auth", "--basic_auth")) for a in celery_args):
+        raise CommandError(
+            "give the Flower credentials in CRM_FLOWER_BASIC_AUTH, not on the command line"
+            " (where the process list shows them)"
+        )
+    argv = ["flower", *celery_args]
     if rt.settings.flower_basic_auth:
+        if args.no_auth:
+            raise CommandError("--no-auth contradicts CRM_FLOWER_BASIC_AUTH; drop one of them")
+        # In-process: the password never becomes part of a process's command line.
         argv.append(f"--basic-auth={rt.settings.flower_basic_auth}")
+    elif args.no_auth:
+        addresses = [
+            a.split("=", 1)[1] if "=" in a else celery_args[i + 1]
+            for i, a in enumerate(celery_args)
+            if a.startswith("--address") and ("=" in a or i + 1 < len(celery_args))
+        ]
+        if any(address not in LOOPBACK_ADDRESSES for address in addresses):
+            raise CommandError("--no-auth serves Flower on loopback only (127.0.0.1 or ::1)")
+        if not addresses:
+            argv.append("--address=127.0.0.1")
+    else:
+        raise CommandError(
+            "Flower needs credentials: set CRM_FLOWER_BASIC_AUTH=user:password, or pass"
+            " --no-auth to serve it without them on 127.0.0.1 only (docs/security.md)"
+        )
     rt.app.start(argv)
     return 0
 
@@ -482,9 +512,15 @@ def cmd_rejected(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+FAILURE_KINDS = ("transient", "bug", "timeout", "poison")
+
+
 def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
     from models.ledger import FailedMessage
 
+    query = select(FailedMessage).order_by(FailedMessage.id)
+    if args.kind:
+        query = query.where(FailedMessage.kind == args.kind)
     with rt.sessions() as session:
         rows = [
             {
@@ -494,11 +530,12 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
                 "kind": r.kind,
                 "exception": r.exception,
                 "attempts": r.attempts,
+                "queue": r.queue,
                 "failed_at": r.failed_at.isoformat(),
                 "replayed_at": r.replayed_at.isoformat() if r.replayed_at else None,
                 "payload": r.payload,
             }
-            for r in session.scalars(select(FailedMessage).order_by(FailedMessage.id))
+            for r in session.scalars(query)
         ]
     if args.json:
         emit_json(rows)
@@ -507,9 +544,16 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
 
         table(
             f"{len(rows)} failed message(s)",
-            ["id", "task", "kind", "when", "exception"],
+            ["id", "task", "kind", "when", "replayed", "exception"],
             [
-                [r["id"], r["task"], r["kind"], r["failed_at"][:19], r["exception"][:100]]
+                [
+                    r["id"],
+                    r["task"],
+                    r["kind"],
+                    r["failed_at"][:19],
+                    (r["replayed_at"] or "")[:19],
+                    r["exception"][:100],
+                ]
                 for r in rows
             ],
         )
@@ -517,31 +561,110 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.ledger import FailedMessage
+
+    if bool(args.id) == bool(args.all):
+        raise CommandError("give one id (rejected:N or failed:N) or --all")
+    if args.kind and not args.all:
+        raise CommandError("--kind goes with --all")
+    if args.all:
+        query = select(FailedMessage.id).where(FailedMessage.replayed_at.is_(None))
+        if args.kind:
+            query = query.where(FailedMessage.kind == args.kind)
+        with rt.sessions() as session:
+            ids = [f"failed:{n}" for n in session.scalars(query.order_by(FailedMessage.id))]
+    else:
+        ids = [args.id]
+    replayed = []
+    for ledger_id in ids:
+        task_id = replay_one(rt, ledger_id, only_pending=args.all)
+        if task_id is not None:
+            print(f"replayed {ledger_id} as task {task_id}", file=sys.stderr)
+            replayed.append({"id": ledger_id, "task_id": task_id})
+    if args.all:
+        print(f"replayed {len(replayed)} failed message(s)", file=sys.stderr)
+    if args.json:
+        emit_json(replayed)
+    return 0
+
+
+def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None:
+    """Publish a rejected or failed message again as a new task; returns its task id.
+
+    The row is marked replayed before publishing (so two ``replay --all`` never both send it)
+    and unmarked again if publishing fails, so a broker outage loses no replay.
+    """
+    import uuid
+
+    from kombu import Queue
+
     from models.base import utcnow
     from models.ledger import FailedMessage, RejectedMessage
-    from workers.publish import publish
+    from workers.queues import TASK_QUEUES
 
-    kind, _, number = args.id.partition(":")
+    kind, _, number = ledger_id.partition(":")
     if kind not in ("rejected", "failed") or not number.isdigit():
         raise CommandError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
-    with transaction(rt.sessions) as session:
-        row: RejectedMessage | FailedMessage | None
+
+    def locked(session: Session) -> RejectedMessage | FailedMessage | None:
         if kind == "rejected":
-            row = session.get(RejectedMessage, int(number))
-        else:
-            row = session.get(FailedMessage, int(number))
+            return session.get(RejectedMessage, int(number), with_for_update=True)
+        return session.get(FailedMessage, int(number), with_for_update=True)
+
+    with transaction(rt.sessions) as session:
+        row = locked(session)
         if row is None:
-            raise CommandError(f"no {args.id}")
-        task_name, payload = row.task_name, row.payload
-        args_list = payload if task_name in ("crm.refresh.seller",) else None
+            raise CommandError(f"no {ledger_id}")
+        if only_pending and row.replayed_at is not None:
+            return None
+        if isinstance(row, RejectedMessage) and is_refused_body(row.payload):
+            raise CommandError(
+                f"{ledger_id} was refused undecoded ({row.reason[:200]}): it is not a message"
+                " that can be sent again; its body is kept base64-encoded in the row"
+                " (`crm-events rejected --json`)"
+            )
+        previous = row.replayed_at
         row.replayed_at = utcnow()
-    if args_list is not None:
-        rt.app.send_task(task_name, args=[args_list])
-        print(f"replayed {args.id} as {task_name}", file=sys.stderr)
-        return 0
-    published = publish(rt.app, task_name, payload, args.id)
-    print(f"replayed {args.id} as task {published.task_id}", file=sys.stderr)
-    return 0
+        task_name, payload = row.task_name, row.payload
+        queue = row.queue if isinstance(row, FailedMessage) else None
+    task_id = str(uuid.uuid4())
+    call_args, call_kwargs = replay_arguments(rt.app, task_name, payload)
+    # Our tasks go to their contract queue; any other back to the queue it was delivered from
+    # (as a Queue: a name alone must be one of this app's queues).
+    destination: Any = TASK_QUEUES.get(task_name)
+    if destination is None and queue:
+        destination = Queue(queue, routing_key=queue)
+    try:
+        rt.app.send_task(
+            task_name,
+            args=call_args,
+            kwargs=call_kwargs,
+            task_id=task_id,
+            queue=destination,
+        )
+    except Exception:
+        with transaction(rt.sessions) as session:
+            row = locked(session)
+            if row is not None:
+                row.replayed_at = previous
+        raise
+    return task_id
+
+
+def is_refused_body(payload: Any) -> bool:
+    """A row the worker's consumer wrote for a message it refused undecoded (workers/security)."""
+    return isinstance(payload, dict) and {"body_b64", "body_sha256"} <= payload.keys()
+
+
+def replay_arguments(app: Any, task_name: str, payload: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The call that recorded ``payload`` (see ``workers.base.payload_of``)."""
+    import inspect
+
+    task = app.tasks.get(task_name)
+    takes_one = task is None or len(inspect.signature(task.run).parameters) == 1
+    if isinstance(payload, dict) and not takes_one:
+        return [], payload
+    return [payload], {}
 
 
 def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
@@ -684,9 +807,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("worker", cmd_worker, "run a worker (all queues unless -Q narrows)"),
         ("beat", cmd_beat, "run the scheduler"),
-        ("flower", cmd_flower, "run the monitoring UI"),
+        (
+            "flower",
+            cmd_flower,
+            "run the monitoring UI behind basic auth (CRM_FLOWER_BASIC_AUTH)",
+        ),
     ):
-        add(name, handler, text + "; further options go to Celery")
+        p = add(name, handler, text + "; further options go to Celery")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve Flower without credentials, on 127.0.0.1 only",
+    )
 
     p = add(
         "publish", cmd_publish, "publish messages from JSON files or .eml files", json_flag=True
@@ -770,9 +902,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send", action="store_true", help="send by email (SMTP from CRM_SMTP_*)")
 
     add("rejected", cmd_rejected, "messages rejected as bad input, with reasons", json_flag=True)
-    add("failed", cmd_failed, "messages whose processing failed", json_flag=True)
-    p = add("replay", cmd_replay, "publish a rejected or failed message again")
-    p.add_argument("id", metavar="ID", help="rejected:N or failed:N")
+    p = add("failed", cmd_failed, "messages whose processing failed", json_flag=True)
+    p.add_argument("--kind", choices=FAILURE_KINDS, help="only failures of this kind")
+    p = add(
+        "replay",
+        cmd_replay,
+        "publish a rejected or failed message again, as a new task",
+        json_flag=True,
+    )
+    p.add_argument("id", metavar="ID", nargs="?", help="rejected:N or failed:N")
+    p.add_argument(
+        "--all", action="store_true", help="every failed message not replayed yet (not rejected)"
+    )
+    p.add_argument("--kind", choices=FAILURE_KINDS, help="with --all: only failures of this kind")
 
     p = add("catalogue", cmd_catalogue, "the classification settings", json_flag=True)
     p.add_argument("action", choices=["show", "export", "apply"])
@@ -836,6 +978,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         print(f"crm-events: {exc.reason}", file=sys.stderr)
         return 1
+    except SecurityError as exc:
+        # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
+        print(f"crm-events: message signing: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,240 @@
+"""A message that kills its worker process is parked; one over the hard time limit is recorded.
+
+Both need a task that misbehaves on purpose, which the product does not have: this module is
+also a worker (``python -m tests.integration.test_delivery_poison``) built like
+``crm-events worker`` (``workers.app.create_app``, the production base task ``CrmTask``) plus two
+tasks on a queue of their own, next to the session's live worker on the same PostgreSQL
+database and Redis:
+
+- ``tests.delivery.die`` kills its own pool process (as an out-of-memory kill or a crash in a C
+  extension would) until the file named in its message exists, the "fix";
+- ``tests.delivery.stall`` ignores the soft time limit, as a stage stuck in C code would, so
+  only the hard time limit stops it.
+
+The worker runs with a 3 s task time limit and ``CRM_MAX_DELIVERIES=3``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import ROOT
+from tests.integration.conftest import LiveSystem
+
+QUEUE = "tests.delivery"
+DIE_TASK = "tests.delivery.die"
+STALL_TASK = "tests.delivery.stall"
+TIME_LIMIT_S = 3
+MAX_DELIVERIES = 3
+
+
+def create_test_app(settings: Any) -> Any:
+    """``create_app(settings)`` plus the two misbehaving tasks and their queue."""
+    from celery.exceptions import SoftTimeLimitExceeded
+    from kombu import Queue
+
+    from models.db import transaction
+    from tasks.store import record_delivery
+    from workers.app import create_app
+    from workers.base import CrmTask
+
+    app = create_app(settings)
+    app.conf.task_queues = [*app.conf.task_queues, Queue(QUEUE, routing_key=QUEUE)]
+    app.conf.task_routes = {
+        **app.conf.task_routes,
+        DIE_TASK: {"queue": QUEUE, "routing_key": QUEUE},
+        STALL_TASK: {"queue": QUEUE, "routing_key": QUEUE},
+    }
+
+    @app.task(name=DIE_TASK, base=CrmTask, bind=True)
+    def die_until_fixed(self: CrmTask, message: dict[str, Any]) -> str:
+        if not Path(message["fixed_when"]).exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+        with transaction(self.sessions) as session:
+            record_delivery(session, task_id=self.request.id, task_name=self.name, outcome="done")
+        return "done"
+
+    @app.task(name=STALL_TASK, base=CrmTask, bind=True)
+    def stall(self: CrmTask, message: dict[str, Any]) -> str:
+        deadline = time.monotonic() + float(message["seconds"])
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except SoftTimeLimitExceeded:
+                continue
+        with transaction(self.sessions) as session:
+            record_delivery(session, task_id=self.request.id, task_name=self.name, outcome="done")
+        return "done"
+
+    return app
+
+
+def main(argv: list[str]) -> int:
+    from config.logging import configure_logging
+    from config.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings)
+    app = create_test_app(settings)
+    app.worker_main(["worker", "-Q", QUEUE, "--loglevel", "INFO", *argv])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def misbehaving(live: LiveSystem, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The test worker: one pool process, a 3 s time limit, parked after 3 deliveries."""
+    env = dict(live.env)
+    env.update(CRM_TASK_TIME_LIMIT_S=str(TIME_LIMIT_S), CRM_MAX_DELIVERIES=str(MAX_DELIVERIES))
+    node = f"delivery-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    log = tmp_path_factory.mktemp("delivery-worker") / "worker.log"
+    with open(log, "wb") as handle:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.test_delivery_poison",
+                "--concurrency",
+                "1",
+                "--hostname",
+                node,
+            ],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    # The publisher's time limits travel in each message and win over the worker's: publish
+    # with the worker's settings.
+    app = create_test_app(
+        replace(live.settings, task_time_limit_s=TIME_LIMIT_S, max_deliveries=MAX_DELIVERIES)
+    )
+    app.worker = worker
+    app.log_path = log
+    deadline = time.monotonic() + 60
+    while not app.control.ping(destination=[node], timeout=1):
+        assert worker.poll() is None, f"test worker exited:\n{log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, "test worker did not answer ping"
+    try:
+        yield app
+    finally:
+        worker.send_signal(signal.SIGTERM)  # warm shutdown of the main process
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def publish_and_wait(
+    live: LiveSystem, app: Any, task: str, message: Any, timeout: float, **options: Any
+) -> Any:
+    from workers.publish import wait_for
+
+    task_id = str(uuid.uuid4())
+    app.send_task(task, args=[message], task_id=task_id, queue=QUEUE, **options)
+    done = wait_for(live.sessions, [task_id], timeout)
+    log = Path(app.log_path).read_text(errors="replace")
+    assert task_id in done, f"{task} {task_id} has no outcome; test worker log:\n{log[-4000:]}"
+    return done[task_id]
+
+
+def failures_of(live: LiveSystem, task_id: str) -> list[Any]:
+    from models.ledger import FailedMessage
+
+    with live.sessions() as session:
+        return list(session.scalars(select(FailedMessage).where(FailedMessage.task_id == task_id)))
+
+
+def test_a_message_that_kills_its_worker_is_parked_and_can_be_replayed(
+    live: LiveSystem, misbehaving: Any, tmp_path: Path
+) -> None:
+    from models.ledger import DeliveryAttempt
+    from workers.publish import wait_for
+
+    fix = tmp_path / "fixed"
+    started = time.monotonic()
+    # The pool notices a dead process within seconds: under a 3 s time limit that would race
+    # with the hard limit, so this message carries a roomier one.
+    delivery = publish_and_wait(
+        live,
+        misbehaving,
+        DIE_TASK,
+        {"fixed_when": str(fix)},
+        90,
+        time_limit=60,
+        soft_time_limit=50,
+    )
+
+    # Delivered 1 + 3 times: three deaths, and the fourth delivery was not run but parked.
+    assert delivery.outcome == "failed"
+    assert delivery.detail.startswith("poison: ")
+    [failed] = failures_of(live, delivery.task_id)
+    assert failed.kind == "poison"
+    assert failed.attempts == MAX_DELIVERIES + 1
+    assert f"delivered {MAX_DELIVERIES + 1} times" in failed.exception
+    assert f"CRM_MAX_DELIVERIES={MAX_DELIVERIES}" in failed.exception
+    assert "worker process running it died" in failed.exception
+    assert failed.payload == {"fixed_when": str(fix)}
+    assert failed.queue == QUEUE
+    with live.sessions() as session:
+        attempt = session.get(DeliveryAttempt, delivery.task_id)
+        assert attempt is not None and attempt.deliveries == MAX_DELIVERIES + 1
+    assert time.monotonic() - started < 90
+    assert misbehaving.worker.poll() is None, "the test worker itself must survive"
+
+    listed = live.cli("failed", "--json", "--kind", "poison")
+    assert listed.returncode == 0, listed.stderr
+    assert f'"failed:{failed.id}"' in listed.stdout
+
+    # After the fix, replaying publishes it as a new task, whose count starts from zero.
+    fix.touch()
+    replayed = live.cli("replay", f"failed:{failed.id}", "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    [entry] = json.loads(replayed.stdout)
+    assert entry["id"] == f"failed:{failed.id}" and entry["task_id"] != delivery.task_id
+    done = wait_for(live.sessions, [entry["task_id"]], 60)
+    assert done[entry["task_id"]].outcome == "done"
+    [failed_again] = failures_of(live, delivery.task_id)
+    assert failed_again.replayed_at is not None
+
+
+def test_a_task_over_the_hard_time_limit_is_recorded_as_timeout(
+    live: LiveSystem, misbehaving: Any
+) -> None:
+    started = time.monotonic()
+    delivery = publish_and_wait(live, misbehaving, STALL_TASK, {"seconds": 60}, 45)
+    assert time.monotonic() - started < 45
+
+    assert delivery.outcome == "failed"
+    assert delivery.detail.startswith("timeout: ")
+    [failed] = failures_of(live, delivery.task_id)
+    assert failed.kind == "timeout"
+    assert f"hard time limit of {TIME_LIMIT_S} s" in failed.exception
+    assert failed.payload == {"seconds": 60}
+    assert failed.queue == QUEUE
+
+    # The worker carries on, and the timed-out message never runs (or is recorded) again.
+    after = publish_and_wait(live, misbehaving, STALL_TASK, {"seconds": 0.1}, 30)
+    assert after.outcome == "done"
+    time.sleep(TIME_LIMIT_S + 1)
+    assert len(failures_of(live, delivery.task_id)) == 1
+    assert misbehaving.worker.poll() is None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
