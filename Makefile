@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck services clean
+.PHONY: demo test lint typecheck services clean audit
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy config models tasks workers
+
+## Known vulnerabilities in the pinned run-time dependencies (PyPI's advisory data; docs/security.md).
+## AUDIT_FLAGS=--strict also fails when a dependency could not be looked up.
+AUDIT_FLAGS ?=
+audit: $(STAMP)
+	$(BIN)/pip-audit -r requirements.lock --require-hashes --vulnerability-service pypi \
+		--progress-spinner off --desc on $(AUDIT_FLAGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

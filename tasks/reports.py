@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import smtplib
 import ssl
 from collections import defaultdict
@@ -35,6 +36,7 @@ from models.base import utcnow
 from models.db import transaction, upsert_insert
 from models.parties import Staff
 from models.targets import ReportRun
+from tasks.attach import sanitise_filename
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.periods import period_dates, period_keys, period_kind, validate_period
 from tasks.store import record_delivery
@@ -78,7 +80,9 @@ class TargetReport:
 
     @property
     def stem(self) -> str:
-        return f"targets-{self.kind}-{self.period}-{self.manager}"
+        """The files' name: the manager's username comes from master data, never a path."""
+        manager = sanitise_filename(re.sub(r"[/\\]", "_", self.manager), fallback="manager")
+        return f"targets-{self.kind}-{self.period}-{manager}"
 
     def html(self, chart_src: str) -> str:
         return render_html(self, chart_src)

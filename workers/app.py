@@ -1,4 +1,4 @@
-"""The Celery app factory: queues, routes, JSON only, delivery settings (DESIGN §5 and §8).
+"""The Celery app factory: queues, routes, JSON only (or signed), delivery settings (DESIGN §5, §8).
 
 Nothing is created at import time; every process calls :func:`create_app` with its settings.
 """
@@ -74,6 +74,9 @@ def create_app(settings: Settings) -> Celery:
             name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
         },
         task_create_missing_queues=False,
+        # Records every message the worker refuses (another content type, an undecodable body,
+        # an unknown task) as a rejected_message before acknowledging it (workers/security.py).
+        worker_consumer="workers.security:RecordingConsumer",
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
         worker_send_task_events=not settings.embedded_broker,
@@ -84,6 +87,10 @@ def create_app(settings: Settings) -> Celery:
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
     )
     app.conf.crm_settings = settings
+    if settings.signing_enabled:
+        from workers.security import configure_signing
+
+        configure_signing(app, settings)
     for module in TASK_MODULES:
         __import__(module)
     app.finalize()

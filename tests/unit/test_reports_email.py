@@ -231,6 +231,21 @@ def test_report_files_are_the_same_html_png_and_csv(team: Session, tmp_path: Pat
     assert f'src="{png_path.name}"' in html_path.read_text(encoding="utf-8")
 
 
+def test_a_path_like_manager_username_never_leaves_the_report_folder(
+    team: Session, tmp_path: Path
+) -> None:
+    helena = team.scalar(select(Staff).where(Staff.username == "helena"))
+    assert helena is not None
+    report = build_target_report(team, helena, "weekly", "2026-W48", MONDAY_0700)
+    report.manager = "../../outside/helena"
+    (tmp_path / "outside").mkdir()
+    out = tmp_path / "reports" / "deep"
+    paths = write_report_files(report, out)
+    assert all(path.parent == out for path in paths)
+    assert paths[0].name == "targets-weekly-2026-W48-_.._outside_helena.html"
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
 def test_reports_go_over_starttls_with_login(
     team: Session, sessions: sessionmaker[Session], settings: Settings, tmp_path: Path
 ) -> None:

@@ -1,0 +1,152 @@
+"""`crm-events flower`: behind basic auth, or on loopback with an explicit --no-auth; never open.
+
+A real Flower process on loopback, on the session's broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.integration.conftest import LiveSystem
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "admin", "flower-Test-9d8c7b6a"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get(port: int, path: str, credentials: str | None = None) -> tuple[int, bytes]:
+    headers = {}
+    if credentials is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class Flower:
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = log
+        with open(log, "wb") as handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "flower", f"--port={self.port}", *args],
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, f"flower exited:\n{log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"flower not listening:\n{log.read_text()}"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def flower(live: LiveSystem) -> Iterator[Flower]:
+    env = {
+        **live.env,
+        "CRM_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}",
+        "CRM_LOG_LEVEL": "DEBUG",
+    }
+    server = Flower(env, live.settings.data_dir / "flower.log")
+    yield server
+    server.stop()
+
+
+def test_without_credentials_flower_answers_401(flower: Flower) -> None:
+    assert get(flower.port, "/")[0] == 401
+    assert get(flower.port, "/api/workers")[0] == 401
+    assert get(flower.port, "/", f"{USER}:wrong")[0] == 401
+
+
+def test_with_credentials_flower_answers_200(flower: Flower) -> None:
+    status, body = get(flower.port, "/", f"{USER}:{PASSWORD}")
+    assert status == 200 and b"Flower" in body
+
+
+def test_metrics_and_healthcheck_need_no_credentials(flower: Flower) -> None:
+    """What docs/security.md says: /metrics (Prometheus) and /healthcheck are open in
+    Flower 2.2, whatever the basic auth; /metrics names workers and task names and counts,
+    never arguments. A change here needs the docs to change with it."""
+    status, body = get(flower.port, "/metrics")
+    assert status == 200 and b"flower_" in body
+    assert PASSWORD.encode() not in body
+    assert get(flower.port, "/healthcheck") == (200, b"OK")
+
+
+def test_the_password_is_not_logged(flower: Flower) -> None:
+    get(flower.port, "/", f"{USER}:{PASSWORD}")
+    text = flower.log.read_text(errors="replace")
+    assert "DEBUG" in text
+    assert PASSWORD not in text
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "flower", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_flower_refuses_to_start_without_credentials(live: LiveSystem) -> None:
+    result = run_cli(live.env, f"--port={free_port()}")
+    assert result.returncode == 1
+    assert "CRM_FLOWER_BASIC_AUTH" in result.stderr and "--no-auth" in result.stderr
+
+
+def test_no_auth_is_loopback_only(live: LiveSystem) -> None:
+    result = run_cli(live.env, "--no-auth", "--address=0.0.0.0", f"--port={free_port()}")
+    assert result.returncode == 1 and "loopback only" in result.stderr
+    result = run_cli(live.env, "--basic-auth=a:b", f"--port={free_port()}")
+    assert result.returncode == 1 and "CRM_FLOWER_BASIC_AUTH" in result.stderr
+
+    server = Flower(live.env, live.settings.data_dir / "flower-no-auth.log", "--no-auth")
+    try:
+        assert get(server.port, "/")[0] == 200
+        # Bound to loopback: another address of this host is not served.
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(OSError):
+                socket.create_connection((other, server.port), timeout=2).close()
+    finally:
+        server.stop()
