@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import shared_task
@@ -25,7 +26,7 @@ from tasks.errors import TRANSIENT_ERRORS
 from tasks.periods import period_bounds
 from tasks.store import clear_refresh_request, seller_zone
 from tasks.views import seller_cards
-from workers.base import CrmTask
+from workers.base import CrmTask, request_refresh
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +177,42 @@ def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
         except TRANSIENT_ERRORS as exc:
             log.warning("seller notification not published: %s", exc)
     return "done"
+
+
+#: Touched tallies older than this, with no refresh on its way, are requested by the sweep.
+SWEEP_AFTER = timedelta(seconds=30)
+
+
+def sellers_to_sweep(session: Session, now: datetime | None = None) -> list[int]:
+    """Sellers with tally touches that have waited longer than ``SWEEP_AFTER``."""
+    before = (now or utcnow()) - SWEEP_AFTER
+    return list(
+        session.scalars(
+            select(TallyTouch.seller_id)
+            .where(TallyTouch.created_at < before)
+            .distinct()
+            .order_by(TallyTouch.seller_id)
+        )
+    )
+
+
+@shared_task(name="crm.refresh.sweep", base=CrmTask, bind=True)
+def sweep_refreshes_task(self: CrmTask) -> str:
+    """crm.refresh.sweep (beat, every minute): request the refreshes that were never sent.
+
+    A change is committed before its refresh is requested; when the broker was unavailable at
+    that moment, or the process died in between, the touches wait in ``tally_touch``. This
+    requests a refresh for their sellers (the usual claim keeps it from doubling one that is on
+    its way), so the views and tallies catch up within a minute or two, not at the nightly
+    reconcile.
+    """
+    try:
+        with transaction(self.sessions) as session:
+            sellers = sellers_to_sweep(session)
+        requested = [s for s in sellers if request_refresh(self.app, self.sessions, s)]
+    except Exception as exc:  # the next tick tries again
+        log.warning("refresh sweep did not run: %r", exc)
+        return "failed"
+    if requested:
+        log.warning("refresh sweep requested the refresh of sellers %s", requested)
+    return f"requested {len(requested)}"

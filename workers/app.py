@@ -11,6 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from config.settings import Settings
+from workers.base import soft_time_limit
 from workers.beat import BEAT_SCHEDULE
 from workers.queues import QUEUES, TASK_QUEUES
 
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
-        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        task_soft_time_limit=soft_time_limit(settings.task_time_limit_s),
         task_queues=[Queue(name, routing_key=name) for name in QUEUES],
         task_default_queue="crm.ingest.party",
         task_routes={

@@ -15,6 +15,8 @@ import os
 import random
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
+from functools import partial
 from typing import Any
 
 from celery import Task
@@ -30,7 +32,7 @@ from models.db import create_db_engine, create_session_factory, transaction, ups
 from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMessage
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
-from tasks.store import StageResult, claim_refresh, record_delivery
+from tasks.store import StageResult, claim_refresh, clear_refresh_request, record_delivery
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,17 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
         engine = create_db_engine(settings)
         _engines[key] = (engine, create_session_factory(engine))
     return _engines[key][1]
+
+
+#: Retries of a message whose outcome could not be recorded (the database unavailable): with the
+#: backoff capped at CRM_RETRY_BACKOFF_MAX_S, weeks of waiting; Celery reads None as its default 3.
+RECORD_RETRIES = 10_000
+
+
+def soft_time_limit(hard_s: int) -> int:
+    """The soft limit: 30 s before the hard one, or a quarter of it for short limits (a task
+    then still has time to roll back and be recorded before its process is killed)."""
+    return hard_s - min(30, max(1, hard_s // 4))
 
 
 class CrmTask(Task):
@@ -159,6 +172,17 @@ class CrmTask(Task):
         engine = create_db_engine(settings, **options)
         try:
             with transaction(create_session_factory(engine)) as session:
+                finished = session.get(Delivery, task_id)
+                if finished is not None:
+                    # Its outcome was committed before the limit hit (the time ran out in
+                    # what follows the commit, such as requesting a refresh): not a failure.
+                    log.warning(
+                        "%s %s: killed after its outcome (%s) was recorded",
+                        self.name,
+                        task_id,
+                        finished.outcome,
+                    )
+                    return
                 add_failure(
                     session,
                     task_name=self.name,
@@ -206,7 +230,7 @@ class CrmTask(Task):
                     detail=result.detail,
                 )
         except BadInput as exc:
-            self.record_rejection(message, exc.reason, exc.errors)
+            self.recorded(partial(self.record_rejection, message, exc.reason, exc.errors))
             return "rejected"
         except TRANSIENT_ERRORS as exc:
             self.retry_or_record(message, exc)
@@ -214,17 +238,48 @@ class CrmTask(Task):
         except SoftTimeLimitExceeded as exc:
             # Interrupted at the soft time limit: rolled back, recorded, not retried (it would
             # most likely overrun again); replay it once the cause is known.
-            self.record_failure(message, exc, kind="timeout")
+            self.recorded(partial(self.record_failure, message, exc, kind="timeout"))
             return "failed"
         except Exception as exc:
-            self.record_failure(message, exc, kind="bug")
+            self.recorded(partial(self.record_failure, message, exc, kind="bug"))
             raise
         self.after_commit(result)
         return result.outcome
 
+    def recorded(self, record: Callable[[], None]) -> None:
+        """Record a message's outcome (a rejection, a failure), or run the message again later.
+
+        A message is acknowledged only once its outcome is in the database: when the database
+        cannot take the record now (restarting, unreachable), the message is retried with
+        backoff, practically without a bound (``RECORD_RETRIES``), instead of being acknowledged
+        with no trace.
+        """
+        try:
+            record()
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "%s %s: outcome not recorded, the database is unavailable; retrying: %s",
+                self.name,
+                self.request.id,
+                exc,
+            )
+            raise self.retry(exc=exc, countdown=self.backoff(), max_retries=RECORD_RETRIES) from exc
+
     def after_commit(self, result: StageResult) -> None:
+        """Request the sellers' refreshes. The change is committed whatever happens here: a
+        refresh that cannot be requested now (broker or database unavailable, the time limit)
+        is left to the refresh sweep, which finds the touched tallies (``crm.refresh.sweep``)."""
         for seller_id in sorted(result.sellers_to_refresh):
-            request_refresh(self.app, self.sessions, seller_id)
+            try:
+                request_refresh(self.app, self.sessions, seller_id)
+            except Exception as exc:
+                log.warning(
+                    "%s %s: refresh of seller %s not requested, left to the sweep: %r",
+                    self.name,
+                    self.request.id,
+                    seller_id,
+                    exc,
+                )
 
     def retry_or_record(self, message: Any, exc: BaseException) -> None:
         if self.request.retries < self.settings.max_retries:
@@ -232,7 +287,7 @@ class CrmTask(Task):
             raise self.retry(
                 exc=exc, countdown=self.backoff(), max_retries=self.settings.max_retries
             )
-        self.record_failure(message, exc, kind="transient")
+        self.recorded(partial(self.record_failure, message, exc, kind="transient"))
 
     def record_rejection(self, message: Any, reason: str, errors: dict[str, Any]) -> None:
         log.info("%s rejected %s: %s", self.name, self.request.id, reason)
@@ -258,8 +313,9 @@ class CrmTask(Task):
         log.error("%s failed (%s) %s: %r", self.name, kind, self.request.id, exc, exc_info=exc)
         if isinstance(exc, SoftTimeLimitExceeded):
             exception = (
-                f"SoftTimeLimitExceeded: interrupted at the soft time limit, 30 s before the hard "
-                f"limit of {self.settings.task_time_limit_s} s (CRM_TASK_TIME_LIMIT_S)"
+                "SoftTimeLimitExceeded: interrupted at the soft time limit"
+                f" ({soft_time_limit(self.settings.task_time_limit_s)} s), before the hard limit"
+                f" of {self.settings.task_time_limit_s} s (CRM_TASK_TIME_LIMIT_S)"
             )
         else:
             exception = f"{type(exc).__name__}: {exc}"
@@ -369,17 +425,38 @@ def check_broker_when_ready(sender: Any = None, **_: Any) -> None:
 REFRESH_COALESCE_S = 0.2
 
 
+#: Publishing a refresh gives up after these retries (about 2 s): the ingest's change is already
+#: committed, and the sweep requests what a dead broker kept from being sent.
+REFRESH_PUBLISH_RETRY = {
+    "max_retries": 3,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
+
+
 def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -> bool:
-    """Enqueue ``crm.refresh.seller`` unless one is already queued (coalescing); after commit."""
+    """Enqueue ``crm.refresh.seller`` unless one is already queued (coalescing); after commit.
+
+    When the refresh cannot be published, the claim is released again (best effort), so the
+    next change or the sweep requests it at once rather than after the claim goes stale.
+    """
     with transaction(sessions) as session:
         claimed = claim_refresh(session, seller_id)
     if claimed:
-        app.send_task(
-            "crm.refresh.seller",
-            args=[seller_id],
-            queue="crm.refresh",
-            countdown=REFRESH_COALESCE_S,
-        )
+        try:
+            app.send_task(
+                "crm.refresh.seller",
+                args=[seller_id],
+                queue="crm.refresh",
+                countdown=REFRESH_COALESCE_S,
+                retry=True,
+                retry_policy=REFRESH_PUBLISH_RETRY,
+            )
+        except Exception:
+            with suppress(Exception), transaction(sessions) as session:
+                clear_refresh_request(session, seller_id)
+            raise
     return claimed
 
 

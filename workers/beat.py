@@ -1,4 +1,4 @@
-"""The beat schedule: managers' target reports and the nightly reconcile.
+"""The beat schedule: managers' target reports, the refresh sweep and the nightly reconcile.
 
 The report entries tick every 15 minutes and ``crm.reports.targets`` sends only what is due in
 each manager's own time zone (Monday 07:00 and the 1st at 07:00 by default, configurable with
@@ -24,6 +24,10 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "crm.reports.targets",
         "schedule": crontab(minute="*/15"),
         "args": ["monthly"],
+    },
+    "refresh-sweep": {
+        "task": "crm.refresh.sweep",
+        "schedule": crontab(),  # every minute
     },
     "nightly-reconcile": {
         "task": "crm.maintenance.reconcile",

@@ -12,6 +12,7 @@ TASK_QUEUES: dict[str, str] = {
     # Targets are master data from the ERP, like parties: the same queue.
     "crm.ingest.target": "crm.ingest.party",
     "crm.refresh.seller": "crm.refresh",
+    "crm.refresh.sweep": "crm.refresh",
     "crm.reports.targets": "crm.reports",
     "crm.maintenance.reconcile": "crm.maintenance",
 }

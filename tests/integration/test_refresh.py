@@ -16,7 +16,7 @@ from sqlalchemy import select
 from models.events import CrmEvent
 from models.ledger import Delivery
 from models.parties import Staff
-from models.targets import SellerCard, Tally
+from models.targets import SellerCard, Tally, TallyTouch
 from tasks.periods import period_keys
 from tasks.views import zone_of
 from tests.integration.conftest import LiveSystem
@@ -271,6 +271,34 @@ def test_statistics_command(team: LiveSystem) -> None:
     bad = team.cli("stats", "--by", "class", "--period", "2026-13")
     assert bad.returncode == 1
     assert "not a period '2026-13'" in bad.stderr
+
+
+def test_the_sweep_requests_a_refresh_that_was_never_sent(
+    team: LiveSystem, notifications: Callable[[], list[str]]
+) -> None:
+    """As after a broker outage between an ingest's commit and its refresh request."""
+    with team.sessions() as session, session.begin():
+        eero = session.scalar(select(Staff.id).where(Staff.username == "rf-eero"))
+        assert eero is not None
+        session.add(
+            TallyTouch(
+                seller_id=eero,
+                category_code="sales_action",
+                period="2026-W48",
+                created_at=datetime.now(UTC) - timedelta(minutes=2),
+            )
+        )
+    team.app.send_task("crm.refresh.sweep", queue="crm.refresh")
+    deadline = time.monotonic() + 15
+    while True:
+        with team.sessions() as session:
+            waiting = session.scalars(
+                select(TallyTouch.id).where(TallyTouch.seller_id == eero)
+            ).all()
+        if not waiting and "rf-eero" in notifications():
+            break
+        assert time.monotonic() < deadline, f"not swept; worker log:\n{team.tail()}"
+        time.sleep(0.1)
 
 
 def test_after_all_of_it_no_drift_and_cards_equal_their_lists(team: LiveSystem) -> None:
