@@ -1,0 +1,154 @@
+"""Faults while a mixed stream is processed: nothing lost or doubled, no drift, still consuming.
+
+Each scenario gets a fresh database on the private PostgreSQL cluster, an empty private Redis and
+real ``crm-events worker`` processes, publishes a deterministic stream (calls with 2-4 updates
+out of order, emails with a PDF attachment, visits with a later update, a few bad messages),
+injects its fault while the stream is being processed, and then checks the accounting of
+:func:`tests.faults.harness.account`: every task id has an outcome, the stored events are
+exactly the expected ones with each call's final status and duration and each visit's latest
+subject, the bad messages are rejected with a reason and nothing else is, nothing failed, the
+tallies equal a recomputation from the events, and the workers process a new message.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.faults.conftest import Services
+from tests.faults.harness import (
+    REDELIVERY_S,
+    Accounting,
+    Message,
+    Scenario,
+    account,
+    bad_messages,
+    build_stream,
+    scenario,
+)
+from workers.publish import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def check(result: Accounting, run: Scenario) -> None:
+    print(f"\n[{run.name}]\n" + "\n".join(result.lines()))  # shown with -s / -rP
+    assert result.ok, (
+        "\n".join(result.problems())
+        + "\n\n"
+        + "\n".join(result.lines())
+        + "\n\n"
+        + run.workers.tail(about=tuple(result.unaccounted[:5]))
+    )
+    assert result.events_found == result.events_expected > 0
+    assert result.rejected_expected > 0
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_of_pool_processes_and_main_processes(services: Services) -> None:
+    """SIGKILL of pool processes at random moments, and of a main process (restarted)."""
+    rng = random.Random(11)
+    stream = build_stream(120, seed=11)
+    with scenario(services.pg, services.redis, services.work_dir, "sigkill", workers=2) as run:
+        run.publish(stream.messages)
+        run.wait_progress(0.1, 60)
+        run.workers.kill_main(rng)  # early: what it held comes back after the visibility timeout
+        run.workers.wait_ready(run.app)
+        deadline = time.monotonic() + 60
+        while run.workers.kills["child"] < 6 and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 1.5))
+            run.workers.kill_child(rng)
+        result = account(run, stream, timeout=REDELIVERY_S + 60)
+        check(result, run)
+        assert result.faults["main"] == 1 and result.faults["child"] >= 3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    reason="A Redis restart while tasks are unacknowledged: (1) celery 5.7.0's reconnect"
+    " (Consumer.on_connection_error_after_connected) closes the collected connection and"
+    " kombu's restore_unacked raises AttributeError ('NoneType' object has no attribute"
+    " 'hostname'): 'Unrecoverable error', the worker main process exits; (2) the after-commit"
+    " send of crm.refresh.seller (workers/base.py request_refresh) raises OperationalError out"
+    " of a task whose event is stored: the claimed refresh never runs and the seller's tallies"
+    " drift; (3) pool processes stay blocked until the soft/hard time limit and are recorded"
+    " as failed (timeout).",
+    strict=False,
+)
+def test_graceful_redis_restart_with_aof(services: Services) -> None:
+    """Redis is shut down (SHUTDOWN fsyncs the AOF) and started again on the same files, twice,
+    while messages wait in the queues and are being worked on: the queued messages survive and
+    the worker reconnects and goes on consuming."""
+    stream = build_stream(100, seed=12)
+    with scenario(services.pg, services.redis, services.work_dir, "redis") as run:
+        run.publish(stream.messages)
+        run.wait_progress(0.2, 45)
+        services.redis.restart()
+        run.wait_progress(0.5, 45)
+        services.redis.restart(down_s=3)
+        result = account(run, stream, timeout=REDELIVERY_S + 45, probe_timeout=30)
+        result.faults["redis restart"] = 2
+        check(result, run)
+
+
+@pytest.mark.timeout(240)
+def test_postgresql_restart_fast_and_immediate(services: Services) -> None:
+    """PostgreSQL restarts cleanly (-m fast) and after a crash (-m immediate) mid-stream: the
+    tasks meet lost connections, retry with backoff, and every message ends up stored once."""
+    stream = build_stream(100, seed=13)
+    with scenario(services.pg, services.redis, services.work_dir, "postgres") as run:
+        # The bad messages go first and are rejected before the restarts: a rejection that
+        # meets the outage is test_bad_message_while_postgresql_is_down_is_recorded's case.
+        bad = run.publish([m for m in stream.messages if m.bad])
+        assert len(wait_for(run.sessions, bad, 60)) == len(bad)
+        run.publish([m for m in stream.messages if not m.bad])
+        run.wait_progress(0.2, 60)
+        services.pg.restart("fast")
+        run.wait_progress(0.5, 90)
+        services.pg.restart("immediate")
+        result = account(run, stream, timeout=120)
+        result.faults["postgresql restart"] = 2
+        check(result, run)
+
+
+@pytest.mark.timeout(240)
+def test_every_message_delivered_three_times(services: Services) -> None:
+    """Each message three times: once more under the same task id (a broker redelivery) and once
+    under a new one (a sender retrying), shuffled over the stream."""
+    stream = build_stream(60, seed=14)
+    with scenario(services.pg, services.redis, services.work_dir, "thrice") as run:
+        ids = run.publish(stream.messages, copies=3, same_id_copies=1, rng=random.Random(14))
+        assert run.sent.messages == 3 * len(stream.messages) and len(ids) == 2 * len(
+            stream.messages
+        )
+        result = account(run, stream, timeout=120)
+        check(result, run)
+        assert result.outcomes["duplicate"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_four_worker_processes_at_once(services: Services) -> None:
+    """Four worker processes consume the same queues: updates of one call race each other."""
+    stream = build_stream(120, seed=15)
+    with scenario(
+        services.pg, services.redis, services.work_dir, "four", workers=4, concurrency=1
+    ) as run:
+        run.publish(stream.messages)
+        result = account(run, stream, timeout=120)
+        check(result, run)
+
+
+@pytest.mark.timeout(180)
+def test_bad_message_while_postgresql_is_down_is_recorded(services: Services) -> None:
+    """A bad message consumed while the database is unreachable: its rejection cannot be written
+    yet, so it must be retried like any transient error and recorded once PostgreSQL is back."""
+    with scenario(services.pg, services.redis, services.work_dir, "rejectdown") as run:
+        with services.pg.down():
+            (bad_id,) = run.publish([Message("call", bad_messages()[0], bad=True)])
+            time.sleep(4)
+        done = run.wait_all(15)
+        log = run.workers.tail(about=(bad_id,))
+        assert bad_id in done, f"the bad message has no recorded outcome:\n{log}"
+        assert done[bad_id].outcome == "rejected"
