@@ -36,7 +36,6 @@ class Channel(filesystem.Channel):
         except OSError as exc:
             raise filesystem.ChannelError(f"Cannot add file {final!r} to directory") from exc
 
-
     def _restore(self, message: Any) -> None:
         # kombu marks the restored copy where Celery does not look; mark it where it does (as
         # kombu's Redis transport does), so the delivery counter (workers/base.py) parks a
