@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import random
+import re
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
@@ -460,14 +462,20 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
     return claimed
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json_safe(value: Any) -> Any:
     """A payload as a JSON document the database can keep, whatever the sender put in it.
 
-    PostgreSQL's JSONB cannot hold a NUL in a string: NULs are shown as U+2400 (␀) instead, so
-    the rejection of a message with a NUL is recorded rather than failing itself.
+    PostgreSQL's JSONB cannot hold a NUL in a string, a lone surrogate or a NaN/Infinity: NULs
+    are shown as U+2400 (␀), lone surrogates as U+FFFD (�) and non-finite numbers as text, so
+    the rejection of such a message is recorded rather than failing itself.
     """
     if isinstance(value, str):
-        return value.replace("\x00", "\u2400")
+        return _LONE_SURROGATE.sub("\ufffd", value.replace("\x00", "\u2400"))
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     if isinstance(value, dict):

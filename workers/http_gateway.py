@@ -405,6 +405,26 @@ def create_gateway_app(settings: Settings) -> TelephonyGateway:
     return TelephonyGateway(settings, publisher, publisher.broker_ok)
 
 
+def _channel_class() -> Any:
+    """waitress's HTTP channel, answering ``Expect: 100-continue`` on a request without a body.
+
+    waitress 3.0.2 sends ``100 Continue`` and then marks the request incomplete even when it
+    already is (no body follows): it is never dispatched, and the client waits until
+    ``channel_timeout`` closes the connection. A request complete before the ``100`` stays
+    complete here, so it is answered at once.
+    """
+    from waitress.channel import HTTPChannel
+
+    class Channel(HTTPChannel):
+        def send_continue(self) -> None:
+            completed = self.request.completed
+            super().send_continue()
+            if completed:
+                self.request.completed = True
+
+    return Channel
+
+
 def serve(settings: Settings, host: str, port: int, threads: int) -> int:
     import waitress
 
@@ -426,6 +446,7 @@ def serve(settings: Settings, host: str, port: int, threads: int) -> int:
         clear_untrusted_proxy_headers=True,
         expose_tracebacks=False,
     )
+    server.channel_class = _channel_class()
 
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(0)  # waitress finishes the requests in hand, then returns

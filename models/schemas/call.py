@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import RAISE, Base64Bytes, Code, CodeList, MessageSchema, Text
+from models.schemas.common import RAISE, Base64Bytes, Code, CodeList, MessageSchema, Text, Time
 
 SCHEMA = "crm.call/1"
 
@@ -46,9 +46,9 @@ class CallMessageSchema(MessageSchema):
     from_ = Text(data_key="from", max_length=64, allow_none=True)
     to = Text(max_length=64, allow_none=True)
     agent = Text(max_length=320, allow_none=True)
-    started_at = fields.DateTime(format="iso", allow_none=True)
-    answered_at = fields.DateTime(format="iso", allow_none=True)
-    ended_at = fields.DateTime(format="iso", allow_none=True)
+    started_at = Time(allow_none=True)
+    answered_at = Time(allow_none=True)
+    ended_at = Time(allow_none=True)
     duration_s = fields.Integer(validate=validate.Range(min=0, max=7 * 24 * 3600), allow_none=True)
     sequence = fields.Integer(validate=validate.Range(min=0), allow_none=True)
     recording = fields.Nested(RecordingSchema, allow_none=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
@@ -43,6 +46,45 @@ class Base64Bytes(fields.Field):
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+#: Times and dates a message may carry. The ends of the calendar are refused: a time there may
+#: not exist in UTC ("9999-12-31T23:59:59-12:00"), nor its week or month (DESIGN §7 periods).
+EARLIEST = datetime(2, 1, 1)
+LATEST = datetime(9998, 12, 31, 23, 59, 59)
+
+
+class Time(fields.DateTime):
+    """An ISO 8601 time (offset optional) between the years 2 and 9998."""
+
+    default_error_messages = {  # noqa: RUF012
+        "range": "Not a time between the years 2 and 9998.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="iso", **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        moment: datetime = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            utc = moment if moment.tzinfo is None else moment.astimezone(UTC)
+        except (OverflowError, ValueError) as exc:
+            raise self.make_error("range") from exc
+        if not EARLIEST <= utc.replace(tzinfo=None) <= LATEST:
+            raise self.make_error("range")
+        return moment
+
+
+def Day(**kwargs: Any) -> fields.Date:
+    """An ISO 8601 date between the years 2 and 9998."""
+    return fields.Date(
+        validate=validate.Range(
+            min=EARLIEST.date(),
+            max=LATEST.date(),
+            error="Not a date between the years 2 and 9998.",
+        ),
+        **kwargs,
+    )
 
 
 def no_nul(value: str) -> None:
@@ -95,6 +137,10 @@ def load_message(schema: Schema, payload: Any, expected_schema: str) -> dict[str
         raise MessageInvalid(
             f"a {expected_schema} message must be a JSON object, got {type(payload).__name__}"
         )
+    unstorable = unstorable_values(payload)
+    if unstorable:
+        errors = {path: [problem] for path, problem in unstorable}
+        raise MessageInvalid(_summarise(errors), errors)
     version = payload.get("schema")
     if version != expected_schema:
         raise MessageInvalid(
@@ -107,6 +153,48 @@ def load_message(schema: Schema, payload: Any, expected_schema: str) -> dict[str
         errors = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
         raise MessageInvalid(_summarise(errors), errors) from exc
     return loaded
+
+
+#: Where a message is walked for values no database can keep, it stops after this many.
+MAX_REPORTED_VALUES = 20
+
+
+def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
+    """Paths of values that JSON can carry but no database text or JSON column can keep.
+
+    Python's JSON reads ``NaN``, ``Infinity`` and lone UTF-16 surrogates (``"\\ud800"``); a
+    message holding one would fail at the database (a hash, an insert) long after validation.
+    They are bad input, reported here with their paths, which are shown ASCII-escaped so that
+    the reason itself can always be stored.
+    """
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [(path, payload)]
+    while stack and len(found) < MAX_REPORTED_VALUES:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((where or "_schema", f"{value!r} is not a JSON number."))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            found.append((where or "_schema", "Contains a lone UTF-16 surrogate."))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = _escaped(str(key))
+                child = f"{where}.{name}" if where else name
+                if _SURROGATE.search(str(key)):
+                    found.append((child, "Field name contains a lone UTF-16 surrogate."))
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend(
+                (f"{where}.{index}" if where else str(index), item)
+                for index, item in enumerate(value)
+            )
+    return sorted(found)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(name: str) -> str:
+    return name.encode("ascii", "backslashreplace").decode("ascii")[:100]
 
 
 def _summarise(errors: dict[str, Any]) -> str:

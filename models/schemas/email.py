@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import Base64Bytes, MessageSchema, Text
+from models.schemas.common import Base64Bytes, MessageSchema, Text, Time
 
 SCHEMA = "crm.email/1"
 
@@ -18,7 +18,7 @@ class EmailMessageSchema(MessageSchema):
     raw_ref = fields.String(validate=validate.Regexp(r"^[0-9a-f]{64}$"), allow_none=True)
     mail_from = Text(max_length=320, allow_none=True)
     rcpt_to = fields.List(Text(max_length=320), load_default=list)
-    received_at = fields.DateTime(format="iso", allow_none=True)
+    received_at = Time(allow_none=True)
 
     @validates_schema
     def exactly_one_source(self, data: dict[str, Any], **_: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import fields, validate
 
-from models.schemas.common import MessageSchema, Text, load_message, no_nul
+from models.schemas.common import Day, MessageSchema, Text, load_message, no_nul
 
 SCHEMA = "crm.target/1"
 #: A target is a count of events; anything larger than this is a typo, not a target.
@@ -21,7 +21,7 @@ class TargetMessageSchema(MessageSchema):
     value = fields.Integer(
         required=True, strict=True, validate=validate.Range(min=0, max=MAX_TARGET)
     )
-    valid_from = fields.Date(required=True)
+    valid_from = Day(required=True)
 
 
 def load_target_message(payload: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import AttachmentSchema, Code, CodeList, MessageSchema, Text
+from models.schemas.common import AttachmentSchema, Code, CodeList, MessageSchema, Text, Time
 
 SCHEMA = "crm.visit/1"
 
@@ -19,8 +19,8 @@ class VisitMessageSchema(MessageSchema):
     customer_number = Text(max_length=40, allow_none=True)
     #: Contact references: email addresses or names of the customer's contacts.
     contacts = fields.List(Text(max_length=320), load_default=list)
-    started_at = fields.DateTime(format="iso", required=True)
-    ended_at = fields.DateTime(format="iso", allow_none=True)
+    started_at = Time(required=True)
+    ended_at = Time(allow_none=True)
     location = Text(max_length=500, allow_none=True)
     subject = Text(max_length=1000, allow_none=True)
     memo = Text(max_length=1_000_000, allow_none=True)
@@ -29,7 +29,7 @@ class VisitMessageSchema(MessageSchema):
     attachments = fields.List(fields.Nested(AttachmentSchema), load_default=list)
     cancelled = fields.Boolean(load_default=False)
     #: When the app last changed the visit: an update older than the one applied is ignored.
-    updated_at = fields.DateTime(format="iso", allow_none=True)
+    updated_at = Time(allow_none=True)
     category = Code()
     class_ = Code(data_key="class")
     type = Code()

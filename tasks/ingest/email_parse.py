@@ -107,7 +107,10 @@ HEADER_NAMES = {
     "ämne": "subject",
 }
 HEADER_LINE = re.compile(r"^[ \t>]*\**([^\W\d][\w .-]{0,30}?)\**:\**(?:[ \t]+(.*))?$")
-ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+#: An address in free text. A match starts only where a run of local-part characters starts:
+#: without the look-behind, a long run without an "@" is rescanned from each of its characters
+#: (quadratic: 70 KB of header took seconds).
+ADDRESS = re.compile(r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 # -- dates as mail clients print them in forward blocks -----------------------------------------
 
@@ -628,8 +631,9 @@ def _read_headers(message: Message, parsed: ParsedEmail, zone: ZoneInfo) -> None
                 notes.append(f"Date had no offset; read as {zone.key}")
         except (TypeError, ValueError, IndexError, OverflowError):
             parsed.date = parse_loose_date(date_text, zone, [])
-            if parsed.date is None:
-                notes.append(f"unreadable Date header {date_text[:80]!r}")
+        parsed.date = in_utc_range(parsed.date)
+        if parsed.date is None:
+            notes.append(f"unreadable Date header {date_text[:80]!r}")
 
 
 def _header(message: Message, name: str, notes: list[str]) -> str:
@@ -847,11 +851,18 @@ def decode_text(data: bytes, charset: str | None, notes: list[str]) -> str:
     try:
         return data.decode(codec.name)
     except UnicodeDecodeError:
-        notes.append(f"text not valid {label}; undecodable bytes replaced")
-        return data.decode(codec.name, "replace")
+        try:
+            # Some codecs (idna, punycode) support no error handler but "strict".
+            replaced = data.decode(codec.name, "replace")
+        except Exception:
+            pass
+        else:
+            notes.append(f"text not valid {label}; undecodable bytes replaced")
+            return replaced
     except Exception:
-        notes.append(f"charset {label[:40]!r} unusable; read as UTF-8 with replacements")
-        return data.decode("utf-8", "replace")
+        pass
+    notes.append(f"charset {label[:40]!r} unusable; read as UTF-8 with replacements")
+    return data.decode("utf-8", "replace")
 
 
 def _windows_1252(data: bytes) -> str:
@@ -1028,7 +1039,7 @@ def parse_loose_date(text: str, zone: ZoneInfo, notes: list[str]) -> datetime | 
         value = email.utils.parsedate_to_datetime(text)
         if value.tzinfo is None:
             value = value.replace(tzinfo=zone)
-        return value
+        return in_utc_range(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         pass
     day = _loose_day(text)
@@ -1050,7 +1061,12 @@ def parse_loose_date(text: str, zone: ZoneInfo, notes: list[str]) -> datetime | 
     if offset:
         sign, hours, minutes = offset.group(1, 2, 3) if offset[1] else offset.group(4, 5, 6)
         delta = timedelta(hours=int(hours), minutes=int(minutes or 0))
-        tz = timezone(-delta if sign == "-" else delta) if delta else UTC
+        if delta >= timedelta(hours=24) or int(minutes or 0) >= 60:
+            # "+9999" is no UTC offset (RFC 5322 §3.3 allows up to ±23:59): read the time in
+            # the configured zone instead, as for a date without an offset.
+            notes.append(f"forwarded date {text[:60]!r} has an impossible UTC offset")
+        else:
+            tz = timezone(-delta if sign == "-" else delta) if delta else UTC
     try:
         value = datetime(year, month, day_of_month, hour, minute, second, tzinfo=tz)
     except ValueError:
@@ -1058,6 +1074,18 @@ def parse_loose_date(text: str, zone: ZoneInfo, notes: list[str]) -> datetime | 
         return None
     if tz is zone:
         notes.append(f"forwarded date read in {zone.key}")
+    return in_utc_range(value)
+
+
+def in_utc_range(value: datetime | None) -> datetime | None:
+    """The time, if it exists in UTC too: "31 Dec 9999 23:59 -1200" is past the last moment a
+    datetime (and so the database column, which keeps UTC) can hold."""
+    if value is None:
+        return None
+    try:
+        value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
     return value
 
 
