@@ -80,4 +80,11 @@ for setting in "appendonly yes" "appendfsync everysec" "maxmemory-policy noevict
   fi
 done
 
+# The fault tests (tests/faults) run private servers of their own, which they restart: they need
+# the server programs on this machine even when the shared services run elsewhere.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
+fi
+command -v redis-server >/dev/null || apt_install redis-server
+
 echo "ensure_services: PostgreSQL $PG_HOST:$PG_PORT and Redis $REDIS_HOST:$REDIS_PORT answer"
