@@ -335,8 +335,16 @@ def seller_cards(
     week_start, week_end = period_bounds(week, zone)
     month_start, month_end = period_bounds(month, zone)
     definitions = card_definitions(session, cards)
-    rows = session.scalars(
-        select(CrmEvent)
+    # Only the listed columns: a month of a busy seller's events is thousands of rows, and the
+    # whole rows (bodies, details) cost the refresh far more than the cards need.
+    rows = session.execute(
+        select(
+            CrmEvent.id,
+            CrmEvent.occurred_at,
+            CrmEvent.subject,
+            CrmEvent.status,
+            CrmEvent.category_code,
+        )
         .where(
             CrmEvent.seller_id == seller.id,
             CrmEvent.cancelled.is_(False),
@@ -348,7 +356,7 @@ def seller_cards(
         )
         .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
     ).all()
-    by_category: dict[str, list[CrmEvent]] = defaultdict(list)
+    by_category: dict[str, list[Any]] = defaultdict(list)
     for event in rows:
         by_category[event.category_code].append(event)
     follow_ups = session.execute(
