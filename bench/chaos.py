@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -80,6 +81,10 @@ def inject(fault: str, run: Scenario, pg: PrivatePostgres, broker: PrivateRedis,
         faults[f"PostgreSQL restart -m {fault.split('-')[1]}"] += 1
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20_000, help="distinct messages")
@@ -93,6 +98,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the worker logs")
     args = parser.parse_args()
 
+    # SIGTERM (kill, a CI timeout) ends the run like Ctrl-C does: through the clean-up below,
+    # which stops the workers, the private PostgreSQL and Redis, and removes their files.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args.chunk = args.chunk or max(20, args.messages // 16)
     rng = random.Random(args.seed)
     stream = build_stream(args.messages, seed=args.seed)
