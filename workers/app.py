@@ -53,8 +53,13 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("crm_events", set_as_current=True)
     app.conf.update(
         broker_url=settings.effective_broker_url,
-        # The embedded broker is kombu's filesystem transport with atomic writes (broker_fs).
-        broker_transport="workers.broker_fs:Transport" if settings.embedded_broker else None,
+        # The embedded broker is kombu's filesystem transport with atomic writes (broker_fs);
+        # redis:// gets kombu's Redis transport surviving a broker restart (broker_redis).
+        broker_transport="workers.broker_fs:Transport"
+        if settings.embedded_broker
+        else "workers.broker_redis:Transport"
+        if settings.effective_broker_url.startswith("redis://")
+        else None,
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_serializer="json",

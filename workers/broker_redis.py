@@ -1,0 +1,205 @@
+"""kombu's Redis transport, made to survive the broker going away under a worker (DESIGN §5).
+
+When Redis goes away (a restart, a failover) while the worker holds unacknowledged messages,
+Celery collects the broken connection and closes it. With kombu's own Redis transport four
+things can then go wrong, and this subclass changes exactly those:
+
+1. Closing the connection closes its channels one after another; the first one whose close
+   meets the dead broker raises, and the channels after it stay open. Celery then detaches the
+   transport from its connection (``transport.client = None``), and a later close, poll or
+   acknowledgement on such a channel builds its connection parameters from ``None``:
+   ``AttributeError: 'NoneType' object has no attribute 'hostname'``. That is no connection
+   error, so it can escape the reconnect logic ("Unrecoverable error") and stop the worker.
+   Here every channel is closed even when one fails (:meth:`Transport.close_connection`), and
+   a channel keeps the connection information it was opened with
+   (:meth:`Channel._connparams`): a late acknowledgement still reaches Redis, and a late
+   failure is a connection error.
+2. A close that fails while deleting the channel's fanout bindings skips the rest of the close,
+   the restoring of unacknowledged messages included. Here the close is finished without them.
+3. A close that meets the dead broker cannot put the messages it held back into their queues,
+   so they wait in the unacked hash for the visibility timeout (an hour in production). Here
+   their delivery tags are kept (:class:`QoS`) and restored as soon as the process has a
+   working channel to the same broker again (:meth:`Channel.__init__`).
+4. BRPOP takes a message off its queue before its copy is written to the unacked hash; when the
+   broker goes away in between, kombu drops the only copy. Here it is kept and put back in its
+   queue on reconnection like the others (:meth:`QoS.append`).
+
+No message is acknowledged by any of this, and none is put back twice: each restore moves one
+message from the unacked hash (or from this process's copy, when the hash never got one) to its
+queue in one Redis transaction, as kombu's own restore at close does, and leaves alone a message
+acknowledged since. What a process could not put back (it stopped first) still comes back after
+the visibility timeout, except a message of case 4, which only that process held.
+
+Used for ``redis://`` broker URLs (workers/app.py); ``rediss://`` and ``redis+socket://`` keep
+kombu's transport, which the URL selects (naming a transport would drop their TLS/socket setup).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+logger = logging.getLogger(__name__)
+
+#: Messages this process held when the broker went away, by (broker URL, unacked hash key):
+#: delivery tag -> the message as kombu stores it (payload, exchange, routing key), or None
+#: when the unacked hash has it.
+_pending: dict[tuple[str, str], dict[str, list[Any] | None]] = {}
+_pending_lock = threading.Lock()
+
+
+def _forget_pending() -> None:
+    # A forked pool process must not restore its parent's messages.
+    _pending.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pending)
+
+
+def _defer(key: tuple[str, str], messages: dict[str, list[Any] | None]) -> None:
+    with _pending_lock:
+        held = _pending.setdefault(key, {})
+        for tag, saved in messages.items():
+            held[tag] = held.get(tag) or saved
+
+
+def _take(key: tuple[str, str]) -> dict[str, list[Any] | None]:
+    with _pending_lock:
+        return _pending.pop(key, {})
+
+
+class _Detached:
+    """What :meth:`Channel._connparams` reads of a transport, for a channel whose transport was
+    detached from its connection or which was closed already."""
+
+    def __init__(self, client: Any, default_port: int) -> None:
+        self.client = client
+        self.default_port = default_port
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors:
+            # BRPOP has taken the message off its queue but the broker went away before its
+            # copy reached the unacked hash: this process holds the only copy. It is not
+            # handed to the worker; it goes back to its queue when the connection is back.
+            info = message.delivery_info
+            saved = [message._raw, info["exchange"], info["routing_key"]]
+            _defer(self.channel.pending_key, {delivery_tag: saved})
+            raise
+
+    def restore_unacked(self, client: Any = None) -> None:
+        delivered: Any = self._delivered  # a dict of delivery tags (None in kombu's stubs)
+        tags = list(delivered)
+        try:
+            super().restore_unacked(client)
+        except self.channel.connection_errors as exc:
+            # Each restore is its own transaction: what was restored is gone from the unacked
+            # hash, and restoring it again later does nothing.
+            delivered.clear()
+            _defer(self.channel.pending_key, dict.fromkeys(tags))
+            logger.warning(
+                "broker unreachable while restoring %d unacknowledged message(s) (%r):"
+                " they are restored when the connection is back",
+                len(tags),
+                exc,
+            )
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
+        # Kept for _connparams once the transport is detached (the base class connects with it).
+        self._conninfo = connection.client
+        self._default_port = connection.default_port
+        super().__init__(connection, *args, **kwargs)  # connects (PING) or raises
+        self.pending_key = (self._conninfo.as_uri(include_password=True), self.unacked_key)
+        self._restore_pending()
+
+    def _restore_pending(self) -> None:
+        held = _take(self.pending_key)
+        if not held:
+            return
+        restored = 0
+        try:
+            for tag in sorted(held):
+                self._restore_held(tag, held[tag])
+                del held[tag]
+                restored += 1
+        except self.connection_errors:
+            _defer(self.pending_key, held)  # the next channel tries again
+        logger.warning(
+            "%d message(s) held when the broker connection was lost put back in their queues"
+            " unless acknowledged since (%d left for the next connection)",
+            restored,
+            len(held),
+        )
+
+    def _restore_held(self, tag: str, saved: list[Any] | None) -> None:
+        """Put one held message back in its queue, in one transaction: the unacked hash's copy
+        if it has one (moved, as kombu's restore does), else the copy this process saved; a
+        message acknowledged since (no copy, none saved) is left alone."""
+
+        def restore(pipe: Any) -> None:
+            stored = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self.qos._remove_from_indices(tag, pipe)
+            message = loads(bytes_to_str(stored)) if stored else saved
+            if message:
+                payload, exchange, routing_key = message
+                self._do_restore_message(payload, exchange, routing_key, pipe, False)
+
+        with self.conn_or_acquire() as client:
+            client.transaction(restore, self.unacked_key)
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is not None and transport.client is not None:
+            return super()._connparams(asynchronous=asynchronous)
+        self.connection = _Detached(self._conninfo, self._default_port)
+        try:
+            return super()._connparams(asynchronous=asynchronous)
+        finally:
+            self.connection = transport
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except self.connection_errors:
+            if not self.closed:
+                # The fanout cleanup met the dead broker: finish the close without it.
+                self._disconnect_pools()
+                self._close_clients()
+                virtual.Channel.close(self)
+            raise
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def close_connection(self, connection: Any) -> None:
+        """Close every channel, even when closing one of them fails (the first error is raised
+        after all of them are closed)."""
+        cycle: Any = self.cycle  # kombu's stubs declare None for these
+        cycle.close()
+        first: BaseException | None = None
+        lists: tuple[Any, ...] = (self._avail_channels, self.channels)
+        for channels in lists:
+            while channels:
+                channel: Any = channels.pop()
+                try:
+                    channel.close()
+                except Exception as exc:  # re-raised below
+                    first = first or exc
+        if first is not None:
+            raise first
