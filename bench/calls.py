@@ -26,8 +26,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-# bench/ holds scripts named like standard modules (email.py): keep it off the import path,
-# before anything else is imported, and load the helpers by their path.
+# Keep bench/ off the import path before anything else is imported (a script there could
+# shadow a standard module), and load the helpers by their path.
 sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR)]
 
 import argparse  # noqa: E402

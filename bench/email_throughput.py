@@ -35,7 +35,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-# This file is named email.py: its folder must not shadow the standard library's email package.
+# Keep bench/ off the import path (a script there could shadow a standard module, as a
+# bench/email.py would hide the email package) and load the helpers by their path.
 sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR)]
 
 import argparse  # noqa: E402

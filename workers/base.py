@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import re
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
@@ -32,6 +31,7 @@ from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
 from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMessage
+from models.schemas.common import LONE_SURROGATE
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.store import StageResult, claim_refresh, clear_refresh_request, record_delivery
@@ -462,9 +462,6 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
     return claimed
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _json_safe(value: Any) -> Any:
     """A payload as a JSON document the database can keep, whatever the sender put in it.
 
@@ -473,7 +470,7 @@ def _json_safe(value: Any) -> Any:
     the rejection of such a message is recorded rather than failing itself.
     """
     if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value.replace("\x00", "\u2400"))
+        return LONE_SURROGATE.sub("\ufffd", value.replace("\x00", "\u2400"))
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, list):

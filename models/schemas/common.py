@@ -173,13 +173,13 @@ def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             found.append((where or "_schema", f"{value!r} is not a JSON number."))
-        elif isinstance(value, str) and _SURROGATE.search(value):
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
             found.append((where or "_schema", "Contains a lone UTF-16 surrogate."))
         elif isinstance(value, dict):
             for key, item in value.items():
                 name = _escaped(str(key))
                 child = f"{where}.{name}" if where else name
-                if _SURROGATE.search(str(key)):
+                if LONE_SURROGATE.search(str(key)):
                     found.append((child, "Field name contains a lone UTF-16 surrogate."))
                 stack.append((child, item))
         elif isinstance(value, list):
@@ -190,7 +190,8 @@ def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
     return sorted(found)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+#: A UTF-16 surrogate on its own: JSON carries it, no database text or JSON column keeps it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _escaped(name: str) -> str:

@@ -42,8 +42,7 @@ from tasks.ingest.email_parse import (
     raw_hash,
 )
 from tasks.leads import apply_lead_rule
-from tasks.match import customer_by_number, match_addresses
-from tasks.match import find_staff as find_staff_in_db
+from tasks.match import customer_by_number, find_staff, match_addresses
 from tasks.periods import aware
 from tasks.store import (
     StageResult,
@@ -347,10 +346,10 @@ def apply_email(
     """Match, classify and fill the event just created for this email."""
     settings = ctx.settings
 
-    def find_staff(session: Session, address: str, settings: Settings) -> Staff | None:
+    def staff_of(address: str) -> Staff | None:
         # The sender and the recipients are often looked up twice: once per email is enough.
         if address not in staff_by_address:
-            staff_by_address[address] = find_staff_in_db(session, address, settings)
+            staff_by_address[address] = find_staff(session, address, settings)
         return staff_by_address[address]
 
     sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
@@ -360,13 +359,13 @@ def apply_email(
     tags = [t for a in recipients + envelope if (t := crm_tag(a, settings))]
     rule_category = dict(settings.plus_address_categories).get(tags[0]) if tags else None
 
-    sender_staff = find_staff(session, sender, settings) if sender else None
+    sender_staff = staff_of(sender) if sender else None
     original = parsed.forwarded
     staff_ids = {sender_staff.id} if sender_staff else set()
     if original is not None and sender_staff is not None:
         # A forward of a colleague's forward: the customer is at the end of the chain.
         while original.forwarded is not None and original.from_:
-            colleague = find_staff(session, original.from_[1], settings)
+            colleague = staff_of(original.from_[1])
             if colleague is None:
                 break
             staff_ids.add(colleague.id)
@@ -399,7 +398,7 @@ def apply_email(
     for address in outside:
         if crm_tag(address, settings) is not None:
             continue
-        staff = find_staff(session, address, settings)
+        staff = staff_of(address)
         if staff is not None:
             staff_ids.add(staff.id)
         elif address not in customer_side:

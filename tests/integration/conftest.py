@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery
 from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
+from tests.processes import stop_process, wait_for_worker
 from tests.smtp_sink import SmtpSink
 from workers.app import create_app
 from workers.publish import wait_for
@@ -135,18 +134,10 @@ def live(
         )
     app = create_app(settings)
     system = LiveSystem(settings, app, engine, create_session_factory(engine), worker, log, env)
-    deadline = time.monotonic() + 60
-    while not app.control.ping(timeout=1):
-        assert worker.poll() is None, f"worker exited:\n{system.tail()}"
-        assert time.monotonic() < deadline, f"worker did not answer:\n{system.tail()}"
+    wait_for_worker(app, worker, system.tail)
     try:
         yield system
     finally:
-        worker.send_signal(signal.SIGTERM)  # warm shutdown of the main process
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process(worker)
         engine.dispose()
         database.drop()

@@ -9,9 +9,7 @@ every update.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from models.events import CrmEvent, FollowUp
 from tasks.views import events_json
 from tests.conftest import ROOT, load_example
 from tests.integration.conftest import LiveSystem
+from tests.processes import stop_process, wait_for_worker
 from workers.publish import wait_for
 from workers.queues import TASK_QUEUES
 
@@ -84,19 +83,11 @@ def second_worker(live: LiveSystem) -> Iterator[subprocess.Popen[bytes]]:
             cwd=ROOT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 60
-    while not live.app.control.ping(destination=[name], timeout=1):
-        assert worker.poll() is None, f"second worker exited:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "second worker did not answer"
+    wait_for_worker(live.app, worker, log.read_text, name)
     try:
         yield worker
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process(worker)
         worker.log_text = log.read_text()  # type: ignore[attr-defined]
 
 

@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from tests.conftest import ROOT
 from tests.integration.conftest import LiveSystem
+from tests.processes import stop_process, wait_for_worker
 
 QUEUE = "tests.delivery"
 DIE_TASK = "tests.delivery.die"
@@ -125,19 +126,11 @@ def misbehaving(live: LiveSystem, tmp_path_factory: pytest.TempPathFactory) -> I
     )
     app.worker = worker
     app.log_path = log
-    deadline = time.monotonic() + 60
-    while not app.control.ping(destination=[node], timeout=1):
-        assert worker.poll() is None, f"test worker exited:\n{log.read_text(errors='replace')}"
-        assert time.monotonic() < deadline, "test worker did not answer ping"
+    wait_for_worker(app, worker, lambda: log.read_text(errors="replace"), node)
     try:
         yield app
     finally:
-        worker.send_signal(signal.SIGTERM)  # warm shutdown of the main process
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process(worker)
 
 
 def publish_and_wait(

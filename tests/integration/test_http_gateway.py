@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from tasks.telephony.adapters import read_cdr_csv
 from tasks.views import events_json
 from tests.conftest import EXAMPLES, ROOT, load_example
 from tests.integration.conftest import LiveSystem
+from tests.processes import stop_process
 from workers.http_gateway import twilio_signature
 from workers.publish import wait_for
 
@@ -100,12 +99,7 @@ def start_gateway(env: dict[str, str], log: Path) -> Gateway:
 
 
 def stop_gateway(gateway: Gateway) -> None:
-    gateway.process.send_signal(signal.SIGTERM)
-    try:
-        gateway.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(gateway.process.pid, signal.SIGKILL)
-        gateway.process.wait()
+    stop_process(gateway.process, timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.integration.conftest import LiveSystem
+from tests.processes import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +68,7 @@ class Flower:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process(self.process, timeout=20)
 
 
 @pytest.fixture(scope="module")

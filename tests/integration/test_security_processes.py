@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import re
-import signal
 import smtplib
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from config.settings import Settings
 from models.ledger import RejectedMessage
 from tests.conftest import CLAIM_KEY, ROOT
 from tests.integration.conftest import LiveSystem
+from tests.processes import stop_process
 from workers.app import create_app
 from workers.http_gateway import twilio_signature
 from workers.publish import wait_for
@@ -103,16 +103,6 @@ def claim_second_redis_database(session_url: str) -> str:
         finally:
             client.close()
     raise RuntimeError("no free Redis database for the signing worker")
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @dataclass
@@ -201,7 +191,7 @@ def secure(live: LiveSystem, redis_database: str, tmp_path_factory: Any) -> Iter
     try:
         yield system
     finally:
-        stop(system.worker)
+        stop_process(system.worker)
         client = redis.Redis.from_url(broker, socket_timeout=5)
         client.flushdb()  # also drops the claim
         client.close()
@@ -368,8 +358,8 @@ def test_gateways_sign_and_no_secret_is_ever_logged(secure: SecureSystem, live: 
             ).all()
         assert not [r for r in reasons if "signed" in r or "signature" in r], reasons
     finally:
-        stop(http_gateway)
-        stop(smtp_gateway)
+        stop_process(http_gateway)
+        stop_process(smtp_gateway)
 
     for args in (("rejected", "--json"), ("failed", "--json"), ("init-db", "--json"), ("--help",)):
         secure.cli(*args)

@@ -1,0 +1,37 @@
+"""Processes the tests start: a worker's readiness, and a warm stop of anything we run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM to the main process (a worker's warm shutdown), then SIGKILL to its process
+    group (started with ``start_new_session=True``) if it is still there after ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_for_worker(
+    app: Any,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    node: str | None = None,
+    timeout: float = 60,
+) -> None:
+    """Until the worker (``node``, or any) answers a ping; fails with its log if it exits."""
+    destination = [node] if node else None
+    deadline = time.monotonic() + timeout
+    while not app.control.ping(destination=destination, timeout=1):
+        assert process.poll() is None, f"worker exited:\n{log()}"
+        assert time.monotonic() < deadline, f"worker did not answer a ping:\n{log()}"
