@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,6 +79,32 @@ def upsert_insert(session: Session, table: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def table_of(model: Any) -> Table:
+    """A mapped class's table, for Core statements that skip the ORM's per-row work."""
+    return cast(Table, model.__table__)
+
+
+#: Statements built once per dialect by ``prepared_upsert``.
+_PREPARED: dict[tuple[str, Any, Callable[[Any], Any]], Any] = {}
+
+
+def prepared_upsert(session: Session, table: Any, configure: Callable[[Any], Any]) -> Any:
+    """``configure(upsert_insert(session, table))``, built once per dialect and reused.
+
+    For the hot paths: a statement executed with its values as parameters, rather than built
+    with them each time, skips building the statement and its cache key, SQLAlchemy's largest
+    cost per statement there. ``configure`` must be a module-level function: it is part of the
+    key.
+    """
+    dialect = session.get_bind().dialect.name
+    key = (dialect, table, configure)
+    statement = _PREPARED.get(key)
+    if statement is None:
+        insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        statement = _PREPARED[key] = configure(insert)
+    return statement
 
 
 def is_postgresql(session: Session) -> bool:

@@ -12,13 +12,14 @@ import re
 import tempfile
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 import filetype
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
-from models.db import upsert_insert
+from models.db import prepared_upsert, table_of
 from models.documents import DocumentBlob, EventDocument
 
 MAX_FILENAME = 200
@@ -73,15 +74,19 @@ def store_blob(session: Session, settings: Settings, content: bytes, media_type:
     in_database = settings.document_store == "database"
     if not in_database:
         _write_file(settings, digest, content)
-    statement = upsert_insert(session, DocumentBlob.__table__).values(
-        sha256=digest,
-        size=len(content),
-        media_type=media_type,
-        stored_in=settings.document_store,
-        content=content if in_database else None,
-    )
-    session.execute(statement.on_conflict_do_nothing(index_elements=["sha256"]))
+    values = {
+        "sha256": digest,
+        "size": len(content),
+        "media_type": media_type,
+        "stored_in": settings.document_store,
+        "content": content if in_database else None,
+    }
+    session.execute(prepared_upsert(session, DocumentBlob.__table__, _blob_insert), values)
     return digest
+
+
+def _blob_insert(insert: Any) -> Any:
+    return insert.on_conflict_do_nothing(index_elements=["sha256"])
 
 
 def _write_file(settings: Settings, digest: str, content: bytes) -> None:
@@ -163,15 +168,14 @@ def attach(
             is not None
         )
     if not existing:
-        session.add(
-            EventDocument(
-                event_id=event_id,
-                sha256=digest,
-                filename=name,
-                media_type=media_type,
-                size=size,
-                role=role,
-                note=note,
-            )
-        )
+        row = {
+            "event_id": event_id,
+            "sha256": digest,
+            "filename": name,
+            "media_type": media_type,
+            "size": size,
+            "role": role,
+            "note": note,
+        }
+        session.execute(insert(table_of(EventDocument)), row)
     return StoredDocument(digest, name, media_type, size, role, note)

@@ -87,6 +87,9 @@ def classify(session: Session, request: ClassificationRequest) -> Classification
 
 
 def _known_properties(session: Session, wanted: Iterable[str], notes: list[str]) -> list[str]:
+    wanted = list(wanted)
+    if not wanted:  # most messages ask for none: no query then
+        return []
     known = set(session.scalars(select(EventProperty.code)))
     result: list[str] = []
     for code in wanted:

@@ -74,6 +74,36 @@ def find_staff(session: Session, reference: str | None, settings: Settings) -> S
     return session.scalar(select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1))
 
 
+def find_staff_by_addresses(session: Session, addresses: Iterable[str]) -> dict[str, Staff | None]:
+    """Staff for each email address in one query: by username, else by email (any case).
+
+    The order is ``find_staff``'s for references with an ``@``; an email address is never
+    read as a phone number or an extension here. Keys are the addresses as given.
+    """
+    refs = {address: address.strip() for address in addresses if address and address.strip()}
+    if not refs:
+        return {}
+    rows = session.scalars(
+        select(Staff)
+        .where(
+            or_(
+                Staff.username.in_(set(refs.values())),
+                func.lower(Staff.email).in_({ref.lower() for ref in refs.values()}),
+            )
+        )
+        .order_by(Staff.id)
+    ).all()
+    by_username: dict[str, Staff] = {}
+    by_email: dict[str, Staff] = {}
+    for staff in rows:  # lowest id first: setdefault keeps it
+        by_username.setdefault(staff.username, staff)
+        if staff.email:
+            by_email.setdefault(staff.email.lower(), staff)
+    return {
+        address: by_username.get(ref) or by_email.get(ref.lower()) for address, ref in refs.items()
+    }
+
+
 def is_internal_number(session: Session, raw: str | None, settings: Settings) -> bool:
     """Our switchboard, an extension or a staff phone: never a customer, never a lead."""
     if not raw:

@@ -173,7 +173,8 @@ def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             found.append((where or "_schema", f"{value!r} is not a JSON number."))
-        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+        # isascii() reads a flag of the string: long ASCII values (base64) skip the scan.
+        elif isinstance(value, str) and not value.isascii() and LONE_SURROGATE.search(value):
             found.append((where or "_schema", "Contains a lone UTF-16 surrogate."))
         elif isinstance(value, dict):
             for key, item in value.items():

@@ -40,6 +40,7 @@ from tasks.store import (
     StageResult,
     add_participants,
     canonical_hash,
+    link_inbound,
     lock_event,
     record_inbound,
     record_party_keys,
@@ -92,7 +93,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     message = load_message(schema, payload, SCHEMA)
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)
-    inbound = record_inbound(
+    inbound_id = record_inbound(
         session,
         idempotency_key=f"call:{canonical_hash(normalised)}",
         schema=SCHEMA,
@@ -101,7 +102,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
         source_id=message["call_id"],
         payload=_ledger_payload(normalised),
     )
-    if inbound is None:
+    if inbound_id is None:
         return CallStageResult("duplicate", detail="this update was already accepted")
 
     # Serialises every update of this call, the very first ones included (see lock_event):
@@ -121,7 +122,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     before = tally_keys(session, event)
     state = fold_updates(call_updates(session, event))
     apply_call_state(session, ctx, event, state, [], new=created)
-    inbound.event_id = event.id
+    link_inbound(session, inbound_id, event.id)
 
     recording = message.get("recording")
     if recording and recording.get("content_b64"):

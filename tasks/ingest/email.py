@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,10 +22,9 @@ from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from models.base import utcnow
-from models.db import upsert_insert
+from models.db import prepared_upsert
 from models.documents import DocumentBlob
 from models.events import CrmEvent
-from models.ledger import InboundMessage
 from models.mail import EmailSenderWindow
 from models.parties import Staff
 from models.schemas.common import load_message
@@ -42,7 +42,12 @@ from tasks.ingest.email_parse import (
     raw_hash,
 )
 from tasks.leads import apply_lead_rule
-from tasks.match import customer_by_number, find_staff, match_addresses
+from tasks.match import (
+    customer_by_number,
+    find_staff,
+    find_staff_by_addresses,
+    match_addresses,
+)
 from tasks.periods import aware
 from tasks.store import (
     StageResult,
@@ -100,7 +105,19 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         raise BadInput(reason, {"mail_from": [reason]})
     message_id = parsed.message_id or f"sha256:{digest}"
 
-    ledger_payload = {k: v for k, v in payload.items() if k != "raw_b64"} | {"raw_sha256": digest}
+    notes = list(parsed.notes)
+    if not parsed.message_id:
+        notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
+    # Matched and classified before the event row exists, so that a new event is inserted
+    # whole, with no UPDATE after it; a duplicate (rare) has then only spent a few reads.
+    composed = compose_email(session, ctx, parsed, message, notes)
+    event, created = lock_event(
+        session,
+        source_system=EMAIL_SOURCE_SYSTEM,
+        source_kind="email",
+        source_id=message_id,
+        defaults=composed.columns,
+    )
     inbound = record_inbound(
         session,
         idempotency_key=f"email:{digest}",
@@ -108,47 +125,20 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         source_kind="email",
         source_system=message["source_system"],
         source_id=message_id,
-        payload=ledger_payload,
+        payload={k: v for k, v in payload.items() if k != "raw_b64"} | {"raw_sha256": digest},
+        event_id=event.id,
     )
-    if inbound is None:
-        first = session.scalar(
-            select(InboundMessage.event_id).where(
-                InboundMessage.idempotency_key == f"email:{digest}"
-            )
-        )
-        return StageResult("duplicate", first, "these exact bytes were already accepted")
-
-    event, created = lock_event(
-        session,
-        source_system=EMAIL_SOURCE_SYSTEM,
-        source_kind="email",
-        source_id=message_id,
-        defaults={
-            "category_code": "crm_event",
-            "class_code": "events",
-            "type_code": "crm_event",
-            "occurred_at": parsed.date or message.get("received_at") or utcnow(),
-        },
-    )
-    inbound.event_id = event.id
     if not created:
+        if inbound is None:
+            return StageResult("duplicate", event.id, "these exact bytes were already accepted")
         # The same email through a second mailbox or gateway: one event, nothing counted twice.
         return StageResult("duplicate", event.id, "an event for this Message-ID exists")
 
-    sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
-    check_sender_limit(session, settings, sender)
-
-    notes = list(parsed.notes)
-    if not parsed.message_id:
-        notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
-    # The event is new (a second arrival returned above): what it has is what we attach now.
+    check_sender_limit(session, settings, composed.sender)
+    # The event is new: what it has is what we attach now.
     attached: set[tuple[str, str, str | None]] = set()
-    # Staff looked up by address, held until the tallies are keyed (the seller's zone).
-    staff_seen: dict[str, Staff | None] = {}
-    apply_email(session, ctx, event, parsed, message, notes, attached, staff_seen)
-    with session.no_autoflush:  # the document rows go to the database in one statement
-        _attach_all(session, settings, event.id, raw, parsed, attached)
-    session.flush()
+    finish_email(session, ctx, event, composed, attached)
+    _attach_all(session, settings, event.id, raw, parsed, attached)
     return StageResult(
         "stored",
         event.id,
@@ -241,16 +231,9 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
         return
     now = utcnow()
     start = datetime.fromtimestamp(int(now.timestamp()) // window * window, UTC)
-    table = EmailSenderWindow.__table__
-    statement = (
-        upsert_insert(session, table)
-        .values(sender=sender[:320], window_start=start, count=1)
-        .on_conflict_do_update(
-            index_elements=["sender", "window_start"], set_={"count": table.c.count + 1}
-        )
-        .returning(table.c.count)
-    )
-    count = session.execute(statement).scalar_one()
+    statement = prepared_upsert(session, EmailSenderWindow.__table__, _window_upsert)
+    values = {"sender": sender[:320], "window_start": start, "count": 1}
+    count = session.execute(statement, values).scalar_one()
     if _windows_cleared.get(window) != start:
         # The first email of a window in this process clears the windows that can never count
         # again (once per process and window, not per email).
@@ -266,6 +249,12 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
             f" within {window} s"
         )
         raise BadInput(reason, {"from": [reason]})
+
+
+def _window_upsert(insert: Any) -> Any:
+    return insert.on_conflict_do_update(
+        index_elements=["sender", "window_start"], set_={"count": insert.table.c.count + 1}
+    ).returning(insert.table.c.count)
 
 
 def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:
@@ -303,11 +292,7 @@ def attach_email_file(
 
 def thread_key(session: Session, candidates: list[str], own_ids: list[str]) -> str | None:
     """The conversation's key: that of the earliest referenced email we hold, else the
-    earliest reference, else the email's own Message-ID (RFC 5322 §3.6.4).
-
-    Replies that arrived before the email they answer were keyed by its Message-ID; they are
-    moved to the conversation's key here, so the thread is one however the mail arrived.
-    """
+    earliest reference, else the email's own Message-ID (RFC 5322 §3.6.4)."""
     key = None
     if candidates:
         rows = session.execute(
@@ -322,7 +307,12 @@ def thread_key(session: Session, candidates: list[str], own_ids: list[str]) -> s
                 known.setdefault(source_id, key_of_row)
                 known.setdefault(key_of_row, key_of_row)
         key = next((known[c] for c in candidates if c in known), candidates[0])
-    key = key or next(iter(own_ids), None)
+    return key or next(iter(own_ids), None)
+
+
+def join_thread(session: Session, key: str | None, own_ids: list[str]) -> None:
+    """Replies that arrived before the email they answer were keyed by its Message-ID; they
+    are moved to the conversation's key, so the thread is one however the mail arrived."""
     moved = [i for i in own_ids if i and i != key]
     if key and moved:
         session.execute(
@@ -330,31 +320,57 @@ def thread_key(session: Session, candidates: list[str], own_ids: list[str]) -> s
             .where(CrmEvent.source_kind == "email", CrmEvent.thread_key.in_(moved))
             .values(thread_key=key)
         )
-    return key
 
 
-def apply_email(
+@dataclass
+class ComposedEmail:
+    """A new email's event as matched and classified, before anything is written."""
+
+    columns: dict[str, Any]
+    sender: str
+    staff_ids: set[int]
+    customer_side: list[str]
+    properties: list[str]
+    memo: str
+    own_ids: list[str]
+    #: The staff looked up, by address: held so that they stay in the session's identity map
+    #: (it keeps objects weakly) until the tallies are keyed by the seller's time zone.
+    staff_by_address: dict[str, Staff | None]
+
+
+def _addresses(parsed: ParsedEmail) -> Iterable[str]:
+    """Every address of an email and of the emails it forwards."""
+    inner: ParsedEmail | None = parsed
+    while inner is not None:
+        if inner.from_:
+            yield inner.from_[1]
+        yield from (a for _, a in inner.to + inner.cc)
+        inner = inner.forwarded
+
+
+def compose_email(
     session: Session,
     ctx: StageContext,
-    event: CrmEvent,
     parsed: ParsedEmail,
     message: dict[str, Any],
     notes: list[str],
-    attached: set[tuple[str, str, str | None]],
-    staff_by_address: dict[str, Staff | None],
-) -> None:
-    """Match, classify and fill the event just created for this email."""
+) -> ComposedEmail:
+    """Match and classify an email: the columns of its event and what to write after it.
+
+    Reads only: nothing here writes, so an email that turns out to be a duplicate changes
+    nothing.
+    """
     settings = ctx.settings
-
-    def staff_of(address: str) -> Staff | None:
-        # The sender and the recipients are often looked up twice: once per email is enough.
-        if address not in staff_by_address:
-            staff_by_address[address] = find_staff(session, address, settings)
-        return staff_by_address[address]
-
     sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
     recipients = [a for _, a in parsed.to + parsed.cc]
     envelope = [a.lower() for a in message.get("rcpt_to", [])]
+    # Every address of the email and its forwards, looked up in one query.
+    staff_by_address = find_staff_by_addresses(session, [sender, *_addresses(parsed)])
+
+    def staff_of(address: str) -> Staff | None:
+        if address not in staff_by_address:
+            staff_by_address[address] = find_staff(session, address, settings)
+        return staff_by_address[address]
 
     tags = [t for a in recipients + envelope if (t := crm_tag(a, settings))]
     rule_category = dict(settings.plus_address_categories).get(tags[0]) if tags else None
@@ -430,47 +446,71 @@ def apply_email(
         ),
     )
     if occurred is None:
-        occurred = message.get("received_at") or event.occurred_at
+        occurred = message.get("received_at") or utcnow()
         notes.append("no readable date: the time received is used")
-    event.occurred_at = occurred
-    event.subject = subject[:2000]
-    event.body = body
-    event.direction = "outbound" if sender_staff is not None and original is None else "inbound"
-    event.status = "received"
-    event.thread_key = thread_key(session, candidates, own_ids)
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
-    event.classification_note = classification.note
-    event.customer_id = match.customer_id
-    event.contact_id = match.contact_id
-    event.link_state = match.state
-    event.candidates = match.candidates
-    event.seller_id = seller_id
-    event.match_note = "; ".join([how, *match.notes, *notes])
-    event.details = {
-        "gateway": message["source_system"],
-        "from": sender,
-        "to": recipients,
-        "rcpt_to": envelope,
-        "contact_ids": [c for c in [match.contact_id, *match.other_contact_ids] if c],
-        "message_id": parsed.message_id,
-        "original_message_id": original.message_id if original else None,
-        "parse_notes": parsed.notes,
+    columns = {
+        "occurred_at": occurred,
+        "subject": subject[:2000],
+        "body": body,
+        "direction": "outbound" if sender_staff is not None and original is None else "inbound",
+        "status": "received",
+        "thread_key": thread_key(session, candidates, own_ids),
+        "category_code": classification.category,
+        "class_code": classification.class_code,
+        "type_code": classification.type_code,
+        "classification_note": classification.note,
+        "customer_id": match.customer_id,
+        "contact_id": match.contact_id,
+        "link_state": match.state,
+        "candidates": match.candidates,
+        "seller_id": seller_id,
+        "match_note": "; ".join([how, *match.notes, *notes]),
+        "details": {
+            "gateway": message["source_system"],
+            "from": sender,
+            "to": recipients,
+            "rcpt_to": envelope,
+            "contact_ids": [c for c in [match.contact_id, *match.other_contact_ids] if c],
+            "message_id": parsed.message_id,
+            "original_message_id": original.message_id if original else None,
+            "parse_notes": parsed.notes,
+        },
     }
-    session.flush()
-    set_properties(session, event, classification.properties, new=True)
-    add_participants(session, event, [*staff_ids, seller_id], new=True)
+    return ComposedEmail(
+        columns=columns,
+        sender=sender,
+        staff_ids={s for s in [*staff_ids, seller_id] if s is not None},
+        customer_side=customer_side,
+        properties=classification.properties,
+        memo=memo,
+        own_ids=own_ids,
+        staff_by_address=staff_by_address,
+    )
+
+
+def finish_email(
+    session: Session,
+    ctx: StageContext,
+    event: CrmEvent,
+    composed: ComposedEmail,
+    attached: set[tuple[str, str, str | None]],
+) -> None:
+    """What a new email's event has besides its row: thread, properties, participants, party
+    keys, lead and memo."""
+    settings = ctx.settings
+    join_thread(session, event.thread_key, composed.own_ids)
+    set_properties(session, event, composed.properties, new=True)
+    add_participants(session, event, composed.staff_ids, new=True)
     # Master data (docs/master-data.md): remembered for the automatic re-link when a contact or
     # customer later gains one of these addresses or domains; then the unknown-party lead rule.
-    record_party_keys(session, settings, event, addresses=customer_side, new=True)
+    record_party_keys(session, settings, event, addresses=composed.customer_side, new=True)
     apply_lead_rule(session, ctx, event, new=True)
-    if memo:
+    if composed.memo:
         attach(
             session,
             settings,
             event.id,
-            content=memo.encode("utf-8"),
+            content=composed.memo.encode("utf-8"),
             filename="memo.txt",
             declared_type="text/plain",
             role="memo",

@@ -33,6 +33,7 @@ from tasks.match import customer_by_number, find_staff
 from tasks.periods import aware
 from tasks.store import (
     StageResult,
+    link_inbound,
     lock_event,
     record_inbound,
     record_party_keys,
@@ -56,7 +57,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
             for a in payload.get("attachments", [])
         ],
     }
-    inbound = record_inbound(
+    inbound_id = record_inbound(
         session,
         idempotency_key=upsert_key("visit", ctx, payload),
         schema=SCHEMA,
@@ -65,7 +66,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
         source_id=message["visit_id"],
         payload=ledger_payload,
     )
-    if inbound is None:
+    if inbound_id is None:
         return StageResult("duplicate", detail="this visit message was already accepted")
 
     notes: list[str] = []
@@ -87,8 +88,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
             "occurred_at": started,
         },
     )
-    inbound.event_id = event.id
-    session.flush()
+    link_inbound(session, inbound_id, event.id)
     applied = applied_version(event)
     if version is not None and applied is not None and version < applied:
         # The event row is locked, so two updates of one visit are compared one after the other.
@@ -124,7 +124,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     event.details = {
         **event.details,
         "location": message.get("location"),
-        "updated_by_message": inbound.id,
+        "updated_by_message": inbound_id,
         "updated_at": version.isoformat() if version else None,
         "time_notes": notes,
     }
