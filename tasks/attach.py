@@ -85,8 +85,11 @@ def store_blob(session: Session, settings: Settings, content: bytes, media_type:
     return digest
 
 
-def _blob_insert(insert: Any) -> Any:
-    return insert.on_conflict_do_nothing(index_elements=["sha256"])
+_DOCUMENT_INSERT = insert(table_of(EventDocument))
+
+
+def _blob_insert(upsert: Any) -> Any:
+    return upsert.on_conflict_do_nothing(index_elements=["sha256"])
 
 
 def _write_file(settings: Settings, digest: str, content: bytes) -> None:
@@ -177,5 +180,5 @@ def attach(
             "role": role,
             "note": note,
         }
-        session.execute(insert(table_of(EventDocument)), row)
+        session.execute(_DOCUMENT_INSERT, row)
     return StoredDocument(digest, name, media_type, size, role, note)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import Row, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -83,16 +83,11 @@ def find_staff_by_addresses(session: Session, addresses: Iterable[str]) -> dict[
     refs = {address: address.strip() for address in addresses if address and address.strip()}
     if not refs:
         return {}
-    rows = session.scalars(
-        select(Staff)
-        .where(
-            or_(
-                Staff.username.in_(set(refs.values())),
-                func.lower(Staff.email).in_({ref.lower() for ref in refs.values()}),
-            )
-        )
-        .order_by(Staff.id)
-    ).all()
+    values = {
+        "usernames": sorted(set(refs.values())),
+        "emails": sorted({r.lower() for r in refs.values()}),
+    }
+    rows = session.scalars(_STAFF_BY_ADDRESS, values).all()
     by_username: dict[str, Staff] = {}
     by_email: dict[str, Staff] = {}
     for staff in rows:  # lowest id first: setdefault keeps it
@@ -102,6 +97,18 @@ def find_staff_by_addresses(session: Session, addresses: Iterable[str]) -> dict[
     return {
         address: by_username.get(ref) or by_email.get(ref.lower()) for address, ref in refs.items()
     }
+
+
+_STAFF_BY_ADDRESS = (
+    select(Staff)
+    .where(
+        or_(
+            Staff.username.in_(bindparam("usernames", expanding=True)),
+            func.lower(Staff.email).in_(bindparam("emails", expanding=True)),
+        )
+    )
+    .order_by(Staff.id)
+)
 
 
 def is_internal_number(session: Session, raw: str | None, settings: Settings) -> bool:
@@ -167,12 +174,12 @@ def match_addresses(session: Session, addresses: Iterable[str], settings: Settin
     """Contacts by any of their addresses (case-insensitive), then customers by domain; the
     first wins."""
     result = PartyMatch()
-    contacts: list[Contact] = []
+    contacts: list[Row[int, int, str]] = []
     domain_customers: list[int] = []
     for address in addresses:
         lowered = address.lower()
-        found = session.scalars(
-            select(Contact)
+        found = session.execute(
+            select(Contact.id, Contact.customer_id, Contact.name)
             .where(
                 # A contact's further addresses (contact_email) match as well as the primary one.
                 or_(

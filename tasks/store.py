@@ -87,9 +87,9 @@ def record_inbound(
     return inserted
 
 
-def _inbound_insert(insert: Any) -> Any:
-    return insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
-        insert.table.c.id
+def _inbound_insert(upsert: Any) -> Any:
+    return upsert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
+        upsert.table.c.id
     )
 
 
@@ -144,10 +144,10 @@ def lock_event(
     return event, False
 
 
-def _event_insert(insert: Any) -> Any:
-    return insert.on_conflict_do_nothing(
+def _event_insert(upsert: Any) -> Any:
+    return upsert.on_conflict_do_nothing(
         index_elements=["source_system", "source_kind", "source_id"]
-    ).returning(insert.table.c.id)
+    ).returning(upsert.table.c.id)
 
 
 def _persistent_event(session: Session, event_id: int, values: dict[str, Any]) -> CrmEvent:
@@ -222,7 +222,11 @@ def touch_tallies(session: Session, keys: Iterable[TallyKey]) -> set[int]:
     return {key.seller_id for key in keys}
 
 
+#: Built once: a statement reused as it is finds its compiled form without a new cache key.
 _TOUCH_INSERT = insert(table_of(TallyTouch))
+_PROPERTY_INSERT = insert(table_of(EventPropertyLink))
+_PARTICIPANT_INSERT = insert(table_of(EventParticipant))
+_PARTY_KEY_INSERT = insert(table_of(EventPartyKey))
 
 
 def set_properties(
@@ -247,7 +251,7 @@ def set_properties(
         )
     added = [{"event_id": event.id, "property_code": code} for code in sorted(wanted - current)]
     if added:
-        session.execute(insert(table_of(EventPropertyLink)), added)
+        session.execute(_PROPERTY_INSERT, added)
 
 
 def add_participants(
@@ -266,7 +270,7 @@ def add_participants(
         for staff_id in sorted({s for s in staff_ids if s is not None} - current)
     ]
     if added:
-        session.execute(insert(table_of(EventParticipant)), added)
+        session.execute(_PARTICIPANT_INSERT, added)
 
 
 def record_delivery(
@@ -291,10 +295,10 @@ def record_delivery(
     session.execute(prepared_upsert(session, Delivery.__table__, _delivery_upsert), values)
 
 
-def _delivery_upsert(insert: Any) -> Any:
+def _delivery_upsert(upsert: Any) -> Any:
     columns = ("task_name", "outcome", "event_id", "detail", "finished_at")
-    return insert.on_conflict_do_update(
-        index_elements=["task_id"], set_={name: insert.excluded[name] for name in columns}
+    return upsert.on_conflict_do_update(
+        index_elements=["task_id"], set_={name: upsert.excluded[name] for name in columns}
     )
 
 
@@ -325,12 +329,12 @@ _FRESH_REQUEST = select(table_of(RefreshRequest).c.seller_id).where(
 )
 
 
-def _claim_upsert(insert: Any) -> Any:
-    return insert.on_conflict_do_update(
+def _claim_upsert(upsert: Any) -> Any:
+    return upsert.on_conflict_do_update(
         index_elements=["seller_id"],
-        set_={"requested_at": insert.excluded.requested_at},
-        where=insert.table.c.requested_at < bindparam("stale_before"),
-    ).returning(insert.table.c.seller_id)
+        set_={"requested_at": upsert.excluded.requested_at},
+        where=upsert.table.c.requested_at < bindparam("stale_before"),
+    ).returning(upsert.table.c.seller_id)
 
 
 def clear_refresh_request(session: Session, seller_id: int) -> None:
@@ -415,7 +419,7 @@ def record_party_keys(
             session.execute(delete(EventPartyKey).where(EventPartyKey.event_id == event.id))
         if wanted:
             session.execute(
-                insert(table_of(EventPartyKey)),
+                _PARTY_KEY_INSERT,
                 [
                     {"event_id": event.id, "kind": kind, "value": value, "position": position}
                     for (kind, value), position in wanted.items()

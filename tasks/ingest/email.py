@@ -251,10 +251,10 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
         raise BadInput(reason, {"from": [reason]})
 
 
-def _window_upsert(insert: Any) -> Any:
-    return insert.on_conflict_do_update(
-        index_elements=["sender", "window_start"], set_={"count": insert.table.c.count + 1}
-    ).returning(insert.table.c.count)
+def _window_upsert(upsert: Any) -> Any:
+    return upsert.on_conflict_do_update(
+        index_elements=["sender", "window_start"], set_={"count": upsert.table.c.count + 1}
+    ).returning(upsert.table.c.count)
 
 
 def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:

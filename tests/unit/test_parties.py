@@ -276,3 +276,52 @@ def test_nul_in_a_party_message_is_not_a_database_error(db: Session, ctx: StageC
             "common.Text (or strip it) before the ledger insert"
         )
     assert "\x00" not in customer_by_number(db, "20001").name
+
+
+def test_staff_by_addresses_finds_what_find_staff_finds_in_one_query(
+    world: Session, ctx: StageContext
+) -> None:
+    from tasks.match import find_staff, find_staff_by_addresses
+
+    # A staff member whose username is another member's address wins it, as in find_staff.
+    ingest_party(
+        world,
+        ctx,
+        party("staff", username="mikko.nieminen@myyntitalo.fi", name="Alias", role="seller"),
+    )
+    addresses = [
+        "Anna.Lahtinen@MyyntiTalo.fi",
+        "mikko.nieminen@myyntitalo.fi",
+        "matti.virtanen@pohjolankone.fi",
+        " helena.salo@myyntitalo.fi ",
+    ]
+    statements: list[str] = []
+    listen = sqlalchemy_event_counter(world, statements)
+    try:
+        found = find_staff_by_addresses(world, addresses)
+    finally:
+        listen()
+    assert len(statements) == 1
+    usernames = {a: (s.username if s else None) for a, s in found.items()}
+    assert usernames == {
+        "Anna.Lahtinen@MyyntiTalo.fi": "anna",
+        "mikko.nieminen@myyntitalo.fi": "mikko.nieminen@myyntitalo.fi",
+        "matti.virtanen@pohjolankone.fi": None,
+        " helena.salo@myyntitalo.fi ": "helena",
+    }
+    for address in addresses:
+        one = find_staff(world, address, ctx.settings)
+        assert (one.username if one else None) == usernames[address]
+
+
+def sqlalchemy_event_counter(session: Session, statements: list[str]) -> Any:
+    """Collect the SQL the session's connection runs; returns the function that stops it."""
+    from sqlalchemy import event
+
+    connection = session.connection()
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(connection, "before_cursor_execute", before)
+    return lambda: event.remove(connection, "before_cursor_execute", before)
