@@ -13,11 +13,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import nh3
 from celery import shared_task
 from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -236,19 +238,26 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
     count = session.execute(statement, values).scalar_one()
     if _windows_cleared.get(window) != start:
         # The first email of a window in this process clears the windows that can never count
-        # again (once per process and window, not per email).
+        # again (once per process and window, not per email). It counts as done once committed:
+        # an email whose transaction rolls back leaves the clean-up to the next one.
         session.execute(
             delete(EmailSenderWindow).where(
                 EmailSenderWindow.window_start < start - timedelta(seconds=window)
             )
         )
-        _windows_cleared[window] = start
+        sqlalchemy_event.listen(
+            session, "after_commit", partial(_cleared, window, start), once=True
+        )
     if count > limit:
         reason = (
             f"mail loop suspected: {sender} sent more than {limit} emails to the CRM address"
             f" within {window} s"
         )
         raise BadInput(reason, {"from": [reason]})
+
+
+def _cleared(window: int, start: datetime, _session: Session) -> None:
+    _windows_cleared[window] = start
 
 
 def _window_upsert(upsert: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, delete, select
@@ -122,6 +122,41 @@ def test_the_limit_is_shared_by_every_worker_process(engine: Engine, ctx: StageC
     finally:
         with Session(engine) as session, session.begin():
             session.execute(delete(EmailSenderWindow).where(EmailSenderWindow.sender == sender))
+
+
+def test_a_rolled_back_clean_up_of_old_windows_is_done_by_the_next_email(
+    engine: Engine, ctx: StageContext
+) -> None:
+    from tasks.ingest import email as stage
+
+    window = ctx.settings.email_sender_window_s
+    old = f"old-{uuid.uuid4().hex}@example.com"
+    ancient = datetime.now(UTC) - timedelta(seconds=3 * window)
+
+    def old_rows() -> int:
+        with Session(engine) as session:
+            return len(
+                session.scalars(
+                    select(EmailSenderWindow.count).where(EmailSenderWindow.sender == old)
+                ).all()
+            )
+
+    sender = f"new-{uuid.uuid4().hex}@example.com"
+    try:
+        with Session(engine) as session, session.begin():
+            session.add(EmailSenderWindow(sender=old, window_start=ancient, count=1))
+        stage._windows_cleared.pop(window, None)  # this process has not cleared this window
+        with Session(engine) as session, session.begin():
+            check_sender_limit(session, ctx.settings, sender)
+            session.rollback()  # the email failed after the check: nothing of it stays
+        assert old_rows() == 1
+        with Session(engine) as session, session.begin():
+            check_sender_limit(session, ctx.settings, sender)
+        assert old_rows() == 0
+    finally:
+        with Session(engine) as session, session.begin():
+            session.execute(delete(EmailSenderWindow).where(EmailSenderWindow.sender.in_([old])))
+            session.execute(delete(EmailSenderWindow).where(EmailSenderWindow.sender.like("new-%")))
 
 
 def test_limit_zero_switches_the_check_off(world: Session, ctx: StageContext) -> None:
