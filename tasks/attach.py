@@ -12,6 +12,7 @@ import re
 import tempfile
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import filetype
@@ -94,15 +95,34 @@ def _blob_insert(upsert: Any) -> Any:
 
 def _write_file(settings: Settings, digest: str, content: bytes) -> None:
     folder = settings.effective_document_dir / digest[:2]
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_folder(folder.parent)  # the new folder's own entry
     target = folder / digest
     if target.exists():
         return
-    # Write then rename: a crash never leaves a half-written document under its final name.
+    # Write, flush to disk, then rename, and flush the folder: the event's transaction commits
+    # after this returns, so a crash (of the machine, too) never leaves a committed document
+    # missing or half-written under its final name.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_blob(session: Session, settings: Settings, digest: str) -> bytes | None:
