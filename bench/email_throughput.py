@@ -17,7 +17,8 @@ Three measurements on a scratch PostgreSQL database and a dedicated Redis databa
   prefork child, both as the SMTP gateway hands it over (stored first, ``raw_ref``) and inline
   (``raw_b64`` in the Redis message). The child's peak RSS (VmHWM, reset through
   ``/proc/PID/clear_refs`` just before the email) is compared with its RSS before the email
-  and with the message size.
+  and with the message size. As a baseline, the same inline message is also carried by the
+  no-op task of a one-child no-op worker: what Celery itself holds for a message that size.
 
 The throw-away world comes from bench/pipeline.py's helpers: a scratch database on the server of
 ``--database-server``, dropped at the end; Redis database ``--redis-db``, claimed and flushed at
@@ -232,7 +233,46 @@ def memory(world: Any, settings: Settings, env: dict[str, str], size: int) -> li
         )
     helpers.stop_worker(worker)
     world.workers.remove(worker)
+    rows.append(noop_memory(world, env, message(typical_email(1, "big-noop", big_attachment))))
     return rows
+
+
+def noop_memory(world: Any, env: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
+    """The same inline message carried by the no-op task: what Celery itself holds for it."""
+    bench = helpers.noop_worker()
+    command = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
+    worker = helpers.start_worker(world, "memory-noop", command, env, concurrency=1)
+    helpers.wait_ready(world)
+    child = pool_child(worker.process.pid)
+    key = f"bench:noop:memory:{uuid.uuid4()}"
+    world.app.send_task(bench.NOOP_TASK, args=[key, {"warm": True}], queue=bench.NOOP_QUEUE)
+    wait_counter(world, key, 1)
+    before = status(child)["VmRSS"]
+    Path(f"/proc/{child}/clear_refs").write_text("5")
+    started = time.perf_counter()
+    world.app.send_task(bench.NOOP_TASK, args=[key, payload], queue=bench.NOOP_QUEUE)
+    wait_counter(world, key, 2)
+    peak = status(child)["VmHWM"]
+    helpers.stop_worker(worker)
+    world.workers.remove(worker)
+    size = len(base64.b64decode(payload["raw_b64"]))
+    seconds = time.perf_counter() - started
+    return {
+        "how": "raw_b64, no-op task",
+        "size": size,
+        "before": before,
+        "peak": peak,
+        "seconds": seconds,
+    }
+
+
+def wait_counter(world: Any, key: str, count: int, timeout: float = 300) -> None:
+    deadline = time.perf_counter() + timeout
+    while int(world.redis.get(key) or 0) < count:
+        if time.perf_counter() > deadline:
+            raise helpers.BenchError(f"the no-op task did not run within {timeout} s")
+        helpers.check_alive(world)
+        time.sleep(helpers.POLL_INTERVAL_S)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -275,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 world, "pipeline", [helpers.crm_events_command(), "worker"], env
             )
             noop = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
-            helpers.start_worker(world, "no-op", noop, env)
+            noop_worker = helpers.start_worker(world, "no-op", noop, env)
             helpers.wait_ready(world)
             helpers.load_parties(world, env)
 
@@ -287,16 +327,22 @@ def main(argv: list[str] | None = None) -> int:
                 e2e_rate(world, args.warmup, "ew")
                 helpers.run_noop(world, "email", "nw", args.warmup, 600)
             end_to_end, noop_rates = [], []
+            cpu: dict[str, float] = {}
             for r in range(args.repeats):
+                before = helpers.cpu_parts(world, pipeline)
                 end_to_end.append(e2e_rate(world, args.e2e_emails, f"e{r}"))
+                after = helpers.cpu_parts(world, pipeline)
+                for part, seconds in after.items():
+                    cpu[part] = cpu.get(part, 0.0) + seconds - before[part]
                 result = helpers.run_noop(world, "email", f"n{r}", args.e2e_emails, 600)
                 noop_rates.append(args.e2e_emails / result.elapsed_s)
                 helpers.log(
                     f"run {r + 1}: end to end {end_to_end[-1]:.1f} emails/s, no-op"
                     f" {noop_rates[-1]:.0f} tasks/s, load {helpers.load_average():.1f}"
                 )
-            helpers.stop_worker(pipeline)
-            world.workers.remove(pipeline)
+            for worker in (pipeline, noop_worker):
+                helpers.stop_worker(worker)
+                world.workers.remove(worker)
             rows = memory(world, settings, env, int(args.big_mb * 1_000_000))
         except helpers.BenchError as exc:
             helpers.log(f"bench failed: {exc}")
@@ -320,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"no-op baseline (same broker and worker settings): median {median_noop:.0f} tasks/s;"
         f" ratio end to end / no-op {median_e2e / median_noop:.2f}"
+    )
+    emails = args.e2e_emails * args.repeats
+    total = sum(cpu.values())
+    print(f"CPU per email end to end (all {emails} emails of the runs above):")
+    for part, seconds in cpu.items():
+        print(f"  {part:32s} {seconds * 1000 / emails:6.1f} ms  {seconds / total:4.0%}")
+    print(
+        f"  {'total':32s} {total * 1000 / emails:6.1f} ms: {os.cpu_count()} cores give at most"
+        f" {os.cpu_count() * emails / total:.0f} emails/s at this cost"
     )
     for row in rows:
         mb = 1_000_000

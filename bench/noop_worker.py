@@ -63,7 +63,8 @@ def create_noop_app(settings: Any) -> Any:
         raise SystemExit("bench.noop needs a Redis broker (CRM_BROKER_URL=redis://...)")
 
     @app.task(name=NOOP_TASK)
-    def noop(counter_key: str) -> None:
+    def noop(counter_key: str, payload: Any = None) -> None:
+        # ``payload`` is carried and ignored: what a message of that size costs the worker.
         _redis(redis_url).incr(counter_key)
 
     return app

@@ -387,14 +387,47 @@ def vm_hwm_kib(pid: int) -> int | None:
 
 def cpu_seconds(worker: Worker) -> float:
     """User + system CPU time so far of the worker's main process and its pool."""
+    return process_cpu_seconds([worker.process.pid, *descendants(worker.process.pid)])
+
+
+def process_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of these processes (gone ones count nothing)."""
     ticks = 0
-    for pid in (worker.process.pid, *descendants(worker.process.pid)):
+    for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _pids_whose_command(contains: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if contains in command:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_parts(world: World, worker: Worker) -> dict[str, float]:
+    """CPU seconds so far of each part a message goes through, for a per-message account.
+
+    PostgreSQL counts the backends serving the scratch database (not the server's background
+    writers); Redis counts the whole server; the bench process is the publisher.
+    """
+    return {
+        "worker main process (consumer)": process_cpu_seconds([worker.process.pid]),
+        "worker pool processes (tasks)": process_cpu_seconds(descendants(worker.process.pid)),
+        "PostgreSQL backends": process_cpu_seconds(_pids_whose_command(world.database_name)),
+        "Redis server": process_cpu_seconds(_pids_whose_command("redis-server")),
+        "bench process (publisher)": process_cpu_seconds([os.getpid()]),
+    }
 
 
 def load_average() -> float:
