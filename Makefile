@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP) services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config models tasks workers
+	$(BIN)/mypy config models tasks workers tests bench
 	$(BIN)/python -m pytest
 
 services:
@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy config models tasks workers
+	$(BIN)/mypy config models tasks workers tests bench
 
 ## Known vulnerabilities in the pinned run-time dependencies (PyPI's advisory data; docs/security.md).
 ## AUDIT_FLAGS=--strict also fails when a dependency could not be looked up.

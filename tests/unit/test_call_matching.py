@@ -110,6 +110,7 @@ def test_numbers_match_in_any_notation_and_the_raw_string_is_kept(
     assert event["contact"] == "Matti Virtanen"
     assert event["subject"] == "Inbound call from +35840-1234567 (ringing)"
     details = world.scalar(select(CrmEvent.details).where(CrmEvent.source_id == "notation"))
+    assert details is not None
     assert details["from"] == "+35840-1234567"
     assert details["outside_number"] == "+358401234567"
 

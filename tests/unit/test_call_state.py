@@ -142,9 +142,9 @@ def test_sequence_decides_between_terminal_statuses(world: Session, ctx: StageCo
 def test_conflicting_updates_without_sequence_resolve_the_same_way_in_any_order(
     world: Session, ctx: StageContext
 ) -> None:
-    a = {"status": "completed", "note": "version A", "duration_s": 10}
-    b = {"status": "completed", "note": "version B", "duration_s": 20}
-    c = {"status": "busy", "note": "version C"}
+    a: dict[str, Any] = {"status": "completed", "note": "version A", "duration_s": 10}
+    b: dict[str, Any] = {"status": "completed", "note": "version B", "duration_s": 20}
+    c: dict[str, Any] = {"status": "busy", "note": "version C"}
     results = set()
     for n, order in enumerate(itertools.permutations([a, b, c])):
         call_id = f"conflict-{n}"

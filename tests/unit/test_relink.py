@@ -282,6 +282,7 @@ def test_relinked_events_equal_events_ingested_after_the_master_data(
     follow_ups = world.scalars(
         select(FollowUp.event_id).where(FollowUp.event_id.in_([relinked_call, fresh_call]))
     ).all()
+    assert relinked_call is not None and fresh_call is not None
     assert sorted(follow_ups) == sorted([relinked_call, fresh_call])
 
 
