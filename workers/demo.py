@@ -1,13 +1,15 @@
 """``crm-events demo``: the embedded end-to-end run with real worker processes.
 
 Starts a worker and beat as child processes, publishes the bundled examples (parties, calls with
-several status updates, forwarded emails with attachments, visits with memos, and a few bad
-messages), waits until every one is processed, and prints the seller views and target progress.
+several status updates, Twilio status callbacks and Asterisk CDRs, forwarded emails with
+attachments, visits with memos, and a few bad messages), waits until every one is processed,
+and prints the seller views and target progress.
 The data stays under the data directory for the other commands to explore.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from sqlalchemy import select
 
 from models.db import transaction
 from models.parties import Staff
-from workers.publish import publish_files, wait_for
+from workers.publish import Published, publish, publish_files, wait_for
 
 #: Targets the demo sets for its sellers (category, kind, value), valid from the month's start.
 DEMO_TARGETS = (
@@ -61,6 +63,33 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Published]:
+    """Twilio callback samples (a JSON list of the callbacks' form fields) and Asterisk CDR
+    files, turned into ``crm.call/1`` updates as the HTTP gateway and ``import cdr`` do."""
+    from tasks.telephony.adapters import CdrContext, twilio_to_call
+    from workers.cdr_import import CALL_TASK, cdr_messages
+
+    published = []
+    for path in files:
+        if path.suffix == ".csv":
+            context = CdrContext(
+                source_system="asterisk",
+                own_numbers=settings.own_numbers,
+                phone_region=settings.phone_region,
+                time_zone=None,
+            )
+            text = path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
+            messages, _errors = cdr_messages(text, context, path.name)
+        else:
+            callbacks = json.loads(path.read_text(encoding="utf-8"))
+            messages = [
+                (f"{path.name}#{n + 1}", twilio_to_call(fields))
+                for n, fields in enumerate(callbacks)
+            ]
+        published += [publish(app, CALL_TASK, message, label) for label, message in messages]
+    return published
+
+
 def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
     from workers.cli import cmd_init_db
     from workers.render import console, progress, seller_view, table
@@ -82,19 +111,24 @@ def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
     beat = _start(["beat"], logs / "beat.log")
     try:
         outcomes: Counter[str] = Counter()
+        calls = examples / "calls"
         steps = [
             ("party", [examples / "parties.json"]),
-            ("call", sorted((examples / "calls").glob("*.json"))),
+            ("call", [f for f in sorted(calls.glob("*.json")) if not f.name.startswith("twilio")]),
+            # Twilio status callbacks and Asterisk CDRs, through the telephony adapters.
+            ("telephony", [*sorted(calls.glob("twilio*.json")), *sorted(calls.glob("*.csv"))]),
             ("email", sorted((examples / "emails").glob("*.eml"))),
             ("visit", sorted((examples / "visits").glob("*.json"))),
             ("call", sorted((examples / "bad").glob("*.json"))),
         ]
         started = time.monotonic()
         for kind, files in steps:
-            files = [f for f in files if "twilio" not in f.name]
             if not files:
                 continue
-            published = publish_files(rt.app, settings, kind, files)
+            if kind == "telephony":
+                published = publish_telephony(rt.app, settings, files)
+            else:
+                published = publish_files(rt.app, settings, kind, files)
             done = wait_for(rt.sessions, [p.task_id for p in published], timeout)
             missing = [p for p in published if p.task_id not in done]
             for delivery in done.values():

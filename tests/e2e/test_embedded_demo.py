@@ -48,9 +48,20 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_stores_every_sample_once(demo_dir: Path) -> None:
     events = run_json(demo_dir, "events")
     by_source = {(e["source_kind"], e["source_id"]) for e in events}
-    assert len(by_source) == len(events) == 9
+    assert len(by_source) == len(events) == 12
     call = next(e for e in events if e["source_id"] == "c-2026-11-23-0001")
     assert (call["status"], call["duration_s"], call["seller"]) == ("completed", 448, "anna")
+    # The telephony samples in their systems' own formats, through the adapters.
+    twilio = next(e for e in events if e["source_id"] == "CA1f0d2c3b4a5968778695a4b3c2d1e0f9")
+    assert (twilio["status"], twilio["duration_s"], twilio["contact"]) == (
+        "completed",
+        398,
+        "Liisa Korhonen",
+    )
+    answered = next(e for e in events if e["source"] == "asterisk" and e["duration_s"])
+    assert (answered["contact"], answered["seller"]) == ("Matti Virtanen", "mikko")
+    unanswered = next(e for e in events if e["source"] == "asterisk" and not e["duration_s"])
+    assert (unanswered["link_state"], unanswered["customer_number"]) == ("unlinked", None)
     forwarded = next(e for e in events if e["source_id"] == "fwd-20261120090500.77@myyntitalo.fi")
     assert forwarded["occurred_at"] == "2026-11-20T08:41:03+02:00"
     assert "Laiteluettelo_kevät_2027.pdf" in [d["filename"] for d in forwarded["documents"]]
