@@ -149,6 +149,7 @@ def attach(
     max_bytes: int | None = None,
     note: str = "",
     attached: set[tuple[str, str, str | None]] | None = None,
+    stored_as: str = "",
 ) -> StoredDocument:
     """Attach a document (or a stub when it was refused) to an event, once.
 
@@ -156,6 +157,8 @@ def attach(
     ``note`` says what the caller did to the content (kept with the document). ``attached``:
     for an event created by the calling stage, the documents it attached so far (role,
     filename, SHA-256), kept by the caller instead of asking the database each time.
+    ``stored_as``: the content is already in the document store under this SHA-256 (a raw email
+    the gateway stored), so it is attached without being sent to the store again.
     """
     name = sanitise_filename(filename, fallback=role)
     cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
@@ -169,7 +172,7 @@ def attach(
         note = f"{note}; {refused}" if note else refused
     else:
         media_type = sniff_media_type(content, declared_type)
-        digest = store_blob(session, settings, content, media_type)
+        digest = stored_as or store_blob(session, settings, content, media_type)
         size = len(content)
     if filename and name != filename:
         note = (note + "; " if note else "") + f"filename sanitised from {filename[:300]!r}"

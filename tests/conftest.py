@@ -11,6 +11,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,23 @@ def _claim_redis_database() -> str:
     15, 14, … 8 on the loopback server that no other live session has claimed."""
     if "CRM_TEST_REDIS_URL" in os.environ:
         return os.environ["CRM_TEST_REDIS_URL"]
-    for index in range(15, 7, -1):
-        url = f"redis://127.0.0.1:6379/{index}"
+    url = claim_first_free([f"redis://127.0.0.1:6379/{index}" for index in range(15, 7, -1)])
+    if url is None:
+        raise RuntimeError("no free Redis test database among 8-15 (other test runs hold them)")
+    return url
+
+
+def claim_first_free(urls: list[str]) -> str | None:
+    """Claim the first of these Redis databases that no live test session holds (the claim
+    expires after an hour; flushing the database drops it)."""
+    for url in urls:
         client = redis.Redis.from_url(url, socket_timeout=5)
         try:
             if client.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=3600):
                 return url
         finally:
             client.close()
-    raise RuntimeError("no free Redis test database among 8-15 (other test runs hold them)")
+    return None
 
 
 class TemporaryDatabase:
@@ -163,3 +172,21 @@ def redis_client(redis_database: str) -> Iterator[redis.Redis]:
     client.ping()  # fails the run when Redis is missing: never a skip
     yield client
     client.close()
+
+
+@contextmanager
+def statements_run(session: Session) -> Iterator[list[str]]:
+    """The SQL statements the session's connection runs inside the block, as a list."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    connection = session.connection()
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(connection, "before_cursor_execute", before)
+    try:
+        yield statements
+    finally:
+        event.remove(connection, "before_cursor_execute", before)

@@ -140,7 +140,9 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     # The event is new: what it has is what we attach now.
     attached: set[tuple[str, str, str | None]] = set()
     finish_email(session, ctx, event, composed, attached)
-    _attach_all(session, settings, event.id, raw, parsed, attached)
+    # Mail the gateway stored first (raw_ref) is not sent to the document store again.
+    stored_as = digest if message.get("raw_ref") == digest else ""
+    _attach_all(session, settings, event.id, raw, stored_as, parsed, attached)
     return StageResult(
         "stored",
         event.id,
@@ -154,9 +156,11 @@ def _attach_all(
     settings: Settings,
     event_id: int,
     raw: bytes,
+    stored_as: str,
     parsed: ParsedEmail,
     attached: set[tuple[str, str, str | None]],
 ) -> None:
+    """The raw email (``stored_as``: already stored by the gateway) and every attachment."""
     attach(
         session,
         settings,
@@ -168,6 +172,7 @@ def _attach_all(
         # Already within max_email_bytes: the source of truth is kept whatever the attachment cap.
         max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
         attached=attached,
+        stored_as=stored_as,
     )
     for item in _all_attachments(parsed):
         attach_email_file(session, settings, event_id, item, attached)

@@ -17,6 +17,7 @@ from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.match import match_addresses, normalise_phone
 from tasks.views import events_json
+from tests.conftest import statements_run
 from workers.publish import email_message_from_raw
 
 
@@ -295,12 +296,8 @@ def test_staff_by_addresses_finds_what_find_staff_finds_in_one_query(
         "matti.virtanen@pohjolankone.fi",
         " helena.salo@myyntitalo.fi ",
     ]
-    statements: list[str] = []
-    listen = sqlalchemy_event_counter(world, statements)
-    try:
+    with statements_run(world) as statements:
         found = find_staff_by_addresses(world, addresses)
-    finally:
-        listen()
     assert len(statements) == 1
     usernames = {a: (s.username if s else None) for a, s in found.items()}
     assert usernames == {
@@ -312,16 +309,3 @@ def test_staff_by_addresses_finds_what_find_staff_finds_in_one_query(
     for address in addresses:
         one = find_staff(world, address, ctx.settings)
         assert (one.username if one else None) == usernames[address]
-
-
-def sqlalchemy_event_counter(session: Session, statements: list[str]) -> Any:
-    """Collect the SQL the session's connection runs; returns the function that stops it."""
-    from sqlalchemy import event
-
-    connection = session.connection()
-
-    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(connection, "before_cursor_execute", before)
-    return lambda: event.remove(connection, "before_cursor_execute", before)
