@@ -1,13 +1,39 @@
-"""Processes the tests start: a worker's readiness, and a warm stop of anything we run."""
+"""Processes the tests start: their environment and ports, a worker's readiness, and a warm
+stop of anything we run."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
+
+from config.settings import Settings
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a process we start (worker, gateway, CLI): the inherited one without
+    any CRM_* variable, plus the settings' database, broker, Redis and data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    env.update(
+        CRM_DATABASE_URL=settings.database_url,
+        CRM_BROKER_URL=settings.broker_url,
+        CRM_REDIS_URL=settings.redis_url,
+        CRM_DATA_DIR=str(settings.data_dir),
+        CRM_LOG_LEVEL="INFO",
+    )
+    return env | extra
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from tasks.maintenance import reconcile, snapshot
 from tasks.store import STALE_REFRESH_REQUEST
 from tests.master_data import email_message
 from tests.messages import outbound_call
+from tests.processes import free_port, service_env
 from workers.app import create_app
 from workers.publish import wait_for
 from workers.queues import INGEST_TASKS, TASK_QUEUES
@@ -73,13 +73,6 @@ REDELIVERY_S = VISIBILITY_TIMEOUT_S + 15
 
 class ServiceMissing(RuntimeError):
     """The PostgreSQL or Redis server binaries the fault tests run privately are not installed."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def postgres_bin() -> Path:
@@ -291,25 +284,18 @@ class PrivateRedis:
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a worker: the inherited one without any CRM_* variable, plus ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
-    env.update(
-        CRM_DATABASE_URL=settings.database_url,
-        CRM_BROKER_URL=settings.broker_url,
-        CRM_REDIS_URL=settings.redis_url,
-        CRM_DATA_DIR=str(settings.data_dir),
+    """The environment of a worker with the fault tests' delivery settings."""
+    return service_env(
+        settings,
         CRM_TASK_TIME_LIMIT_S=str(settings.task_time_limit_s),
         CRM_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
         CRM_RETRY_BACKOFF_MAX_S=str(settings.retry_backoff_max_s),
         CRM_MAX_RETRIES=str(settings.max_retries),
-        CRM_LOG_LEVEL="INFO",
+        # A worker that dies this many times holding one message parks it as failed; random
+        # kills must never park a good message.
+        CRM_MAX_DELIVERIES="50",
         **extra,
     )
-    # A worker that dies this many times holding one message parks it as failed; random kills
-    # must never park a good message. Only passed when the settings know the variable.
-    if "max_deliveries" in {f for f in Settings.__dataclass_fields__}:
-        env["CRM_MAX_DELIVERIES"] = "50"
-    return env
 
 
 def children(pid: int) -> list[int]:

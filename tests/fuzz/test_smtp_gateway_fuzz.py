@@ -33,6 +33,7 @@ from tests.fuzz.conftest import TIME_BOUND_S, IngestRunner
 from tests.fuzz.emails import raw_emails
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import FUZZ_WORLD
+from tests.processes import free_port
 
 MAX_EMAIL_BYTES = 200_000
 INLINE_MAX_BYTES = 2_000
@@ -48,12 +49,6 @@ class SmtpGateway:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

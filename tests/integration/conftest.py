@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -14,14 +13,14 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from models.db import create_session_factory
-from models.ledger import Delivery
+from models.ledger import Delivery, RejectedMessage
 from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
-from tests.processes import stop_process, wait_for_worker
+from tests.processes import service_env, stop_process, wait_for_worker
 from tests.smtp_sink import SmtpSink
 from workers.app import create_app
 from workers.publish import wait_for
@@ -53,6 +52,18 @@ class LiveSystem:
         assert not missing, f"{len(missing)} message(s) not processed; worker log:\n{self.tail()}"
         return [done[i] for i in ids]
 
+    def rejected(self, task_id: str, timeout: float = 30) -> RejectedMessage:
+        """The rejection recorded for a task, once its outcome is in (which must be rejected)."""
+        done = wait_for(self.sessions, [task_id], timeout)
+        assert task_id in done, f"no outcome for {task_id}; worker log:\n{self.tail()}"
+        assert done[task_id].outcome == "rejected", done[task_id].detail
+        with self.sessions() as session:
+            row = session.scalars(
+                select(RejectedMessage).where(RejectedMessage.task_id == task_id)
+            ).one()
+            session.expunge(row)
+        return row
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "workers.cli", *args],
@@ -69,18 +80,6 @@ class LiveSystem:
     def alive(self) -> bool:
         replies = self.app.control.ping(timeout=2)
         return self.worker.poll() is None and bool(replies)
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
-    env.update(
-        CRM_DATABASE_URL=settings.database_url,
-        CRM_BROKER_URL=settings.broker_url,
-        CRM_REDIS_URL=settings.redis_url,
-        CRM_DATA_DIR=str(settings.data_dir),
-        CRM_LOG_LEVEL="INFO",
-    )
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -18,17 +18,11 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.integration.conftest import LiveSystem
-from tests.processes import stop_process
+from tests.processes import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "admin", "flower-Test-9d8c7b6a"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def get(port: int, path: str, credentials: str | None = None) -> tuple[int, bytes]:

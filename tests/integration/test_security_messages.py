@@ -21,9 +21,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import select
 
-from models.ledger import RejectedMessage
 from tests.conftest import load_example
 from tests.integration.conftest import LiveSystem
 from workers.publish import wait_for
@@ -73,18 +71,6 @@ def publish_raw(
     return task_id
 
 
-def rejected_row(live: LiveSystem, task_id: str, timeout: float = 30) -> RejectedMessage:
-    done = wait_for(live.sessions, [task_id], timeout)
-    assert task_id in done, f"no outcome for {task_id}; worker log:\n{live.tail()}"
-    assert done[task_id].outcome == "rejected"
-    with live.sessions() as session:
-        row = session.scalars(
-            select(RejectedMessage).where(RejectedMessage.task_id == task_id)
-        ).one()
-        session.expunge(row)
-    return row
-
-
 def first_call() -> dict[str, Any]:
     loaded = load_example("calls/inbound-answered.json")
     message: dict[str, Any] = loaded[0] if isinstance(loaded, list) else loaded
@@ -113,7 +99,7 @@ def test_pickle_is_refused_recorded_and_never_unpickled(live: LiveSystem, tmp_pa
         serializer="pickle",
     )
     pickler.close()
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert row.task_name == "crm.ingest.call"
     assert "application/x-python-serialize" in row.reason and "pickle" in row.reason
     assert "not deserialised" in row.reason
@@ -139,7 +125,7 @@ def test_raw_pickle_without_task_header_is_recorded(live: LiveSystem, tmp_path: 
         {"task": "crm.ingest.call", "args": [CreatesDirectoryWhenUnpickled(marker)]}
     )
     task_id = publish_raw(live, body, "application/x-python-serialize", task=None)
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert row.task_name == "(unknown)"
     assert "pickle" in row.reason
     assert base64.b64decode(row.payload["body_b64"]) == body
@@ -160,7 +146,7 @@ def test_other_content_types_are_refused_and_recorded(
 ) -> None:
     body = json.dumps([[{"schema": "crm.call/1"}], {}, {}]).encode()
     task_id = publish_raw(live, body, content_type)
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert named in row.reason and "only application/json is accepted" in row.reason
     assert base64.b64decode(row.payload["body_b64"]) == body
 
@@ -168,7 +154,7 @@ def test_other_content_types_are_refused_and_recorded(
 def test_json_that_does_not_parse_is_recorded(live: LiveSystem) -> None:
     body = b'[[{"schema": "crm.call/1", "call_id": ' + b"\xff" * 10
     task_id = publish_raw(live, body, "application/json")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert "could not be decoded as application/json" in row.reason
     assert base64.b64decode(row.payload["body_b64"]) == body
     still_consuming(live)
@@ -177,7 +163,7 @@ def test_json_that_does_not_parse_is_recorded(live: LiveSystem) -> None:
 def test_a_body_that_does_not_decompress_is_recorded(live: LiveSystem) -> None:
     body = b"this is not gzip"
     task_id = publish_raw(live, body, "application/json", compression="application/x-gzip")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert "could not be decoded" in row.reason, row.reason
     assert base64.b64decode(row.payload["body_b64"]) == body
     still_consuming(live)
@@ -187,7 +173,7 @@ def test_a_compression_bomb_is_recorded_not_expanded(live: LiveSystem) -> None:
     limit = decompressed_limit(live.settings)
     body = zlib.compress(b"[" + b" " * (limit + 1024), 9)
     task_id = publish_raw(live, body, "application/json", compression="application/x-gzip")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert f"expands to more than {limit} bytes" in row.reason, row.reason
     assert row.payload["body_size"] == len(body)
     still_consuming(live)
@@ -205,7 +191,7 @@ def test_a_compressed_message_within_bounds_is_processed(live: LiveSystem) -> No
 
 def test_json_that_is_no_task_message_is_recorded(live: LiveSystem) -> None:
     task_id = publish_raw(live, b'{"hello": "world"}', "application/json")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert row.reason.startswith(("not a task message", "not a valid task message")), row.reason
     still_consuming(live)
 
@@ -213,7 +199,7 @@ def test_json_that_is_no_task_message_is_recorded(live: LiveSystem) -> None:
 def test_unknown_task_is_recorded(live: LiveSystem) -> None:
     body = json.dumps([[{"schema": "crm.fax/1"}], {}, {}]).encode()
     task_id = publish_raw(live, body, "application/json", task="crm.ingest.fax")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     assert row.task_name == "crm.ingest.fax"
     assert "no such task 'crm.ingest.fax'" in row.reason
 
@@ -221,7 +207,7 @@ def test_unknown_task_is_recorded(live: LiveSystem) -> None:
 def test_a_large_refused_body_keeps_its_head_size_and_hash(live: LiveSystem) -> None:
     body = os.urandom(BODY_KEEP_BYTES * 3)
     task_id = publish_raw(live, body, "application/octet-stream", content_encoding="binary")
-    row = rejected_row(live, task_id)
+    row = live.rejected(task_id)
     payload = row.payload
     assert payload["body_truncated"] is True
     assert payload["body_size"] == len(body)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +35,9 @@ from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from models.ledger import RejectedMessage
-from tests.conftest import CLAIM_KEY, ROOT
+from tests.conftest import ROOT, claim_first_free
 from tests.integration.conftest import LiveSystem
-from tests.processes import stop_process
+from tests.processes import free_port, stop_process
 from workers.app import create_app
 from workers.http_gateway import twilio_signature
 from workers.publish import wait_for
@@ -92,17 +90,11 @@ def make_identity(folder: Path, name: str) -> tuple[Path, Path]:
 def claim_second_redis_database(session_url: str) -> str:
     """Another Redis database on the session's server, claimed as tests/conftest.py claims."""
     base = make_url(session_url.replace("redis://", "postgresql://", 1))
-    for index in range(15, -1, -1):
-        url = f"redis://{base.host}:{base.port or 6379}/{index}"
-        if url == session_url:
-            continue
-        client = redis.Redis.from_url(url, socket_timeout=5)
-        try:
-            if client.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=3600):
-                return url
-        finally:
-            client.close()
-    raise RuntimeError("no free Redis database for the signing worker")
+    urls = [f"redis://{base.host}:{base.port or 6379}/{index}" for index in range(15, -1, -1)]
+    url = claim_first_free([u for u in urls if u != session_url])
+    if url is None:
+        raise RuntimeError("no free Redis database for the signing worker")
+    return url
 
 
 @dataclass
@@ -219,15 +211,6 @@ def publish_file(secure: SecureSystem, message: Any, env: dict[str, str] | None 
     return json.loads(result.stdout)
 
 
-def rejected(live: LiveSystem, task_id: str) -> RejectedMessage:
-    with live.sessions() as session:
-        row = session.scalars(
-            select(RejectedMessage).where(RejectedMessage.task_id == task_id)
-        ).one()
-        session.expunge(row)
-    return row
-
-
 def test_signed_message_from_the_command_line_is_processed(secure: SecureSystem) -> None:
     (row,) = publish_file(secure, call_message(f"signed-{uuid.uuid4().hex[:8]}"))
     assert row["outcome"] == "stored", row
@@ -245,7 +228,7 @@ def test_unsigned_message_is_refused_and_recorded(secure: SecureSystem, live: Li
     done = wait_for(live.sessions, [task_id], 60)
     assert task_id in done, secure.worker_log()
     assert done[task_id].outcome == "rejected"
-    row = rejected(live, task_id)
+    row = live.rejected(task_id)
     assert "application/json" in row.reason and "only signed messages" in row.reason
     assert row.task_name == "crm.ingest.call"
 
@@ -257,7 +240,7 @@ def test_message_signed_by_an_untrusted_key_is_refused(
     env = {**secure.env, "CRM_SIGNING_KEY": str(key), "CRM_SIGNING_CERT": str(cert)}
     (row,) = publish_file(secure, call_message(f"stranger-{uuid.uuid4().hex[:8]}"), env=env)
     assert row["outcome"] == "rejected"
-    assert "signature could not be verified" in rejected(live, row["task_id"]).reason
+    assert "signature could not be verified" in live.rejected(row["task_id"]).reason
 
 
 def wait_started(log: Path, pattern: str, process: subprocess.Popen[bytes]) -> re.Match[str]:
@@ -281,12 +264,6 @@ def http_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tup
         return response.status, json.loads(response.read())
     finally:
         connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_gateways_sign_and_no_secret_is_ever_logged(secure: SecureSystem, live: LiveSystem) -> None:

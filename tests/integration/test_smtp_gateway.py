@@ -29,6 +29,7 @@ from models.ledger import Delivery, InboundMessage
 from tasks.views import events_json
 from tests.conftest import EXAMPLES, ROOT, load_example
 from tests.integration.conftest import LiveSystem
+from tests.processes import free_port
 from workers.publish import wait_for
 
 pytestmark = pytest.mark.integration
@@ -47,12 +48,6 @@ class Gateway:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_gateway(live: LiveSystem, name: str, *extra: str, **env: str) -> Gateway:
