@@ -26,12 +26,15 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-# Keep bench/ off the import path before anything else is imported (a script there could
-# shadow a standard module), and load the helpers by their path.
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR)]
+# The project root first; bench/ last, so that its scripts import one another by name
+# (``import pipeline``) and none can hide a standard module or a dependency.
+sys.path[:] = [
+    str(ROOT),
+    *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR),
+    str(BENCH_DIR),
+]
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -40,20 +43,7 @@ from dataclasses import dataclass  # noqa: E402
 from datetime import datetime, timedelta  # noqa: E402
 from typing import Any  # noqa: E402
 
-
-def _load_helpers() -> Any:
-    """bench/pipeline.py: the throw-away world, workers and the no-op measurement."""
-    name = "crm_bench_pipeline"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "pipeline.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
+import pipeline as helpers  # noqa: E402  (bench/pipeline.py)
 
 UPDATES_PER_CALL = 4
 
@@ -222,11 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 broker_url=world.broker_url,
                 data_dir=world.data_dir,
             )
-            world.app = helpers.noop_worker().create_noop_app(settings)
+            world.app = helpers.noop_worker.create_noop_app(settings)
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             helpers.start_worker(world, "pipeline", [helpers.crm_events_command(), "worker"], env)
-            noop = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
-            helpers.start_worker(world, "no-op", noop, env)
+            helpers.start_worker(world, "no-op", helpers.noop_command(), env)
             helpers.wait_ready(world)
             helpers.load_parties(world, env)
             if args.warmup:

@@ -36,13 +36,16 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-# Keep bench/ off the import path (a script there could shadow a standard module, as a
-# bench/email.py would hide the email package) and load the helpers by their path.
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR)]
+# The project root first; bench/ last, so that its scripts import one another by name
+# (``import pipeline``) and none can hide a standard module or a dependency.
+sys.path[:] = [
+    str(ROOT),
+    *(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR),
+    str(BENCH_DIR),
+]
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
-import importlib.util  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -50,6 +53,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any  # noqa: E402
 
+import pipeline as helpers  # noqa: E402  (bench/pipeline.py)
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
@@ -57,21 +61,6 @@ from models.db import create_db_engine, create_session_factory, transaction  # n
 from tasks.attach import store_blob  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.ingest.email import ingest_email  # noqa: E402
-
-
-def _load_helpers() -> Any:
-    """bench/pipeline.py: the throw-away world, workers and the no-op measurement."""
-    name = "crm_bench_pipeline"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "pipeline.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 
 GOAL_RATE = 100.0
 GOAL_RSS_RATIO = 4.0
@@ -239,8 +228,8 @@ def memory(world: Any, settings: Settings, env: dict[str, str], size: int) -> li
 
 def noop_memory(world: Any, env: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
     """The same inline message carried by the no-op task: what Celery itself holds for it."""
-    bench = helpers.noop_worker()
-    command = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
+    bench = helpers.noop_worker
+    command = helpers.noop_command()
     worker = helpers.start_worker(world, "memory-noop", command, env, concurrency=1)
     helpers.wait_ready(world)
     child = pool_child(worker.process.pid)
@@ -309,13 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=world.data_dir,
                 log_level="WARNING",
             )
-            world.app = helpers.noop_worker().create_noop_app(settings)
+            world.app = helpers.noop_worker.create_noop_app(settings)
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             pipeline = helpers.start_worker(
                 world, "pipeline", [helpers.crm_events_command(), "worker"], env
             )
-            noop = [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
-            noop_worker = helpers.start_worker(world, "no-op", noop, env)
+            noop = helpers.start_worker(world, "no-op", helpers.noop_command(), env)
             helpers.wait_ready(world)
             helpers.load_parties(world, env)
 
@@ -340,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"run {r + 1}: end to end {end_to_end[-1]:.1f} emails/s, no-op"
                     f" {noop_rates[-1]:.0f} tasks/s, load {helpers.load_average():.1f}"
                 )
-            for worker in (pipeline, noop_worker):
+            for worker in (pipeline, noop):
                 helpers.stop_worker(worker)
                 world.workers.remove(worker)
             rows = memory(world, settings, env, int(args.big_mb * 1_000_000))

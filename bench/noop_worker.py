@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Run as a script, Python puts bench/ first on sys.path, where another script could shadow a
-# standard module (a bench/email.py would hide the email package from Celery): take it off.
-# (``python -P bench/noop_worker.py`` does the same.)
+# Run as a script, Python puts bench/ first on sys.path, where a script could shadow a standard
+# module or a dependency's: bench/ goes last (as in the other scripts; ``python -P`` leaves it
+# off).
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
+sys.path[:] = [*(p for p in sys.path if Path(p or ".").resolve() != _HERE), str(_HERE)]
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench.noop"

@@ -27,7 +27,6 @@ Inherited ``CRM_*`` variables are ignored; the workers get their own (see ``work
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -54,10 +53,12 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 EXAMPLES = ROOT / "examples"
 
-# Run as a script, Python puts bench/ first on sys.path, where another script could shadow a
-# standard module (a bench/email.py would hide the email package from Celery): take it off
-# before anything else is imported. noop_worker.py is loaded by its path instead.
-sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != BENCH_DIR]
+# Run as a script, Python puts bench/ first on sys.path, where a script could shadow a standard
+# module or a dependency's: bench/ goes last, so its scripts import one another by name
+# (``import noop_worker``) and never hide anything else. The other scripts do the same.
+sys.path[:] = [*(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR), str(BENCH_DIR)]
+
+import noop_worker  # noqa: E402
 
 DEFAULT_DATABASE_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -92,16 +93,9 @@ class BenchError(Exception):
     """The benchmark could not run or a run did not complete; the message says why."""
 
 
-def noop_worker() -> Any:
-    """The ``bench/noop_worker.py`` module, loaded by its path (bench/ is not a package)."""
-    name = "crm_bench_noop_worker"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "noop_worker.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def noop_command() -> list[str]:
+    """The command of a no-op worker (``bench/noop_worker.py``); Celery options may follow."""
+    return [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")]
 
 
 def log(message: str) -> None:
@@ -540,7 +534,7 @@ class Watchdog:
 def queue_state(world: World) -> str:
     from workers.queues import QUEUES
 
-    queued = {q: world.redis.llen(q) for q in (*QUEUES, noop_worker().NOOP_QUEUE)}
+    queued = {q: world.redis.llen(q) for q in (*QUEUES, noop_worker.NOOP_QUEUE)}
     waiting = ", ".join(f"{q} {n}" for q, n in queued.items() if n) or "none"
     return f"messages waiting in queues: {waiting}; unacknowledged: {world.redis.hlen('unacked')}"
 
@@ -600,7 +594,7 @@ def run_pipeline(world: World, run_id: str, tag: str, n: int, timeout: float) ->
 
 
 def run_noop(world: World, run_id: str, tag: str, n: int, timeout: float) -> Result:
-    bench = noop_worker()
+    bench = noop_worker
     key = f"bench:noop:{run_id}:{tag}"
     renew_claim(world)
     watchdog = Watchdog(world, f"no-op run {tag}", timeout)
@@ -802,7 +796,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    create_noop_app = noop_worker().create_noop_app
+    create_noop_app = noop_worker.create_noop_app
     from sqlalchemy import create_engine
 
     from config.settings import Settings
@@ -823,9 +817,7 @@ def main(argv: list[str] | None = None) -> int:
             world.app = create_noop_app(settings)
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             start_worker(world, "pipeline", [crm_events_command(), "worker"], env)
-            start_worker(
-                world, "no-op", [sys.executable, "-P", str(BENCH_DIR / "noop_worker.py")], env
-            )
+            start_worker(world, "no-op", noop_command(), env)
             wait_ready(world)
             log("workers ready: " + ", ".join(w.nodename for w in world.workers))
             load_parties(world, env)

@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder would come first on the path, and other benchmarks here are
-# named like standard modules (email.py): import from the project root instead.
+# Run as a script, this folder would come first on the path, where a script could hide a
+# standard module or a dependency's: the project root takes its place.
 sys.path[0] = str(ROOT)
 
 import argparse
