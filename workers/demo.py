@@ -68,6 +68,7 @@ def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Publis
     files, turned into ``crm.call/1`` updates as the HTTP gateway and ``import cdr`` do."""
     from tasks.telephony.adapters import CdrContext, twilio_to_call
     from workers.cdr_import import CALL_TASK, cdr_messages
+    from workers.render import console
 
     published = []
     for path in files:
@@ -79,7 +80,9 @@ def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Publis
                 time_zone=None,
             )
             text = path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
-            messages, _errors = cdr_messages(text, context, path.name)
+            messages, errors = cdr_messages(text, context, path.name)
+            for error in errors:  # as `import cdr` reports them
+                console.print(f"{error['source']}: not imported: {error['error']}")
         else:
             callbacks = json.loads(path.read_text(encoding="utf-8"))
             messages = [
