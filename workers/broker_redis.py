@@ -24,6 +24,16 @@ things can then go wrong, and this subclass changes exactly those:
    broker goes away in between, kombu drops the only copy. Here it is kept and put back in its
    queue on reconnection like the others (:meth:`QoS.append`).
 
+5. BRPOP takes a message off its queue and sends it to the worker; a worker main process killed
+   (SIGKILL, an out-of-memory kill) before it has read that reply and written the message to the
+   unacked hash takes the only copy with it. Here a message is never popped by BRPOP: one Lua
+   script moves it from its queue into the unacked hash (:data:`FETCH_SCRIPT`), atomically, and
+   only then does the worker see it; a worker that dies holding it leaves it where the
+   visibility timeout restores it. Since a script cannot block, an empty fetch is followed by a
+   short server-side wait (:data:`IDLE_WAIT_S`) before the next one: a message published to an
+   idle worker waits up to about 0.1 s more to be fetched (Redis times out blocked commands at
+   its ``hz`` of 10 per second); a busy worker fetches the next at once.
+
 No message is acknowledged by any of this, and none is put back twice: each restore moves one
 message from the unacked hash (or from this process's copy, when the hash never got one) to its
 queue in one Redis transaction, as kombu's own restore at close does, and leaves alone a message
@@ -39,12 +49,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
+from queue import Empty
+from time import monotonic, time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +66,38 @@ logger = logging.getLogger(__name__)
 #: when the unacked hash has it.
 _pending: dict[tuple[str, str], dict[str, list[Any] | None]] = {}
 _pending_lock = threading.Lock()
+
+
+#: Moves the first message of the first non-empty queue (KEYS[3:], in the order BRPOP would
+#: look) into the unacked hash (KEYS[1]) and its index (KEYS[2]) under a fetch tag (ARGV[1],
+#: scored ARGV[2]), as ``RAW_MARK<queue key>\n<message>``, and returns ``{queue key, message}``.
+FETCH_SCRIPT = """
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. KEYS[i] .. '\\n' .. item)
+    return {KEYS[i], item}
+  end
+end
+return false
+"""
+#: Marks an unacked entry written by the fetch script, before the worker rewrote it in kombu's
+#: form under the message's own delivery tag.
+RAW_MARK = "crm-fetched:"
+#: After an empty fetch, how long to wait (server-side, on a key nothing is pushed to) before
+#: the next one.
+IDLE_WAIT_S = 0.05
+IDLE_KEY = "_kombu.crm.idle"
+
+
+def split_raw(stored: Any) -> tuple[str, str] | None:
+    """(queue key, message) of an unacked entry the fetch script wrote; None for kombu's own."""
+    text = bytes_to_str(stored)
+    if not text.startswith(RAW_MARK):
+        return None
+    queue_key, _, item = text[len(RAW_MARK) :].partition("\n")
+    return queue_key, item
 
 
 def _forget_pending() -> None:
@@ -86,6 +131,10 @@ class _Detached:
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
+        fetch_tag = self.channel.take_fetch_tag()
+        if fetch_tag is not None:
+            self._append_fetched(message, delivery_tag, fetch_tag)
+            return
         try:
             super().append(message, delivery_tag)
         except self.channel.connection_errors:
@@ -96,6 +145,35 @@ class QoS(kombu_redis.QoS):
             saved = [message._raw, info["exchange"], info["routing_key"]]
             _defer(self.channel.pending_key, {delivery_tag: saved})
             raise
+
+    def _append_fetched(self, message: Any, delivery_tag: str, fetch_tag: str) -> None:
+        """Rewrite the fetch script's entry in kombu's form under the message's own delivery
+        tag, in one transaction (the entry stays restorable whatever happens in between)."""
+        info = message.delivery_info
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                    self.unacked_key,
+                    delivery_tag,
+                    dumps([message._raw, info["exchange"], info["routing_key"]]),
+                ).zrem(self.unacked_index_key, fetch_tag).hdel(self.unacked_key, fetch_tag)
+                pipe.execute()
+        except self.channel.connection_errors:
+            # The broker still has the fetched copy: restore it from there once it is back.
+            _defer(self.channel.pending_key, {fetch_tag: None})
+            raise
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        def restore_transaction(pipe: Any) -> None:
+            stored = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if stored:
+                self.channel.restore_stored(stored, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as client:
+            client.transaction(restore_transaction, self.unacked_key)
 
     def restore_unacked(self, client: Any = None) -> None:
         delivered: Any = self._delivered  # a dict of delivery tags (None in kombu's stubs)
@@ -122,9 +200,99 @@ class Channel(kombu_redis.Channel):
         # Kept for _connparams once the transport is detached (the base class connects with it).
         self._conninfo = connection.client
         self._default_port = connection.default_port
+        #: The tag of the fetch whose reply is awaited or being delivered; whether the last
+        #: fetch found nothing (the next command waits first).
+        self._fetch_tag: str | None = None
+        self._delivering_tag: str | None = None
+        self._idle = False
+        self._waiting = False
         super().__init__(connection, *args, **kwargs)  # connects (PING) or raises
         self.pending_key = (self._conninfo.as_uri(include_password=True), self.unacked_key)
         self._restore_pending()
+
+    # -- fetching: a message moves from its queue to the unacked hash in one step ------------
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if self.global_keyprefix:  # keys the script would have to prefix itself: kombu's way
+            super()._brpop_start(timeout)
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu's stubs: None
+        if self._idle:
+            self._waiting = True
+            connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT_S)
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._fetch_tag = f"{RAW_MARK}{uuid.uuid4()}"
+        connection.send_command(
+            "EVAL",
+            FETCH_SCRIPT,
+            2 + len(keys),
+            self.unacked_key,
+            self.unacked_index_key,
+            *keys,
+            self._fetch_tag,
+            time(),
+            RAW_MARK,
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if self.global_keyprefix:
+            return bool(super()._brpop_read(**options))
+        try:
+            command = "BLPOP" if self._waiting else "EVAL"
+            try:
+                reply = self.client.parse_response(self.client.connection, command, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if self._waiting:
+                self._waiting = False
+                self._idle = False
+                raise Empty()
+            if not reply:
+                self._idle = True
+                raise Empty()
+            queue_key, item = (bytes_to_str(part) for part in reply)
+            queue = queue_key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            self._delivering_tag = self._fetch_tag
+            try:
+                self.connection._deliver(loads(item), queue)
+            finally:
+                self._delivering_tag = None
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu's stubs: bool
+            self._fetch_tag = None
+            self._flush_brpop_reauth()
+
+    def take_fetch_tag(self) -> str | None:
+        """The fetch tag of the message being delivered now (once), for :meth:`QoS.append`."""
+        tag, self._delivering_tag = self._delivering_tag, None
+        return tag
+
+    def restore_stored(self, stored: Any, pipe: Any, leftmost: bool) -> None:
+        """Put an unacked entry back in its queue (within ``pipe``'s transaction): kombu's
+        form, or one the fetch script wrote and no worker rewrote."""
+        raw = split_raw(stored)
+        if raw is None:
+            payload, exchange, routing_key = loads(bytes_to_str(stored))
+            self._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+            return
+        queue_key, item = raw
+        try:
+            payload = loads(item)
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+            item = dumps(payload)
+        except Exception:  # not kombu's envelope: back as it came, for the consumer to refuse
+            pass
+        (pipe.lpush if leftmost else pipe.rpush)(queue_key, item)
 
     def _restore_pending(self) -> None:
         held = _take(self.pending_key)
@@ -154,9 +322,10 @@ class Channel(kombu_redis.Channel):
             stored = pipe.hget(self.unacked_key, tag)
             pipe.multi()
             self.qos._remove_from_indices(tag, pipe)
-            message = loads(bytes_to_str(stored)) if stored else saved
-            if message:
-                payload, exchange, routing_key = message
+            if stored:
+                self.restore_stored(stored, pipe, False)
+            elif saved:
+                payload, exchange, routing_key = saved
                 self._do_restore_message(payload, exchange, routing_key, pipe, False)
 
         with self.conn_or_acquire() as client:
