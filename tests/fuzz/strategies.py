@@ -111,9 +111,9 @@ def recording_keeps_any_json() -> bool:
     fail, the day they are recorded; then this switches them back into every strategy).
     """
     from models.schemas.common import unstorable_values
-    from workers.base import _json_safe
+    from tasks.ledger import json_safe
 
-    return not unstorable_values(_json_safe(["\ud800", float("nan"), {"\udc80": 1}]))
+    return not unstorable_values(json_safe(["\ud800", float("nan"), {"\udc80": 1}]))
 
 
 RECORDING_KEEPS_ANY_JSON = recording_keeps_any_json()
