@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import random
 import traceback
@@ -31,9 +30,9 @@ from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
 from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMessage
-from models.schemas.common import LONE_SURROGATE
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
+from tasks.ledger import json_safe, kept_payload
 from tasks.store import StageResult, claim_refresh, clear_refresh_request, record_delivery
 
 log = logging.getLogger(__name__)
@@ -123,6 +122,7 @@ class CrmTask(Task):
                 log.error("%s %s parked: %s", self.name, task_id, reason)
                 add_failure(
                     session,
+                    self.settings,
                     task_name=self.name,
                     task_id=task_id,
                     kind="poison",
@@ -162,9 +162,16 @@ class CrmTask(Task):
         if not isinstance(exc, TimeLimitExceeded):
             return
         settings = self.settings
+        # Celery raises it with the limit that applied: the worker's, or a lower one the
+        # message asked for (workers/envelope.py never lets a message ask for more).
+        limit = exc.args[0] if exc.args and isinstance(exc.args[0], int | float) else None
+        if limit is None or limit >= settings.task_time_limit_s:
+            applied = f"{settings.task_time_limit_s} s (CRM_TASK_TIME_LIMIT_S)"
+        else:
+            applied = f"{limit:g} s (the message's own)"
         reason = (
-            f"TimeLimitExceeded: over the hard time limit of {settings.task_time_limit_s} s "
-            "(CRM_TASK_TIME_LIMIT_S): the worker process running it was killed"
+            f"TimeLimitExceeded: over the hard time limit of {applied}: the worker process"
+            " running it was killed"
         )
         log.error("%s %s: %s", self.name, task_id, reason)
         options: dict[str, Any] = {"poolclass": NullPool}
@@ -187,6 +194,7 @@ class CrmTask(Task):
                     return
                 add_failure(
                     session,
+                    settings,
                     task_name=self.name,
                     task_id=task_id,
                     kind="timeout",
@@ -298,9 +306,9 @@ class CrmTask(Task):
                 RejectedMessage(
                     task_name=self.name,
                     task_id=self.request.id,
-                    reason=_json_safe(reason),
-                    errors=_json_safe(errors),
-                    payload=_json_safe(message),
+                    reason=json_safe(reason),
+                    errors=json_safe(errors),
+                    payload=kept_payload(session, self.settings, message),
                 )
             )
             record_delivery(
@@ -308,7 +316,7 @@ class CrmTask(Task):
                 task_id=self.request.id,
                 task_name=self.name,
                 outcome="rejected",
-                detail=_json_safe(reason),
+                detail=json_safe(reason),
             )
 
     def record_failure(self, message: Any, exc: BaseException, *, kind: str) -> None:
@@ -324,6 +332,7 @@ class CrmTask(Task):
         with transaction(self.sessions) as session:
             add_failure(
                 session,
+                self.settings,
                 task_name=self.name,
                 task_id=self.request.id,
                 kind=kind,
@@ -337,6 +346,7 @@ class CrmTask(Task):
 
 def add_failure(
     session: Session,
+    settings: Settings,
     *,
     task_name: str,
     task_id: str | None,
@@ -347,16 +357,17 @@ def add_failure(
     queue: str | None,
     traceback: str = "",
 ) -> None:
-    """A failed message and its delivery's ``failed`` outcome, in the caller's transaction."""
+    """A failed message and its delivery's ``failed`` outcome, in the caller's transaction (the
+    payload bounded, see ``tasks.ledger.kept_payload``)."""
     session.add(
         FailedMessage(
             task_name=task_name,
             task_id=task_id,
             kind=kind,
-            exception=_json_safe(exception[:5000]),
-            traceback=_json_safe(traceback[-20000:]),
+            exception=json_safe(exception[:5000]),
+            traceback=json_safe(traceback[-20000:]),
             attempts=attempts,
-            payload=_json_safe(payload),
+            payload=kept_payload(session, settings, payload),
             queue=queue,
         )
     )
@@ -365,7 +376,7 @@ def add_failure(
         task_id=task_id,
         task_name=task_name,
         outcome="failed",
-        detail=_json_safe(f"{kind}: {exception}"[:2000]),
+        detail=json_safe(f"{kind}: {exception}"[:2000]),
     )
 
 
@@ -460,23 +471,3 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
                 clear_refresh_request(session, seller_id)
             raise
     return claimed
-
-
-def _json_safe(value: Any) -> Any:
-    """A payload as a JSON document the database can keep, whatever the sender put in it.
-
-    PostgreSQL's JSONB cannot hold a NUL in a string, a lone surrogate or a NaN/Infinity: NULs
-    are shown as U+2400 (␀), lone surrogates as U+FFFD (�) and non-finite numbers as text, so
-    the rejection of such a message is recorded rather than failing itself.
-    """
-    if isinstance(value, str):
-        return LONE_SURROGATE.sub("\ufffd", value.replace("\x00", "\u2400"))
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, dict):
-        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return repr(value)

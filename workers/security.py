@@ -18,11 +18,16 @@ from __future__ import annotations
 import base64
 import bz2
 import hashlib
+import json
 import logging
 import lzma
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -38,8 +43,13 @@ from sqlalchemy.pool import NullPool
 
 from config.settings import Settings
 from models.db import create_db_engine, create_session_factory, transaction
-from models.ledger import RejectedMessage
+from models.ledger import Delivery, RejectedMessage
+from tasks.errors import TRANSIENT_ERRORS
+from tasks.ledger import json_safe, kept_payload
 from tasks.store import record_delivery
+from workers.base import payload_of, soft_time_limit
+from workers.envelope import MAX_TASK_ID, Limits, Refused, admit
+from workers.pool_health import guard_hand_off
 
 log = logging.getLogger("crm.security")
 
@@ -51,10 +61,12 @@ SIGNED_CONTENT_TYPE = "application/data"
 BODY_KEEP_BYTES = 64 * 1024
 #: Longest string kept from a refused message's headers.
 HEADER_KEEP_CHARS = 2000
-#: Recording a refused message is tried this often before the worker gives up on the database
-#: and logs the description instead (the message is then acknowledged: a refused message must
-#: not circle forever through a worker that cannot record it).
-RECORD_ATTEMPTS = 3
+#: The first wait before recording a refused message again when the database did not take it;
+#: it doubles up to CRM_RETRY_BACKOFF_MAX_S.
+RECORD_RETRY_FIRST_S = 0.5
+
+#: Marks a refusal whose message cannot be sent again as it is (see :class:`Refusal`).
+_NOT_REPLAYABLE: Any = object()
 
 KNOWN_CONTENT_TYPES = {
     "application/x-python-serialize": "pickle",
@@ -184,15 +196,15 @@ def _refuse_compression(content_type: str) -> Callable[[bytes], bytes]:
 
 
 def _bounded(value: Any, depth: int = 0) -> Any:
-    """A header value as JSON the database keeps: bounded strings, no NULs, no deep nesting."""
+    """A header value as JSON the database keeps: bounded strings and nesting, storable text."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
-        return value[:HEADER_KEEP_CHARS].replace("\x00", "\u2400")
+        return json_safe(value[:HEADER_KEEP_CHARS])
     if value is None or isinstance(value, bool | int | float):
-        return value
+        return json_safe(value)
     if depth > 5:
-        return repr(value)[:HEADER_KEEP_CHARS]
+        return json_safe(repr(value)[:HEADER_KEEP_CHARS])
     if isinstance(value, list | tuple):
         return [_bounded(item, depth + 1) for item in list(value)[:100]]
     if isinstance(value, dict):
@@ -200,14 +212,32 @@ def _bounded(value: Any, depth: int = 0) -> Any:
             str(_bounded(k, depth + 1)): _bounded(v, depth + 1)
             for k, v in list(value.items())[:100]
         }
-    return repr(value)[:HEADER_KEEP_CHARS]
+    return json_safe(repr(value)[:HEADER_KEEP_CHARS])
 
 
-def _header(message: Any, name: str) -> str | None:
+def _header(message: Any, name: str) -> Any:
     headers = getattr(message, "headers", None)
-    headers = headers if isinstance(headers, dict) else {}
-    value = headers.get(name)
-    return value[:100] if isinstance(value, str) and value else None
+    return headers.get(name) if isinstance(headers, dict) else None
+
+
+def ledger_task_id(task_id: Any) -> str | None:
+    """The id a refused message is recorded under: its own where the ledger can key it, else a
+    stable stand-in (a prefix and a hash), so that the same message delivered again finds its
+    record. None for a message without one."""
+    if task_id is None or task_id == "":
+        return None
+    if isinstance(task_id, str) and len(task_id) <= MAX_TASK_ID and task_id.isprintable():
+        return task_id
+    text = task_id if isinstance(task_id, str) else json.dumps(json_safe(task_id))[:10_000]
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    shown = "".join(c if c.isprintable() else "?" for c in text[:40])
+    return f"{shown}~{digest}"
+
+
+def _task_name(name: Any) -> str:
+    if isinstance(name, str) and name:
+        return json_safe("".join(c if c.isprintable() else "?" for c in name[:100]))
+    return "(unknown)"
 
 
 def describe_message(message: Any) -> dict[str, Any]:
@@ -249,77 +279,226 @@ def refused_content_reason(content_type: str | None, accepted: str) -> str:
     return f"refused content type {named}: {wanted}; the body was not deserialised"
 
 
-class MessageRecorder:
+@dataclass(frozen=True)
+class Refusal:
+    """What is recorded of one refused message; everything in it is storable already."""
+
+    task_name: str
+    task_id: str | None
+    reason: str
+    errors: Any
+    payload: Any
+    #: The payload is the message's own arguments (a replay can send them again): kept whole
+    #: up to a bound, the rest in the document store. Else it is the bounded description.
+    replayable: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        message: Any,
+        reason: str,
+        errors: dict[str, Any],
+        arguments: Any = _NOT_REPLAYABLE,
+        *,
+        task_name: Any = None,
+        task_id: Any = None,
+    ) -> Refusal:
+        """``task_name`` and ``task_id`` where the body names them (protocol 1), else the
+        message's headers do."""
+        replayable = arguments is not _NOT_REPLAYABLE
+        return cls(
+            task_name=_task_name(task_name or _header(message, "task")),
+            task_id=ledger_task_id(task_id if task_id is not None else _header(message, "id")),
+            reason=json_safe(reason[:5000]),
+            errors=_bounded(errors),
+            payload=arguments if replayable else describe_message(message),
+            replayable=replayable,
+        )
+
+    def without_payload(self, problem: BaseException) -> Refusal:
+        """The record of last resort: no part of the message, only what was refused and why."""
+        return Refusal(
+            task_name=self.task_name,
+            task_id=self.task_id,
+            reason=self.reason,
+            errors=self.errors,
+            payload={
+                "not_kept": json_safe(f"{type(problem).__name__}: {problem}"[:1000]),
+                **(
+                    {}
+                    if self.replayable
+                    else {k: self.payload[k] for k in ("body_size", "body_sha256")}
+                ),
+            },
+        )
+
+
+class RefusalRecorder:
     """Writes refused messages to ``rejected_message`` from the worker's consumer process.
+
+    A refused message is acknowledged only once its record is committed, like every other
+    outcome. When the database cannot take the record now (restarting, unreachable), the
+    message stays unacknowledged and a background thread records it with a growing pause, up to
+    CRM_RETRY_BACKOFF_MAX_S, for as long as it takes; it is acknowledged from the consumer's
+    loop once recorded. Should the worker stop first, the broker delivers the message again.
 
     The consumer is the parent of the pool processes: its engine holds no connection between
     records (NullPool), so a pool process forked later inherits none.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, call_soon: Callable[[Callable[[], None]], Any]) -> None:
         self.settings = settings
+        self.call_soon = call_soon
         self._sessions: sessionmaker[Session] | None = None
+        self._waiting: queue.SimpleQueue[tuple[Refusal, Callable[[], None]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @property
     def sessions(self) -> sessionmaker[Session]:
         if self._sessions is None:
-            self._sessions = create_session_factory(
-                create_db_engine(self.settings, poolclass=NullPool)
-            )
+            options: dict[str, Any] = {"poolclass": NullPool}
+            if not self.settings.effective_database_url.startswith("sqlite"):
+                # Written from the consumer's loop: an unreachable server must not stall it.
+                options["connect_args"] = {"connect_timeout": 5}
+            self._sessions = create_session_factory(create_db_engine(self.settings, **options))
         return self._sessions
 
-    def record(self, message: Any, reason: str, errors: dict[str, Any]) -> None:
-        task_name = _header(message, "task") or "(unknown)"
-        task_id = _header(message, "id")
-        description = describe_message(message)
-        log.warning("refused message %s of task %s: %s", task_id, task_name, reason)
-        for attempt in range(1, RECORD_ATTEMPTS + 1):
-            try:
-                with transaction(self.sessions) as session:
-                    session.add(
-                        RejectedMessage(
-                            task_name=task_name,
-                            task_id=task_id,
-                            reason=_bounded(reason),
-                            errors=_bounded(errors),
-                            payload=description,
-                        )
-                    )
-                    record_delivery(
-                        session,
-                        task_id=task_id,
-                        task_name=task_name,
-                        outcome="rejected",
-                        detail=_bounded(reason),
-                    )
+    def record(self, refusal: Refusal, acknowledge: Callable[[], None]) -> None:
+        """Record the refusal and acknowledge its message, now or once the database answers."""
+        log.warning(
+            "refused message %s of task %s: %s", refusal.task_id, refusal.task_name, refusal.reason
+        )
+        try:
+            self.write(refusal)
+        except Exception as exc:
+            log.warning(
+                "refused message %s not recorded yet, kept unacknowledged and retried: %s: %s",
+                refusal.task_id,
+                type(exc).__name__,
+                exc,
+            )
+            self._retry_later(refusal, acknowledge)
+            return
+        acknowledge()
+
+    def write(self, refusal: Refusal) -> None:
+        """One attempt. Whatever the message held cannot fail it: a record the database refuses
+        for its content (nothing known does) is written again without the message's part."""
+        try:
+            self._insert(refusal)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("refused message %s: kept without its payload", refusal.task_id)
+            self._insert(refusal.without_payload(exc))
+
+    def _insert(self, refusal: Refusal) -> None:
+        with transaction(self.sessions) as session:
+            recorded = None if refusal.task_id is None else session.get(Delivery, refusal.task_id)
+            if recorded is not None:
+                # Recorded already (its acknowledgement was lost): a redelivery, not a new row.
                 return
-            except Exception as exc:
-                if attempt == RECORD_ATTEMPTS:
-                    # The log is the record of last resort: it holds the whole description.
-                    log.critical(
-                        "could not record a refused message (%s: %s); it was: %s %r",
+            payload = (
+                kept_payload(session, self.settings, refusal.payload)
+                if refusal.replayable
+                else refusal.payload
+            )
+            session.add(
+                RejectedMessage(
+                    task_name=refusal.task_name,
+                    task_id=refusal.task_id,
+                    reason=refusal.reason,
+                    errors=refusal.errors,
+                    payload=payload,
+                )
+            )
+            record_delivery(
+                session,
+                task_id=refusal.task_id,
+                task_name=refusal.task_name,
+                outcome="rejected",
+                detail=refusal.reason,
+            )
+
+    def _retry_later(self, refusal: Refusal, acknowledge: Callable[[], None]) -> None:
+        self._waiting.put((refusal, acknowledge))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._retry_loop, name="crm-refusal-recorder", daemon=True
+                )
+                self._thread.start()
+
+    def _retry_loop(self) -> None:
+        pending: list[tuple[Refusal, Callable[[], None]]] = []
+        pause = RECORD_RETRY_FIRST_S
+        while True:
+            if not pending:
+                pending.append(self._waiting.get())
+                pause = RECORD_RETRY_FIRST_S
+            time.sleep(pause)
+            while not self._waiting.empty():
+                pending.append(self._waiting.get_nowait())
+            still: list[tuple[Refusal, Callable[[], None]]] = []
+            for refusal, acknowledge in pending:
+                try:
+                    self.write(refusal)
+                except Exception as exc:
+                    still.append((refusal, acknowledge))
+                    log.warning(
+                        "refused message %s still not recorded (%s: %s); next try in %.1f s",
+                        refusal.task_id,
                         type(exc).__name__,
                         exc,
-                        reason,
-                        description,
+                        min(pause * 2, self.settings.retry_backoff_max_s),
                     )
-                    return
-                time.sleep(0.2 * attempt)
+                else:
+                    log.info("refused message %s recorded", refusal.task_id)
+                    self.call_soon(acknowledge)
+            pending = still
+            pause = min(pause * 2, float(self.settings.retry_backoff_max_s))
+
+
+def _acknowledger(message: Any) -> Callable[[], None]:
+    def acknowledge() -> None:
+        if hasattr(message, "ack") and not message.acknowledged:
+            # A message whose channel went away meanwhile is back on its queue already: its
+            # redelivery finds the record and is acknowledged then.
+            message.ack_log_error(log, (Exception,))
+
+    return acknowledge
 
 
 class RecordingConsumer(Consumer):
-    """Celery's consumer, recording every message it refuses before acknowledging it.
+    """Celery's consumer, checking every message before Celery looks at it and recording every
+    message it refuses before acknowledging it.
 
-    Installed with the ``worker_consumer`` setting. The content type is checked before Celery
-    looks at the message at all, so a refused body is never handed to a decoder.
+    Installed with the ``worker_consumer`` setting. The content type is checked before anything
+    decodes the body, and the envelope (``workers.envelope``) before anything is handed to a
+    pool process: whatever arrives ends as an event, a rejection or a failure with a reason.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings: Settings = self.app.conf.crm_settings
-        self.recorder = MessageRecorder(settings)
+        self.recorder = RefusalRecorder(settings, self.call_soon)
         self.accepted_content_type = accepted_content_type(settings)
+        self.limits = Limits.of(
+            settings, soft_time_limit(settings.task_time_limit_s), decompressed_limit(settings)
+        )
         install_bounded_decompression(decompressed_limit(settings))
+        if self.controller is not None:
+            hand_off = self.controller._process_task
+            guarded = guard_hand_off(self.controller, self.on_hand_off_error)
+            handler: Any = getattr(self, "on_task_request", None)
+            if handler == hand_off:  # a pool without a semaphore calls it directly
+                self.on_task_request = guarded
+
+    def on_hand_off_error(self, request: Any, exc: BaseException) -> None:
+        reason = f"the worker could not hand it to a pool process: {type(exc).__name__}: {exc}"
+        arguments = payload_of(request.task, tuple(request.args or ()), request.kwargs or {})
+        self.refuse(request.message, reason[:1000], {"exception": type(exc).__name__}, arguments)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         celery_handler = super().create_task_handler(*args, **kwargs)
@@ -330,10 +509,30 @@ class RecordingConsumer(Consumer):
                 reason = refused_content_reason(content_type, self.accepted_content_type)
                 return self.refuse(message, reason, {"content_type": content_type})
             try:
+                message.decode()
+            except Exception as exc:
+                return self.on_decode_error(message, exc)
+            try:
+                admit(message, self.app.tasks, self.limits, datetime.now(UTC))
+            except Refused as refused:
+                arguments: Any = _NOT_REPLAYABLE
+                if refused.replayable and refused.args_kwargs is not None:
+                    args, kwargs = refused.args_kwargs
+                    task = self.app.tasks[refused.task_name]
+                    arguments = payload_of(task, tuple(args), kwargs or {})
+                refusal = Refusal.of(
+                    message,
+                    refused.reason,
+                    refused.errors,
+                    arguments,
+                    task_name=refused.task_name,
+                    task_id=refused.task_id,
+                )
+                return self.recorder.record(refusal, _acknowledger(message))
+            try:
                 return celery_handler(message)
             except Exception as exc:
-                # A message of the right type whose headers or body are not a task message
-                # (Celery would raise out of its consumer loop and receive it again).
+                # What the envelope check let through and Celery still could not take.
                 if message.acknowledged:
                     raise
                 reason = f"not a task message: {type(exc).__name__}: {exc}"[:1000]
@@ -341,17 +540,22 @@ class RecordingConsumer(Consumer):
 
         return on_task_received
 
-    def refuse(self, message: Any, reason: str, errors: dict[str, Any]) -> None:
-        self.recorder.record(message, reason, errors)
-        if hasattr(message, "ack") and not message.acknowledged:
-            message.ack()
+    def refuse(
+        self,
+        message: Any,
+        reason: str,
+        errors: dict[str, Any],
+        arguments: Any = _NOT_REPLAYABLE,
+    ) -> None:
+        refusal = Refusal.of(message, reason, errors, arguments)
+        self.recorder.record(refusal, _acknowledger(message))
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         if self.accepted_content_type == SIGNED_CONTENT_TYPE:
             reason = f"the signature could not be verified: {exc}"
         else:
             content_type = getattr(message, "content_type", None)
-            reason = f"the body could not be decoded as {content_type}: {exc}"
+            reason = f"the body could not be decoded as {content_type}: {type(exc).__name__}: {exc}"
         self.refuse(message, reason[:1000], {"exception": type(exc).__name__})
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
@@ -362,5 +566,5 @@ class RecordingConsumer(Consumer):
         self.refuse(message, "not a task message: it names no task", {})
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        name = _header(message, "task") or "(unknown)"
+        name = _task_name(_header(message, "task"))
         self.refuse(message, f"no such task {name!r} on this worker", {})

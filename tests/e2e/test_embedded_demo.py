@@ -14,6 +14,7 @@ import pytest
 
 from config import catalogue
 from tests.conftest import ROOT
+from tests.processes import stop_process
 
 
 def run(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -110,3 +111,43 @@ def test_history_and_reconcile(demo_dir: Path) -> None:
     assert times == sorted(times, reverse=True)
     assert {"anna", "mikko"} <= {s for e in history["events"] for s in e["staff"]}
     assert run_json(demo_dir, "reconcile")["drift"] == 0
+
+
+def test_deeply_nested_messages_do_not_stop_the_embedded_worker(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """The filesystem broker too: two messages nested 600 levels deep (as many as the worker
+    has pool processes) are refused and recorded, and the next message is processed."""
+    deep: Any = 1
+    for _ in range(600):
+        deep = [deep]
+    call = json.loads((ROOT / "examples/calls/missed-from-switchboard.json").read_text())[1]
+    files = []
+    for index in range(2):
+        path = tmp_path / f"deep-{index}.json"
+        path.write_text(json.dumps({**call, "call_id": f"deep-{index}", "extra": deep}))
+        files.append(str(path))
+    after = tmp_path / "after.json"
+    after.write_text(json.dumps({**call, "call_id": "after-deep"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    env["CRM_DATA_DIR"] = str(demo_dir)
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker", "--concurrency", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    try:
+        published = run(demo_dir, "publish", "call", *files, "--wait", "120", "--json")
+        assert published.returncode == 0, published.stderr
+        outcomes = json.loads(published.stdout)
+        assert [o["outcome"] for o in outcomes] == ["rejected", "rejected"]
+        assert all("nested deeper than" in o["detail"] for o in outcomes)
+        published = run(demo_dir, "publish", "call", str(after), "--wait", "120", "--json")
+        assert published.returncode == 0, (published.stderr, (tmp_path / "worker.log").read_text())
+        assert json.loads(published.stdout)[0]["outcome"] == "stored"
+    finally:
+        stop_process(worker)

@@ -309,6 +309,21 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text_ = Path(stat).read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+        fields_ = text_[text_.rindex(")") + 2 :].split()
+        if fields_[0] != "Z" and int(fields_[2]) == pgid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
 @dataclass
 class Worker:
     index: int
@@ -387,7 +402,10 @@ class Workers:
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait()
         self.kills["main"] += 1
-        time.sleep(0.5)  # orphans may still finish (and commit) what they hold: never acked
+        # The orphaned pool processes may still finish (and commit) what they hold, never to
+        # be acknowledged; each leaves once it finds its parent gone. The rest are killed.
+        with suppress(TimeoutError):
+            _wait(lambda: not group_members(worker.process.pid), 10, "orphans", interval=0.05)
         self._kill_group(worker.process.pid)
         if restart:
             self.running[self.running.index(worker)] = self._spawn(worker.index)
@@ -424,6 +442,20 @@ class Workers:
                 worker.process.wait()
             self._kill_group(worker.process.pid)  # leftover pool processes, if any
         self.running = []
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Until a worker log has a line containing ``text`` (what a worker says it did)."""
+
+        def logged() -> bool:
+            return any(
+                text in path.read_text(errors="replace")
+                for path in self.log_dir.glob("worker-*.log")
+            )
+
+        try:
+            _wait(logged, timeout, f"no worker logged {text!r}", interval=0.2)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
 
     def tail(self, index: int | None = None, lines: int = 20, about: tuple[str, ...] = ()) -> str:
         """The last lines of the worker logs, after their warnings and errors and every line

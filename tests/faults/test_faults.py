@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 
 import pytest
+from sqlalchemy import select
 
+from models.ledger import RejectedMessage
 from tests.faults.conftest import Services
 from tests.faults.harness import (
     REDELIVERY_S,
@@ -26,6 +29,7 @@ from tests.faults.harness import (
     account,
     bad_messages,
     build_stream,
+    probe,
     scenario,
 )
 from workers.publish import wait_for
@@ -137,8 +141,41 @@ def test_bad_message_while_postgresql_is_down_is_recorded(services: Services) ->
     with scenario(services.pg, services.redis, services.work_dir, "rejectdown") as run:
         with services.pg.down():
             (bad_id,) = run.publish([Message("call", bad_messages()[0], bad=True)])
-            time.sleep(4)
-        done = run.wait_all(15)
+            run.workers.wait_log(f"{bad_id}: outcome not recorded, the database is unavailable")
+        done = run.wait_all(60)
         log = run.workers.tail(about=(bad_id,))
         assert bad_id in done, f"the bad message has no recorded outcome:\n{log}"
         assert done[bad_id].outcome == "rejected"
+
+
+@pytest.mark.timeout(180)
+def test_a_message_refused_while_postgresql_is_down_is_recorded_once_it_is_back(
+    services: Services,
+) -> None:
+    """The consumer refuses a pickle before any task runs; while the database cannot take its
+    record, the message stays unacknowledged and the record is retried until it is written."""
+    with scenario(services.pg, services.redis, services.work_dir, "refusedown") as run:
+        task_id = str(uuid.uuid4())
+        queue = run.app.amqp.queues["crm.ingest.call"]
+        with services.pg.down():
+            with run.app.producer_or_acquire() as producer:
+                producer.publish(
+                    b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.",
+                    exchange=queue.exchange,
+                    routing_key=queue.routing_key,
+                    headers={"id": task_id, "task": "crm.ingest.call", "lang": "py"},
+                    content_type="application/x-python-serialize",
+                    content_encoding="binary",
+                    retry=True,
+                )
+            run.workers.wait_log(f"refused message {task_id} not recorded yet")
+            run.workers.wait_log(f"refused message {task_id} still not recorded")
+        done = wait_for(run.sessions, [task_id], 60)
+        assert task_id in done, run.workers.tail(about=(task_id,))
+        assert done[task_id].outcome == "rejected"
+        with run.sessions() as session:
+            rows = session.scalars(
+                select(RejectedMessage).where(RejectedMessage.task_id == task_id)
+            ).all()
+        assert len(rows) == 1 and "pickle" in rows[0].reason
+        assert probe(run, 60), run.workers.tail()
