@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
+from models.schemas.catalogue import load_catalogue_document
 from tasks.errors import BadInput
 
 #: One of the code-and-names models (a type variable, so helpers keep the concrete class).
@@ -19,6 +20,7 @@ NAMED: tuple[tuple[str, type[EventClass] | type[EventType] | type[EventProperty]
     ("types", EventType),
     ("properties", EventProperty),
 )
+SINGULAR = {"classes": "class", "types": "type", "properties": "property"}
 CATEGORY_FIELDS = ("fi", "en", "default_class", "default_type", "allow_selection", "sales_target")
 
 
@@ -59,8 +61,11 @@ def _apply_named(
     for item in items:
         row = session.get(model, item["code"])
         if row is None:
+            missing = [name for name in ("fi", "en") if not item.get(name)]
+            if missing:
+                raise BadInput(f"new {SINGULAR[key]} {item['code']} needs {' and '.join(missing)}")
             session.add(model(code=item["code"], name_fi=item["fi"], name_en=item["en"]))
-            changes.append(f"add {key[:-1] if key != 'classes' else 'class'} {item['code']}")
+            changes.append(f"add {SINGULAR[key]} {item['code']}")
             continue
         for attr, field_name in (("name_fi", "fi"), ("name_en", "en")):
             if field_name in item and getattr(row, attr) != item[field_name]:
@@ -71,8 +76,7 @@ def _apply_named(
 
 def apply_catalogue(session: Session, document: dict[str, Any]) -> list[str]:
     """Add or change what the document says (nothing is deleted); returns the changes."""
-    if not isinstance(document, dict):
-        raise BadInput("a catalogue document is a JSON object")
+    document = load_catalogue_document(document)
     changes: list[str] = []
     for key, model in NAMED:
         _apply_named(session, key, model, document.get(key, []), changes)

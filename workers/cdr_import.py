@@ -46,19 +46,19 @@ def cdr_messages(
 
 
 def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
-    from workers.cli import CommandError, emit_json
+    from workers.cli import InputError, emit_json
     from workers.publish import publish, wait_for
 
     path = Path(args.file)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise CommandError(f"{path}: {exc.strerror or exc}") from exc
+        raise InputError(f"{path}: {exc.strerror or exc}") from exc
     if args.time_zone:
         try:
             ZoneInfo(args.time_zone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise CommandError(f"unknown time zone {args.time_zone!r}") from exc
+            raise InputError(f"unknown time zone {args.time_zone!r}") from exc
     settings = runtime.settings
     context = CdrContext(
         source_system=args.source_system,

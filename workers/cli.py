@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.exceptions import SecurityError
 from sqlalchemy import Engine, select
@@ -28,7 +29,49 @@ Handler = Callable[[argparse.Namespace, "Runtime"], int]
 
 
 class CommandError(Exception):
-    """A user error: printed to stderr, exit status 1 (2 for bad configuration)."""
+    """The command could not do its work (a thing named that does not exist, a refusal, a
+    failure): one line on stderr, exit status 1."""
+
+
+class InputError(CommandError):
+    """The command line or a file it reads is wrong (malformed, contradictory, missing):
+    one line on stderr, exit status 2, as for bad configuration."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line on stderr (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def count(text: str) -> int:
+    """A whole number from 0 (a limit, a target)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def period(text: str) -> str:
+    """An ISO week (2026-W48) or a month (2026-11)."""
+    from tasks.periods import validate_period
+
+    try:
+        validate_period(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a period {text!r} ({exc})") from None
+    return text
 
 
 class Runtime:
@@ -97,8 +140,18 @@ def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
     if rt.settings.embedded_broker:
         # The filesystem transport has no broadcast for gossip/mingle; heartbeats need events.
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-    rt.app.worker_main(argv)
+    run_celery(rt.app.worker_main, argv)
     return 0
+
+
+def run_celery(command: Callable[[list[str]], Any], argv: list[str]) -> None:
+    """Run a Celery command line (worker, beat): its option errors are input errors."""
+    import click
+
+    try:
+        command(argv)
+    except click.exceptions.UsageError as exc:
+        raise InputError(exc.format_message()) from exc
 
 
 def cmd_beat(args: argparse.Namespace, rt: Runtime) -> int:
@@ -106,7 +159,7 @@ def cmd_beat(args: argparse.Namespace, rt: Runtime) -> int:
     argv = ["beat", "--pidfile", "", *args.celery_args]
     if not any(a.startswith(("-l", "--loglevel")) for a in args.celery_args):
         argv += ["--loglevel", rt.settings.log_level]
-    rt.app.start(argv)
+    run_celery(rt.app.start, argv)
     return 0
 
 
@@ -118,14 +171,14 @@ def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
     behind basic auth (CRM_FLOWER_BASIC_AUTH), or, with ``--no-auth``, on loopback only."""
     celery_args = list(args.celery_args)
     if any(a.startswith(("--basic-auth", "--basic_auth")) for a in celery_args):
-        raise CommandError(
+        raise InputError(
             "give the Flower credentials in CRM_FLOWER_BASIC_AUTH, not on the command line"
             " (where the process list shows them)"
         )
     argv = ["flower", *celery_args]
     if rt.settings.flower_basic_auth:
         if args.no_auth:
-            raise CommandError("--no-auth contradicts CRM_FLOWER_BASIC_AUTH; drop one of them")
+            raise InputError("--no-auth contradicts CRM_FLOWER_BASIC_AUTH; drop one of them")
         # In-process: the password never becomes part of a process's command line.
         argv.append(f"--basic-auth={rt.settings.flower_basic_auth}")
     elif args.no_auth:
@@ -135,15 +188,15 @@ def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
             if a.startswith("--address") and ("=" in a or i + 1 < len(celery_args))
         ]
         if any(address not in LOOPBACK_ADDRESSES for address in addresses):
-            raise CommandError("--no-auth serves Flower on loopback only (127.0.0.1 or ::1)")
+            raise InputError("--no-auth serves Flower on loopback only (127.0.0.1 or ::1)")
         if not addresses:
             argv.append("--address=127.0.0.1")
     else:
-        raise CommandError(
+        raise InputError(
             "Flower needs credentials: set CRM_FLOWER_BASIC_AUTH=user:password, or pass"
             " --no-auth to serve it without them on 127.0.0.1 only (docs/security.md)"
         )
-    rt.app.start(argv)
+    run_celery(rt.app.start, argv)
     return 0
 
 
@@ -250,7 +303,7 @@ def _day_start(text: str, zone: Any, next_day: bool = False) -> Any:
     try:
         day = date.fromisoformat(text)
     except ValueError as exc:
-        raise CommandError(f"not a date (YYYY-MM-DD): {text!r}") from exc
+        raise InputError(f"not a date (YYYY-MM-DD): {text!r}") from exc
     if next_day:
         day += timedelta(days=1)
     return datetime.combine(day, time.min, tzinfo=zone)
@@ -344,7 +397,7 @@ def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
     from tasks.targets import set_target
 
     kind, value = ("weekly", args.weekly) if args.weekly is not None else ("monthly", args.monthly)
-    valid_from = date.fromisoformat(args.valid_from) if args.valid_from else date.today()
+    valid_from = args.valid_from or date.today()
     with transaction(rt.sessions) as session:
         sellers = set_target(session, args.username, args.category, kind, value, valid_from)
     from workers.base import request_refresh
@@ -387,14 +440,8 @@ def cmd_targets_list(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
-    from tasks.periods import validate_period
     from tasks.views import targets_progress
 
-    if args.period:
-        try:
-            validate_period(args.period)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
     with rt.sessions() as session:
         rows = targets_progress(session, seller=args.seller, period=args.period)
     if args.json:
@@ -407,14 +454,8 @@ def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
-    from tasks.periods import validate_period
     from tasks.stats import statistics
 
-    if args.period:
-        try:
-            validate_period(args.period)
-        except ValueError as exc:
-            raise CommandError(f"not a period {args.period!r} ({exc})") from exc
     with rt.sessions() as session:
         rows = statistics(session, args.by, args.period, rt.settings.zone)
     if args.json:
@@ -432,7 +473,7 @@ def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
     from models.parties import Staff
-    from tasks.periods import period_kind, validate_period
+    from tasks.periods import period_kind
     from tasks.reports import (
         REPORT_SEND_ERRORS,
         build_target_report,
@@ -440,13 +481,8 @@ def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
         write_report_files,
     )
 
-    if args.period:
-        try:
-            validate_period(args.period)
-        except ValueError as exc:
-            raise CommandError(f"not a period {args.period!r} ({exc})") from exc
-        if period_kind(args.period) != args.kind:
-            raise CommandError(f"{args.period} is not a {args.kind} period")
+    if args.period and period_kind(args.period) != args.kind:
+        raise InputError(f"{args.period} is not a {args.kind} period")
     with rt.sessions() as session:
         query = select(Staff).where(Staff.role == "manager").order_by(Staff.username)
         if args.manager:
@@ -564,9 +600,9 @@ def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
     from models.ledger import FailedMessage
 
     if bool(args.id) == bool(args.all):
-        raise CommandError("give one id (rejected:N or failed:N) or --all")
+        raise InputError("give one id (rejected:N or failed:N) or --all")
     if args.kind and not args.all:
-        raise CommandError("--kind goes with --all")
+        raise InputError("--kind goes with --all")
     if args.all:
         query = select(FailedMessage.id).where(FailedMessage.replayed_at.is_(None))
         if args.kind:
@@ -600,11 +636,12 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
 
     from models.base import utcnow
     from models.ledger import FailedMessage, RejectedMessage
+    from tasks.ledger import whole_payload
     from workers.queues import TASK_QUEUES
 
     kind, _, number = ledger_id.partition(":")
     if kind not in ("rejected", "failed") or not number.isdigit():
-        raise CommandError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
+        raise InputError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
 
     def locked(session: Session) -> RejectedMessage | FailedMessage | None:
         if kind == "rejected":
@@ -623,9 +660,13 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
                 " that can be sent again; its body is kept base64-encoded in the row"
                 " (`crm-events rejected --json`)"
             )
+        try:
+            payload = whole_payload(session, rt.settings, row.payload)
+        except LookupError as exc:
+            raise CommandError(f"{ledger_id} cannot be replayed: {exc}") from exc
         previous = row.replayed_at
         row.replayed_at = utcnow()
-        task_name, payload = row.task_name, row.payload
+        task_name = row.task_name
         queue = row.queue if isinstance(row, FailedMessage) else None
     task_id = str(uuid.uuid4())
     call_args, call_kwargs = replay_arguments(rt.app, task_name, payload)
@@ -711,15 +752,18 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
             )
         return 0
     if not args.file:
-        raise CommandError("catalogue apply needs a FILE")
+        raise InputError("catalogue apply needs a FILE")
     try:
         document = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{args.file}: {exc}") from exc
-    with transaction(rt.sessions) as session:
-        changes = apply_catalogue(session, document)
-        if args.dry_run:
-            session.rollback()
+        raise InputError(f"{args.file}: {exc}") from exc
+    try:
+        with transaction(rt.sessions) as session:
+            changes = apply_catalogue(session, document)
+            if args.dry_run:
+                session.rollback()
+    except BadInput as exc:  # the file's content is what is wrong
+        raise InputError(f"{args.file}: {exc.reason}") from exc
     if args.json:
         emit_json({"dry_run": args.dry_run, "changes": changes})
     else:
@@ -786,7 +830,7 @@ def cmd_smtp_gateway(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crm-events", description="CRM events worker and tools")
+    parser = Parser(prog="crm-events", description="CRM events worker and tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(
@@ -849,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag)
     p.add_argument("--class", dest="class_")
     p.add_argument("--unlinked", action="store_true", help="only unlinked and ambiguous events")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=count, default=1000)
 
     p = add("history", cmd_history, "a customer's history", json_flag=True)
     p.add_argument("customer", metavar="CUSTOMER_NUMBER")
@@ -865,9 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("category")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--weekly", type=int)
-    group.add_argument("--monthly", type=int)
-    p.add_argument("--from", dest="valid_from", metavar="DATE")
+    group.add_argument("--weekly", type=count)
+    group.add_argument("--monthly", type=count)
+    p.add_argument("--from", dest="valid_from", metavar="DATE", type=iso_date)
     p = targets.add_parser("list", help="every target with its validity (the history)")
     p.set_defaults(handler=cmd_targets_list)
     p.add_argument("--seller")
@@ -875,14 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = targets.add_parser("progress", help="targets vs actuals")
     p.set_defaults(handler=cmd_targets_progress)
     p.add_argument("--seller")
-    p.add_argument("--period")
+    p.add_argument("--period", type=period)
     p.add_argument("--json", action="store_true")
 
     p = add("stats", cmd_stats, "statistics", json_flag=True)
     p.add_argument(
         "--by", required=True, choices=["class", "type", "category", "property", "seller"]
     )
-    p.add_argument("--period")
+    p.add_argument("--period", type=period)
 
     report = sub.add_parser("report", help="reports").add_subparsers(
         dest="report_command", required=True
@@ -896,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_report)
     p.add_argument("--kind", required=True, choices=["weekly", "monthly"])
-    p.add_argument("--period", help="2026-W48 (weekly) or 2026-11 (monthly)")
+    p.add_argument("--period", type=period, help="2026-W48 (weekly) or 2026-11 (monthly)")
     p.add_argument("--manager", help="one manager's username (default: every manager)")
     p.add_argument("--out", metavar="DIR", help="write the HTML, PNG and CSV files here")
     p.add_argument("--send", action="store_true", help="send by email (SMTP from CRM_SMTP_*)")
@@ -972,6 +1016,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime = Runtime(settings)
     try:
         return int(args.handler(args, runtime) or 0)
+    except InputError as exc:
+        print(f"crm-events: {exc}", file=sys.stderr)
+        return 2
     except CommandError as exc:
         print(f"crm-events: {exc}", file=sys.stderr)
         return 1
@@ -982,6 +1029,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
         print(f"crm-events: message signing: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # A failure of the system (a server gone, a bug): one line for the user, and where it
+        # happened for whoever runs it again with CRM_LOG_LEVEL=DEBUG.
+        logging.getLogger("crm.cli").debug("%s failed", args.command, exc_info=True)
+        print(
+            f"crm-events: {args.command} failed: {type(exc).__name__}: {exc}"[:2000].splitlines()[0]
+            + " (CRM_LOG_LEVEL=DEBUG shows where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -128,10 +128,10 @@ def test_replay_all_republishes_each_pending_failure_once(live: LiveSystem) -> N
 
 def test_replay_refuses_ambiguous_or_unknown_requests(live: LiveSystem) -> None:
     both = live.cli("replay", "failed:1", "--all")
-    assert both.returncode == 1 and "give one id" in both.stderr
+    assert both.returncode == 2 and "give one id" in both.stderr
     neither = live.cli("replay")
-    assert neither.returncode == 1 and "give one id" in neither.stderr
+    assert neither.returncode == 2 and "give one id" in neither.stderr
     kind_alone = live.cli("replay", "failed:1", "--kind", "poison")
-    assert kind_alone.returncode == 1 and "--kind goes with --all" in kind_alone.stderr
+    assert kind_alone.returncode == 2 and "--kind goes with --all" in kind_alone.stderr
     missing = live.cli("replay", "failed:999999")
     assert missing.returncode == 1 and "no failed:999999" in missing.stderr

@@ -269,7 +269,7 @@ def test_statistics_command(team: LiveSystem) -> None:
     assert by_class.returncode == 0, by_class.stderr
     assert "Markkinointi" in by_class.stdout
     bad = team.cli("stats", "--by", "class", "--period", "2026-13")
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert "not a period '2026-13'" in bad.stderr
 
 

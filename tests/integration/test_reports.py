@@ -194,4 +194,4 @@ def test_report_command_writes_the_same_files_and_never_sends_twice(
     assert len(reports_to(smtp_sink, BOSS, "2026-W47")) == 1
 
     wrong = team.cli("report", "targets", "--kind", "monthly", "--period", "2026-W47")
-    assert wrong.returncode == 1 and "2026-W47 is not a monthly period" in wrong.stderr
+    assert wrong.returncode == 2 and "2026-W47 is not a monthly period" in wrong.stderr

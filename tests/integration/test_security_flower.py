@@ -118,15 +118,15 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 def test_flower_refuses_to_start_without_credentials(live: LiveSystem) -> None:
     result = run_cli(live.env, f"--port={free_port()}")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "CRM_FLOWER_BASIC_AUTH" in result.stderr and "--no-auth" in result.stderr
 
 
 def test_no_auth_is_loopback_only(live: LiveSystem) -> None:
     result = run_cli(live.env, "--no-auth", "--address=0.0.0.0", f"--port={free_port()}")
-    assert result.returncode == 1 and "loopback only" in result.stderr
+    assert result.returncode == 2 and "loopback only" in result.stderr
     result = run_cli(live.env, "--basic-auth=a:b", f"--port={free_port()}")
-    assert result.returncode == 1 and "CRM_FLOWER_BASIC_AUTH" in result.stderr
+    assert result.returncode == 2 and "CRM_FLOWER_BASIC_AUTH" in result.stderr
 
     server = Flower(live.env, live.settings.data_dir / "flower-no-auth.log", "--no-auth")
     try:

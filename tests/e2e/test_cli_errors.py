@@ -1,0 +1,81 @@
+"""Every input error of the command line is one line on stderr and exit status 2, never a
+traceback: arguments argparse or Celery refuse, values that do not parse, files that are not
+what the command reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def crm_events(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    env["CRM_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-errors")
+    done = crm_events(folder, "init-db")
+    assert done.returncode == 0, done.stderr
+    (folder / "no-code.json").write_text(json.dumps({"categories": [{"fi": "Neuvottelu"}]}))
+    (folder / "no-fi.json").write_text(json.dumps({"properties": [{"code": "urgent", "en": "U"}]}))
+    (folder / "not-json.json").write_text("{categories: [")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["events", "--limit=-1"], "argument --limit: must be 0 or more, not -1"),
+        (["events", "--limit", "many"], "argument --limit: not a whole number: 'many'"),
+        (["events", "--since", "yesterday"], "not a date (YYYY-MM-DD): 'yesterday'"),
+        (
+            ["targets", "set", "anna", "sales_action", "--weekly", "4", "--from", "2026-13-45"],
+            "argument --from: not a date (YYYY-MM-DD): '2026-13-45'",
+        ),
+        (
+            ["targets", "set", "anna", "sales_action", "--weekly", "4", "--from", "tomorrow"],
+            "argument --from: not a date (YYYY-MM-DD): 'tomorrow'",
+        ),
+        (["targets", "set", "anna", "sales_action", "--weekly", "-3"], "must be 0 or more"),
+        (["targets", "progress", "--period", "2026-13"], "not a period '2026-13'"),
+        (["stats", "--by", "class", "--period", "last week"], "not a period 'last week'"),
+        (["report", "targets", "--kind", "weekly", "--period", "2026-11"], "not a weekly period"),
+        (["catalogue", "apply", "{dir}/no-code.json"], "categories: 0: code: Missing data"),
+        (["catalogue", "apply", "{dir}/no-code.json", "--dry-run"], "code: Missing data"),
+        (["catalogue", "apply", "{dir}/no-fi.json"], "new property urgent needs fi"),
+        (["catalogue", "apply", "{dir}/no-fi.json", "--dry-run"], "new property urgent needs fi"),
+        (["catalogue", "apply", "{dir}/not-json.json"], "not-json.json: Expecting"),
+        (["catalogue", "apply", "{dir}/missing.json"], "No such file or directory"),
+        (["catalogue", "apply"], "catalogue apply needs a FILE"),
+        (["worker", "--bogus-opt"], "No such option '--bogus-opt'"),
+        (["beat", "--bogus-opt"], "No such option '--bogus-opt'"),
+        (["seller-view"], "the following arguments are required: username"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+    ],
+)
+def test_an_input_error_is_one_line_and_status_2(
+    data_dir: Path, args: list[str], said: str
+) -> None:
+    done = crm_events(data_dir, *(a.replace("{dir}", str(data_dir)) for a in args))
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert said in lines[0]
+    assert done.stdout == ""
