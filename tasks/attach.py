@@ -24,15 +24,27 @@ from models.db import prepared_upsert, table_of
 from models.documents import DocumentBlob, EventDocument
 
 MAX_FILENAME = 200
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029/\\:*?\"<>|]+")
+#: Joiners that real names need (emoji sequences, Persian and Indic scripts); every other
+#: invisible format character goes, the bidirectional overrides first of all: U+202E shows
+#: "<U+202E>gnp.exe" as "exe.png".
+_KEPT_FORMAT = {"\u200c", "\u200d"}
+#: Names Windows reserves for devices, whatever the extension ("CON.txt" opens the console).
+_WINDOWS_DEVICES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])", re.IGNORECASE)
 
 
 def sanitise_filename(raw: str | None, fallback: str = "document") -> str:
-    """A display name that is safe anywhere: no directories, controls or reserved names."""
+    """A display name that is safe anywhere: no directories, controls, invisible or
+    direction-changing characters, or names a system reserves."""
     name = unicodedata.normalize("NFC", raw or "")
+    name = "".join(
+        c for c in name if c in _KEPT_FORMAT or unicodedata.category(c) not in ("Cf", "Cs")
+    )
     # Keep only the last path component of anything path-like ("../../etc/passwd" -> "passwd").
     name = re.split(r"[/\\]", name)[-1]
     name = _UNSAFE.sub("_", name).strip(" .")
+    if _WINDOWS_DEVICES.fullmatch(name.split(".")[0].rstrip(" ")):
+        name = "_" + name
     if not name or set(name) <= {"_", "."}:
         name = fallback
     if len(name) > MAX_FILENAME:

@@ -268,6 +268,19 @@ def test_filename_with_nul_and_slash_is_sanitised(world: Session, ctx: StageCont
         (None, "document"),
         ("....", "document"),
         ("Laiteluettelo_kevät_2027.pdf", "Laiteluettelo_kevät_2027.pdf"),
+        # A right-to-left override shows "\u202egnp.exe" as "exe.png": removed, with every
+        # other invisible format character but the joiners real names need.
+        ("\u202egnp.exe", "gnp.exe"),
+        ("kuva\u202e\u2066gpj.exe", "kuvagpj.exe"),
+        ("a\u200bb\ufeff.pdf", "ab.pdf"),
+        ("👩\u200d💻.png", "👩\u200d💻.png"),
+        ("line\u2028break\x85.txt", "line_break_.txt"),
+        # Names Windows keeps for devices, with any extension.
+        ("CON", "_CON"),
+        ("nul.txt", "_nul.txt"),
+        ("Com1.tar.gz", "_Com1.tar.gz"),
+        ("LPT9 .log", "_LPT9 .log"),
+        ("CONSOLE.txt", "CONSOLE.txt"),
     ],
 )
 def test_sanitise_filename(raw: str | None, expected: str) -> None:
