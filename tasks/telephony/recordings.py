@@ -182,11 +182,57 @@ class Downloaded:
     url: str
 
 
-def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
-    """A connection to the vetted address, whatever the name would resolve to now."""
+class _DeadlineReads:
+    """Every receive on the socket waits at most until the fetch's deadline.
+
+    A socket timeout alone counts per receive: a server that sends one header line every few
+    seconds would hold the pool process for as long as it likes. Here each receive gets what is
+    left of the whole budget, for the TLS handshake, the status line, the headers and the body.
+    """
+
+    deadline: float
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out: CRM_RECORDING_FETCH_TIMEOUT_S is spent")
+        return left
+
+    def recv(self, *args: Any) -> bytes:
+        self.settimeout(self._left())  # type: ignore[attr-defined]
+        return super().recv(*args)  # type: ignore[misc]
+
+    def recv_into(self, *args: Any) -> int:
+        self.settimeout(self._left())  # type: ignore[attr-defined]
+        return super().recv_into(*args)  # type: ignore[misc]
+
+    def read(self, *args: Any) -> Any:  # ssl.SSLSocket reads through this
+        self.settimeout(self._left())  # type: ignore[attr-defined]
+        return super().read(*args)  # type: ignore[misc]
+
+
+class _DeadlineSocket(_DeadlineReads, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_DeadlineReads, ssl.SSLSocket):
+    def do_handshake(self, *args: Any) -> None:
+        self.settimeout(self._left())
+        super().do_handshake(*args)
+
+
+def _connection(target: Target, deadline: float) -> http.client.HTTPConnection:
+    """A connection to the vetted address, whatever the name would resolve to now, whose every
+    read ends by ``deadline`` (a monotonic time)."""
+    timeout = _remaining(deadline)
     connection: http.client.HTTPConnection
     if target.scheme == "https":
         context = ssl.create_default_context()
+        # The TLS socket is a new object made from the plain one: it learns the deadline from
+        # its class (a context of its own per connection).
+        context.sslsocket_class = type(
+            "DeadlineSSLSocket", (_DeadlineSSLSocket,), {"deadline": deadline}
+        )
         connection = http.client.HTTPSConnection(
             target.host, target.port, timeout=timeout, context=context
         )
@@ -196,7 +242,18 @@ def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
     def create_connection(
         _address: tuple[str, int], timeout: float, source: Any = None
     ) -> socket.socket:
-        return socket.create_connection((target.address, target.port), timeout, source)
+        family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+        sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+        sock.deadline = deadline
+        try:
+            sock.settimeout(timeout)
+            if source:
+                sock.bind(source)
+            sock.connect((target.address, target.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # http.client's own hook for opening the socket; TLS still checks the certificate against
     # the host name (server_hostname), only the address is pinned.
@@ -233,7 +290,7 @@ def download(
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         target = vet_url(current, settings, resolve)
-        connection = _connection(target, _remaining(deadline))
+        connection = _connection(target, deadline)
         try:
             connection.request("GET", target.path, headers=_headers(target, settings))
             response = connection.getresponse()
