@@ -47,9 +47,6 @@ STAGES: dict[str, Callable[..., Any]] = {
 
 #: What a message may end as: an event outcome, or a rejection with its reason.
 EVENT_OUTCOMES = {"stored", "done", "duplicate", "outdated"}
-#: A worker's time for one message is bounded by its task time limit; an example must stay far
-#: below it (and below what a fuzzed input may reasonably cost).
-TIME_BOUND_S = 5.0
 
 
 @dataclass
@@ -94,7 +91,6 @@ class IngestRunner:
     def check(self, kind: str, message: Any) -> Processed:
         """Process one message and assert that it ended as an event or a reasoned rejection."""
         result = self.run(kind, message)
-        assert result.seconds < TIME_BOUND_S, f"{kind} took {result.seconds:.1f} s"
         if result.outcome == "rejected":
             assert result.reason and result.reason.strip(), "a rejection without a reason"
         else:

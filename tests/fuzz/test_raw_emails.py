@@ -5,7 +5,6 @@ stored as files."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from sqlalchemy import select
 
 from models.documents import EventDocument
 from tasks.ingest.email_parse import ParsedEmail, ParseLimits, parse_email
-from tests.fuzz.conftest import TIME_BOUND_S, IngestRunner
+from tests.fuzz.conftest import IngestRunner
 from tests.fuzz.emails import raw_emails
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import b64
@@ -66,9 +65,7 @@ FOUND = [
 @example(raw=FOUND[5], limits=ParseLimits())
 @example(raw=FOUND[6], limits=ParseLimits())
 def test_parser_reads_any_bytes(raw: bytes, limits: ParseLimits) -> None:
-    started = time.monotonic()
     parsed = parse_email(raw, HELSINKI, limits)
-    assert time.monotonic() - started < TIME_BOUND_S
     for text in storable_strings(parsed):
         assert isinstance(text, str)
         assert "\x00" not in text, f"NUL in {text[:80]!r}"

@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from tests.fuzz.conftest import TIME_BOUND_S, IngestRunner
+from tests.fuzz.conftest import IngestRunner
 from tests.fuzz.emails import raw_emails
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import FUZZ_WORLD
@@ -168,7 +168,6 @@ def replied(code: int) -> None:
 @settings(max_examples=examples(50))
 @given(transaction=transactions())
 def test_every_transaction_is_answered(smtp_gateway: SmtpGateway, transaction: Transaction) -> None:
-    started = time.monotonic()
     with smtplib.SMTP("127.0.0.1", smtp_gateway.port, timeout=30) as client:
         replied(client.ehlo()[0])
         if transaction.long_line:
@@ -192,7 +191,7 @@ def test_every_transaction_is_answered(smtp_gateway: SmtpGateway, transaction: T
         else:
             replied(command(client, "DATA"))
         replied(command(client, "RSET"))
-    assert time.monotonic() - started < TIME_BOUND_S * 2
+
     assert smtp_gateway.process.poll() is None, smtp_gateway.tail()
 
 

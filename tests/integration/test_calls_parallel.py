@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -138,11 +137,9 @@ def test_parallel_delivery_gives_one_event_per_call_with_every_update_merged(
         batch = [*updates, *rng.sample(updates, 2)]
         rng.shuffle(batch)
         messages += batch
-    started = time.monotonic()
     task_ids = publish_at_once(live, messages)
     done = wait_for(live.sessions, task_ids, 120)
     assert len(done) == len(task_ids), f"not all processed; worker log:\n{live.tail()}"
-    elapsed = time.monotonic() - started
     assert Counter(d.outcome for d in done.values()) == {
         "stored": CALLS * 5,
         "duplicate": CALLS * 2,
@@ -168,7 +165,6 @@ def test_parallel_delivery_gives_one_event_per_call_with_every_update_merged(
     second_log = (live.settings.data_dir / "second-worker.log").read_text()
     assert "crm.ingest.call" in second_log and "succeeded" in second_log
     assert "crm.ingest.call: transient error" not in second_log + live.tail(5000)
-    assert elapsed < 90
 
 
 def test_a_missed_call_and_its_callback_processed_at_once(

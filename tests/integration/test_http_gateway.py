@@ -276,10 +276,8 @@ def test_no_2xx_without_the_broker(loaded: LiveSystem, tmp_path: Path) -> None:
     env = {**loaded.env, "CRM_BROKER_URL": "redis://127.0.0.1:1/0", "CRM_WEBHOOK_SECRET": SECRET}
     dead = start_gateway(env, tmp_path / "dead-gateway.log")
     try:
-        started = time.monotonic()
         status, reply = dead.post_json("/calls", load_example("calls/outbound-sales-action.json"))
         assert status == 503, reply
-        assert time.monotonic() - started < 15
         assert dead.request("GET", "/healthz")[0] == 503
     finally:
         stop_gateway(dead)
