@@ -1,5 +1,5 @@
 """Measure the candidate embedded brokers: kombu's filesystem transport (with our atomic
-writes, ``workers.broker_fs``) against kombu's SQLAlchemy transport on a SQLite file.
+writes, ``workers.transport.broker_fs``) against kombu's SQLAlchemy transport on a SQLite file.
 
 For each, a real worker process (prefork, concurrency 2, the product's delivery settings)
 consumes N no-op tasks; the figure is tasks/s from the first publish to the last completion,
@@ -56,8 +56,8 @@ def candidates(root: Path) -> dict[str, tuple[str, str, dict[str, object]]]:
         "polling_interval": 0.05,
     }
     return {
-        "filesystem (workers.broker_fs)": (
-            "workers.broker_fs:Transport",
+        "filesystem (workers.transport.broker_fs)": (
+            "workers.transport.broker_fs:Transport",
             "filesystem://localhost/",
             fs_options,
         ),

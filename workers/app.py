@@ -55,9 +55,9 @@ def create_app(settings: Settings) -> Celery:
         broker_url=settings.effective_broker_url,
         # The embedded broker is kombu's filesystem transport with atomic writes (broker_fs);
         # redis:// gets kombu's Redis transport surviving a broker restart (broker_redis).
-        broker_transport="workers.broker_fs:Transport"
+        broker_transport="workers.transport.broker_fs:Transport"
         if settings.embedded_broker
-        else "workers.broker_redis:Transport"
+        else "workers.transport.broker_redis:Transport"
         if settings.effective_broker_url.startswith("redis://")
         else None,
         broker_transport_options=broker_transport_options(settings),
@@ -80,9 +80,10 @@ def create_app(settings: Settings) -> Celery:
             name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
         },
         task_create_missing_queues=False,
-        # Records every message the worker refuses (another content type, an undecodable body,
-        # an unknown task) as a rejected_message before acknowledging it (workers/security.py).
-        worker_consumer="workers.security:RecordingConsumer",
+        # Checks every message, and records every one the worker refuses (another content type,
+        # an undecodable body, an unknown task, an envelope it does not take) as a
+        # rejected_message before acknowledging it (workers/transport/consumer.py).
+        worker_consumer="workers.transport.consumer:RecordingConsumer",
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
         worker_send_task_events=not settings.embedded_broker,
@@ -94,7 +95,7 @@ def create_app(settings: Settings) -> Celery:
     )
     app.conf.crm_settings = settings
     if settings.signing_enabled:
-        from workers.security import configure_signing
+        from workers.transport.signing import configure_signing
 
         configure_signing(app, settings)
     for module in TASK_MODULES:

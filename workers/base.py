@@ -163,7 +163,7 @@ class CrmTask(Task):
             return
         settings = self.settings
         # Celery raises it with the limit that applied: the worker's, or a lower one the
-        # message asked for (workers/envelope.py never lets a message ask for more).
+        # message asked for (workers/transport/envelope.py never lets a message ask for more).
         limit = exc.args[0] if exc.args and isinstance(exc.args[0], int | float) else None
         if limit is None or limit >= settings.task_time_limit_s:
             applied = f"{settings.task_time_limit_s} s (CRM_TASK_TIME_LIMIT_S)"

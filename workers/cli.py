@@ -693,7 +693,8 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
 
 
 def is_refused_body(payload: Any) -> bool:
-    """A row the worker's consumer wrote for a message it refused undecoded (workers/security)."""
+    """A row the worker's consumer wrote for a message it refused undecoded
+    (workers/transport/consumer.py)."""
     return isinstance(payload, dict) and {"body_b64", "body_sha256"} <= payload.keys()
 
 

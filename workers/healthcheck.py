@@ -4,7 +4,7 @@ Run as ``python -m workers.healthcheck`` on the worker's own host (inside its co
 only ``celery@<this hostname>``, the default node name of ``crm-events worker`` (``--node``
 names another), so one stuck worker is not hidden by a healthy one elsewhere. Answering a ping
 is not enough: a worker whose pool has not started a message handed to it for ``--stuck-after``
-seconds (60) is unhealthy too (workers/pool_health.py). It needs a broker with broadcast
+seconds (60) is unhealthy too (workers/transport/pool_health.py). It needs a broker with broadcast
 (Redis): the embedded filesystem broker has none, so there the check always fails.
 
 Also the broker check every worker runs when it is ready: a Redis broker without AOF or with an
@@ -87,7 +87,8 @@ def warn_about_broker(settings: Settings) -> list[str]:
 
 
 def pool_problem(reply: Any, stuck_after: float) -> str | None:
-    """What is wrong with a worker's pool, from its ``crm_pool`` reply (workers/pool_health.py)."""
+    """What is wrong with a worker's pool, from its ``crm_pool`` reply
+    (workers/transport/pool_health.py)."""
     if not isinstance(reply, dict):
         return f"no answer about its pool: {reply!r}"[:300]
     stuck = reply.get("stuck") or []

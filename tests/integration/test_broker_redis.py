@@ -1,4 +1,5 @@
-"""The Redis transport keeps a message a consumer took and never read (workers/broker_redis.py).
+"""The Redis transport keeps a message a consumer took and never read
+(workers/transport/broker_redis.py).
 
 kombu's own transport pops a message with BRPOP: a worker killed after Redis sent the reply
 and before it wrote the message to the unacked hash takes the only copy with it. Here the fetch
@@ -20,7 +21,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 pytestmark = pytest.mark.integration
 
-TRANSPORT = "workers.broker_redis:Transport"
+TRANSPORT = "workers.transport.broker_redis:Transport"
 
 
 @pytest.fixture

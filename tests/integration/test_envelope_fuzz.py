@@ -23,7 +23,7 @@ from models.ledger import RejectedMessage
 from tests.fuzz.profiles import PROFILE
 from tests.integration.conftest import LiveSystem
 from workers.publish import wait_for
-from workers.security import ledger_task_id
+from workers.transport.consumer import ledger_task_id
 
 pytestmark = pytest.mark.integration
 

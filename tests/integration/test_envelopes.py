@@ -1,5 +1,5 @@
 """Whatever arrives at a crm queue ends as an event, a rejection or a failure with a reason,
-and no message takes a pool process or a delivery slot with it (workers/envelope.py).
+and no message takes a pool process or a delivery slot with it (workers/transport/envelope.py).
 
 Each message goes through Redis to the session's worker exactly as an odd or hostile producer
 would send it: arguments nested hundreds of levels deep, a task id longer than the ledger keys,
@@ -17,9 +17,9 @@ import pytest
 from celery import Celery
 
 from tests.integration.conftest import LiveSystem
-from workers.envelope import MAX_DEPTH, MAX_TASK_ID
 from workers.publish import wait_for
-from workers.security import ledger_task_id
+from workers.transport.consumer import ledger_task_id
+from workers.transport.envelope import MAX_DEPTH, MAX_TASK_ID
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,8 @@ from celery import Celery
 from tests.conftest import load_example
 from tests.integration.conftest import LiveSystem
 from workers.publish import wait_for
-from workers.security import BODY_KEEP_BYTES, decompressed_limit
+from workers.transport.compression import decompressed_limit
+from workers.transport.consumer import BODY_KEEP_BYTES
 
 pytestmark = pytest.mark.integration
 

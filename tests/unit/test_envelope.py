@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from workers.envelope import (
+from workers.transport.consumer import ledger_task_id
+from workers.transport.envelope import (
     MAX_DEPTH,
     Limits,
     Refused,
@@ -16,8 +17,7 @@ from workers.envelope import (
     check_task_id,
     clamped_time_limits,
 )
-from workers.pool_health import guard_hand_off, stuck_requests
-from workers.security import ledger_task_id
+from workers.transport.pool_health import guard_hand_off, stuck_requests
 
 LIMITS = Limits(
     max_body_bytes=1000, hard_time_limit_s=300, soft_time_limit_s=270, max_eta_ahead_s=3300

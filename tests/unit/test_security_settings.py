@@ -15,7 +15,8 @@ from celery.security.serialization import SecureSerializer
 
 from config.settings import ConfigError, Settings, load_settings
 from tests.integration.test_security_processes import make_identity
-from workers.security import JsonOnlySecureSerializer, describe_message, refused_content_reason
+from workers.transport.consumer import describe_message, refused_content_reason
+from workers.transport.signing import JsonOnlySecureSerializer
 
 
 @pytest.fixture

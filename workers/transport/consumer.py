@@ -1,43 +1,32 @@
-"""The message path's guard: refused messages are recorded, never deserialised; signing by setting.
+"""The worker's consumer: every message checked before Celery looks at it, every refusal
+recorded before it is acknowledged.
 
 A worker accepts JSON task messages only (or, with ``CRM_SIGNING_*`` set, only messages signed
-with Celery's ``auth`` serializer). Celery's own consumer would log a refused message (a pickle,
-another content type, a body that does not decode, a message of an unknown task) and drop it;
-:class:`RecordingConsumer` records each one as a ``rejected_message`` row first: the reason, the
-task it named, and the body itself, base64-encoded up to :data:`BODY_KEEP_BYTES` with its size and
-SHA-256, so that nothing is lost. The body of a refused content type is never decoded, so a
-pickle is never unpickled, and a compressed body is expanded only up to a bound.
-
-:func:`configure_signing` switches an app to signed messages; every process builds its app with
-``workers.app.create_app``, so the worker, beat, Flower, the gateways and the command line all
-sign what they publish and accept only what is signed.
+with Celery's ``auth`` serializer, ``workers.transport.signing``). Celery's own consumer would log
+a refused message (a pickle, another content type, a body that does not decode, a message of an
+unknown task) and drop it; :class:`RecordingConsumer` records each one as a ``rejected_message``
+row first: the reason, the task it named, and the body itself, base64-encoded up to
+:data:`BODY_KEEP_BYTES` with its size and SHA-256, so that nothing is lost. The body of a refused
+content type is never decoded, so a pickle is never unpickled, and a compressed body is expanded
+only up to a bound. Every message's envelope is checked (``workers.transport.envelope``) before
+anything is handed to the pool.
 """
 
 from __future__ import annotations
 
 import base64
-import bz2
 import hashlib
 import json
 import logging
-import lzma
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import Celery
-from celery.exceptions import SecurityError
-from celery.security.certificate import Certificate, FSCertStore
-from celery.security.key import PrivateKey
-from celery.security.serialization import SecureSerializer
 from celery.worker.consumer import Consumer
-from kombu import compression
-from kombu.serialization import registry
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -48,14 +37,13 @@ from tasks.errors import TRANSIENT_ERRORS
 from tasks.ledger import json_safe, kept_payload
 from tasks.store import record_delivery
 from workers.base import payload_of, soft_time_limit
-from workers.envelope import MAX_TASK_ID, Limits, Refused, admit
-from workers.pool_health import guard_hand_off
+from workers.transport.compression import decompressed_limit, install_bounded_decompression
+from workers.transport.envelope import MAX_TASK_ID, Limits, Refused, admit
+from workers.transport.pool_health import guard_hand_off
+from workers.transport.signing import SIGNED_CONTENT_TYPE, accepted_content_type
 
 log = logging.getLogger("crm.security")
 
-JSON_CONTENT_TYPE = "application/json"
-#: The content type of Celery's ``auth`` (signing) serializer.
-SIGNED_CONTENT_TYPE = "application/data"
 #: How much of a refused body is kept (base64) in its rejected_message row; the size and the
 #: SHA-256 of the whole body are always kept.
 BODY_KEEP_BYTES = 64 * 1024
@@ -75,124 +63,6 @@ KNOWN_CONTENT_TYPES = {
     SIGNED_CONTENT_TYPE: "signed (auth) or untyped data",
     "application/text": "text",
 }
-
-
-def accepted_content_type(settings: Settings) -> str:
-    return SIGNED_CONTENT_TYPE if settings.signing_enabled else JSON_CONTENT_TYPE
-
-
-# -- signing ------------------------------------------------------------------------------------
-
-
-class JsonOnlySecureSerializer(SecureSerializer):
-    """Celery's signing serializer, whose signed body must be JSON.
-
-    Celery's own one decodes the signed body with whatever serializer the signer named; a
-    signed pickle would be unpickled. A trusted signer has no reason to send one, so a signed
-    body of any other type is refused like a bad signature.
-    """
-
-    def deserialize(self, data: Any) -> Any:
-        try:
-            content_type = self._unpack(data)["content_type"]
-        except Exception as exc:
-            raise SecurityError(f"Unable to deserialize: not a signed message ({exc})") from exc
-        if content_type != JSON_CONTENT_TYPE:
-            raise SecurityError(f"Unable to deserialize: the signed body is {content_type!r}")
-        return super().deserialize(data)
-
-
-def configure_signing(app: Celery, settings: Settings) -> None:
-    """Sign every published message and accept only signed ones (Celery's ``auth`` serializer).
-
-    The key signs; the certificate travels with each message as the signer's id; the store is
-    the directory of certificates whose signatures are trusted. Kombu's serializer registry is
-    process-wide, as is this switch.
-    """
-    assert settings.signing_key and settings.signing_cert and settings.signing_cert_store
-    app.conf.update(
-        task_serializer="auth",
-        event_serializer="auth",
-        accept_content=["auth"],
-        security_key=str(settings.signing_key),
-        security_certificate=str(settings.signing_cert),
-        security_cert_store=str(settings.signing_cert_store),
-        security_digest="sha256",
-    )
-    # Celery's setup checks the settings agree, disables every other decoder but JSON, and
-    # registers its serializer, which is then replaced by the JSON-only one.
-    app.setup_security(allowed_serializers=["json"], serializer="json")
-    serializer = JsonOnlySecureSerializer(
-        PrivateKey(settings.signing_key.read_text(encoding="ascii")),
-        Certificate(settings.signing_cert.read_text(encoding="ascii")),
-        FSCertStore(str(settings.signing_cert_store)),
-        "sha256",
-        serializer="json",
-    )
-    registry.register(
-        "auth",
-        serializer.serialize,
-        serializer.deserialize,
-        content_type=SIGNED_CONTENT_TYPE,
-        content_encoding="utf-8",
-    )
-
-
-# -- compressed messages ------------------------------------------------------------------------
-
-
-def decompressed_limit(settings: Settings) -> int:
-    """The largest body a compressed message may expand to: an inline email at its size cap,
-    base64-encoded, with room to spare."""
-    return 2 * settings.max_email_bytes + 1024 * 1024
-
-
-def bounded_decoder(factory: Callable[[], Any], limit: int) -> Callable[[bytes], bytes]:
-    def decode(data: bytes) -> bytes:
-        decompressor = factory()
-        body: bytes = decompressor.decompress(data, limit + 1)
-        if len(body) > limit:
-            raise ValueError(f"the compressed body expands to more than {limit} bytes")
-        if not decompressor.eof:
-            raise ValueError("the compressed body is truncated")
-        return body
-
-    return decode
-
-
-def install_bounded_decompression(limit: int) -> None:
-    """Kombu decompresses a message (``compression`` header) before anything else looks at it,
-    entirely in memory: a small compression bomb would exhaust the worker. Its decoders are
-    replaced (process-wide) by ones that stop at ``limit``; the message is then refused and
-    recorded as undecodable, its compressed body kept."""
-    for content_type, factory, aliases in (
-        ("application/x-gzip", zlib.decompressobj, ["gzip", "zlib"]),
-        ("application/x-bz2", bz2.BZ2Decompressor, ["bzip2", "bzip"]),
-        ("application/x-lzma", lzma.LZMADecompressor, ["lzma", "xz"]),
-    ):
-        compression.register(
-            compression.get_encoder(content_type)[0],
-            bounded_decoder(factory, limit),
-            content_type,
-            aliases=aliases,
-        )
-    # Methods whose decoder cannot be bounded here are refused outright.
-    for content_type in set(compression._decoders) - {
-        "application/x-gzip",
-        "application/x-bz2",
-        "application/x-lzma",
-    }:
-        compression._decoders[content_type] = _refuse_compression(content_type)
-
-
-def _refuse_compression(content_type: str) -> Callable[[bytes], bytes]:
-    def decode(data: bytes) -> bytes:
-        raise ValueError(f"{content_type} compression is not accepted")
-
-    return decode
-
-
-# -- refused messages ---------------------------------------------------------------------------
 
 
 def _bounded(value: Any, depth: int = 0) -> Any:
@@ -475,8 +345,8 @@ class RecordingConsumer(Consumer):
     message it refuses before acknowledging it.
 
     Installed with the ``worker_consumer`` setting. The content type is checked before anything
-    decodes the body, and the envelope (``workers.envelope``) before anything is handed to a
-    pool process: whatever arrives ends as an event, a rejection or a failure with a reason.
+    decodes the body, and the envelope (``workers.transport.envelope``) before anything is handed
+    to a pool process: whatever arrives ends as an event, a rejection or a failure with a reason.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -9,8 +9,8 @@ the pool, where Celery acknowledges the message with only a log line; a producer
 ``timelimit`` header overrides the worker's limits and lets a message run past the broker's
 visibility timeout; an ``expires`` in the past makes Celery drop the message unrecorded.
 
-:func:`admit` runs in the consumer (``workers.security.RecordingConsumer``) on every message
-before Celery sees it. A message it refuses raises :class:`Refused` with a reason, and the
+:func:`admit` runs in the consumer (``workers.transport.consumer.RecordingConsumer``) on every
+message before Celery sees it. A message it refuses raises :class:`Refused` with a reason, and the
 consumer records it as a rejected message before acknowledging it; a message it admits may have
 had its own limits clamped to the worker's. The walk is iterative, so no input can make the
 check itself recurse.
