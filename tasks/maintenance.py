@@ -14,7 +14,6 @@ from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from celery import shared_task
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,11 +23,10 @@ from models.events import CrmEvent
 from models.parties import Staff
 from models.targets import ReconcileRun, Tally, TallyTouch
 from tasks.context import StageContext
-from tasks.errors import TRANSIENT_ERRORS, BadInput
+from tasks.errors import BadInput
 from tasks.refresh import write_tallies
 from tasks.store import STALE_REFRESH_REQUEST, tally_keys, touch_tallies
 from tasks.views import zone_of
-from workers.base import CrmTask
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +184,3 @@ def delete_event(session: Session, event_id: int) -> tuple[dict[str, Any], set[i
     session.expunge(event)
     sellers = touch_tallies(session, keys)
     return summary, sellers
-
-
-@shared_task(name="crm.maintenance.reconcile", base=CrmTask, bind=True)
-def reconcile_task(self: CrmTask) -> str:
-    """crm.maintenance.reconcile: nightly proof that the tallies have not drifted."""
-    try:
-        with snapshot(self.sessions) as session:
-            run = reconcile(session, self.context())
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record({}, exc)
-        return "failed"
-    return f"checked {run.keys_checked} keys, drift {run.drift}"

@@ -12,21 +12,18 @@ import os
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import is_postgresql, transaction, upsert_insert
+from models.db import is_postgresql, upsert_insert
 from models.events import CrmEvent
 from models.parties import Staff
 from models.targets import SellerCard, Tally, TallyTouch
 from tasks.context import StageContext
-from tasks.errors import TRANSIENT_ERRORS
 from tasks.periods import period_bounds
-from tasks.store import clear_refresh_request, seller_zone
+from tasks.store import seller_zone
 from tasks.views import seller_cards
-from workers.base import CrmTask, request_refresh
 
 log = logging.getLogger(__name__)
 
@@ -157,28 +154,6 @@ def publish_notification(ctx: StageContext, notification: dict[str, Any]) -> Non
     pipe.execute()
 
 
-@shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
-def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
-    """crm.refresh.seller: recompute one seller's touched tallies and cards."""
-    ctx = self.context()
-    try:
-        # Clear the request first, in its own transaction: any change committed after this
-        # point claims a new refresh, and any change before it is visible to the reads below.
-        with transaction(self.sessions) as session:
-            clear_refresh_request(session, seller_id)
-        with transaction(self.sessions) as session:
-            notification = refresh_seller(session, ctx, seller_id)
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record(seller_id, exc)
-        return "failed"
-    if notification is not None:
-        try:
-            publish_notification(ctx, notification)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("seller notification not published: %s", exc)
-    return "done"
-
-
 #: Touched tallies older than this, with no refresh on its way, are requested by the sweep.
 SWEEP_AFTER = timedelta(seconds=30)
 
@@ -194,25 +169,3 @@ def sellers_to_sweep(session: Session, now: datetime | None = None) -> list[int]
             .order_by(TallyTouch.seller_id)
         )
     )
-
-
-@shared_task(name="crm.refresh.sweep", base=CrmTask, bind=True)
-def sweep_refreshes_task(self: CrmTask) -> str:
-    """crm.refresh.sweep (beat, every minute): request the refreshes that were never sent.
-
-    A change is committed before its refresh is requested; when the broker was unavailable at
-    that moment, or the process died in between, the touches wait in ``tally_touch``. This
-    requests a refresh for their sellers (the usual claim keeps it from doubling one that is on
-    its way), so the views and tallies catch up within a minute or two, not at the nightly
-    reconcile.
-    """
-    try:
-        with transaction(self.sessions) as session:
-            sellers = sellers_to_sweep(session)
-        requested = [s for s in sellers if request_refresh(self.app, self.sessions, s)]
-    except Exception as exc:  # the next tick tries again
-        log.warning("refresh sweep did not run: %r", exc)
-        return "failed"
-    if requested:
-        log.warning("refresh sweep requested the refresh of sellers %s", requested)
-    return f"requested {len(requested)}"

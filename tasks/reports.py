@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from celery import shared_task
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,9 +38,7 @@ from models.targets import ReportRun
 from tasks.attach import sanitise_filename
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.periods import period_dates, period_keys, period_kind, validate_period
-from tasks.store import record_delivery
 from tasks.views import progress_rows, target_categories, zone_of
-from workers.base import CrmTask
 
 log = logging.getLogger(__name__)
 
@@ -515,37 +512,3 @@ def send_due_reports(
             continue
         (outcome.sent if result == "sent" else outcome.skipped).append(label)
     return outcome
-
-
-@shared_task(name="crm.reports.targets", base=CrmTask, bind=True)
-def send_target_reports_task(
-    self: CrmTask, kind: str, period: str | None = None, manager: str | None = None
-) -> str:
-    """crm.reports.targets: send each manager the reports due in their zone, once each.
-
-    Beat passes only ``kind``; an operator may name a ``period`` (and a ``manager``) to send a
-    particular report, still at most once.
-    """
-    arguments = {"kind": kind, "period": period, "manager": manager}
-    try:
-        outcome = send_due_reports(
-            self.sessions, self.settings, kind, period=period, manager=manager
-        )
-    except BadInput as exc:
-        self.record_rejection(arguments, exc.reason, exc.errors)
-        return "rejected"
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record(arguments, exc)
-        return "failed"
-    if outcome.failed:
-        # The whole task is retried: reports already sent are skipped by their claims.
-        self.retry_or_record(arguments, outcome.failed[0][1])
-        return "failed"
-    detail = f"sent {len(outcome.sent)}, skipped {len(outcome.skipped)}"
-    if outcome.sent:
-        detail += ": " + ", ".join(outcome.sent)
-    with transaction(self.sessions) as session:
-        record_delivery(
-            session, task_id=self.request.id, task_name=self.name, outcome="done", detail=detail
-        )
-    return detail

@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,7 +23,6 @@ from models.targets import Target
 from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.store import StageResult, record_inbound, upsert_key
-from workers.base import CrmTask
 
 
 def set_target(
@@ -158,9 +156,3 @@ def ingest_target(session: Session, ctx: StageContext, payload: Any) -> StageRes
         f"{message['value']} from {message['valid_from']}"
     )
     return StageResult("done", detail=detail, sellers_to_refresh=sellers)
-
-
-@shared_task(name="crm.ingest.target", base=CrmTask, bind=True)
-def ingest_target_task(self: CrmTask, message: Any) -> str:
-    """crm.ingest.target: one sales target from the ERP (master data, queue crm.ingest.party)."""
-    return self.run_ingest(ingest_target, message)

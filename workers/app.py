@@ -15,17 +15,8 @@ from workers.base import soft_time_limit
 from workers.beat import BEAT_SCHEDULE
 from workers.queues import QUEUES, TASK_QUEUES
 
-TASK_MODULES = (
-    "tasks.ingest.call",
-    "tasks.telephony.recordings",
-    "tasks.ingest.email",
-    "tasks.ingest.visit",
-    "tasks.ingest.party",
-    "tasks.targets",
-    "tasks.refresh",
-    "tasks.reports",
-    "tasks.maintenance",
-)
+#: The module that defines every task (imported by each process that builds the app).
+TASK_MODULES = ("workers.pipeline",)
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
@@ -49,8 +48,7 @@ from tasks.store import (
     tally_keys,
     touch_tallies,
 )
-from tasks.telephony.recordings import enqueue_recording_fetches, link_recordings
-from workers.base import CrmTask
+from tasks.telephony.recordings import link_recordings
 
 #: A missed inbound call from a known customer opens a follow-up for the seller.
 MISSED_STATUSES = frozenset({"missed", "busy", "voicemail", "failed"})
@@ -567,21 +565,3 @@ def _lock_customer(session: Session, customer_id: int) -> None:
             text("SELECT pg_advisory_xact_lock(:ns, :key)"),
             {"ns": FOLLOW_UP_LOCK_NAMESPACE, "key": customer_id},
         )
-
-
-# -- the task -------------------------------------------------------------------------------------
-
-
-class CallTask(CrmTask):
-    """The call task: after the commit, also requests the fetch of new recording URLs."""
-
-    def after_commit(self, result: StageResult) -> None:
-        super().after_commit(result)
-        if isinstance(result, CallStageResult) and result.recordings_to_fetch:
-            enqueue_recording_fetches(self.app, result.recordings_to_fetch)
-
-
-@shared_task(name="crm.ingest.call", base=CallTask, bind=True)
-def ingest_call_task(self: CallTask, message: Any) -> str:
-    """crm.ingest.call: one call status update (DESIGN §5)."""
-    return self.run_ingest(ingest_call, message)

@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import nh3
-from celery import shared_task
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session
@@ -62,7 +61,6 @@ from tasks.store import (
     tally_keys,
     touch_tallies,
 )
-from workers.base import CrmTask
 
 #: "Asiakas: 10001", "Asiakasnumero 10001", "Customer #10001", "Customer no. 10001".
 CUSTOMER_NUMBER = re.compile(
@@ -538,9 +536,3 @@ def _quoted(inner: ParsedEmail) -> str:
     when = inner.date.isoformat() if inner.date else "no date"
     heading = f"---------- {who} · {when} · {inner.subject or '(no subject)'}"
     return "\n".join(p for p in (heading, inner.text) if p)
-
-
-@shared_task(name="crm.ingest.email", base=CrmTask, bind=True)
-def ingest_email_task(self: CrmTask, message: Any) -> str:
-    """crm.ingest.email: one raw email with its envelope (DESIGN §5)."""
-    return self.run_ingest(ingest_email, message)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -24,7 +23,6 @@ from tasks.context import StageContext
 from tasks.match import normalise_phone
 from tasks.relink import relink_for_keys
 from tasks.store import PartyKey, StageResult, record_inbound, upsert_key
-from workers.base import CrmTask
 
 
 @dataclass
@@ -229,9 +227,3 @@ def _detail(what: str, unparsed: list[str]) -> str:
     if unparsed:
         return f"{what}; phone numbers that are not public numbers were ignored: {unparsed}"
     return what
-
-
-@shared_task(name="crm.ingest.party", base=CrmTask, bind=True)
-def ingest_party_task(self: CrmTask, message: Any) -> str:
-    """crm.ingest.party: one customer, contact or staff upsert (DESIGN §5)."""
-    return self.run_ingest(ingest_party, message)

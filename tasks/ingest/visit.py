@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -44,7 +43,6 @@ from tasks.store import (
     touch_tallies,
     upsert_key,
 )
-from workers.base import CrmTask
 
 
 def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResult:
@@ -333,9 +331,3 @@ def _store_documents(
             declared_type=attachment.get("media_type"),
             role="photo" if attachment.get("media_type", "").startswith("image/") else "attachment",
         )
-
-
-@shared_task(name="crm.ingest.visit", base=CrmTask, bind=True)
-def ingest_visit_task(self: CrmTask, message: Any) -> str:
-    """crm.ingest.visit: one customer visit report (DESIGN §5)."""
-    return self.run_ingest(ingest_visit, message)

@@ -33,22 +33,18 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from celery import shared_task
 from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from models.base import utcnow
-from models.db import is_postgresql, transaction
+from models.db import is_postgresql
 from models.documents import EventDocument
 from models.events import CrmEvent
 from models.schemas.common import RAISE, MessageInvalid
 from tasks.attach import attach, sanitise_filename
-from tasks.errors import TRANSIENT_ERRORS, BadInput
-from tasks.store import record_delivery
-from workers.base import CrmTask
-from workers.queues import TASK_QUEUES
+from tasks.errors import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -433,19 +429,6 @@ def _set_stub_note(session: Session, event_id: int, entry: dict[str, Any], setti
         stub.note = note[:4000]
 
 
-def enqueue_recording_fetches(app: Any, requests: list[dict[str, Any]]) -> None:
-    """After the call's commit: one ``crm.ingest.recording`` per URL.
-
-    A failure here loses nothing: the URL stays listed as pending on the event and the call's
-    next update requests it again (``REQUEST_AGAIN_AFTER``).
-    """
-    for request in requests:
-        try:
-            app.send_task(TASK_NAME, args=[request], queue=TASK_QUEUES[TASK_NAME])
-        except Exception as exc:  # the broker is down: the event says "pending"
-            log.warning("could not request the recording of event %s: %s", request["event_id"], exc)
-
-
 def _locked_event(session: Session, event_id: int) -> CrmEvent | None:
     """The event under its row lock: call updates rewrite ``details`` under the same lock."""
     query = select(CrmEvent).where(CrmEvent.id == event_id)
@@ -514,8 +497,6 @@ def store_recording(
     return f"{stored.size} bytes stored as {stored.filename} ({stored.media_type})"
 
 
-# -- the task -------------------------------------------------------------------------------------
-
 
 #: Retried with backoff, a bounded number of times, then recorded as failed.
 RETRIABLE: tuple[type[BaseException], ...] = (RecordingUnavailable, *TRANSIENT_ERRORS)
@@ -549,77 +530,3 @@ def pending_entry(session: Session, event_id: int, url: str) -> dict[str, Any] |
     event = session.get(CrmEvent, event_id)
     entry = _entry(event, url) if event else None
     return None if entry is None or entry["state"] == "stored" else entry
-
-
-class RecordingTask(CrmTask):
-    """Downloads outside any transaction; the event is locked only to attach the result."""
-
-    def fetch(self, payload: Any) -> str:
-        settings = self.settings
-        try:
-            request = load_request(payload)
-            event_id, url = request["event_id"], request["url"]
-            with transaction(self.sessions) as session:
-                if pending_entry(session, event_id, url) is None:
-                    detail = "the recording is stored already, or its call is gone"
-                    self._delivered(session, "duplicate", event_id, detail)
-                    return "duplicate"
-            if not settings.recording_fetch:
-                with transaction(self.sessions) as session:
-                    mark_recording(session, settings, event_id, url, "link", "fetching is off")
-                    self._delivered(session, "done", event_id, "fetching is off: kept as a link")
-                return "done"
-            try:
-                downloaded = download(url, settings)
-            except RecordingRefused as exc:
-                with transaction(self.sessions) as session:
-                    mark_recording(session, settings, event_id, url, "refused", exc.reason)
-                self.record_rejection(
-                    payload, f"recording not fetched: {exc.reason}", {"url": [exc.reason]}
-                )
-                return "rejected"
-            with transaction(self.sessions) as session:
-                detail = store_recording(session, settings, event_id, url, downloaded)
-                self._delivered(session, "stored", event_id, detail)
-            return "stored"
-        except BadInput as exc:
-            self.record_rejection(payload, exc.reason, exc.errors)
-            return "rejected"
-        except RETRIABLE as exc:
-            if self.request.retries < settings.max_retries:
-                log.warning("%s: transient error, retrying: %s", self.name, exc)
-                raise self.retry(
-                    exc=exc, countdown=self.backoff(), max_retries=settings.max_retries
-                ) from exc
-            self.record_failure(payload, exc, kind="transient")
-            if isinstance(payload, dict) and isinstance(exc, RecordingUnavailable):
-                with transaction(self.sessions) as session:
-                    mark_recording(
-                        session,
-                        settings,
-                        int(payload["event_id"]),
-                        str(payload["url"]),
-                        "failed",
-                        f"gave up after {self.request.retries + 1} attempts: {exc.reason}",
-                    )
-            return "failed"
-        except Exception as exc:
-            self.record_failure(payload, exc, kind="bug")
-            raise
-
-    def _delivered(self, session: Session, outcome: str, event_id: int, detail: str) -> None:
-        record_delivery(
-            session,
-            task_id=self.request.id,
-            task_name=self.name,
-            outcome=outcome,
-            # The event may have been deleted meanwhile: the delivery then names none.
-            event_id=event_id if session.get(CrmEvent, event_id) is not None else None,
-            detail=detail,
-        )
-
-
-@shared_task(name=TASK_NAME, base=RecordingTask, bind=True)
-def fetch_recording_task(self: RecordingTask, request: Any) -> str:
-    """crm.ingest.recording: fetch one call recording by URL and attach it to its event."""
-    return self.fetch(request)

@@ -1,0 +1,271 @@
+"""The Celery tasks: one thin wrapper per stable task name over the stage functions of ``tasks/``.
+
+Each task opens its session through the base class (``workers.base.CrmTask``), runs one stage,
+commits, records the delivery's outcome and only then enqueues follow-up work. Nothing below
+``tasks/`` knows of Celery: the stages are plain functions over a ``Session``. The names are the
+contract of DESIGN §5 (``workers.queues`` routes them).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from sqlalchemy.orm import Session
+
+from models.db import transaction
+from models.events import CrmEvent
+from tasks.errors import TRANSIENT_ERRORS, BadInput
+from tasks.ingest.call import CallStageResult, ingest_call
+from tasks.ingest.email import ingest_email
+from tasks.ingest.party import ingest_party
+from tasks.ingest.visit import ingest_visit
+from tasks.maintenance import reconcile, snapshot
+from tasks.refresh import publish_notification, refresh_seller, sellers_to_sweep
+from tasks.reports import send_due_reports
+from tasks.store import StageResult, clear_refresh_request, record_delivery
+from tasks.targets import ingest_target
+from tasks.telephony.recordings import (
+    RETRIABLE,
+    TASK_NAME,
+    RecordingRefused,
+    RecordingUnavailable,
+    download,
+    load_request,
+    mark_recording,
+    pending_entry,
+    store_recording,
+)
+from workers.base import CrmTask, request_refresh
+from workers.queues import TASK_QUEUES
+
+log = logging.getLogger(__name__)
+
+
+# -- ingest --------------------------------------------------------------------------------------
+
+
+class CallTask(CrmTask):
+    """The call task: after the commit, also requests the fetch of new recording URLs."""
+
+    def after_commit(self, result: StageResult) -> None:
+        super().after_commit(result)
+        if isinstance(result, CallStageResult) and result.recordings_to_fetch:
+            enqueue_recording_fetches(self.app, result.recordings_to_fetch)
+
+
+@shared_task(name="crm.ingest.call", base=CallTask, bind=True)
+def ingest_call_task(self: CallTask, message: Any) -> str:
+    """crm.ingest.call: one call status update (DESIGN §5)."""
+    return self.run_ingest(ingest_call, message)
+
+
+@shared_task(name="crm.ingest.email", base=CrmTask, bind=True)
+def ingest_email_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.email: one raw email with its envelope (DESIGN §5)."""
+    return self.run_ingest(ingest_email, message)
+
+
+@shared_task(name="crm.ingest.party", base=CrmTask, bind=True)
+def ingest_party_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.party: one customer, contact or staff upsert (DESIGN §5)."""
+    return self.run_ingest(ingest_party, message)
+
+
+@shared_task(name="crm.ingest.visit", base=CrmTask, bind=True)
+def ingest_visit_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.visit: one customer visit report (DESIGN §5)."""
+    return self.run_ingest(ingest_visit, message)
+
+
+@shared_task(name="crm.ingest.target", base=CrmTask, bind=True)
+def ingest_target_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.target: one sales target from the ERP (master data, queue crm.ingest.party)."""
+    return self.run_ingest(ingest_target, message)
+
+
+# -- refresh ------------------------------------------------------------------------------------
+
+
+@shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
+def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
+    """crm.refresh.seller: recompute one seller's touched tallies and cards."""
+    ctx = self.context()
+    try:
+        # Clear the request first, in its own transaction: any change committed after this
+        # point claims a new refresh, and any change before it is visible to the reads below.
+        with transaction(self.sessions) as session:
+            clear_refresh_request(session, seller_id)
+        with transaction(self.sessions) as session:
+            notification = refresh_seller(session, ctx, seller_id)
+    except TRANSIENT_ERRORS as exc:
+        self.retry_or_record(seller_id, exc)
+        return "failed"
+    if notification is not None:
+        try:
+            publish_notification(ctx, notification)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("seller notification not published: %s", exc)
+    return "done"
+
+
+@shared_task(name="crm.refresh.sweep", base=CrmTask, bind=True)
+def sweep_refreshes_task(self: CrmTask) -> str:
+    """crm.refresh.sweep (beat, every minute): request the refreshes that were never sent.
+
+    A change is committed before its refresh is requested; when the broker was unavailable at
+    that moment, or the process died in between, the touches wait in ``tally_touch``. This
+    requests a refresh for their sellers (the usual claim keeps it from doubling one that is on
+    its way), so the views and tallies catch up within a minute or two, not at the nightly
+    reconcile.
+    """
+    try:
+        with transaction(self.sessions) as session:
+            sellers = sellers_to_sweep(session)
+        requested = [s for s in sellers if request_refresh(self.app, self.sessions, s)]
+    except Exception as exc:  # the next tick tries again
+        log.warning("refresh sweep did not run: %r", exc)
+        return "failed"
+    if requested:
+        log.warning("refresh sweep requested the refresh of sellers %s", requested)
+    return f"requested {len(requested)}"
+
+
+# -- reports and maintenance ----------------------------------------------------------------
+
+
+@shared_task(name="crm.reports.targets", base=CrmTask, bind=True)
+def send_target_reports_task(
+    self: CrmTask, kind: str, period: str | None = None, manager: str | None = None
+) -> str:
+    """crm.reports.targets: send each manager the reports due in their zone, once each.
+
+    Beat passes only ``kind``; an operator may name a ``period`` (and a ``manager``) to send a
+    particular report, still at most once.
+    """
+    arguments = {"kind": kind, "period": period, "manager": manager}
+    try:
+        outcome = send_due_reports(
+            self.sessions, self.settings, kind, period=period, manager=manager
+        )
+    except BadInput as exc:
+        self.record_rejection(arguments, exc.reason, exc.errors)
+        return "rejected"
+    except TRANSIENT_ERRORS as exc:
+        self.retry_or_record(arguments, exc)
+        return "failed"
+    if outcome.failed:
+        # The whole task is retried: reports already sent are skipped by their claims.
+        self.retry_or_record(arguments, outcome.failed[0][1])
+        return "failed"
+    detail = f"sent {len(outcome.sent)}, skipped {len(outcome.skipped)}"
+    if outcome.sent:
+        detail += ": " + ", ".join(outcome.sent)
+    with transaction(self.sessions) as session:
+        record_delivery(
+            session, task_id=self.request.id, task_name=self.name, outcome="done", detail=detail
+        )
+    return detail
+
+
+@shared_task(name="crm.maintenance.reconcile", base=CrmTask, bind=True)
+def reconcile_task(self: CrmTask) -> str:
+    """crm.maintenance.reconcile: nightly proof that the tallies have not drifted."""
+    try:
+        with snapshot(self.sessions) as session:
+            run = reconcile(session, self.context())
+    except TRANSIENT_ERRORS as exc:
+        self.retry_or_record({}, exc)
+        return "failed"
+    return f"checked {run.keys_checked} keys, drift {run.drift}"
+
+
+# -- call recordings --------------------------------------------------------------------------
+
+
+def enqueue_recording_fetches(app: Any, requests: list[dict[str, Any]]) -> None:
+    """After the call's commit: one ``crm.ingest.recording`` per URL.
+
+    A failure here loses nothing: the URL stays listed as pending on the event and the call's
+    next update requests it again (``REQUEST_AGAIN_AFTER``).
+    """
+    for request in requests:
+        try:
+            app.send_task(TASK_NAME, args=[request], queue=TASK_QUEUES[TASK_NAME])
+        except Exception as exc:  # the broker is down: the event says "pending"
+            log.warning("could not request the recording of event %s: %s", request["event_id"], exc)
+
+
+class RecordingTask(CrmTask):
+    """Downloads outside any transaction; the event is locked only to attach the result."""
+
+    def fetch(self, payload: Any) -> str:
+        settings = self.settings
+        try:
+            request = load_request(payload)
+            event_id, url = request["event_id"], request["url"]
+            with transaction(self.sessions) as session:
+                if pending_entry(session, event_id, url) is None:
+                    detail = "the recording is stored already, or its call is gone"
+                    self._delivered(session, "duplicate", event_id, detail)
+                    return "duplicate"
+            if not settings.recording_fetch:
+                with transaction(self.sessions) as session:
+                    mark_recording(session, settings, event_id, url, "link", "fetching is off")
+                    self._delivered(session, "done", event_id, "fetching is off: kept as a link")
+                return "done"
+            try:
+                downloaded = download(url, settings)
+            except RecordingRefused as exc:
+                with transaction(self.sessions) as session:
+                    mark_recording(session, settings, event_id, url, "refused", exc.reason)
+                self.record_rejection(
+                    payload, f"recording not fetched: {exc.reason}", {"url": [exc.reason]}
+                )
+                return "rejected"
+            with transaction(self.sessions) as session:
+                detail = store_recording(session, settings, event_id, url, downloaded)
+                self._delivered(session, "stored", event_id, detail)
+            return "stored"
+        except BadInput as exc:
+            self.record_rejection(payload, exc.reason, exc.errors)
+            return "rejected"
+        except RETRIABLE as exc:
+            if self.request.retries < settings.max_retries:
+                log.warning("%s: transient error, retrying: %s", self.name, exc)
+                raise self.retry(
+                    exc=exc, countdown=self.backoff(), max_retries=settings.max_retries
+                ) from exc
+            self.record_failure(payload, exc, kind="transient")
+            if isinstance(payload, dict) and isinstance(exc, RecordingUnavailable):
+                with transaction(self.sessions) as session:
+                    mark_recording(
+                        session,
+                        settings,
+                        int(payload["event_id"]),
+                        str(payload["url"]),
+                        "failed",
+                        f"gave up after {self.request.retries + 1} attempts: {exc.reason}",
+                    )
+            return "failed"
+        except Exception as exc:
+            self.record_failure(payload, exc, kind="bug")
+            raise
+
+    def _delivered(self, session: Session, outcome: str, event_id: int, detail: str) -> None:
+        record_delivery(
+            session,
+            task_id=self.request.id,
+            task_name=self.name,
+            outcome=outcome,
+            # The event may have been deleted meanwhile: the delivery then names none.
+            event_id=event_id if session.get(CrmEvent, event_id) is not None else None,
+            detail=detail,
+        )
+
+
+@shared_task(name=TASK_NAME, base=RecordingTask, bind=True)
+def fetch_recording_task(self: RecordingTask, request: Any) -> str:
+    """crm.ingest.recording: fetch one call recording by URL and attach it to its event."""
+    return self.fetch(request)
