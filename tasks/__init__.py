@@ -1,1 +1,1 @@
-"""The pipeline: plain stage functions taking a Session, and thin Celery wrappers around them."""
+"""The pipeline: plain stage functions taking a Session (the Celery tasks: workers/pipeline.py)."""
