@@ -56,10 +56,10 @@ from models.migrate import install_default_catalogue, upgrade
 from models.parties import Staff
 from tasks.maintenance import reconcile, snapshot
 from tasks.reports import build_target_report, report_email
+from tasks.search import events_query, filters_from
 from tasks.stats import statistics_query
 from tasks.targets import set_target
 from workers.app import create_app
-from workers.cli import _events_query
 
 CATEGORIES = {
     # category: (class, type, share of events)
@@ -458,14 +458,10 @@ def explain(loaded: dict[str, Any], out: Path | None) -> dict[str, float]:
             compiled = statement.compile(engine, compile_kwargs={"literal_binds": True})
             queries[label] = str(compiled)
         for label, filters in SEARCHES.items():
-            arguments: dict[str, Any] = dict.fromkeys(
-                ("customer", "seller", "class_", "type", "category", "property", "source"),
-            )
-            arguments.update(since=None, until=None, text=None, thread=None, unlinked=False)
-            arguments.update(limit=1000, **filters)
-            if arguments["since"] == "month":
+            arguments: dict[str, Any] = dict(filters)
+            if arguments.get("since") == "month":
                 arguments["since"] = (datetime.now(UTC) - timedelta(days=30)).date().isoformat()
-            statement = _events_query(argparse.Namespace(**arguments), zone)
+            statement = events_query(filters_from(arguments), zone).limit(1000)
             compiled = statement.compile(engine, compile_kwargs={"literal_binds": True})
             queries[label] = str(compiled)
         for label, sql in queries.items():

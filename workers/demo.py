@@ -67,7 +67,7 @@ def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Publis
     """Twilio callback samples (a JSON list of the callbacks' form fields) and Asterisk CDR
     files, turned into ``crm.call/1`` updates as the HTTP gateway and ``import cdr`` do."""
     from tasks.telephony.adapters import CdrContext, twilio_to_call
-    from workers.cdr_import import CALL_TASK, cdr_messages
+    from workers.cli.telephony import CALL_TASK, cdr_messages
     from workers.render import console
 
     published = []
@@ -94,7 +94,7 @@ def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Publis
 
 
 def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
-    from workers.cli import cmd_init_db
+    from workers.cli.processes import cmd_init_db
     from workers.render import console, progress, seller_view, table
 
     examples = examples or default_examples()

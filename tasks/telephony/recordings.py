@@ -497,7 +497,6 @@ def store_recording(
     return f"{stored.size} bytes stored as {stored.filename} ({stored.media_type})"
 
 
-
 #: Retried with backoff, a bounded number of times, then recorded as failed.
 RETRIABLE: tuple[type[BaseException], ...] = (RecordingUnavailable, *TRANSIENT_ERRORS)
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import ConfigError, Settings, load_settings
 from workers.base import count_delivery, payload_of
-from workers.cli import replay_arguments
+from workers.cli.messages import replay_arguments
 from workers.healthcheck import broker_durability_problems, warn_about_broker
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -12,9 +11,9 @@ from sqlalchemy.orm import Session
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ingest.visit import ingest_visit
+from tasks.search import events_query, filters_from
 from tasks.stats import statistics
 from tests.messages import outbound_call
-from workers.cli import _events_query
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
@@ -84,24 +83,8 @@ def test_statistics_rows_name_their_codes(events: Session) -> None:
 
 
 def search(session: Session, **filters: Any) -> list[str]:
-    arguments = {
-        "customer": None,
-        "seller": None,
-        "class_": None,
-        "type": None,
-        "category": None,
-        "property": None,
-        "source": None,
-        "since": None,
-        "until": None,
-        "text": None,
-        "thread": None,
-        "unlinked": False,
-        "limit": 1000,
-        **filters,
-    }
-    namespace = argparse.Namespace(**arguments)
-    return sorted(e.source_id for e in session.scalars(_events_query(namespace, HELSINKI)))
+    query = events_query(filters_from(filters), HELSINKI).limit(1000)
+    return sorted(e.source_id for e in session.scalars(query))
 
 
 @pytest.mark.parametrize(

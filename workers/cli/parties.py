@@ -9,16 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tasks.context import StageContext
-
-if TYPE_CHECKING:
-    from workers.cli import Runtime
-
-AddCommand = Callable[..., argparse.ArgumentParser]
+from workers.cli.common import AddCommand, Runtime, emit_json
 
 
 def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
@@ -28,7 +23,6 @@ def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import transaction
     from tasks.party_import import ImportFileError, apply_plan, read_party_file
     from workers.base import request_refresh
-    from workers.cli import emit_json
 
     path = Path(args.file)
     try:
@@ -89,7 +83,6 @@ def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_triage(args: argparse.Namespace, rt: Runtime) -> int:
     from tasks.triage import triage_rows
-    from workers.cli import emit_json
 
     with rt.sessions() as session:
         rows = triage_rows(session, rt.settings.zone, limit=args.limit)
@@ -130,7 +123,6 @@ def cmd_link(args: argparse.Namespace, rt: Runtime) -> int:
     from tasks.triage import LinkError, link_by_hand, with_match_facts
     from tasks.views import events_json
     from workers.base import request_refresh
-    from workers.cli import emit_json
 
     try:
         with transaction(rt.sessions) as session:

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import MessageInvalid, load_message
 from tasks.telephony.adapters import AdapterError, CdrContext, asterisk_cdr_to_call, read_cdr_csv
+from workers.cli.common import InputError, emit_json
 
 CALL_TASK = "crm.ingest.call"
 
@@ -46,7 +47,6 @@ def cdr_messages(
 
 
 def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
-    from workers.cli import InputError, emit_json
     from workers.publish import publish, wait_for
 
     path = Path(args.file)

@@ -1,0 +1,168 @@
+"""The events search: one set of filters and one ordering, for the command line and the HTTP API.
+
+Events come newest first, by ``(occurred_at, id)``. A page ends with a cursor, the position of
+its last event; the next page starts strictly after it. Keyset pagination neither skips nor
+repeats an event while others are stored: a new event sorts before the first page or after
+the position already read, never into a page already given.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, fields
+from datetime import date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from models.events import CrmEvent, EventPropertyLink
+from models.parties import Customer, Staff
+from tasks.errors import BadInput
+
+#: The largest page one request may ask for.
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class EventFilters:
+    """Every filter the search knows; ``None`` (or False) leaves it out."""
+
+    customer: str | None = None
+    seller: str | None = None
+    class_: str | None = None
+    type: str | None = None
+    category: str | None = None
+    property: str | None = None
+    source: str | None = None
+    source_kind: str | None = None
+    since: date | None = None
+    until: date | None = None
+    text: str | None = None
+    thread: str | None = None
+    unlinked: bool = False
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def parse_day(text: str) -> date:
+    """A day of the search (YYYY-MM-DD); :class:`BadInput` otherwise."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise BadInput(f"not a date (YYYY-MM-DD): {text[:40]!r}") from exc
+
+
+def _day_start(day: date, zone: ZoneInfo) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=zone)
+
+
+def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
+    """The filtered events, newest first (no limit). Days are read in ``zone``."""
+    query = select(CrmEvent)
+    if filters.customer:
+        query = query.join(Customer, Customer.id == CrmEvent.customer_id).where(
+            Customer.customer_number == filters.customer
+        )
+    if filters.seller:
+        query = query.join(Staff, Staff.id == CrmEvent.seller_id).where(
+            Staff.username == filters.seller
+        )
+    for value, column in (
+        (filters.class_, CrmEvent.class_code),
+        (filters.type, CrmEvent.type_code),
+        (filters.category, CrmEvent.category_code),
+        (filters.source, CrmEvent.source_system),
+        (filters.source_kind, CrmEvent.source_kind),
+        (filters.thread, CrmEvent.thread_key),
+    ):
+        if value:
+            query = query.where(column == value)
+    if filters.property:
+        query = query.where(
+            CrmEvent.id.in_(
+                select(EventPropertyLink.event_id).where(
+                    EventPropertyLink.property_code == filters.property
+                )
+            )
+        )
+    if filters.since:
+        query = query.where(CrmEvent.occurred_at >= _day_start(filters.since, zone))
+    if filters.until:
+        query = query.where(
+            CrmEvent.occurred_at < _day_start(filters.until + timedelta(days=1), zone)
+        )
+    if filters.text:
+        # ILIKE on the columns: served by the pg_trgm GIN indexes on PostgreSQL.
+        escaped = filters.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        query = query.where(
+            CrmEvent.subject.ilike(pattern, escape="\\") | CrmEvent.body.ilike(pattern, escape="\\")
+        )
+    if filters.unlinked:
+        query = query.where(CrmEvent.link_state.in_(("unlinked", "ambiguous")))
+    return query.order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[CrmEvent]
+    #: Where the next page starts, or None after the last one.
+    next: str | None
+
+
+def encode_cursor(event: CrmEvent) -> str:
+    text = f"{event.occurred_at.isoformat()}|{event.id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, _, number = text.partition("|")
+        return datetime.fromisoformat(moment), int(number)
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput("not a cursor of this search: start again without one") from exc
+
+
+def search_events(
+    session: Session,
+    filters: EventFilters,
+    zone: ZoneInfo,
+    *,
+    limit: int,
+    cursor: str | None = None,
+) -> Page:
+    """One page of the search: at most ``limit`` events after ``cursor``."""
+    if not 0 < limit <= MAX_LIMIT:
+        raise BadInput(f"limit must be from 1 to {MAX_LIMIT}")
+    query = events_query(filters, zone)
+    if cursor:
+        moment, number = decode_cursor(cursor)
+        query = query.where(
+            or_(
+                CrmEvent.occurred_at < moment,
+                and_(CrmEvent.occurred_at == moment, CrmEvent.id < number),
+            )
+        )
+    found = list(session.scalars(query.limit(limit + 1)))
+    events = found[:limit]
+    more = len(found) > limit
+    return Page(events, encode_cursor(events[-1]) if more and events else None)
+
+
+def filters_from(values: dict[str, Any]) -> EventFilters:
+    """The filters named in ``values`` (a request's query, the command line's arguments)."""
+    known: dict[str, Any] = {
+        name: values[name] for name in EventFilters.names() if values.get(name)
+    }
+    for name in ("since", "until"):
+        if isinstance(known.get(name), str):
+            known[name] = parse_day(known[name])
+    if "unlinked" in known:
+        known["unlinked"] = str(known["unlinked"]).lower() in ("1", "true", "yes", "on")
+    return EventFilters(**known)

@@ -1,0 +1,96 @@
+"""The ``crm-events`` command line (DESIGN §10, a contract).
+
+Every listing takes ``--json`` and then prints exactly one JSON document on stdout; logs and
+progress go to stderr. One module per group of commands; each adds its commands to the parser
+with ``register(sub, add)``; the commands parse, call ``tasks/``, and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from celery.exceptions import SecurityError
+
+from config.logging import configure_logging
+from config.settings import ConfigError, load_settings
+from tasks.errors import BadInput
+from workers.cli import events, messages, parties, processes, targets, telephony
+from workers.cli.common import (
+    CommandError,
+    Handler,
+    InputError,
+    Parser,
+    Runtime,
+    emit_json,
+)
+
+__all__ = ["CommandError", "InputError", "Runtime", "build_parser", "emit_json", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="crm-events", description="CRM events worker and tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, handler: Handler, help_text: str, *, json_flag: bool = False
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return p
+
+    # The order of --help; telephony's `import cdr` joins the `import` group of parties.
+    for group in (processes, messages, events, targets, parties, telephony):
+        group.register(sub, add)
+    return parser
+
+
+#: Commands whose unknown options are Celery's (``crm-events worker -Q crm.refresh -c 4``).
+PASSTHROUGH_COMMANDS = ("worker", "beat", "flower")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in PASSTHROUGH_COMMANDS:
+        args.celery_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    runtime = Runtime(settings)
+    try:
+        return int(args.handler(args, runtime) or 0)
+    except InputError as exc:
+        print(f"crm-events: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"crm-events: {exc}", file=sys.stderr)
+        return 1
+    except BadInput as exc:
+        print(f"crm-events: {exc.reason}", file=sys.stderr)
+        return 1
+    except SecurityError as exc:
+        # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
+        print(f"crm-events: message signing: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # A failure of the system (a server gone, a bug): one line for the user, and where it
+        # happened for whoever runs it again with CRM_LOG_LEVEL=DEBUG.
+        logging.getLogger("crm.cli").debug("%s failed", args.command, exc_info=True)
+        print(
+            f"crm-events: {args.command} failed: {type(exc).__name__}: {exc}"[:2000].splitlines()[0]
+            + " (CRM_LOG_LEVEL=DEBUG shows where)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,0 +1,111 @@
+"""What every ``crm-events`` command shares: its errors, its argument types, the runtime (engine,
+sessions and Celery app, built lazily) and the one way to print JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import date
+from typing import Any, NoReturn
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from models.db import create_db_engine, create_session_factory
+
+Handler = Callable[[argparse.Namespace, "Runtime"], int]
+#: ``add(name, handler, help, json_flag=False)``: adds a command to the parser (``main``).
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+class CommandError(Exception):
+    """The command could not do its work (a thing named that does not exist, a refusal, a
+    failure): one line on stderr, exit status 1."""
+
+
+class InputError(CommandError):
+    """The command line or a file it reads is wrong (malformed, contradictory, missing):
+    one line on stderr, exit status 2, as for bad configuration."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line on stderr (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def count(text: str) -> int:
+    """A whole number from 0 (a limit, a target)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def period(text: str) -> str:
+    """An ISO week (2026-W48) or a month (2026-11)."""
+    from tasks.periods import validate_period
+
+    try:
+        validate_period(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a period {text!r} ({exc})") from None
+    return text
+
+
+class Runtime:
+    """Lazily built engine, sessions and Celery app for one command invocation."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self._app: Any = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_db_engine(self.settings)
+        return self._engine
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._sessions = create_session_factory(self.engine)
+        return self._sessions
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from workers.app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def run_celery(command: Callable[[list[str]], Any], argv: list[str]) -> None:
+    """Run a Celery command line (worker, beat): its option errors are input errors."""
+    import click
+
+    try:
+        command(argv)
+    except click.exceptions.UsageError as exc:
+        raise InputError(exc.format_message()) from exc

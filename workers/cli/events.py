@@ -1,0 +1,291 @@
+"""Reading and keeping the events: ``events``, ``history``, ``seller-view``, ``stats``,
+``catalogue``, ``reconcile``, ``delete-event``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from models.db import transaction
+from tasks.errors import BadInput
+from workers.cli.common import (
+    AddCommand,
+    CommandError,
+    InputError,
+    Runtime,
+    count,
+    emit_json,
+    iso_date,
+    period,
+)
+
+
+def cmd_events(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.search import events_query, filters_from
+    from tasks.views import events_json
+
+    query = events_query(filters_from(vars(args)), rt.settings.zone).limit(args.limit)
+    with rt.sessions() as session:
+        events = events_json(session, list(session.scalars(query)), rt.settings.zone)
+    if args.json:
+        emit_json(events)
+    else:
+        from workers.render import events_table
+
+        events_table(f"{len(events)} event(s)", events)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.parties import Customer
+    from tasks.history import customer_history
+
+    with rt.sessions() as session:
+        customer = session.scalar(select(Customer).where(Customer.customer_number == args.customer))
+        if customer is None:
+            raise CommandError(f"no customer {args.customer}")
+        history = customer_history(session, customer, rt.settings.zone)
+    if args.json:
+        emit_json(history)
+        return 0
+    from workers.render import console, table
+
+    console.print(
+        f"[bold]{history['customer_number']} {history['name']}[/bold]"
+        f" · responsible seller {history['seller'] or '–'}"
+    )
+    table(
+        "contacts",
+        ["name", "addresses", "phones"],
+        [[c["name"], ", ".join(c["emails"]), ", ".join(c["phones"])] for c in history["contacts"]],
+    )
+    table(
+        "who on the staff has been in touch",
+        ["staff", "name", "events", "last"],
+        [[s["username"], s["name"], s["events"], s["last"][:10]] for s in history["staff"]],
+    )
+    # A timeline rather than a table: subjects, file names and thread keys are shown whole.
+    from rich.text import Text
+
+    console.print(Text(f"history (newest first): {len(history['events'])} event(s)", "bold"))
+    for e in history["events"]:
+        head = Text(e["occurred_at"][:16].replace("T", " ") + "  ", "bold")
+        head.append(e["category"] + (" (cancelled)" if e["cancelled"] else "") + "  ")
+        head.append(e["subject"] or "", "bold")
+        console.print(head)
+        facts = [f"staff: {', '.join(e['staff']) or '–'}"]
+        if e["contacts"]:
+            facts.append(f"contacts: {', '.join(e['contacts'])}")
+        files = [d["filename"] for d in e["documents"] if d["role"] != "raw_message"]
+        if files:
+            facts.append(f"documents: {', '.join(files)}")
+        if e["follow_up"]:
+            facts.append(f"follow-up: {e['follow_up']['state']}")
+        if e["thread_key"]:
+            facts.append(f"thread: {e['thread_key']}")
+        console.print(Text("    " + " · ".join(facts)))
+    return 0
+
+
+def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.views import seller_cards, staff_by_username
+
+    with rt.sessions() as session:
+        staff = staff_by_username(session, args.username)
+        if staff is None:
+            raise CommandError(f"no staff member {args.username!r}")
+        cards = seller_cards(session, staff, cards=rt.settings.seller_cards)
+    if args.json:
+        emit_json(cards)
+    else:
+        from workers.render import seller_view
+
+        seller_view(staff.username, staff.name, cards)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.stats import statistics
+
+    with rt.sessions() as session:
+        rows = statistics(session, args.by, args.period, rt.settings.zone)
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            f"events by {args.by}" + (f" in {args.period}" if args.period else ""),
+            [args.by, "name", "events"],
+            [[r[args.by], r["name"], r["events"]] for r in rows],
+        )
+    return 0
+
+
+def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.catalogue import apply_catalogue, catalogue_document
+
+    if args.action in ("show", "export"):
+        with rt.sessions() as session:
+            document = catalogue_document(session)
+        if args.json or args.action == "export":
+            emit_json(document)
+        else:
+            from workers.render import table
+
+            table(
+                "classes (laji)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["classes"]],
+            )
+            table(
+                "types (tyyppi)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["types"]],
+            )
+            table(
+                "properties (ominaisuus)",
+                ["code", "fi", "en"],
+                [[c["code"], c["fi"], c["en"]] for c in document["properties"]],
+            )
+            table(
+                "categories (kategoria)",
+                ["code", "fi", "en", "class", "type", "allow_selection", "sales_target"],
+                [
+                    [
+                        c["code"],
+                        c["fi"],
+                        c["en"],
+                        c["default_class"],
+                        c["default_type"],
+                        c["allow_selection"],
+                        c["sales_target"],
+                    ]
+                    for c in document["categories"]
+                ],
+            )
+        return 0
+    if not args.file:
+        raise InputError("catalogue apply needs a FILE")
+    try:
+        document = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{args.file}: {exc}") from exc
+    try:
+        with transaction(rt.sessions) as session:
+            changes = apply_catalogue(session, document)
+            if args.dry_run:
+                session.rollback()
+    except BadInput as exc:  # the file's content is what is wrong
+        raise InputError(f"{args.file}: {exc.reason}") from exc
+    if args.json:
+        emit_json({"dry_run": args.dry_run, "changes": changes})
+    else:
+        for change in changes or ["no changes"]:
+            print(change)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.maintenance import reconcile, snapshot
+
+    with snapshot(rt.sessions) as session:
+        run = reconcile(session)
+        result = {
+            "run": run.id,
+            "keys_checked": run.keys_checked,
+            "drift": run.drift,
+            "details": run.details,
+        }
+    if args.json:
+        emit_json(result)
+        return 0
+    print(f"checked {run.keys_checked} tally keys; drift {run.drift}")
+    if run.details:
+        from workers.render import table
+
+        table(
+            "drift found and repaired (stored → recomputed from the events)",
+            ["seller", "category", "period", "stored", "expected"],
+            [
+                [d["seller"], d["category"], d["period"], d["stored"], d["expected"]]
+                for d in run.details
+            ],
+        )
+    return 0
+
+
+def cmd_delete_event(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.maintenance import delete_event
+    from workers.base import request_refresh
+
+    with transaction(rt.sessions) as session:
+        summary, sellers = delete_event(session, args.id)
+    for seller_id in sellers:
+        request_refresh(rt.app, rt.sessions, seller_id)
+    if args.json:
+        emit_json({"deleted": summary})
+    else:
+        print(
+            f"deleted event {summary['id']} ({summary['source_kind']} {summary['source_id']},"
+            f" {summary['category']}, {summary['occurred_at'][:16]})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def register(sub: Any, add: AddCommand) -> None:
+    p = add("events", cmd_events, "search events", json_flag=True)
+    for flag in (
+        "--customer",
+        "--seller",
+        "--type",
+        "--category",
+        "--property",
+        "--source",
+        "--source-kind",
+        "--text",
+        "--thread",
+    ):
+        p.add_argument(flag)
+    p.add_argument("--since", type=iso_date, metavar="DATE", help="from this day (YYYY-MM-DD)")
+    p.add_argument("--until", type=iso_date, metavar="DATE", help="to this day, inclusive")
+    p.add_argument("--class", dest="class_")
+    p.add_argument("--unlinked", action="store_true", help="only unlinked and ambiguous events")
+    p.add_argument("--limit", type=count, default=1000)
+
+    p = add("history", cmd_history, "a customer's history", json_flag=True)
+    p.add_argument("customer", metavar="CUSTOMER_NUMBER")
+
+    p = add("seller-view", cmd_seller_view, "the seller's cards", json_flag=True)
+    p.add_argument("username")
+
+    p = add("stats", cmd_stats, "statistics", json_flag=True)
+    p.add_argument(
+        "--by", required=True, choices=["class", "type", "category", "property", "seller"]
+    )
+    p.add_argument("--period", type=period)
+
+    p = add("catalogue", cmd_catalogue, "the classification settings", json_flag=True)
+    p.add_argument("action", choices=["show", "export", "apply"])
+    p.add_argument("file", nargs="?")
+    p.add_argument("--dry-run", action="store_true")
+
+    add(
+        "reconcile",
+        cmd_reconcile,
+        "recompute every tally from the events and report drift",
+        json_flag=True,
+    )
+    p = add(
+        "delete-event",
+        cmd_delete_event,
+        "delete an event; its counts move off the seller's tallies and cards",
+        json_flag=True,
+    )
+    p.add_argument("id", type=int, metavar="EVENT_ID")

@@ -1,0 +1,138 @@
+"""The processes: ``init-db``, ``worker``, ``beat``, ``flower``, ``demo``, ``smtp-gateway``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.db import transaction
+from workers.cli.common import AddCommand, InputError, Runtime, emit_json, run_celery
+from workers.queues import QUEUES
+
+
+def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.migrate import install_default_catalogue, upgrade
+
+    upgrade(rt.engine)
+    with transaction(rt.sessions) as session:
+        added = install_default_catalogue(session)
+    if args.json:
+        emit_json(
+            {
+                "database": rt.engine.url.render_as_string(hide_password=True),
+                "catalogue_added": added,
+            }
+        )
+    else:
+        print(f"schema at head; catalogue rows added: {len(added)}", file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
+    argv = ["worker", *args.celery_args]
+    if not any(
+        a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in args.celery_args
+    ):
+        argv += ["-Q", ",".join(QUEUES)]
+    if not any(a.startswith(("-l", "--loglevel")) for a in args.celery_args):
+        argv += ["--loglevel", rt.settings.log_level]
+    if rt.settings.embedded_broker:
+        # The filesystem transport has no broadcast for gossip/mingle; heartbeats need events.
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    run_celery(rt.app.worker_main, argv)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace, rt: Runtime) -> int:
+    rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["beat", "--pidfile", "", *args.celery_args]
+    if not any(a.startswith(("-l", "--loglevel")) for a in args.celery_args):
+        argv += ["--loglevel", rt.settings.log_level]
+    run_celery(rt.app.start, argv)
+    return 0
+
+
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
+    """Flower shows every task's arguments (customer data) and can shut workers down: it runs
+    behind basic auth (CRM_FLOWER_BASIC_AUTH), or, with ``--no-auth``, on loopback only."""
+    celery_args = list(args.celery_args)
+    if any(a.startswith(("--basic-auth", "--basic_auth")) for a in celery_args):
+        raise InputError(
+            "give the Flower credentials in CRM_FLOWER_BASIC_AUTH, not on the command line"
+            " (where the process list shows them)"
+        )
+    argv = ["flower", *celery_args]
+    if rt.settings.flower_basic_auth:
+        if args.no_auth:
+            raise InputError("--no-auth contradicts CRM_FLOWER_BASIC_AUTH; drop one of them")
+        # In-process: the password never becomes part of a process's command line.
+        argv.append(f"--basic-auth={rt.settings.flower_basic_auth}")
+    elif args.no_auth:
+        addresses = [
+            a.split("=", 1)[1] if "=" in a else celery_args[i + 1]
+            for i, a in enumerate(celery_args)
+            if a.startswith("--address") and ("=" in a or i + 1 < len(celery_args))
+        ]
+        if any(address not in LOOPBACK_ADDRESSES for address in addresses):
+            raise InputError("--no-auth serves Flower on loopback only (127.0.0.1 or ::1)")
+        if not addresses:
+            argv.append("--address=127.0.0.1")
+    else:
+        raise InputError(
+            "Flower needs credentials: set CRM_FLOWER_BASIC_AUTH=user:password, or pass"
+            " --no-auth to serve it without them on 127.0.0.1 only (docs/security.md)"
+        )
+    run_celery(rt.app.start, argv)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(
+        rt, examples=Path(args.examples) if args.examples else None, timeout=args.timeout
+    )
+
+
+def cmd_smtp_gateway(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.smtp_gateway import run
+
+    return run(rt.settings, rt.app, rt.sessions, args)
+
+
+def register(sub: Any, add: AddCommand) -> None:
+    add(
+        "init-db",
+        cmd_init_db,
+        "create or upgrade the schema and install the default catalogue",
+        json_flag=True,
+    )
+    for name, handler, text in (
+        ("worker", cmd_worker, "run a worker (all queues unless -Q narrows)"),
+        ("beat", cmd_beat, "run the scheduler"),
+        (
+            "flower",
+            cmd_flower,
+            "run the monitoring UI behind basic auth (CRM_FLOWER_BASIC_AUTH)",
+        ),
+    ):
+        p = add(name, handler, text + "; further options go to Celery")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve Flower without credentials, on 127.0.0.1 only",
+    )
+
+    p = add("demo", cmd_demo, "the embedded end-to-end run on the bundled examples")
+    p.add_argument("--examples", help="folder of example messages (default: the bundled examples)")
+    p.add_argument("--timeout", type=float, default=120.0)
+
+    p = add("smtp-gateway", cmd_smtp_gateway, "receive mail for the CRM addresses and enqueue it")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8025)
+    p.add_argument("--lmtp", action="store_true", help="speak LMTP (RFC 2033) instead of SMTP")
