@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from config.logging import add_to_log_context, log_context
 from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
@@ -81,10 +82,11 @@ class CrmTask(Task):
         it puts back on its queue) is counted in ``delivery_attempt`` in its own committed
         transaction before the task runs, so the count survives the death of this process too.
         """
-        delivery_info = self.request.delivery_info or {}
-        if delivery_info.get("redelivered") and not self.admit_redelivery(args, kwargs):
-            return "failed"
-        return super().__call__(*args, **kwargs)
+        with log_context(task_id=self.request.id, task_name=self.name):
+            delivery_info = self.request.delivery_info or {}
+            if delivery_info.get("redelivered") and not self.admit_redelivery(args, kwargs):
+                return "failed"
+            return super().__call__(*args, **kwargs)
 
     def admit_redelivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Count one redelivery; False when the message must not run again (acknowledged)."""
@@ -253,6 +255,11 @@ class CrmTask(Task):
         except Exception as exc:
             self.recorded(partial(self.record_failure, message, exc, kind="bug"))
             raise
+        sellers = sorted(result.sellers_to_refresh)
+        add_to_log_context(
+            event_id=result.event_id,
+            seller=",".join(map(str, sellers)) if sellers else None,
+        )
         self.after_commit(result)
         return result.outcome
 

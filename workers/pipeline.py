@@ -14,6 +14,7 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy.orm import Session
 
+from config.logging import add_to_log_context
 from models.db import transaction
 from models.events import CrmEvent
 from tasks.errors import TRANSIENT_ERRORS, BadInput
@@ -91,6 +92,7 @@ def ingest_target_task(self: CrmTask, message: Any) -> str:
 @shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
 def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
     """crm.refresh.seller: recompute one seller's touched tallies and cards."""
+    add_to_log_context(seller=seller_id)
     ctx = self.context()
     try:
         # Clear the request first, in its own transaction: any change committed after this
