@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from marshmallow import Schema, fields
 
@@ -19,6 +20,8 @@ from models.schemas import (
     load_message,
     load_party_message,
 )
+from models.schemas.documented import file_name, json_schema, rendered
+from models.schemas.kinds import MESSAGE_KINDS
 from models.schemas.party import PARTY_SCHEMAS
 from models.schemas.target import TargetMessageSchema, load_target_message
 
@@ -98,3 +101,46 @@ def test_party_json_schema_has_the_marshmallow_fields_per_kind() -> None:
     assert set(by_kind) == set(PARTY_SCHEMAS)
     for kind, schema_cls in PARTY_SCHEMAS.items():
         assert_same_fields(by_kind[kind], schema_cls(), f"party {kind}")
+
+
+# -- the JSON Schemas are generated from the same source, and agree with the worker -----------
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGE_KINDS))
+def test_the_committed_json_schema_is_the_generated_one(kind: str) -> None:
+    committed = (DOCS / "schemas" / file_name(kind)).read_text(encoding="utf-8")
+    assert committed == rendered(kind), (
+        f"docs/schemas/{file_name(kind)} is not what the schemas say: run"
+        " `python -m models.schemas.documented docs/schemas`"
+    )
+
+
+def every_example() -> list[tuple[str, Any]]:
+    """Every message in docs/messages.md and examples/, with where it comes from."""
+    found = [
+        (f"docs/messages.md ({label})", message)
+        for label, body in BLOCK.findall(MESSAGES_MD)
+        for message in (lambda d: d if isinstance(d, list) else [d])(json.loads(body))
+    ]
+    for path in sorted((DOCS.parent / "examples").rglob("*.json")):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        for message in document if isinstance(document, list) else [document]:
+            if isinstance(message, dict) and "schema" in message:
+                found.append((str(path.relative_to(DOCS.parent)), message))
+    return found
+
+
+@pytest.mark.parametrize(("where", "message"), every_example())
+def test_an_example_is_valid_by_its_json_schema_exactly_when_the_worker_takes_it(
+    where: str, message: dict[str, Any]
+) -> None:
+    kinds = {k.schema_name.partition("/")[0]: k for k in MESSAGE_KINDS.values()}
+    kind = kinds[str(message["schema"]).partition("/")[0]]
+    validator = jsonschema.Draft202012Validator(json_schema(kind.kind))
+    problems = [error.message for error in validator.iter_errors(message)]
+    try:
+        kind.load(message)
+        taken = True
+    except MessageInvalid:
+        taken = False
+    assert (not problems) == taken, (where, problems[:3], taken)
