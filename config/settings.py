@@ -143,8 +143,14 @@ class Settings:
     webhook_secret: str = field(default="", repr=False)
     #: The gateway's public URL as the telephony provider calls it (signatures cover the URL).
     public_base_url: str = ""
-    #: Largest request body the HTTP gateway accepts.
+    #: Largest request body the HTTP service accepts (a raw email posted to /v1/emails may be
+    #: up to CRM_MAX_EMAIL_BYTES).
     http_max_body_bytes: int = 1024 * 1024
+    #: The whole of one request (headers and body) must reach the HTTP service within this.
+    http_request_deadline_s: int = 30
+    #: Signs browser sessions of the HTTP service; unset, a key made once and kept in the
+    #: database, which every replica shares.
+    session_secret: str = field(default="", repr=False)
 
     # -- derived values -------------------------------------------------------------------------
 
@@ -386,6 +392,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "recording_fetch_timeout_s": _parse_positive_int,
     "public_base_url": _parse_base_url,
     "http_max_body_bytes": _parse_positive_int,
+    "http_request_deadline_s": _parse_positive_int,
     "smtp_ca_file": Path,
     "weekly_report_at": _parse_schedule("weekly"),
     "monthly_report_at": _parse_schedule("monthly"),

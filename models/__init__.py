@@ -1,5 +1,6 @@
 """Typed SQLAlchemy models (one module per aggregate), the engine factory and the wire schemas."""
 
+from models.access import ApiToken, ServiceKey
 from models.base import Base
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.documents import DocumentBlob, EventDocument
@@ -27,6 +28,7 @@ from models.targets import (
 )
 
 __all__ = [
+    "ApiToken",
     "Base",
     "Category",
     "Contact",
@@ -54,6 +56,7 @@ __all__ = [
     "RejectedMessage",
     "ReportRun",
     "SellerCard",
+    "ServiceKey",
     "Staff",
     "Tally",
     "TallyTouch",

@@ -39,8 +39,12 @@ def events_json(
         return []
     zone = zone or ZoneInfo("UTC")
     ids = [e.id for e in events]
-    staff = {s.id: s.username for s in session.scalars(select(Staff))}
-    customers = dict(session.execute(select(Customer.id, Customer.customer_number)).all())
+    customer_ids = {e.customer_id for e in events if e.customer_id}
+    customers = dict(
+        session.execute(
+            select(Customer.id, Customer.customer_number).where(Customer.id.in_(customer_ids))
+        ).all()
+    )
     contact_ids = {e.contact_id for e in events if e.contact_id}
     for e in events:
         contact_ids.update(
@@ -56,12 +60,17 @@ def events_json(
         .order_by(EventPropertyLink.property_code)
     ):
         properties[event_id].append(code)
-    participants: dict[int, list[str]] = defaultdict(list)
-    for event_id, staff_id in session.execute(
+    taking_part = session.execute(
         select(EventParticipant.event_id, EventParticipant.staff_id).where(
             EventParticipant.event_id.in_(ids)
         )
-    ):
+    ).all()
+    staff_ids = {e.seller_id for e in events if e.seller_id} | {s for _, s in taking_part}
+    staff = dict(
+        session.execute(select(Staff.id, Staff.username).where(Staff.id.in_(staff_ids))).all()
+    )
+    participants: dict[int, list[str]] = defaultdict(list)
+    for event_id, staff_id in taking_part:
         participants[event_id].append(staff[staff_id])
     documents: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for doc in session.scalars(
@@ -69,6 +78,7 @@ def events_json(
     ):
         documents[doc.event_id].append(
             {
+                "id": doc.id,
                 "filename": doc.filename,
                 "media_type": doc.media_type,
                 "size": doc.size,

@@ -1,12 +1,13 @@
-"""The HTTP gateway under fuzzing, over real HTTP on loopback: random methods, paths, headers,
-framings (Content-Length lies, chunked bodies, huge headers) and bodies (noise, JSON, near-valid
-calls, Twilio form posts with good and bad signatures).
+"""The HTTP service under fuzzing, over real HTTP on loopback: random methods, paths (the
+webhooks and the /v1 API), headers (tokens right, wrong and missing), framings (Content-Length
+lies, chunked bodies, huge headers) and bodies (noise, JSON, near-valid calls, Twilio form posts
+with good and bad signatures).
 
-Every request that is complete HTTP gets an answer with a status; one that is not (a body
-shorter than its Content-Length, an unterminated chunked body, noise) may instead be closed,
-once the client gives up on it. The gateway stays up and still takes a valid call afterwards.
-The gateway runs as ``crm-events http-gateway`` on the embedded filesystem broker of its own
-folder, so what it enqueues stays out of every worker's queues.
+Every request that is complete HTTP gets an answer with a status, never a 500; one that is not
+(a body shorter than its Content-Length, an unterminated chunked body, noise) may instead be
+closed, once the client gives up on it. The service stays up and still takes a valid call
+afterwards. It runs as ``crm-events serve`` on the embedded default of its own folder (SQLite
+and the filesystem broker), so what it enqueues stays out of every worker's queues.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +27,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import ROOT
 from tests.fuzz.emails import raw_emails
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import FUZZ_WORLD, json_values, messages, valid_call
 from tests.integration.test_http_gateway import Gateway, start_gateway, stop_gateway
-from workers.http_gateway import twilio_signature
+from workers.gateways.http.webhooks import twilio_signature
 
 TOKEN = "twilio-fuzz-token-0123456789abcdef"
 SECRET = "webhook-fuzz-secret"
@@ -50,6 +54,19 @@ def http_gateway(fuzz_root: Path) -> Iterator[Gateway]:
         CRM_PUBLIC_BASE_URL=PUBLIC,
         CRM_HTTP_MAX_BODY_BYTES=str(MAX_BODY),
     )
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.cli", *args],
+            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cli("init-db")
+    for scope in ("admin", "ingest"):
+        made = cli("token", "create", f"fuzz-{scope}", "--scope", scope, "--json")
+        BEARER[scope] = json.loads(made)["token"]
     gateway = start_gateway(env, data_dir / "http-gateway.log")
     yield gateway
     stop_gateway(gateway)
@@ -69,7 +86,28 @@ class RawRequest:
         return f"RawRequest(complete={self.complete}, data={self.data[:2000]!r})"
 
 
-ENDPOINTS = ["/calls", "/twilio/status", "/asterisk/cdr", "/healthz"]
+ENDPOINTS = [
+    "/calls",
+    "/twilio/status",
+    "/asterisk/cdr",
+    "/healthz",
+    "/v1/calls",
+    "/v1/visits",
+    "/v1/parties",
+    "/v1/targets",
+    "/v1/emails",
+    "/v1/events",
+    "/v1/events/1",
+    "/v1/events/1/documents/1",
+    "/v1/customers/10001/history",
+    "/v1/sellers/anna/view",
+    "/v1/targets/progress",
+    "/openapi.json",
+    "/login",
+    "/metrics",
+]
+#: Tokens of the service under test, made when it starts: scope -> token.
+BEARER: dict[str, str] = {}
 TWILIO_FIELDS = [
     "CallSid",
     "CallStatus",
@@ -179,6 +217,15 @@ def bodies(draw: Any) -> tuple[bytes, dict[str, str]]:
     if draw(st.integers(0, 3)):
         headers["X-CRM-Webhook-Secret"] = draw(
             st.sampled_from([SECRET, SECRET, "wrong", "", SECRET + " ", "ä"])
+        )
+    bearer = draw(st.sampled_from(["admin", "admin", "ingest", "none", "wrong", "odd"]))
+    if bearer in BEARER:
+        headers["Authorization"] = f"Bearer {BEARER[bearer]}"
+    elif bearer == "wrong":
+        headers["Authorization"] = "Bearer crm_" + draw(st.text("abcXYZ019-_", max_size=43))
+    elif bearer == "odd":
+        headers["Authorization"] = draw(
+            st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=60)
         )
     return body, headers
 
@@ -338,7 +385,10 @@ def test_every_request_is_answered(http_gateway: Gateway, request: RawRequest) -
 def test_gateway_still_works_after_fuzzing(http_gateway: Gateway, fuzz_root: Path) -> None:
     """Runs after the fuzzing above: the gateway is up, healthy and enqueues a valid call."""
     assert http_gateway.process.poll() is None
-    assert http_gateway.request("GET", "/healthz") == (200, {"status": "ok"})
+    assert http_gateway.request("GET", "/healthz") == (
+        200,
+        {"status": "ok", "database": "ok", "broker": "ok"},
+    )
     call = {
         "schema": "crm.call/1",
         "source_system": "fuzz",

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import re
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,10 +15,10 @@ from sqlalchemy import select
 from models.events import CrmEvent
 from tasks.telephony.adapters import read_cdr_csv
 from tasks.views import events_json
-from tests.conftest import EXAMPLES, ROOT, load_example
+from tests.conftest import EXAMPLES, load_example
+from tests.http_service import HttpService, start_service, stop_service
 from tests.integration.conftest import LiveSystem
-from tests.processes import stop_process
-from workers.http_gateway import twilio_signature
+from workers.gateways.http.webhooks import twilio_signature
 from workers.publish import wait_for
 
 pytestmark = pytest.mark.integration
@@ -34,29 +28,8 @@ SECRET = "webhook-test-secret-s3cr3t"
 PUBLIC = "https://crm.example.fi/telephony"
 
 
-@dataclass
-class Gateway:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            raw = response.read()
-        finally:
-            connection.close()
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            return response.status, json.loads(raw)
-        return response.status, {"text": raw.decode("utf-8", "replace")}  # waitress's own
+class Gateway(HttpService):
+    """The service, with the webhooks' ways of posting."""
 
     def post_json(self, path: str, document: Any, secret: str | None = SECRET) -> tuple[int, Any]:
         headers = {"Content-Type": "application/json"}
@@ -79,27 +52,12 @@ class Gateway:
 
 
 def start_gateway(env: dict[str, str], log: Path) -> Gateway:
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "http-gateway", "--port", "0"],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
-        if found:
-            return Gateway(process, int(found[1]), log)
-        assert process.poll() is None, f"gateway exited:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"gateway did not start:\n{log.read_text()}"
-        time.sleep(0.05)
+    started = start_service(env, log)
+    return Gateway(started.process, started.port, started.log)
 
 
 def stop_gateway(gateway: Gateway) -> None:
-    stop_process(gateway.process, timeout=15)
+    stop_service(gateway)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +102,10 @@ def count_events(live: LiveSystem, source_id: str) -> int:
 
 
 def test_health(gateway: Gateway) -> None:
-    assert gateway.request("GET", "/healthz") == (200, {"status": "ok"})
+    assert gateway.request("GET", "/healthz") == (
+        200,
+        {"status": "ok", "database": "ok", "broker": "ok"},
+    )
 
 
 def test_twilio_status_callbacks_out_of_order_become_one_event(
@@ -285,5 +246,5 @@ def test_no_2xx_without_the_broker(loaded: LiveSystem, tmp_path: Path) -> None:
 
 def test_secrets_never_reach_the_log(gateway: Gateway) -> None:
     text = gateway.log.read_text()
-    assert "POST /calls 401" in text  # requests are logged …
+    assert '"POST /calls" 401' in text  # requests are logged …
     assert TOKEN not in text and SECRET not in text  # … their secrets are not

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import socket
 import subprocess
 import sys
@@ -86,6 +87,17 @@ def test_without_credentials_flower_answers_401(flower: Flower) -> None:
 def test_with_credentials_flower_answers_200(flower: Flower) -> None:
     status, body = get(flower.port, "/", f"{USER}:{PASSWORD}")
     assert status == 200 and b"Flower" in body
+
+
+def test_flower_reads_the_queue_lengths_and_its_broker_page(flower: Flower) -> None:
+    """Flower knows kombu's own transports only: it answered 404 "'redis' broker is not
+    supported" while it ran on the worker's subclass of the Redis transport."""
+    status, body = get(flower.port, "/api/queues/length", f"{USER}:{PASSWORD}")
+    assert status == 200, body
+    queues = {queue["name"]: queue["messages"] for queue in json.loads(body)["active_queues"]}
+    assert "crm.ingest.call" in queues and all(isinstance(n, int) for n in queues.values())
+    status, body = get(flower.port, "/broker", f"{USER}:{PASSWORD}")
+    assert status == 200 and b"crm.ingest.email" in body
 
 
 def test_metrics_and_healthcheck_need_no_credentials(flower: Flower) -> None:

@@ -39,7 +39,7 @@ from tests.conftest import ROOT, claim_first_free
 from tests.integration.conftest import LiveSystem
 from tests.processes import free_port, stop_process
 from workers.app import create_app
-from workers.http_gateway import twilio_signature
+from workers.gateways.http.webhooks import twilio_signature
 from workers.publish import wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from tasks.telephony.adapters import (
     twilio_to_call,
 )
 from tests.conftest import EXAMPLES
-from workers.http_gateway import twilio_signature, url_variants, valid_twilio_signature
+from workers.gateways.http.webhooks import twilio_signature, url_variants, valid_twilio_signature
 
 CONTEXT = CdrContext(own_numbers=("+358 9 111 000",))
 

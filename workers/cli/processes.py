@@ -87,6 +87,10 @@ def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
             "Flower needs credentials: set CRM_FLOWER_BASIC_AUTH=user:password, or pass"
             " --no-auth to serve it without them on 127.0.0.1 only (docs/security.md)"
         )
+    if rt.settings.effective_broker_url.startswith("redis://"):
+        # Flower knows kombu's own transports only (its Broker page, /api/queues/length); it
+        # consumes nothing, so the worker's Redis transport (workers/transport) is not needed.
+        rt.app.conf.broker_transport = None
     run_celery(rt.app.start, argv)
     return 0
 
@@ -100,7 +104,7 @@ def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_smtp_gateway(args: argparse.Namespace, rt: Runtime) -> int:
-    from workers.smtp_gateway import run
+    from workers.gateways.smtp import run
 
     return run(rt.settings, rt.app, rt.sessions, args)
 

@@ -121,18 +121,7 @@ def _subcommands(sub: Any, name: str, help_text: str) -> Any:
 
 
 def register(sub: Any, add: Any) -> None:
-    """Add ``http-gateway`` and ``import cdr`` to the ``crm-events`` parser."""
-    from workers.http_gateway import cmd_http_gateway
-
-    p = add(
-        "http-gateway",
-        cmd_http_gateway,
-        "serve the telephony webhooks (Twilio, crm.call/1 JSON, Asterisk CDRs) over HTTP",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    p.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
-
+    """Add ``import cdr`` to the ``crm-events`` parser."""
     imports = _subcommands(sub, "import", "import data from files")
     p = imports.add_parser(
         "cdr",

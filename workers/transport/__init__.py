@@ -1,0 +1,1 @@
+"""The message path: kombu transports, the checking consumer, signing and compression."""

@@ -1,0 +1,479 @@
+"""The HTTP service over real HTTP on loopback, with the session's worker and PostgreSQL.
+
+Its world is its own (a customer, a seller and a manager no other test names), so that what it
+stores moves no other test's counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.policy
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+from tests.http_service import HttpService, start_service, stop_service
+from tests.integration.conftest import LiveSystem
+from workers.publish import wait_for
+
+pytestmark = pytest.mark.integration
+
+SELLER = "http-seller"
+CUSTOMER = "95001"
+#: A request must arrive whole within this many seconds (short here, for the trickle test).
+DEADLINE_S = 3
+
+
+def parties() -> list[dict[str, Any]]:
+    party = {"schema": "crm.party/1", "source_system": "erp"}
+    return [
+        {**party, "kind": "staff", "username": "http-manager", "name": "Helka Hallinto",
+         "email": "helka@myyntitalo.fi", "role": "manager"},
+        {**party, "kind": "staff", "username": SELLER, "name": "Heikki Myyjä",
+         "email": "heikki.myyja@myyntitalo.fi", "role": "seller", "manager": "http-manager"},
+        {**party, "kind": "customer", "customer_number": CUSTOMER, "name": "Verkkotesti Oy",
+         "email_domains": ["verkkotesti.fi"], "seller": SELLER},
+        {**party, "kind": "contact", "customer_number": CUSTOMER, "name": "Vilma Verkko",
+         "email": "vilma@verkkotesti.fi", "phones": ["+358 40 955 0001"]},
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(live: LiveSystem) -> LiveSystem:
+    assert {d.outcome for d in live.publish("party", parties())} == {"done"}
+    return live
+
+
+@pytest.fixture(scope="module")
+def tokens(world: LiveSystem) -> dict[str, str]:
+    made = {}
+    for scope in ("ingest", "read", "admin"):
+        name = f"http-{scope}-{uuid.uuid4().hex[:6]}"
+        done = world.cli("token", "create", name, "--scope", scope, "--json")
+        assert done.returncode == 0, done.stderr
+        made[scope] = json.loads(done.stdout)["token"]
+    revoked = f"http-revoked-{uuid.uuid4().hex[:6]}"
+    done = world.cli("token", "create", revoked, "--scope", "admin", "--json")
+    made["revoked"] = json.loads(done.stdout)["token"]
+    assert world.cli("token", "revoke", revoked).returncode == 0
+    listed = json.loads(world.cli("token", "list", "--json").stdout)
+    assert all("token" not in row for row in listed)  # never shown again
+    assert any(row["name"] == revoked and row["revoked_at"] for row in listed)
+    return made
+
+
+@pytest.fixture(scope="module")
+def service(world: LiveSystem) -> Iterator[HttpService]:
+    env = {**world.env, "CRM_HTTP_REQUEST_DEADLINE_S": str(DEADLINE_S)}
+    running = start_service(env, world.settings.data_dir / "http-service.log")
+    yield running
+    stop_service(running)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def post(service: HttpService, path: str, document: Any, token: str) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **auth(token)}
+    return service.request("POST", path, json.dumps(document).encode(), headers)
+
+
+def visit(started: datetime, subject: str = "Verkkokäynti") -> dict[str, Any]:
+    return {
+        "schema": "crm.visit/1",
+        "source_system": "http-test",
+        "visit_id": f"hv-{uuid.uuid4().hex[:10]}",
+        "seller": SELLER,
+        "customer_number": CUSTOMER,
+        "started_at": started.isoformat(),
+        "subject": subject,
+        "memo": "Esittely <b>ilman</b> skriptejä",
+    }
+
+
+def call(number: int, occurred: datetime, source: str) -> dict[str, Any]:
+    return {
+        "schema": "crm.call/1",
+        "source_system": source,
+        "call_id": f"{source}-{number}",
+        "status": "completed",
+        "direction": "inbound",
+        "from": "+358 40 955 0001",
+        "agent": SELLER,
+        "started_at": occurred.isoformat(),
+        "duration_s": 60,
+    }
+
+
+def outcomes(live: LiveSystem, task_ids: list[str]) -> list[str]:
+    done = wait_for(live.sessions, task_ids, 60)
+    assert set(done) == set(task_ids), f"not processed; worker log:\n{live.tail()}"
+    return [done[t].outcome for t in task_ids]
+
+
+# -- access ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/v1/calls", {"ingest", "admin"}),
+        ("POST", "/v1/visits", {"ingest", "admin"}),
+        ("GET", "/v1/events", {"read", "admin"}),
+        ("GET", f"/v1/customers/{CUSTOMER}/history", {"read", "admin"}),
+        ("GET", f"/v1/sellers/{SELLER}/view", {"read", "admin"}),
+        ("GET", "/v1/targets/progress", {"read", "admin"}),
+    ],
+)
+def test_each_scope_may_do_what_it_names_and_nothing_else(
+    service: HttpService, tokens: dict[str, str], method: str, path: str, allowed: set[str]
+) -> None:
+    body = b"[]" if method == "POST" else b""
+    headers = {"Content-Type": "application/json"}
+    status, answer = service.request(method, path, body, headers)
+    assert status == 401 and "token" in answer["error"]
+    status, _ = service.request(method, path, body, {**headers, **auth(tokens["revoked"])})
+    assert status == 401
+    status, _ = service.request(method, path, body, {**headers, **auth("crm_not-a-token")})
+    assert status == 401
+    for scope in ("ingest", "read", "admin"):
+        status, answer = service.request(method, path, body, {**headers, **auth(tokens[scope])})
+        if scope in allowed:
+            assert status not in (401, 403), (scope, status, answer)
+        else:
+            assert status == 403, (scope, status, answer)
+            assert f"scope '{scope}' does not allow" in answer["error"]
+
+
+# -- producers ------------------------------------------------------------------------------------
+
+
+def test_a_list_with_one_bad_message_enqueues_nothing(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    now = datetime.now(UTC)
+    good = [call(n, now - timedelta(days=40, minutes=n), "http-bad-list") for n in range(3)]
+    bad = {**good[1], "status": None, "duration_s": "long"}
+    status, answer = post(service, "/v1/calls", [good[0], bad, good[2]], tokens["ingest"])
+    assert status == 400
+    assert answer["index"] == 1 and "duration_s" in answer["errors"]
+    # Nothing of the list was queued: the good messages have no event, now or later.
+    status, answer = post(service, "/v1/calls", [good[0]], tokens["ingest"])
+    assert status == 202 and answer["accepted"] == 1
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    status, page = service.request(
+        "GET", "/v1/events?source=http-bad-list", headers=auth(tokens["read"])
+    )
+    assert [e["source_id"] for e in page["events"]] == ["http-bad-list-0"]
+
+
+def test_what_the_service_refuses_it_says_why(service: HttpService, tokens: dict[str, str]) -> None:
+    headers = {"Content-Type": "application/json", **auth(tokens["ingest"])}
+    deep = "[" * 5000 + "]" * 5000
+    status, answer = service.request("POST", "/v1/calls", deep.encode(), headers)
+    assert status == 400 and "nested deeper" in answer["error"]
+    status, answer = service.request("POST", "/v1/calls", b"{not json", headers)
+    assert status == 400 and answer["error"].startswith("not JSON")
+    status, answer = service.request("POST", "/v1/calls", b"x" * (1024 * 1024 + 1), headers)
+    assert status == 413 and "over" in answer["error"]
+    status, answer = service.request(
+        "POST", "/v1/calls", b"a=b", {**headers, "Content-Type": "text/plain"}
+    )
+    assert status == 415
+    status, answer = service.request("GET", "/v1/nothing-here")
+    assert status == 404 and "no such endpoint" in answer["error"]
+    status, answer = service.request("DELETE", "/v1/events", headers=auth(tokens["admin"]))
+    assert status == 405
+
+
+def test_a_visit_appears_in_the_sellers_view_and_on_the_stream(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    received: list[str] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def listen() -> None:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+            sock.sendall(
+                f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {tokens['read']}\r\n\r\n".encode()
+            )
+            buffer = b""
+            while not stop.is_set():
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                if b"event: ready" in buffer:
+                    ready.set()
+                if b"event: view" in buffer:
+                    received.append(buffer.decode("utf-8", "replace"))
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(30), "the stream did not start"
+    now = datetime.now(UTC).replace(microsecond=0)
+    status, answer = post(service, "/v1/visits", visit(now, "Livekäynti"), tokens["ingest"])
+    assert status == 202, answer
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    listener.join(60)
+    stop.set()
+    assert received, "no view event on the stream"
+    assert f'"seller": "{SELLER}"' in received[0]
+    status, cards = service.request(
+        "GET", f"/v1/sellers/{SELLER}/view", headers=auth(tokens["read"])
+    )
+    assert status == 200
+    card = next(c for c in cards if c["category"] == "customer_visit")
+    assert any(e["subject"] == "Livekäynti" for e in card["events"])
+    assert card["count_week"] == sum(e["in_week"] for e in card["events"])
+    # Any period: the previous month's view is the month as it ended.
+    last_month = (now.replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    status, cards = service.request(
+        "GET", f"/v1/sellers/{SELLER}/view?period={last_month}", headers=auth(tokens["read"])
+    )
+    assert status == 200 and all(c["month"] == last_month for c in cards)
+    status, answer = service.request(
+        "GET", f"/v1/sellers/{SELLER}/view?period=2026-W99", headers=auth(tokens["read"])
+    )
+    assert status == 400
+    status, answer = service.request(
+        "GET", "/v1/sellers/nobody-at-all/view", headers=auth(tokens["read"])
+    )
+    assert status == 404
+
+
+def mail_with_attachment(attachment: bytes, filename: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Heikki Myyjä <heikki.myyja@myyntitalo.fi>"
+    message["To"] = "Vilma Verkko <vilma@verkkotesti.fi>"
+    message["Bcc"] = "crm@myyntitalo.fi"
+    message["Subject"] = "Tarjous liitteenä"
+    message["Date"] = "Tue, 17 Nov 2026 10:00:00 +0200"
+    message["Message-ID"] = f"<http-{uuid.uuid4().hex}@myyntitalo.fi>"
+    message.set_content("Hei Vilma, tarjous liitteenä.")
+    message.add_attachment(attachment, maintype="application", subtype="pdf", filename=filename)
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+def test_a_document_downloads_byte_for_byte_with_a_safe_name(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+    name = 'Tarjous "2026"; X-Evil: 1 ..\\..\\etc\\passwd ö.pdf'
+    raw = mail_with_attachment(pdf, name)
+    status, answer = service.request(
+        "POST", "/v1/emails", raw, {"Content-Type": "message/rfc822", **auth(tokens["ingest"])}
+    )
+    assert status == 202, answer
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    status, page = service.request(
+        "GET", f"/v1/events?customer={CUSTOMER}&text=Tarjous", headers=auth(tokens["read"])
+    )
+    [event] = [e for e in page["events"] if e["subject"] == "Tarjous liitteenä"]
+    [document] = [d for d in event["documents"] if d["media_type"] == "application/pdf"]
+    status, headers, body = service.exchange(
+        "GET",
+        f"/v1/events/{event['id']}/documents/{document['id']}",
+        headers=auth(tokens["read"]),
+    )
+    assert status == 200
+    assert body == pdf
+    assert headers["content-type"] == "application/pdf"
+    assert headers["x-content-type-options"] == "nosniff"
+    disposition = headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="') and "\r" not in disposition
+    plain = disposition.split('filename="', 1)[1].split('"', 1)[0]
+    assert plain.isascii() and "\\" not in plain and ";" not in plain and ".." not in plain
+    assert disposition.endswith("%C3%B6.pdf")  # the exact name, percent-encoded (RFC 5987)
+    assert "x-evil" not in headers
+    status, one = service.request("GET", f"/v1/events/{event['id']}", headers=auth(tokens["read"]))
+    assert status == 200 and one["id"] == event["id"] and "follow_ups" in one
+    status, _, _ = service.exchange(
+        "GET", f"/v1/events/{event['id']}/documents/999999999", headers=auth(tokens["read"])
+    )
+    assert status == 404
+    status, history = service.request(
+        "GET", f"/v1/customers/{CUSTOMER}/history", headers=auth(tokens["read"])
+    )
+    assert status == 200 and history["customer_number"] == CUSTOMER
+    assert any(e["id"] == event["id"] for e in history["events"])
+
+
+def test_pages_neither_skip_nor_repeat_while_events_are_stored(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    source = f"http-paging-{uuid.uuid4().hex[:6]}"
+    base = datetime.now(UTC) - timedelta(days=60)
+    first = [call(n, base + timedelta(minutes=n), source) for n in range(24)]
+    status, answer = post(service, "/v1/calls", first, tokens["ingest"])
+    assert status == 202
+    outcomes(world, answer["task_ids"])
+    seen: list[str] = []
+    cursor = None
+    inserted = 0
+    while True:
+        query = f"/v1/events?source={source}&limit=5" + (f"&cursor={cursor}" if cursor else "")
+        status, page = service.request("GET", query, headers=auth(tokens["read"]))
+        assert status == 200, page
+        seen += [e["source_id"] for e in page["events"]]
+        if inserted < 3:
+            # While paging: one newer than every page, one older, one among those read.
+            more = [
+                call(100 + inserted, base + timedelta(days=1), source),
+                call(200 + inserted, base - timedelta(days=1), source),
+                call(300 + inserted, base + timedelta(minutes=20, seconds=30), source),
+            ]
+            status, answer = post(service, "/v1/calls", more, tokens["ingest"])
+            outcomes(world, answer["task_ids"])
+            inserted += 1
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)), "an event was given twice"
+    assert {c["call_id"] for c in first} <= set(seen), "an event was skipped"
+    status, answer = service.request(
+        "GET", "/v1/events?cursor=not-a-cursor", headers=auth(tokens["read"])
+    )
+    assert status == 400
+    status, answer = service.request("GET", "/v1/events?limit=0", headers=auth(tokens["read"]))
+    assert status == 400
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+def test_the_openapi_document_is_valid_and_names_every_endpoint(service: HttpService) -> None:
+    status, document = service.request("GET", "/openapi.json")
+    assert status == 200
+    validate(document)
+    for path in (
+        "/v1/calls", "/v1/visits", "/v1/parties", "/v1/targets", "/v1/emails", "/v1/events",
+        "/v1/events/{event_id}", "/v1/events/{event_id}/documents/{document_id}",
+        "/v1/customers/{number}/history", "/v1/sellers/{username}/view",
+        "/v1/targets/progress", "/v1/stream/sellers/{username}", "/twilio/status", "/calls",
+        "/asterisk/cdr", "/healthz", "/metrics",
+    ):  # fmt: skip
+        assert path in document["paths"], path
+    assert "CallMessage" in document["components"]["schemas"]
+    status, page = service.request("GET", "/docs")
+    assert status == 200 and "/v1/sellers/{username}/view" in page
+
+
+def metric(service: HttpService, name: str) -> float:
+    status, text = service.request("GET", "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (
+            line.startswith(name + "{") and line.split(" ")[0] == name
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_move_when_messages_are_processed(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    name = 'crm_messages_total{outcome="stored",task="crm.ingest.visit"}'
+    before = metric(service, name)
+    status, answer = post(
+        service, "/v1/visits", visit(datetime.now(UTC) - timedelta(days=50)), tokens["ingest"]
+    )
+    assert status == 202
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    assert metric(service, name) == before + 1
+    for family in (
+        'crm_queue_messages{queue="crm.ingest.call"}',
+        "crm_unacked_messages",
+        "crm_unlinked_events",
+        "crm_oldest_pending_refresh_seconds",
+    ):
+        status, text = service.request("GET", "/metrics")
+        assert family in text, family
+    status, health = service.request("GET", "/healthz")
+    assert (status, health) == (200, {"status": "ok", "database": "ok", "broker": "ok"})
+
+
+def test_slow_clients_are_dropped_and_hold_no_one_up(service: HttpService) -> None:
+    """Header-trickling clients: each sends a line now and then, never idle, never done."""
+    tricklers = []
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", service.port), timeout=60)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        tricklers.append(sock)
+    # Everyone else is served meanwhile.
+    status, _ = service.request("GET", "/healthz")
+    assert status == 200
+    answers = []
+    for sock in tricklers:
+        received = b""
+        try:
+            while True:
+                with contextlib.suppress(OSError):  # closed already: read what it said
+                    sock.sendall(b"X-Slow: 1\r\n")
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        finally:
+            sock.close()
+        answers.append(received)
+    assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers), answers[:3]
+    assert any(a.startswith(b"HTTP/1.1 408") for a in answers)
+
+
+# -- browsers -------------------------------------------------------------------------------------
+
+
+def test_a_browser_signs_in_with_a_token_and_forms_need_their_csrf_token(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    status, headers, body = service.exchange("GET", "/login")
+    assert status == 200 and b'name="csrf"' in body
+    login_cookie = headers["set-cookie"].split(";", 1)[0]
+    csrf = body.split(b'name="csrf" value="', 1)[1].split(b'"', 1)[0].decode()
+    form = f"csrf={csrf}&token={tokens['read']}&next=/v1/targets/progress".encode()
+    form_headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": login_cookie}
+    status, headers, _ = service.exchange("POST", "/login", form, form_headers)
+    assert status == 303 and headers["location"] == "/v1/targets/progress"
+    [session] = [c for c in headers["set-cookie"].split("\n") if c.startswith("crm_session=")]
+    assert "HttpOnly" in session and "samesite=lax" in session.lower()
+    cookie = session.split(";", 1)[0]
+    status, answer = service.request("GET", "/v1/targets/progress", headers={"Cookie": cookie})
+    assert status == 200 and isinstance(answer, list)
+    # A form posted without the login page's token is refused; a wrong token is not signed in.
+    status, _, _ = service.exchange("POST", "/login", b"token=x&csrf=forged", form_headers)
+    assert status == 403
+    bad = f"csrf={csrf}&token=crm_wrong".encode()
+    status, _, body = service.exchange("POST", "/login", bad, form_headers)
+    assert status == 401 and b'role="alert"' in body
+    # Never a redirect to another site.
+    status, headers, _ = service.exchange(
+        "GET", f"/login?token={tokens['read']}&next=https://evil.example/"
+    )
+    assert status == 303 and headers["location"] == "/"
+
+
+def test_requests_are_logged_without_their_secrets_or_a_traceback(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    """Runs last: every request above is in the log, none of the tokens, no traceback."""
+    service.exchange("GET", f"/login?token={tokens['admin']}&next=/")
+    text = service.log.read_text()
+    assert '"GET /login" 303' in text and '"POST /v1/calls" 400' in text
+    assert "Traceback" not in text
+    for token in tokens.values():
+        assert token not in text

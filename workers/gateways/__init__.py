@@ -1,0 +1,1 @@
+"""The ingress gateways: the HTTP service (http/) and the SMTP/LMTP gateway."""

@@ -1,0 +1,151 @@
+"""Signing a browser in and out, and what the screens share (templates, language).
+
+``/login`` is a form for a token; ``/login?token=T&next=/sellers/anna`` signs a kiosk screen in
+directly. A signed-in browser carries a session cookie (``workers.gateways.http.auth``). The
+screens speak Finnish first and English on request (``?lang=en``, remembered in a cookie).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Any
+from urllib.parse import urlsplit
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from models.db import transaction
+from tasks.access import authenticate
+from workers.gateways.http.auth import COOKIE
+from workers.gateways.http.limits import Problem, read_body
+
+LANG_COOKIE = "crm_lang"
+LOGIN_CSRF_COOKIE = "crm_login_csrf"
+LANGUAGES = ("fi", "en")
+
+
+def service_of(request: Request) -> Any:
+    return request.app.state.service
+
+
+def environment() -> Environment:
+    return Environment(
+        loader=PackageLoader("workers.gateways.http", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def language(request: Request) -> str:
+    asked = request.query_params.get("lang")
+    if asked in LANGUAGES:
+        return asked
+    remembered = request.cookies.get(LANG_COOKIE)
+    return remembered if remembered in LANGUAGES else "fi"
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    lang = language(request)
+
+    def t(en: str, fi: str) -> str:
+        return fi if lang == "fi" else en
+
+    html = (
+        service_of(request)
+        .templates.get_template(template)
+        .render(lang=lang, t=t, request=request, **context)
+    )
+    response = HTMLResponse(html, status_code=status)
+    if request.query_params.get("lang") in LANGUAGES:
+        response.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, samesite="lax", httponly=True)
+    return response
+
+
+def safe_next(target: str | None) -> str:
+    """Only a path of this service: never another site (an open redirect)."""
+    if not target:
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    return target
+
+
+def secure_cookies(request: Request) -> bool:
+    settings = service_of(request).settings
+    return request.url.scheme == "https" or settings.public_base_url.startswith("https://")
+
+
+async def login(request: Request) -> Response:
+    service = service_of(request)
+    target = safe_next(request.query_params.get("next"))
+    token = request.query_params.get("token")
+    if request.method == "GET" and token:
+        # A kiosk screen: the token in the address, once; the session takes over from there.
+        return await sign_in(request, token, target)
+    if request.method == "GET":
+        csrf = secrets.token_urlsafe(24)
+        response = render(request, "login.html.j2", csrf=csrf, next=target, error=None)
+        response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict")
+        return response
+    body = await read_body(request, 16 * 1024)
+    form = await run_in_threadpool(_form, body)
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not hmac.compare_digest(form.get("csrf", ""), expected):
+        raise Problem(403, "the form's CSRF token is missing or wrong: reload the page")
+    del service
+    return await sign_in(request, form.get("token", ""), safe_next(form.get("next")))
+
+
+def _form(body: bytes) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    try:
+        return dict(parse_qsl(body.decode("utf-8"), max_num_fields=10))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Problem(400, f"unreadable form: {exc}") from exc
+
+
+async def sign_in(request: Request, token: str, target: str) -> Response:
+    service = service_of(request)
+
+    def check() -> Any:
+        with transaction(service.sessions) as session:
+            return authenticate(session, token.strip())
+
+    principal = await run_in_threadpool(check)
+    if principal is None:
+        csrf = secrets.token_urlsafe(24)
+        lang = language(request)
+        error = "Tuntematon tai peruttu avain." if lang == "fi" else "Unknown or revoked token."
+        refused = render(request, "login.html.j2", status=401, csrf=csrf, next=target, error=error)
+        refused.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict")
+        return refused
+    response = RedirectResponse(target, status_code=303)
+    await run_in_threadpool(
+        service.browser_sessions.issue, response, principal, secure_cookies(request)
+    )
+    response.delete_cookie(LOGIN_CSRF_COOKIE)
+    return response
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+async def home(request: Request) -> Response:
+    return RedirectResponse("/docs", status_code=303)
+
+
+ROUTES = [
+    Route("/", home, methods=["GET"]),
+    Route("/login", login, methods=["GET", "POST"]),
+    Route("/logout", logout, methods=["POST"]),
+]
