@@ -159,7 +159,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
     )
     server = uvicorn.Server(config)  # SIGTERM and SIGINT: finish what is in hand, then stop
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it a
+    # kept-alive connection waits 40 ms for each answer (Nagle's algorithm, a delayed ACK).
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     listener.listen(2048)  # connections wait in the backlog until the server serves them

@@ -455,6 +455,16 @@ def build_spec() -> APISpec:
             },
         )
     spec.path(
+        path="/livez",
+        operations={
+            "get": {
+                "tags": ["operations"],
+                "summary": "200 while the process answers (no database or broker)",
+                "responses": {"200": {"description": "Alive."}},
+            }
+        },
+    )
+    spec.path(
         path="/healthz",
         operations={
             "get": {

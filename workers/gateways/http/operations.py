@@ -1,4 +1,4 @@
-"""For operators: ``/healthz`` and ``/metrics`` (Prometheus text format).
+"""For operators: ``/livez``, ``/healthz`` and ``/metrics`` (Prometheus text format).
 
 The figures of the workers are read where they are kept, at each scrape: the outcome of every
 message from the ledger (``delivery``), rejections and failures, what waits in each queue and
@@ -217,6 +217,11 @@ async def healthz(request: Request) -> JSONResponse:
     )
 
 
+async def livez(request: Request) -> JSONResponse:
+    """The process answers (no database, no broker): for a liveness probe."""
+    return JSONResponse({"status": "alive"})
+
+
 async def metrics(request: Request) -> Response:
     registry = service_of(request).instruments.registry
     body = await run_in_threadpool(generate_latest, registry)
@@ -224,6 +229,7 @@ async def metrics(request: Request) -> Response:
 
 
 ROUTES = [
+    Route("/livez", livez, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]
