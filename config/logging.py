@@ -21,13 +21,14 @@ from config.settings import Settings
 
 #: The fields a record may claim, in the order they are shown.
 CONTEXT_FIELDS = ("task_name", "task_id", "event_id", "seller")
-_context: ContextVar[dict[str, Any]] = ContextVar("crm_log_context", default={})  # noqa: B039
+_context: ContextVar[dict[str, Any] | None] = ContextVar("crm_log_context", default=None)
 
 
 @contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
     """Within the block, every record logged carries these fields (added to those in force)."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    given = {k: v for k, v in fields.items() if v is not None}
+    token = _context.set({**(_context.get() or {}), **given})
     try:
         yield
     finally:
@@ -35,13 +36,16 @@ def log_context(**fields: Any) -> Iterator[None]:
 
 
 def add_to_log_context(**fields: Any) -> None:
-    """Add fields to the context in force (what the work learnt: its event, its seller)."""
-    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    """Add fields to the context of the block in force (what the work learnt: its event, its
+    seller); outside a ``log_context`` block there is none, and nothing is kept."""
+    current = _context.get()
+    if current is not None:
+        _context.set({**current, **{k: v for k, v in fields.items() if v is not None}})
 
 
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _context.get().items():
+        for key, value in (_context.get() or {}).items():
             if getattr(record, key, None) is None:
                 setattr(record, key, value)
         return True

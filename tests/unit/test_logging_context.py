@@ -38,7 +38,9 @@ def test_json_records_carry_the_context_as_fields(tmp_path: Path) -> None:
         add_to_log_context(event_id=42, seller="7")
         logger.warning("refreshed")
     logger.warning("outside")
-    first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
+    add_to_log_context(event_id=7)  # outside any block: kept nowhere
+    logger.warning("still outside")
+    first, second, third, fourth = (json.loads(line) for line in stream.getvalue().splitlines())
     assert (first["task_id"], first["task_name"], first["message"]) == (
         "t-1",
         "crm.ingest.call",
@@ -47,6 +49,7 @@ def test_json_records_carry_the_context_as_fields(tmp_path: Path) -> None:
     assert "event_id" not in first
     assert (second["event_id"], second["seller"], second["level"]) == (42, "7", "WARNING")
     assert "task_id" not in third and third["logger"] == "crm.test"
+    assert "event_id" not in fourth
 
 
 def test_text_records_name_the_context_after_the_message(tmp_path: Path) -> None:
