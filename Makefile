@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck services clean audit
+.PHONY: demo screens test lint typecheck services clean audit
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(STAMP): requirements-dev.lock pyproject.toml
 venv: $(STAMP)
 
 ## The main job on the embedded default: SQLite and the filesystem broker under ./var/.
+## In a terminal it then serves the screens until Ctrl-C.
 demo: $(STAMP)
 	$(BIN)/crm-events demo
+
+## The screens on the demo's data, with a sign-in address for a token made now (Ctrl-C stops).
+screens: $(STAMP)
+	@token=$$($(BIN)/crm-events token create "screens-$$(date +%s)" --scope admin --staff anna \
+		--json | $(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["token"])') && \
+	echo "Open http://127.0.0.1:8080/login?token=$$token&next=/sellers/anna (Ctrl-C stops)" && \
+	$(BIN)/crm-events serve --port 8080
 
 ## Lint and type checks, then the whole test suite on real PostgreSQL, Redis and worker processes.
 test: $(STAMP) services

@@ -3,22 +3,29 @@
 Starts a worker and beat as child processes, publishes the bundled examples (parties, calls with
 several status updates, Twilio status callbacks and Asterisk CDRs, forwarded emails with
 attachments, visits with memos, and a few bad messages), waits until every one is processed,
-and prints the seller views and target progress.
+and prints the seller views and target progress. The samples' times are moved by whole days so
+that the latest of them is today's: the seller views' week and month are the current ones.
+Run in a terminal, it then serves the screens (``crm-events serve``) until Ctrl-C, with the
+worker still running; otherwise it says how to see them.
 The data stays under the data directory for the other commands to explore.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
@@ -37,6 +44,59 @@ DEMO_TARGETS = (
 
 def default_examples() -> Path:
     return Path(__file__).resolve().parent.parent / "examples"
+
+
+#: A moment in the samples: an ISO date and time (JSON, CSV), or an RFC 5322 date (mail headers,
+#: Twilio's Timestamp). Plain dates stay: they are also parts of ids (c-2026-11-24-0042).
+ISO_MOMENT = re.compile(r"\b(\d{4}-\d{2}-\d{2})([T ]\d{2}:\d{2})")
+RFC_MOMENT = re.compile(
+    r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{1,2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}"
+)
+SAMPLE_SUFFIXES = (".json", ".eml", ".csv")
+
+
+def sample_moments(text: str) -> list[datetime]:
+    """The wall-clock moments a sample names (offsets left out: they are one zone's days)."""
+    found = [datetime.fromisoformat(m[1] + "T" + m[2][1:]) for m in ISO_MOMENT.finditer(text)]
+    for match in RFC_MOMENT.finditer(text):
+        found.append(email.utils.parsedate_to_datetime(match[0]).replace(tzinfo=None))
+    return found
+
+
+def shifted(text: str, days: int) -> str:
+    """The sample with every moment moved by ``days`` whole days (the clock times kept)."""
+
+    def iso(match: re.Match[str]) -> str:
+        day = date.fromisoformat(match[1]) + timedelta(days=days)
+        return day.isoformat() + match[2]
+
+    def rfc(match: re.Match[str]) -> str:
+        moment = email.utils.parsedate_to_datetime(match[0]) + timedelta(days=days)
+        return email.utils.format_datetime(moment)
+
+    return RFC_MOMENT.sub(rfc, ISO_MOMENT.sub(iso, text))
+
+
+def redated_examples(examples: Path, target: Path, zone: ZoneInfo) -> tuple[Path, int]:
+    """A copy of the samples whose latest moment falls on today, at or before now."""
+    files = [p for p in sorted(examples.rglob("*")) if p.suffix in SAMPLE_SUFFIXES]
+    # Latin-1 keeps every byte of a mail as it is through the text round trip.
+    texts = {path: path.read_bytes().decode("latin-1") for path in files}
+    moments = [moment for text in texts.values() for moment in sample_moments(text)]
+    now = datetime.now(zone).replace(tzinfo=None)
+    days = int((now - max(moments)) / timedelta(days=1)) if moments else 0
+    shutil.rmtree(target, ignore_errors=True)
+    for path in sorted(examples.rglob("*")):
+        destination = target / path.relative_to(examples)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        elif path in texts:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(shifted(texts[path], days).encode("latin-1"))
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+    return target, days
 
 
 def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -93,13 +153,59 @@ def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Publis
     return published
 
 
-def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
+def free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found: int = probe.getsockname()[1]
+            return found
+    raise OSError("no free port on 127.0.0.1")
+
+
+def serve_screens(rt: Any, logs: Path) -> None:
+    """Serve the screens on the demo's data until Ctrl-C (the worker keeps running, so new
+    messages show up live), with a sign-in address for a token made for this run."""
+    from tasks.access import create_token
+    from workers.render import console
+
+    with transaction(rt.sessions) as session:
+        _, token = create_token(
+            session, f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}", "admin", "anna"
+        )
+    port = free_port(8080)
+    server = _start(["serve", "--port", str(port)], logs / "serve.log")
+    base = f"http://127.0.0.1:{port}"
+    console.print(
+        f"\n[bold]The screens[/bold] (Ctrl-C stops them):\n"
+        f"  Myyjän näkymä: {base}/login?token={token}&next=/sellers/anna\n"
+        f"  the board: {base}/board · triage: {base}/triage · customer: {base}/customers/10001"
+        f" · API: {base}/docs"
+    )
+    try:
+        while server.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop(server)
+
+
+def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True) -> int:
     from workers.cli.processes import cmd_init_db
     from workers.render import console, progress, seller_view, table
 
-    examples = examples or default_examples()
     settings = rt.settings
     console.print(f"[bold]CRM events demo[/bold] — data in {settings.data_dir.resolve()}")
+    if examples is None:
+        examples, days = redated_examples(
+            default_examples(), settings.data_dir / "demo-examples", settings.zone
+        )
+        console.print(f"the samples' times moved by {days} day(s): the latest is today's")
     if not settings.embedded_broker:
         console.print(f"broker: {settings.effective_broker_url.split('@')[-1]}")
 
@@ -196,6 +302,13 @@ def run_demo(rt: Any, examples: Path | None, timeout: float) -> int:
             "\nExplore: crm-events events · history 10001 · seller-view anna"
             " · targets progress · rejected"
         )
+        if serve and sys.stdin.isatty() and sys.stdout.isatty():
+            serve_screens(rt, logs)
+        else:
+            console.print(
+                "The screens (Myyjän näkymä, the board): [bold]make screens[/bold], then open"
+                " the address it prints."
+            )
         return 0
     finally:
         _stop(worker)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +39,36 @@ def run_json(data_dir: Path, *args: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The demo's data folder, and by how many days it moved the samples' times."""
     data_dir = tmp_path_factory.mktemp("embedded")
     result = run(data_dir, "demo")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Myyjän näkymä" in result.stdout
+    assert "make screens" in result.stdout  # not a terminal: it says how to see the screens
     assert (data_dir / "crm.sqlite3").exists()
-    return data_dir
+    moved = re.search(r"the samples' times moved by (-?\d+) day", result.stdout)
+    assert moved, result.stdout[:2000]
+    return data_dir, int(moved[1])
 
 
-def test_demo_stores_every_sample_once(demo_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_dir(demo_run: tuple[Path, int]) -> Path:
+    return demo_run[0]
+
+
+def test_the_samples_are_dated_so_that_the_latest_is_today(demo_run: tuple[Path, int]) -> None:
+    data_dir = demo_run[0]
+    events = run_json(data_dir, "events")
+    latest = max(datetime.fromisoformat(e["occurred_at"]) for e in events)
+    now = datetime.now(latest.tzinfo)
+    assert latest <= now and now - latest < timedelta(days=1)
+    this_week = [c["count_week"] for c in run_json(data_dir, "seller-view", "anna")]
+    assert sum(this_week) > 0  # the seller view's current week has the samples in it
+
+
+def test_demo_stores_every_sample_once(demo_run: tuple[Path, int]) -> None:
+    demo_dir, days = demo_run
     events = run_json(demo_dir, "events")
     by_source = {(e["source_kind"], e["source_id"]) for e in events}
     assert len(by_source) == len(events) == 12
@@ -64,7 +86,8 @@ def test_demo_stores_every_sample_once(demo_dir: Path) -> None:
     unanswered = next(e for e in events if e["source"] == "asterisk" and not e["duration_s"])
     assert (unanswered["link_state"], unanswered["customer_number"]) == ("unlinked", None)
     forwarded = next(e for e in events if e["source_id"] == "fwd-20261120090500.77@myyntitalo.fi")
-    assert forwarded["occurred_at"] == "2026-11-20T08:41:03+02:00"
+    sampled = datetime.fromisoformat("2026-11-20T08:41:03+02:00")  # the forwarded mail's date
+    assert forwarded["occurred_at"] == (sampled + timedelta(days=days)).isoformat()
     assert "Laiteluettelo_kevät_2027.pdf" in [d["filename"] for d in forwarded["documents"]]
 
 
@@ -99,10 +122,17 @@ def test_seller_view_counts_equal_lists_and_progress_has_targets(demo_dir: Path)
     for card in cards:
         assert card["count_week"] == sum(e["in_week"] for e in card["events"])
         assert card["count_month"] == sum(e["in_month"] for e in card["events"])
-    rows = run_json(demo_dir, "targets", "progress", "--seller", "anna", "--period", "2026-11")
-    visits = next(r for r in rows if r["category"] == "customer_visit")
-    assert visits["actual"] == 2  # the field-app visit and the crm+visit@ memo
-    assert {"seller", "category", "period", "target", "actual"} <= set(visits)
+    # The field-app visit and the crm+visit@ memo, counted in the months they fall in.
+    visits = run_json(demo_dir, "events", "--seller", "anna", "--category", "customer_visit")
+    assert len(visits) == 2
+    months = {e["occurred_at"][:7] for e in visits}
+    counted = 0
+    for month in months:
+        rows = run_json(demo_dir, "targets", "progress", "--seller", "anna", "--period", month)
+        row = next(r for r in rows if r["category"] == "customer_visit")
+        assert {"seller", "category", "period", "target", "actual"} <= set(row)
+        counted += row["actual"]
+    assert counted == 2
 
 
 def test_history_and_reconcile(demo_dir: Path) -> None:

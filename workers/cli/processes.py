@@ -99,7 +99,10 @@ def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
     from workers.demo import run_demo
 
     return run_demo(
-        rt, examples=Path(args.examples) if args.examples else None, timeout=args.timeout
+        rt,
+        examples=Path(args.examples) if args.examples else None,
+        timeout=args.timeout,
+        serve=not args.no_serve,
     )
 
 
@@ -135,6 +138,11 @@ def register(sub: Any, add: AddCommand) -> None:
     p = add("demo", cmd_demo, "the embedded end-to-end run on the bundled examples")
     p.add_argument("--examples", help="folder of example messages (default: the bundled examples)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="end after the run (in a terminal, the demo otherwise serves the screens)",
+    )
 
     p = add("smtp-gateway", cmd_smtp_gateway, "receive mail for the CRM addresses and enqueue it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
