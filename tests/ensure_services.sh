@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the PostgreSQL and Redis the tests use answer on loopback: use them when they do,
+# Make sure the PostgreSQL and Redis the tests use answer on loopback, and that Chromium is there
+# for the browser tests: use them when they do,
 # start them from installed binaries when they don't, install them (Debian packages, as root)
 # when they are missing. Never skips: if a service cannot be had, this fails the run.
 set -euo pipefail
@@ -30,6 +31,10 @@ apt_install() {
   apt-get update -qq
   apt-get install -y -qq "$@" >/dev/null
 }
+
+# The screens are tested in a real browser: Debian's Chromium, driven by Playwright (which may not
+# download a browser of its own here).
+command -v chromium >/dev/null || apt_install chromium
 
 # Explicit URLs mean someone else runs the services: only check that they answer.
 if [ -n "${CRM_TEST_DATABASE_URL:-}" ] || [ -n "${CRM_TEST_REDIS_URL:-}" ]; then

@@ -470,10 +470,91 @@ def test_a_browser_signs_in_with_a_token_and_forms_need_their_csrf_token(
 def test_requests_are_logged_without_their_secrets_or_a_traceback(
     service: HttpService, tokens: dict[str, str]
 ) -> None:
-    """Runs last: every request above is in the log, none of the tokens, no traceback."""
+    """Every request above is in the log, none of the tokens, no traceback."""
     service.exchange("GET", f"/login?token={tokens['admin']}&next=/")
     text = service.log.read_text()
     assert '"GET /login" 303' in text and '"POST /v1/calls" 400' in text
     assert "Traceback" not in text
     for token in tokens.values():
         assert token not in text
+
+
+# -- the screens: who may see them, and nothing a sender wrote runs in them -----------------------
+
+
+def session_cookie(service: HttpService, token: str) -> str:
+    status, headers, _ = service.exchange("GET", f"/login?token={token}&next=/")
+    assert status == 303
+    [cookie] = [c for c in headers["set-cookie"].split("\n") if c.startswith("crm_session=")]
+    return cookie.split(";", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "path", [f"/sellers/{SELLER}", "/board", f"/customers/{CUSTOMER}", "/triage"]
+)
+def test_each_screen_needs_a_signed_in_reader(
+    service: HttpService, tokens: dict[str, str], path: str
+) -> None:
+    status, page = service.request("GET", path)
+    assert status == 401 and 'name="token"' in page  # the sign-in form, to come back here
+    status, page = service.request("GET", path, headers={"Cookie": "crm_session=forged.x.y"})
+    assert status == 401
+    cookie = session_cookie(service, tokens["ingest"])
+    status, page = service.request("GET", path, headers={"Cookie": cookie})
+    assert status == 403
+    for scope in ("read", "admin"):
+        cookie = session_cookie(service, tokens[scope])
+        status, page = service.request("GET", path, headers={"Cookie": cookie})
+        assert status == 200, (scope, page[:500])
+
+
+def test_linking_in_triage_needs_the_admin_scope_and_the_forms_csrf_token(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    reader = session_cookie(service, tokens["read"])
+    status, _ = service.request("POST", "/triage/1/link", b"customer=1", {**form, "Cookie": reader})
+    assert status == 403
+    admin = session_cookie(service, tokens["admin"])
+    status, answer = service.request(
+        "POST", "/triage/1/link", b"customer=1&csrf=forged", {**form, "Cookie": admin}
+    )
+    assert status == 403 and "CSRF" in answer["error"]
+
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def test_nothing_a_sender_wrote_is_markup_on_a_screen(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    party = {"schema": "crm.party/1", "source_system": "erp"}
+    [done] = world.publish(
+        "party",
+        [{**party, "kind": "contact", "customer_number": CUSTOMER, "name": f"Vilja {HOSTILE}",
+          "email": "vilja@verkkotesti.fi"}],
+    )  # fmt: skip
+    assert done.outcome == "done"
+    now = datetime.now(UTC).replace(microsecond=0)
+    hostile_visit = {**visit(now, f"Käynti {HOSTILE}"), "memo": f"Muistio {HOSTILE}",
+                     "contacts": ["vilja@verkkotesti.fi"]}  # fmt: skip
+    status, answer = post(service, "/v1/visits", hostile_visit, tokens["ingest"])
+    assert status == 202
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    raw = mail_with_attachment(b"%PDF-1.4\n%%EOF\n", f"{HOSTILE}.pdf")
+    status, answer = service.request(
+        "POST", "/v1/emails", raw, {"Content-Type": "message/rfc822", **auth(tokens["ingest"])}
+    )
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    unlinked = {**call(1, now, f"hostile-{uuid.uuid4().hex[:6]}"), "from": "+358 40 999 8877",
+                "agent": None, "note": HOSTILE}  # fmt: skip
+    status, answer = post(service, "/v1/calls", unlinked, tokens["ingest"])
+    assert outcomes(world, answer["task_ids"]) == ["stored"]
+    cookie = session_cookie(service, tokens["admin"])
+    for path in (f"/sellers/{SELLER}", f"/customers/{CUSTOMER}", "/triage", "/board"):
+        status, page = service.request("GET", path, headers={"Cookie": cookie})
+        assert status == 200
+        assert "<script>alert" not in page and "<img src=x" not in page, path
+    status, page = service.request("GET", f"/customers/{CUSTOMER}", headers={"Cookie": cookie})
+    assert "Käynti &lt;script&gt;" in page and "Muistio &lt;script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from config.settings import Settings
 from models.db import create_db_engine, create_session_factory
 from tasks.errors import BadInput
-from workers.gateways.http import api, openapi, operations, pages, stream, webhooks
+from workers.gateways.http import api, openapi, operations, pages, screens, stream, webhooks
 from workers.gateways.http.auth import Sessions
 from workers.gateways.http.limits import DeadlineProtocol, Problem
 from workers.gateways.http.operations import Instruments, Measure
@@ -113,6 +113,7 @@ def create_service(settings: Settings, celery_app: Any | None = None) -> Starlet
         *operations.ROUTES,
         *openapi.ROUTES,
         *pages.ROUTES,
+        *screens.ROUTES,
         Mount("/static", StaticFiles(packages=[("workers.gateways.http", "static")])),
     ]
     application = Starlette(

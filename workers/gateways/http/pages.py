@@ -66,6 +66,29 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
     return response
 
 
+def login_form(
+    request: Request,
+    target: str,
+    *,
+    status: int = 200,
+    error: str | None = None,
+    sign_in_first: bool = False,
+) -> HTMLResponse:
+    """The sign-in form, with the CSRF token its post must carry (also set as a cookie)."""
+    csrf = secrets.token_urlsafe(24)
+    response = render(
+        request,
+        "login.html.j2",
+        status=status,
+        csrf=csrf,
+        next=safe_next(target),
+        error=error,
+        sign_in_first=sign_in_first,
+    )
+    response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict")
+    return response
+
+
 def safe_next(target: str | None) -> str:
     """Only a path of this service: never another site (an open redirect)."""
     if not target:
@@ -82,23 +105,18 @@ def secure_cookies(request: Request) -> bool:
 
 
 async def login(request: Request) -> Response:
-    service = service_of(request)
     target = safe_next(request.query_params.get("next"))
     token = request.query_params.get("token")
     if request.method == "GET" and token:
         # A kiosk screen: the token in the address, once; the session takes over from there.
         return await sign_in(request, token, target)
     if request.method == "GET":
-        csrf = secrets.token_urlsafe(24)
-        response = render(request, "login.html.j2", csrf=csrf, next=target, error=None)
-        response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict")
-        return response
+        return login_form(request, target)
     body = await read_body(request, 16 * 1024)
     form = await run_in_threadpool(_form, body)
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not expected or not hmac.compare_digest(form.get("csrf", ""), expected):
         raise Problem(403, "the form's CSRF token is missing or wrong: reload the page")
-    del service
     return await sign_in(request, form.get("token", ""), safe_next(form.get("next")))
 
 
@@ -120,12 +138,9 @@ async def sign_in(request: Request, token: str, target: str) -> Response:
 
     principal = await run_in_threadpool(check)
     if principal is None:
-        csrf = secrets.token_urlsafe(24)
         lang = language(request)
         error = "Tuntematon tai peruttu avain." if lang == "fi" else "Unknown or revoked token."
-        refused = render(request, "login.html.j2", status=401, csrf=csrf, next=target, error=error)
-        refused.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, httponly=True, samesite="strict")
-        return refused
+        return login_form(request, target, status=401, error=error)
     response = RedirectResponse(target, status_code=303)
     await run_in_threadpool(
         service.browser_sessions.issue, response, principal, secure_cookies(request)
@@ -140,12 +155,7 @@ async def logout(request: Request) -> Response:
     return response
 
 
-async def home(request: Request) -> Response:
-    return RedirectResponse("/docs", status_code=303)
-
-
 ROUTES = [
-    Route("/", home, methods=["GET"]),
     Route("/login", login, methods=["GET", "POST"]),
     Route("/logout", logout, methods=["POST"]),
 ]

@@ -1,5 +1,6 @@
 """``GET /v1/stream/sellers/{username}``: server-sent events, one each time the seller's view
-changes, for screens (a browser cannot subscribe to Redis).
+changes, for screens (a browser cannot subscribe to Redis); ``/v1/stream/teams/{username}`` the
+same for every seller whose manager that is (the board).
 
 Each seller refresh publishes a notification on the Redis channel ``crm.seller.<username>``
 (``tasks.refresh.publish_notification``); the stream passes each one on as an event ``view``
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from models.parties import Staff
 from models.targets import SellerCard
 from tasks.views import staff_by_username
 from workers.gateways.http.api import principal_for, service_of
@@ -41,19 +43,44 @@ def sse(event: str, data: Any) -> bytes:
 
 async def seller_stream(request: Request) -> StreamingResponse:
     await principal_for(request, "read")
-    service = service_of(request)
     username = request.path_params["username"]
+    return await stream_of(request, username, lambda staff: [staff])
 
-    def seller_id() -> int | None:
+
+async def team_stream(request: Request) -> StreamingResponse:
+    """The manager's board: one stream for all the sellers whose manager they are."""
+    await principal_for(request, "read")
+    username = request.path_params["username"]
+    return await stream_of(request, username, team_of)
+
+
+def team_of(manager: Staff) -> list[Staff]:
+    from sqlalchemy.orm import object_session
+
+    session = object_session(manager)
+    assert session is not None
+    return list(
+        session.scalars(select(Staff).where(Staff.manager_id == manager.id, Staff.active.is_(True)))
+    )
+
+
+async def stream_of(request: Request, username: str, whom: Any) -> StreamingResponse:
+    service = service_of(request)
+
+    def sellers() -> list[tuple[int, str]] | None:
         with service.sessions() as session:
             staff = staff_by_username(session, username)
-            return staff.id if staff else None
+            return None if staff is None else [(s.id, s.username) for s in whom(staff)]
 
-    found = await run_in_threadpool(seller_id)
+    found = await run_in_threadpool(sellers)
     if found is None:
         raise Problem(404, f"no staff member {username!r}")
     url = service.settings.effective_redis_url
-    changes = redis_changes(url, username) if url else polled_changes(service, found, username)
+    changes = (
+        redis_changes(url, [name for _, name in found])
+        if url
+        else polled_changes(service, dict(found))
+    )
     return StreamingResponse(
         events(changes, username),
         media_type="text/event-stream",
@@ -68,13 +95,17 @@ async def events(changes: AsyncIterator[Any], username: str) -> AsyncIterator[by
         yield b": keepalive\n\n" if change is None else sse("view", change)
 
 
-async def redis_changes(url: str, username: str) -> AsyncIterator[Any]:
+async def redis_changes(url: str, usernames: list[str]) -> AsyncIterator[Any]:
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(url)
     pubsub = client.pubsub()
     try:
-        await pubsub.subscribe(f"crm.seller.{username}")
+        if not usernames:
+            while True:  # no one to follow: keep the stream open, quietly
+                await asyncio.sleep(KEEPALIVE_S)
+                yield None
+        await pubsub.subscribe(*(f"crm.seller.{name}" for name in usernames))
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE_S)
             if message is None:
@@ -89,11 +120,19 @@ async def redis_changes(url: str, username: str) -> AsyncIterator[Any]:
         await client.aclose()
 
 
-async def polled_changes(service: Any, seller_id: int, username: str) -> AsyncIterator[Any]:
-    def latest() -> datetime | None:
+async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator[Any]:
+    """Without Redis: the latest computation of each seller's cards, twice a second."""
+
+    def latest() -> dict[int, datetime]:
+        if not sellers:
+            return {}
         with service.sessions() as session:
-            return session.scalar(
-                select(func.max(SellerCard.computed_at)).where(SellerCard.seller_id == seller_id)
+            return dict(
+                session.execute(
+                    select(SellerCard.seller_id, func.max(SellerCard.computed_at))
+                    .where(SellerCard.seller_id.in_(list(sellers)))
+                    .group_by(SellerCard.seller_id)
+                ).all()
             )
 
     seen = await run_in_threadpool(latest)
@@ -101,14 +140,23 @@ async def polled_changes(service: Any, seller_id: int, username: str) -> AsyncIt
     while True:
         await asyncio.sleep(POLL_S)
         current = await run_in_threadpool(latest)
-        if current is not None and current != seen:
-            seen, quiet = current, 0.0
-            yield {"seller": username, "seller_id": seller_id, "computed_at": current.isoformat()}
-        else:
+        changed = [s for s, moment in current.items() if seen.get(s) != moment]
+        seen = current
+        for seller_id in changed:
+            quiet = 0.0
+            yield {
+                "seller": sellers[seller_id],
+                "seller_id": seller_id,
+                "computed_at": current[seller_id].isoformat(),
+            }
+        if not changed:
             quiet += POLL_S
             if quiet >= KEEPALIVE_S:
                 quiet = 0.0
                 yield None
 
 
-ROUTES = [Route("/v1/stream/sellers/{username:str}", seller_stream, methods=["GET"])]
+ROUTES = [
+    Route("/v1/stream/sellers/{username:str}", seller_stream, methods=["GET"]),
+    Route("/v1/stream/teams/{username:str}", team_stream, methods=["GET"]),
+]
