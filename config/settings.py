@@ -265,12 +265,22 @@ def _parse_schedule(kind: str) -> Callable[[str], str]:
 
 
 def _parse_cards(raw: str) -> tuple[tuple[str, str], ...]:
+    """``category``, ``category=Title``, ``class:code`` or ``class:code=Title`` items."""
     cards = []
     for item in _parse_list(raw):
         code, _, title = item.partition("=")
-        if not code.strip():
-            raise ValueError(f"expected category or category=Title items, got {item!r}")
-        cards.append((code.strip(), title.strip()))
+        code = code.strip()
+        if (
+            not code
+            or code == "class:"
+            or code.count(":") > 1
+            or (":" in code and not code.startswith("class:"))
+        ):
+            raise ValueError(
+                f"expected category, category=Title, class:code or class:code=Title items,"
+                f" got {item!r}"
+            )
+        cards.append((code, title.strip()))
     return tuple(cards)
 
 

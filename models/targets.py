@@ -74,7 +74,8 @@ class SellerCard(Base):
     __tablename__ = "seller_card"
 
     seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True)
-    card: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: The category, or ``class:<code>`` for a card of a class.
+    card: Mapped[str] = mapped_column(String(50), primary_key=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JsonValue)
     computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -106,12 +106,12 @@ def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[
     session.execute(
         delete(SellerCard).where(
             SellerCard.seller_id == seller_id,
-            SellerCard.card.not_in([card["category"] for card in cards]),
+            SellerCard.card.not_in([card["key"] for card in cards]),
         )
     )
     for card in cards:
         statement = upsert_insert(session, SellerCard.__table__).values(
-            seller_id=seller_id, card=card["category"], payload=card, computed_at=utcnow()
+            seller_id=seller_id, card=card["key"], payload=card, computed_at=utcnow()
         )
         session.execute(
             statement.on_conflict_do_update(
@@ -123,9 +123,7 @@ def refresh_seller(session: Session, ctx: StageContext, seller_id: int) -> dict[
         "seller": seller.username,
         "seller_id": seller.id,
         "tallies": tallies,
-        "cards": {
-            c["category"]: {"week": c["count_week"], "month": c["count_month"]} for c in cards
-        },
+        "cards": {c["key"]: {"week": c["count_week"], "month": c["count_month"]} for c in cards},
     }
 
 

@@ -5,7 +5,7 @@ A card's counts and its event list are computed from one query result, so they a
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.catalogue import Category, EventType
+from models.catalogue import Category, EventClass, EventType
 from models.documents import EventDocument
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.parties import Contact, Customer, Staff
@@ -294,9 +294,19 @@ def targets_progress(
 
 @dataclass(frozen=True)
 class CardDefinition:
-    category: Category
+    """One card of the seller view: the events of a category, or of a class (laji)."""
+
+    #: ``category`` or ``class``
+    kind: str
+    code: str
     title: str
     title_en: str
+    #: The category of a category card (its targets); None for a class card.
+    category: Category | None
+
+    @property
+    def key(self) -> str:
+        return self.code if self.kind == "category" else f"class:{self.code}"
 
 
 def card_definitions(
@@ -304,24 +314,40 @@ def card_definitions(
 ) -> list[CardDefinition]:
     """The seller view's cards: ``CRM_SELLER_CARDS`` when set, else one per category.
 
-    A card's default title is the name of its category's type (DESIGN §3: CRM-tapahtumat,
-    Liidit, Myyntitoimenpiteet, Asiakaskäynnit); a configured ``category=Title`` overrides it.
-    A configured category that does not exist (any more) is left out.
+    A category card's default title is the name of its category's type (DESIGN §3:
+    CRM-tapahtumat, Liidit, Myyntitoimenpiteet, Asiakaskäynnit), or the category's own name where
+    another card has the same type; a class card (``class:sales``, the seed: the class shapes the
+    cards too) is titled by the class. A configured ``=Title`` overrides both. A configured
+    category or class that does not exist (any more) is left out.
     """
     categories = {c.code: c for c in session.scalars(select(Category).order_by(Category.position))}
     types = {t.code: t for t in session.scalars(select(EventType))}
+    classes = {c.code: c for c in session.scalars(select(EventClass))}
     chosen = list(configured) or [(code, "") for code in categories]
+    type_uses = Counter(categories[code].default_type for code, _ in chosen if code in categories)
     cards = []
     for code, title in chosen:
+        if code.startswith("class:"):
+            found = classes.get(code.removeprefix("class:"))
+            if found is not None:
+                cards.append(
+                    CardDefinition(
+                        "class", found.code, title or found.name_fi, title or found.name_en, None
+                    )
+                )
+            continue
         category = categories.get(code)
         if category is None:
             continue
         kind = types.get(category.default_type)
+        named = kind if kind is not None and type_uses[category.default_type] == 1 else None
         cards.append(
             CardDefinition(
+                "category",
+                category.code,
+                title or (named.name_fi if named else category.name_fi),
+                title or (named.name_en if named else category.name_en),
                 category,
-                title or (kind.name_fi if kind else category.name_fi),
-                title or (kind.name_en if kind else category.name_en),
             )
         )
     return cards
@@ -345,6 +371,8 @@ def seller_cards(
     week_start, week_end = period_bounds(week, zone)
     month_start, month_end = period_bounds(month, zone)
     definitions = card_definitions(session, cards)
+    category_codes = [d.code for d in definitions if d.kind == "category"]
+    class_codes = [d.code for d in definitions if d.kind == "class"]
     # Only the listed columns: a month of a busy seller's events is thousands of rows, and the
     # whole rows (bodies, details) cost the refresh far more than the cards need.
     rows = session.execute(
@@ -354,11 +382,15 @@ def seller_cards(
             CrmEvent.subject,
             CrmEvent.status,
             CrmEvent.category_code,
+            CrmEvent.class_code,
         )
         .where(
             CrmEvent.seller_id == seller.id,
             CrmEvent.cancelled.is_(False),
-            CrmEvent.category_code.in_([d.category.code for d in definitions]),
+            or_(
+                CrmEvent.category_code.in_(category_codes),
+                CrmEvent.class_code.in_(class_codes),
+            ),
             or_(
                 and_(CrmEvent.occurred_at >= week_start, CrmEvent.occurred_at < week_end),
                 and_(CrmEvent.occurred_at >= month_start, CrmEvent.occurred_at < month_end),
@@ -366,9 +398,10 @@ def seller_cards(
         )
         .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
     ).all()
-    by_category: dict[str, list[Any]] = defaultdict(list)
+    by_card: dict[str, list[Any]] = defaultdict(list)
     for event in rows:
-        by_category[event.category_code].append(event)
+        by_card[event.category_code].append(event)
+        by_card[f"class:{event.class_code}"].append(event)
     follow_ups = session.execute(
         select(FollowUp, CrmEvent.category_code, CrmEvent.subject)
         .join(CrmEvent, CrmEvent.id == FollowUp.event_id)
@@ -384,17 +417,20 @@ def seller_cards(
                 "occurred_at": e.occurred_at.astimezone(zone).isoformat(),
                 "subject": e.subject,
                 "status": e.status,
+                "category": e.category_code,
                 "in_week": week_start <= e.occurred_at < week_end,
                 "in_month": month_start <= e.occurred_at < month_end,
             }
-            for e in by_category.get(category.code, [])
+            for e in by_card.get(definition.key, [])
         ]
         count_week = sum(1 for e in listed if e["in_week"])
         count_month = sum(1 for e in listed if e["in_month"])
         card: dict[str, Any] = {
             "card": definition.title,
             "card_en": definition.title_en,
-            "category": category.code,
+            "key": definition.key,
+            "category": category.code if category else None,
+            "class": definition.code if definition.kind == "class" else None,
             "week": week,
             "month": month,
             "count_week": count_week,
@@ -403,11 +439,11 @@ def seller_cards(
             "follow_ups": [
                 {"event_id": f.event_id, "reason": f.reason, "subject": subject}
                 for f, code, subject in follow_ups
-                if code == category.code
+                if category is not None and code == category.code
             ],
             "target": None,
         }
-        if category.sales_target:
+        if category is not None and category.sales_target:
             weekly = target_in_force(session, seller.id, category.code, week)
             monthly = target_in_force(session, seller.id, category.code, month)
             card["target"] = {

@@ -250,3 +250,71 @@ def test_deleting_a_missing_event_is_an_error(world: Session) -> None:
     with pytest.raises(BadInput) as caught:
         delete_event(world, 987654321)
     assert caught.value.reason == "no event 987654321"
+
+
+def test_a_class_card_lists_the_events_of_its_class(world: Session, ctx: StageContext) -> None:
+    """``class:sales``: the seed lets the class shape the cards; a card of the sales class lists
+    sales actions and customer visits together, with no target of its own."""
+    ingest_call(world, ctx, call("c-1", "2026-11-24T09:00:00+02:00", category="sales_action"))
+    ingest_visit(world, ctx, visit("c-2", "2026-11-25T10:00:00+02:00"))
+    ingest_call(world, ctx, call("c-3", "2026-11-25T11:00:00+02:00"))  # crm_event: class events
+    configured = (("class:sales", ""), ("class:events", "Muut"), ("class:nope", ""))
+    cards = seller_cards(
+        world, staff(world, "anna"), now=datetime(2026, 11, 26, tzinfo=HELSINKI), cards=configured
+    )
+    assert [(c["card"], c["card_en"], c["key"], c["class"], c["category"]) for c in cards] == [
+        ("Myynti", "Sales", "class:sales", "sales", None),
+        ("Muut", "Muut", "class:events", "events", None),
+    ]
+    sales = cards[0]
+    assert {e["category"] for e in sales["events"]} == {"sales_action", "customer_visit"}
+    assert (sales["count_week"], sales["target"], sales["follow_ups"]) == (2, None, [])
+    assert cards[1]["count_week"] == 1
+    assert_counts_equal_lists(cards)
+
+
+def test_a_class_card_is_refreshed_and_stored_under_its_key(
+    world: Session, ctx: StageContext
+) -> None:
+    anna = staff(world, "anna")
+    ingest_visit(world, ctx, visit("k-1", "2026-11-25T10:00:00+02:00"))
+    configured = StageContext(
+        ctx.settings.__class__(
+            **{**ctx.settings.__dict__, "seller_cards": (("class:sales", ""), ("lead", ""))}
+        )
+    )
+    notification = refresh_seller(world, configured, anna.id)
+    assert notification is not None
+    assert set(notification["cards"]) == {"class:sales", "lead"}
+    stored = world.scalars(select(SellerCard.card).where(SellerCard.seller_id == anna.id)).all()
+    assert sorted(stored) == ["class:sales", "lead"]
+
+
+def test_two_cards_of_one_type_are_titled_by_their_categories(world: Session) -> None:
+    """Titles by type would be ambiguous where two chosen categories share a type."""
+    from models.catalogue import Category
+
+    lead = world.get(Category, "lead")
+    assert lead is not None
+    lead.default_type = "sales_action"
+    world.flush()
+    cards = seller_cards(world, staff(world, "anna"), now=datetime(2026, 11, 26, tzinfo=HELSINKI))
+    titles = [c["card"] for c in cards]
+    assert len(set(titles)) == len(titles), titles
+    assert titles[:2] == ["CRM-tapahtumat", lead.name_fi]
+
+
+def test_the_cards_setting_reads_categories_and_classes() -> None:
+    from config.settings import ConfigError, load_settings
+
+    settings = load_settings(
+        {"CRM_SELLER_CARDS": "sales_action, customer_visit=Käynnit, class:sales=Kaikki"}
+    )
+    assert settings.seller_cards == (
+        ("sales_action", ""),
+        ("customer_visit", "Käynnit"),
+        ("class:sales", "Kaikki"),
+    )
+    for wrong in ("class:", "type:sales", "class:a:b", "=Title"):
+        with pytest.raises(ConfigError, match="CRM_SELLER_CARDS"):
+            load_settings({"CRM_SELLER_CARDS": wrong})

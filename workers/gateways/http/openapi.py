@@ -99,7 +99,13 @@ class EventPageSchema(Schema):
 class CardSchema(Schema):
     card = fields.String(metadata={"description": "The card's title (Finnish)."})
     card_en = fields.String()
-    category = fields.String()
+    key = fields.String(
+        metadata={"description": "The category code, or class:<code> for a card of a class."}
+    )
+    category = fields.String(allow_none=True, metadata={"description": "Null on a class card."})
+    class_ = fields.String(
+        data_key="class", allow_none=True, metadata={"description": "Null on a category card."}
+    )
     week = fields.String(metadata={"description": "ISO week, e.g. 2026-W48."})
     month = fields.String(metadata={"description": "Month, e.g. 2026-11."})
     count_week = fields.Integer()
