@@ -273,7 +273,10 @@ def test_the_health_check_tells_a_pool_that_makes_no_progress(
     from workers.publish import wait_for
 
     assert healthcheck(live, misbehaving.node).returncode == 0
-    [pool_process] = children(misbehaving.worker.pid)
+    # A message done proves a live pool process; one killed just before (the time limit tests)
+    # may linger as a zombie until the main process reaps it, so it is not the one to stop.
+    assert publish_and_wait(live, misbehaving, STALL_TASK, {"seconds": 0}, 60).outcome == "done"
+    [pool_process] = [pid for pid in children(misbehaving.worker.pid) if not zombie(pid)]
     os.kill(pool_process, signal.SIGSTOP)  # it answers nothing, starts nothing
     try:
         task_id = str(uuid.uuid4())
@@ -298,6 +301,15 @@ def children(pid: int) -> list[int]:
     for path in Path(f"/proc/{pid}/task").glob("*/children"):
         found += [int(p) for p in path.read_text().split()]
     return found
+
+
+def zombie(pid: int) -> bool:
+    """Dead and not yet reaped by its parent (or gone already)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 if __name__ == "__main__":
