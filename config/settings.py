@@ -123,6 +123,10 @@ class Settings:
     seller_cards: tuple[tuple[str, str], ...] = ()
     #: ``user:password`` (several separated by commas) that Flower demands (docs/security.md).
     flower_basic_auth: str = field(default="", repr=False)
+    #: Task events (what Flower's task list shows): ``always`` sends them from every worker and
+    #: publisher; ``on-demand`` (the default) sends them only once a monitor asks for them
+    #: (Flower does, every few seconds while it runs), sparing each message their cost otherwise.
+    task_events: str = "on-demand"
     #: Message signing (docs/security.md): the private key that signs, its certificate, and the
     #: directory of certificates whose signatures are accepted. All three or none; when set,
     #: every process signs what it publishes and accepts only signed messages.
@@ -395,6 +399,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_concurrency": _parse_positive_int,
     "log_level": _parse_choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "log_json": _parse_bool,
+    "task_events": _parse_choice("on-demand", "always"),
     "smtp_port": _parse_positive_int,
     "smtp_starttls": _parse_bool,
     "recording_fetch": _parse_bool,

@@ -77,8 +77,10 @@ def create_app(settings: Settings) -> Celery:
         worker_consumer="workers.transport.consumer:RecordingConsumer",
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
-        worker_send_task_events=not settings.embedded_broker,
-        task_send_sent_event=not settings.embedded_broker,
+        # Task events cost a worker about half a millisecond of CPU per message (bench/README.md):
+        # on demand, a worker sends them once a monitor asks (Flower does while it runs).
+        worker_send_task_events=settings.task_events == "always" and not settings.embedded_broker,
+        task_send_sent_event=settings.task_events == "always" and not settings.embedded_broker,
         timezone=settings.time_zone,
         enable_utc=True,
         beat_schedule=BEAT_SCHEDULE,

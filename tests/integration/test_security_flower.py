@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def test_flower_reads_the_queue_lengths_and_its_broker_page(flower: Flower) -> N
     assert "crm.ingest.call" in queues and all(isinstance(n, int) for n in queues.values())
     status, body = get(flower.port, "/broker", f"{USER}:{PASSWORD}")
     assert status == 200 and b"crm.ingest.email" in body
+
+
+def test_flower_switches_the_task_events_on(live: LiveSystem, flower: Flower) -> None:
+    """Workers send no task events until a monitor asks (CRM_TASK_EVENTS=on-demand): Flower
+    asks as it runs, and the messages processed from then on are in its task list."""
+    from tests.messages import outbound_call
+
+    deadline = time.monotonic() + 90
+    while True:
+        [delivery] = live.publish(
+            "call", [outbound_call(f"flower-{uuid.uuid4()}", "2001-03-05T10:00:00+02:00")]
+        )
+        status, body = get(flower.port, "/api/tasks?limit=1000", f"{USER}:{PASSWORD}")
+        assert status == 200, body
+        if delivery.task_id in json.loads(body):
+            break
+        assert time.monotonic() < deadline, f"not in Flower's task list: {delivery.task_id}"
 
 
 def test_metrics_and_healthcheck_need_no_credentials(flower: Flower) -> None:
