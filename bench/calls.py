@@ -6,8 +6,8 @@ Measures, in the same run and on the same broker, database and settings:
   completed update once more, as a webhook retry does), published round by round as a PBX
   with many calls in progress sends them (every call's ringing, then every call's answer, …),
   all from one sample contact. The clock runs from the first publish until every update has
-  its ``delivery`` row and the sellers' tallies are refreshed (``tally_touch`` and
-  ``refresh_request`` empty). Reported as updates/s.
+  its ``delivery`` row and the sellers' views are refreshed (``refresh_request`` empty).
+  Reported as updates/s.
 * no-op: N×4 ``bench.noop`` tasks (bench/noop_worker.py: the same Celery app and delivery
   settings, a task that only increments a Redis counter). Reported as tasks/s.
 
@@ -116,11 +116,11 @@ def run_calls(world: Any, run_id: str, tag: str, calls: int, timeout: float) -> 
             )
         stored = None
         while True:
-            done, touches, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
+            done, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
             now = time.perf_counter() - start
             if done >= len(messages) and stored is None:
                 stored = now
-            if done >= len(messages) and touches == 0 and requests == 0:
+            if done >= len(messages) and requests == 0:
                 break
             if now > timeout:
                 raise helpers.BenchError(

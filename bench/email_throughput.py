@@ -9,7 +9,7 @@ Three measurements on a scratch PostgreSQL database and a dedicated Redis databa
 * **end to end**: N such emails published as ``crm.ingest.email`` messages (``raw_b64``) to a
   real ``crm-events worker --concurrency 2`` over Redis; the clock runs from the first publish
   until every message has its ``delivery`` row (stored) and the sellers' tallies are refreshed
-  (``tally_touch`` and ``refresh_request`` empty). Reported as emails/s (median).
+  (``refresh_request`` empty). Reported as emails/s (median).
 * **no-op baseline**, alternating with the end-to-end runs: N ``bench.noop`` tasks through
   bench/noop_worker.py (the same Celery app and delivery settings, a task that only increments
   a Redis counter): the ceiling the broker and the prefork pool give on this machine now.
@@ -130,9 +130,9 @@ def publish_and_wait(world: Any, messages: list[dict[str, Any]], tag: str, timeo
                 "crm.ingest.email", args=[payload], task_id=task_id, queue="crm.ingest.email"
             )
         while True:
-            done, touches, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
+            done, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
             elapsed = time.perf_counter() - started
-            if done >= len(ids) and touches == 0 and requests == 0:
+            if done >= len(ids) and requests == 0:
                 break
             if elapsed > timeout:
                 raise helpers.BenchError(f"only {done} of {len(ids)} emails in {timeout} s")

@@ -4,8 +4,8 @@ Sets up a throw-away world, runs real worker processes and measures, end to end:
 
 * pipeline: N ``crm.ingest.call`` messages (distinct calls, "completed", from a known contact,
   agent 201) published to ``crm.ingest.call``; the clock runs from the first publish until every
-  message has its row in ``delivery`` *and* ``tally_touch`` and ``refresh_request`` are empty
-  (the seller's tallies and cards are refreshed). Reported as events/s.
+  message has its row in ``delivery`` *and* ``refresh_request`` is empty (the events are
+  counted and the seller's screens told). Reported as events/s.
 * no-op: N ``bench.noop`` messages (``bench/noop_worker.py``: the same app, one task that only
   increments a Redis counter) published to ``bench.noop``; the clock runs from the first publish
   until the counter reaches N. Reported as tasks/s.
@@ -541,7 +541,6 @@ def queue_state(world: World) -> str:
 
 POLL_PIPELINE = """
 SELECT (SELECT count(*) FROM delivery WHERE task_id LIKE :prefix),
-       (SELECT count(*) FROM tally_touch),
        (SELECT count(*) FROM refresh_request)
 """
 
@@ -568,17 +567,16 @@ def run_pipeline(world: World, run_id: str, tag: str, n: int, timeout: float) ->
         published = time.perf_counter() - start
         stored = None
         while True:
-            done, touches, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
+            done, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
             now = time.perf_counter() - start
             if done >= n and stored is None:
                 stored = now
-            if done >= n and touches == 0 and requests == 0:
+            if done >= n and requests == 0:
                 break
             watchdog.check(
-                (done, touches, requests),
+                (done, requests),
                 now,
-                f"{done}/{n} delivered, {touches} tally touches and {requests} refresh requests "
-                "pending",
+                f"{done}/{n} delivered, {requests} refresh requests pending",
             )
             time.sleep(POLL_INTERVAL_S)
         outcomes = dict(

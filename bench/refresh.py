@@ -50,11 +50,11 @@ from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from models.catalogue import Category
-from models.db import create_db_engine, create_session_factory, transaction
+from models.db import create_db_engine, create_session_factory, snapshot, transaction
 from models.ledger import Delivery
 from models.migrate import install_default_catalogue, upgrade
 from models.parties import Staff
-from tasks.maintenance import reconcile, snapshot
+from tasks.maintenance import reconcile
 from tasks.reports import build_target_report, report_email
 from tasks.search import events_query, filters_from
 from tasks.stats import statistics_query

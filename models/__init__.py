@@ -21,9 +21,8 @@ from models.targets import (
     ReconcileRun,
     RefreshRequest,
     ReportRun,
-    SellerCard,
+    SellerView,
     Tally,
-    TallyTouch,
     Target,
 )
 
@@ -55,10 +54,9 @@ __all__ = [
     "RefreshRequest",
     "RejectedMessage",
     "ReportRun",
-    "SellerCard",
+    "SellerView",
     "ServiceKey",
     "Staff",
     "Tally",
-    "TallyTouch",
     "Target",
 ]

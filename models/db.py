@@ -109,3 +109,16 @@ def prepared_upsert(session: Session, table: Any, configure: Callable[[Any], Any
 
 def is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+@contextmanager
+def snapshot(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction that reads one snapshot (REPEATABLE READ on PostgreSQL).
+
+    Events and tallies are then read as of the same instant: a refresh committing meanwhile
+    cannot make a correct tally look drifted. SQLite serialises writers anyway.
+    """
+    with transaction(sessions) as session:
+        if is_postgresql(session):
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session

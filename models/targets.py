@@ -1,11 +1,11 @@
-"""Sales targets, tallies, seller cards and the bookkeeping that keeps them fresh and exact."""
+"""Sales targets, tallies, the seller views' refresh state and the report runs."""
 
 from __future__ import annotations
 
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy import ForeignKey, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JsonValue, utcnow
@@ -43,22 +43,6 @@ class Tally(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-class TallyTouch(Base):
-    """A tally key whose events changed and which the next refresh must recompute.
-
-    Written in the same transaction as the event change, so a refresh can never miss it.
-    """
-
-    __tablename__ = "tally_touch"
-    __table_args__ = (Index("ix_tally_touch_seller_id_id", "seller_id", "id"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"))
-    category_code: Mapped[str] = mapped_column(String(40))
-    period: Mapped[str] = mapped_column(String(10))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
 class RefreshRequest(Base):
     """A refresh of one seller is queued: later changes piggyback on it (coalescing)."""
 
@@ -68,16 +52,19 @@ class RefreshRequest(Base):
     requested_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class SellerCard(Base):
-    """The computed card of one seller and one category, as shown on the seller view."""
+class SellerView(Base):
+    """A seller's view as its latest refresh saw it: when, and the current periods' tallies.
 
-    __tablename__ = "seller_card"
+    The cards themselves are read from the events and tallies when asked for; this row is
+    what the live screens without Redis watch for a change (and what the refresh published).
+    """
+
+    __tablename__ = "seller_view"
 
     seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"), primary_key=True)
-    #: The category, or ``class:<code>`` for a card of a class.
-    card: Mapped[str] = mapped_column(String(50), primary_key=True)
-    payload: Mapped[dict[str, Any]] = mapped_column(JsonValue)
-    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    refreshed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: ``{"sales_action/2026-W48": 3, …}``: the seller's tallies of the current week and month.
+    tallies: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
 
 
 class ReportRun(Base):

@@ -9,23 +9,21 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import delete, func, select, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import is_postgresql, transaction
+from models.db import is_postgresql, upsert_insert
 from models.events import CrmEvent
 from models.parties import Staff
-from models.targets import ReconcileRun, Tally, TallyTouch
+from models.targets import ReconcileRun, Tally
 from tasks.context import StageContext
 from tasks.errors import BadInput
-from tasks.refresh import write_tallies
-from tasks.store import STALE_REFRESH_REQUEST, tally_keys, touch_tallies
+from tasks.store import TALLY_LOCK_NAMESPACE, lock_event_by_id, move_tallies, tally_keys
 from tasks.views import zone_of
 
 log = logging.getLogger(__name__)
@@ -33,7 +31,9 @@ log = logging.getLogger(__name__)
 TallyKeyTuple = tuple[int, str, str]
 
 
-def expected_tallies(session: Session) -> dict[TallyKeyTuple, int]:
+def expected_tallies(
+    session: Session, sellers: list[int] | None = None
+) -> dict[TallyKeyTuple, int]:
     """Every tally recomputed from the events: (seller, category, period) -> count.
 
     Sellers are taken zone by zone. On PostgreSQL the database counts the events per seller,
@@ -41,7 +41,8 @@ def expected_tallies(session: Session) -> dict[TallyKeyTuple, int]:
     hundred thousand day counts; elsewhere (SQLite) the local days are computed here.
     """
     by_zone: dict[str, list[int]] = defaultdict(list)
-    for staff in session.scalars(select(Staff)):
+    staff_query = select(Staff) if sellers is None else select(Staff).where(Staff.id.in_(sellers))
+    for staff in session.scalars(staff_query):
         by_zone[zone_of(staff).key].append(staff.id)
     counts: dict[TallyKeyTuple, int] = {}
     for zone_name, seller_ids in by_zone.items():
@@ -96,9 +97,7 @@ def reconcile(
 ) -> ReconcileRun:
     """Compare stored tallies with a recomputation from scratch, repair, and record the drift.
 
-    Keys touched in the last minute are left to the refresh that is on its way (their tallies
-    are legitimately a moment old); older touches mean a lost refresh and are checked like any
-    other key. Run it in one snapshot (:func:`snapshot`) so the events and tallies agree.
+    Run it in one snapshot (:func:`snapshot`) so the events and tallies agree.
     """
     now = now or utcnow()
     expected = expected_tallies(session)
@@ -108,16 +107,9 @@ def reconcile(
             select(Tally.seller_id, Tally.category_code, Tally.period, Tally.count)
         )
     }
-    pending = set(
-        session.execute(
-            select(TallyTouch.seller_id, TallyTouch.category_code, TallyTouch.period).where(
-                TallyTouch.created_at > now - STALE_REFRESH_REQUEST
-            )
-        ).all()
-    )
     usernames: dict[int, str] = {i: u for i, u in session.execute(select(Staff.id, Staff.username))}
     drift: list[dict[str, Any]] = []
-    keys = sorted((set(expected) | set(stored)) - pending)
+    keys = sorted(set(expected) | set(stored))
     for key in keys:
         want, have = expected.get(key, 0), stored.get(key, 0)
         if want != have:
@@ -148,26 +140,53 @@ def reconcile(
     return run
 
 
-@contextmanager
-def snapshot(sessions: sessionmaker[Session]) -> Iterator[Session]:
-    """One transaction that reads one snapshot (REPEATABLE READ on PostgreSQL).
+def write_tallies(session: Session, rows: list[tuple[int, str, str, int]]) -> None:
+    """Set tally rows (seller, category, period, count), in one statement per batch."""
+    if not rows:
+        return
+    now = utcnow()
+    statement = upsert_insert(session, Tally.__table__)
+    statement = statement.on_conflict_do_update(
+        index_elements=["seller_id", "category_code", "period"],
+        set_={"count": statement.excluded["count"], "updated_at": statement.excluded.updated_at},
+    )
+    for start in range(0, len(rows), 5000):
+        session.execute(
+            statement,
+            [
+                {"seller_id": s, "category_code": c, "period": p, "count": n, "updated_at": now}
+                for s, c, p, n in rows[start : start + 5000]
+            ],
+        )
 
-    Events and tallies are then read as of the same instant: a refresh committing meanwhile
-    cannot make a correct tally look drifted. SQLite serialises writers anyway.
+
+def recount_seller(session: Session, seller_id: int) -> int:
+    """Recount every tally of one seller from the events (after their time zone changed, every
+    event may belong to other periods). It takes the seller's tally lock exclusively, so every
+    change in flight commits first and is counted, and every later one moves the recounted rows.
+    Returns the number of tally rows it replaced or wrote (0: the seller counts nothing).
     """
-    with transaction(sessions) as session:
-        if is_postgresql(session):
-            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        yield session
+    if is_postgresql(session):
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:ns, :seller)"),
+            {"ns": TALLY_LOCK_NAMESPACE, "seller": seller_id},
+        )
+    expected = expected_tallies(session, [seller_id])
+    stored = session.scalar(
+        select(func.count()).select_from(Tally).where(Tally.seller_id == seller_id)
+    )
+    session.execute(delete(Tally).where(Tally.seller_id == seller_id))
+    write_tallies(session, [(s, c, p, n) for (s, c, p), n in sorted(expected.items())])
+    return max(stored or 0, len(expected))
 
 
 def delete_event(session: Session, event_id: int) -> tuple[dict[str, Any], set[int]]:
     """Delete an event (its properties, participants, documents and follow-up go with it).
 
-    Its tally keys are touched in the same transaction, so the counts move on the next
-    refresh. Returns what was deleted and the sellers to refresh.
+    Its counts move in the same transaction. Returns what was deleted and the sellers to
+    refresh.
     """
-    event = session.get(CrmEvent, event_id)
+    event = lock_event_by_id(session, event_id)
     if event is None:
         raise BadInput(f"no event {event_id}")
     summary = {
@@ -182,5 +201,5 @@ def delete_event(session: Session, event_id: int) -> tuple[dict[str, Any], set[i
     keys = tally_keys(session, event)
     session.execute(delete(CrmEvent).where(CrmEvent.id == event_id))
     session.expunge(event)
-    sellers = touch_tallies(session, keys)
+    sellers = move_tallies(session, keys, ())
     return summary, sellers

@@ -6,8 +6,8 @@ customer that a visit named appears, the unlinked and ambiguous events recorded 
 stage's own rules: a call is folded again from its updates, a visit matched again from its
 latest message, an email matched again by its outside addresses with the seller re-derived by
 the attribution rule (the staff member who handled it, else the customer's responsible seller
-when active). Their tally keys are touched before and after, so the seller views follow after
-the commit. Events linked by hand are never changed automatically. See docs/master-data.md.
+when active). Their counts move from the keys before to the keys after, in the same
+transaction. Events linked by hand are never changed automatically. See docs/master-data.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
-from models.db import is_postgresql
 from models.events import CrmEvent, EventParticipant
 from models.parties import EventPartyKey
 from tasks.context import StageContext
@@ -29,11 +28,12 @@ from tasks.match import PartyMatch, customer_by_number, find_staff, match_addres
 from tasks.store import (
     PartyKey,
     add_participants,
+    lock_event_by_id,
     lock_party_keys,
+    move_tallies,
     responsible_seller_id,
     responsible_seller_notes,
     tally_keys,
-    touch_tallies,
 )
 
 #: Events the automatic re-link may change.
@@ -47,7 +47,7 @@ class RelinkResult:
 
 
 def relink_for_keys(session: Session, ctx: StageContext, keys: Iterable[PartyKey]) -> RelinkResult:
-    """Re-link the open events recorded with any of ``keys``; touches their tallies."""
+    """Re-link the open events recorded with any of ``keys``; moves their counts."""
     result = RelinkResult()
     keys = sorted(set(keys))
     if not keys:
@@ -76,7 +76,7 @@ def relink_for_keys(session: Session, ctx: StageContext, keys: Iterable[PartyKey
             changed = rederive_link(session, ctx, event)
         if changed:
             result.event_ids.append(event.id)
-            result.sellers |= touch_tallies(session, before | tally_keys(session, event))
+            result.sellers |= move_tallies(session, before, tally_keys(session, event))
     return result
 
 
@@ -92,13 +92,6 @@ def _rederiving(session: Session) -> Iterator[None]:
         yield
     finally:
         session.info[RECHECK_GUARD] = outer
-
-
-def lock_event_by_id(session: Session, event_id: int) -> CrmEvent | None:
-    query = select(CrmEvent).where(CrmEvent.id == event_id)
-    if is_postgresql(session):
-        query = query.with_for_update()
-    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
 
 
 def event_keys(session: Session, event: CrmEvent) -> list[PartyKey]:

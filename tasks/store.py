@@ -17,12 +17,12 @@ from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from config.settings import Settings
-from models.base import utcnow
+from models.base import UTCDateTime, utcnow
 from models.db import is_postgresql, prepared_upsert, table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink
 from models.ledger import Delivery, InboundMessage
 from models.parties import Customer, EventPartyKey, Staff
-from models.targets import RefreshRequest, TallyTouch
+from models.targets import RefreshRequest, Tally
 from tasks.match import email_domain, is_internal_number, normalise_phone
 from tasks.periods import period_keys
 
@@ -180,6 +180,14 @@ def _column_defaults() -> dict[str, Any]:
     }
 
 
+def lock_event_by_id(session: Session, event_id: int) -> CrmEvent | None:
+    """The event, its row locked for this transaction (re-read: another may have changed it)."""
+    query = select(CrmEvent).where(CrmEvent.id == event_id)
+    if is_postgresql(session):
+        query = query.with_for_update()
+    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
+
+
 @dataclass(frozen=True)
 class TallyKey:
     seller_id: int
@@ -208,22 +216,67 @@ def seller_zone(session: Session, seller_id: int) -> ZoneInfo:
         return ZoneInfo("Europe/Helsinki")
 
 
-def touch_tallies(session: Session, keys: Iterable[TallyKey]) -> set[int]:
-    """Mark tally keys for recomputation (same transaction as the change); returns the sellers."""
-    keys = list(keys)
-    if keys:
+def move_tallies(
+    session: Session, before: Iterable[TallyKey], after: Iterable[TallyKey]
+) -> set[int]:
+    """Move an event's counts from the keys it counted toward to those it counts toward now.
+
+    In the change's own transaction, so a tally is exactly as current as the events it counts:
+    the ledger's idempotency makes a redelivery a duplicate before it gets here, and a rolled
+    back change takes its count with it. Keys are updated in one order, so two changes of one
+    seller cannot deadlock on their rows; on PostgreSQL each row also takes the seller's tally
+    lock shared, which a recount of the seller (``tasks.maintenance.recount_seller``) takes
+    exclusively. Returns the sellers whose view changed.
+    """
+    before, after = set(before), set(after)
+    deltas = [(key, -1) for key in before - after] + [(key, 1) for key in after - before]
+    if deltas:
+        deltas.sort(key=lambda item: (item[0].seller_id, item[0].category, item[0].period))
+        now = utcnow()
         session.execute(
-            _TOUCH_INSERT,
+            _TALLY_MOVE_PG if is_postgresql(session) else _tally_move(session),
             [
-                {"seller_id": key.seller_id, "category_code": key.category, "period": key.period}
-                for key in keys
+                {
+                    "seller_id": key.seller_id,
+                    "category_code": key.category,
+                    "period": key.period,
+                    "count": delta,
+                    "updated_at": now,
+                    "ns": TALLY_LOCK_NAMESPACE,
+                }
+                for key, delta in deltas
             ],
         )
-    return {key.seller_id for key in keys}
+    return {key.seller_id for key in before | after}
+
+
+#: Namespace of the advisory locks on one seller's tallies (shared: a move; exclusive: a recount).
+TALLY_LOCK_NAMESPACE = 0x54414C  # "TAL"
+
+_TALLY_MOVE_PG = text(
+    "INSERT INTO tally (seller_id, category_code, period, count, updated_at)"
+    " SELECT :seller_id, :category_code, :period, :count, :updated_at"
+    " FROM (SELECT pg_advisory_xact_lock_shared(:ns, :seller_id)) AS seller_lock"
+    " ON CONFLICT (seller_id, category_code, period)"
+    " DO UPDATE SET count = tally.count + excluded.count, updated_at = excluded.updated_at"
+).bindparams(bindparam("updated_at", type_=UTCDateTime()))
+
+
+def _tally_move(session: Session) -> Any:
+    return prepared_upsert(session, table_of(Tally), _tally_increment)
+
+
+def _tally_increment(upsert: Any) -> Any:
+    return upsert.on_conflict_do_update(
+        index_elements=["seller_id", "category_code", "period"],
+        set_={
+            "count": table_of(Tally).c.count + upsert.excluded["count"],
+            "updated_at": upsert.excluded.updated_at,
+        },
+    )
 
 
 #: Built once: a statement reused as it is finds its compiled form without a new cache key.
-_TOUCH_INSERT = insert(table_of(TallyTouch))
 _PROPERTY_INSERT = insert(table_of(EventPropertyLink))
 _PARTICIPANT_INSERT = insert(table_of(EventParticipant))
 _PARTY_KEY_INSERT = insert(table_of(EventPartyKey))
@@ -306,7 +359,7 @@ def claim_refresh(session: Session, seller_id: int, now: datetime | None = None)
     """Claim the right to enqueue a refresh of ``seller_id``; False when one is already queued.
 
     Runs in its own small transaction *after* the change committed: a refresh that clears the
-    request before reading the touched keys then always sees this change (see docs/design.md).
+    request before reading the seller's tallies then always sees this change (docs/design.md).
     """
     now = now or utcnow()
     values = {
@@ -339,6 +392,15 @@ def _claim_upsert(upsert: Any) -> Any:
 
 def clear_refresh_request(session: Session, seller_id: int) -> None:
     session.execute(delete(RefreshRequest).where(RefreshRequest.seller_id == seller_id))
+
+
+def expire_refresh_request(session: Session, seller_id: int) -> None:
+    """A claim whose refresh was never sent: stale at once, for the next change or the sweep."""
+    session.execute(
+        update(RefreshRequest)
+        .where(RefreshRequest.seller_id == seller_id)
+        .values(requested_at=utcnow() - STALE_REFRESH_REQUEST - timedelta(seconds=1))
+    )
 
 
 # -- master data: the party keys of an event and the responsible seller (docs/master-data.md) --

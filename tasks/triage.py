@@ -21,8 +21,8 @@ from models.ledger import InboundMessage
 from models.parties import Contact, ContactEmail, Customer, EventPartyKey, Lead
 from tasks.ingest.visit import apply_visit_parties
 from tasks.match import customer_by_number
-from tasks.relink import OPEN_STATES, assign_seller, lock_event_by_id
-from tasks.store import tally_keys, touch_tallies
+from tasks.relink import OPEN_STATES, assign_seller
+from tasks.store import lock_event_by_id, move_tallies, tally_keys
 from tasks.views import events_json
 
 #: Key kinds as shown to people.
@@ -95,7 +95,7 @@ def link_by_hand(
     customer_number: str,
     contact_reference: str | None = None,
 ) -> HandLink:
-    """Link an event to a customer (and contact) by hand; seller re-derived, tallies touched."""
+    """Link an event to a customer (and contact) by hand; seller re-derived, counts moved."""
     event = lock_event_by_id(session, event_id)
     if event is None:
         raise LinkError(f"no event {event_id}")
@@ -136,7 +136,7 @@ def link_by_hand(
         notes = assign_seller(session, settings, event)
     event.match_note = "; ".join(n for n in [linked, *notes, f"before: {previous}"] if n)
     session.flush()
-    sellers = touch_tallies(session, before | tally_keys(session, event))
+    sellers = move_tallies(session, before, tally_keys(session, event))
     return HandLink(event, sellers)
 
 

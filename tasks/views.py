@@ -353,55 +353,45 @@ def card_definitions(
     return cards
 
 
+#: The latest events a card lists; its counts cover every event of its periods.
+CARD_EVENTS = 50
+
+
 def seller_cards(
     session: Session,
     seller: Staff,
     now: datetime | None = None,
     cards: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, Any]]:
-    """The seller view: one card per configured category, counts and lists from the same rows.
+    """The seller view: one card per configured card, read with a few indexed queries.
 
-    Each card lists every event of this week and this month (newest first) and counts exactly
-    those, so a card's counts always equal its list; open follow-ups and, where the category
-    takes sales targets, the targets in force with the pace so far.
+    A card counts the seller's events of its category (from the tallies, which move with every
+    change in its transaction) or of its class (counted) in the week and the month of ``now``,
+    and lists the latest :data:`CARD_EVENTS` of them, newest first (``more``: there are more);
+    with the open follow-ups and, where the category takes sales targets, the targets in force
+    with the pace so far. Read it in one snapshot (``tasks.maintenance.snapshot``) and the counts
+    and the lists are of the same events. The cost does not grow with the seller's history.
     """
     now = now or utcnow()
     zone = zone_of(seller)
     week, month = period_keys(now, zone)
     week_start, week_end = period_bounds(week, zone)
     month_start, month_end = period_bounds(month, zone)
+    in_periods = or_(
+        and_(CrmEvent.occurred_at >= week_start, CrmEvent.occurred_at < week_end),
+        and_(CrmEvent.occurred_at >= month_start, CrmEvent.occurred_at < month_end),
+    )
     definitions = card_definitions(session, cards)
-    category_codes = [d.code for d in definitions if d.kind == "category"]
-    class_codes = [d.code for d in definitions if d.kind == "class"]
-    # Only the listed columns: a month of a busy seller's events is thousands of rows, and the
-    # whole rows (bodies, details) cost the refresh far more than the cards need.
-    rows = session.execute(
-        select(
-            CrmEvent.id,
-            CrmEvent.occurred_at,
-            CrmEvent.subject,
-            CrmEvent.status,
-            CrmEvent.category_code,
-            CrmEvent.class_code,
+    tallies = {
+        (category, period): count
+        for category, period, count in session.execute(
+            select(Tally.category_code, Tally.period, Tally.count).where(
+                Tally.seller_id == seller.id,
+                Tally.period.in_((week, month)),
+                Tally.category_code.in_([d.code for d in definitions if d.kind == "category"]),
+            )
         )
-        .where(
-            CrmEvent.seller_id == seller.id,
-            CrmEvent.cancelled.is_(False),
-            or_(
-                CrmEvent.category_code.in_(category_codes),
-                CrmEvent.class_code.in_(class_codes),
-            ),
-            or_(
-                and_(CrmEvent.occurred_at >= week_start, CrmEvent.occurred_at < week_end),
-                and_(CrmEvent.occurred_at >= month_start, CrmEvent.occurred_at < month_end),
-            ),
-        )
-        .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
-    ).all()
-    by_card: dict[str, list[Any]] = defaultdict(list)
-    for event in rows:
-        by_card[event.category_code].append(event)
-        by_card[f"class:{event.class_code}"].append(event)
+    }
     follow_ups = session.execute(
         select(FollowUp, CrmEvent.category_code, CrmEvent.subject)
         .join(CrmEvent, CrmEvent.id == FollowUp.event_id)
@@ -411,6 +401,38 @@ def seller_cards(
     result = []
     for definition in definitions:
         category = definition.category
+        of_card = (
+            CrmEvent.category_code == definition.code
+            if definition.kind == "category"
+            else CrmEvent.class_code == definition.code
+        )
+        mine = (CrmEvent.seller_id == seller.id, CrmEvent.cancelled.is_(False), of_card)
+        rows = session.execute(
+            select(
+                CrmEvent.id,
+                CrmEvent.occurred_at,
+                CrmEvent.subject,
+                CrmEvent.status,
+                CrmEvent.category_code,
+            )
+            .where(*mine, in_periods)
+            .order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())
+            .limit(CARD_EVENTS + 1)
+        ).all()
+        if definition.kind == "category":
+            count_week = tallies.get((definition.code, week), 0)
+            count_month = tallies.get((definition.code, month), 0)
+        else:
+            count_week, count_month = session.execute(
+                select(
+                    func.count().filter(
+                        CrmEvent.occurred_at >= week_start, CrmEvent.occurred_at < week_end
+                    ),
+                    func.count().filter(
+                        CrmEvent.occurred_at >= month_start, CrmEvent.occurred_at < month_end
+                    ),
+                ).where(*mine, in_periods)
+            ).one()
         listed = [
             {
                 "id": e.id,
@@ -421,10 +443,8 @@ def seller_cards(
                 "in_week": week_start <= e.occurred_at < week_end,
                 "in_month": month_start <= e.occurred_at < month_end,
             }
-            for e in by_card.get(definition.key, [])
+            for e in rows[:CARD_EVENTS]
         ]
-        count_week = sum(1 for e in listed if e["in_week"])
-        count_month = sum(1 for e in listed if e["in_month"])
         card: dict[str, Any] = {
             "card": definition.title,
             "card_en": definition.title_en,
@@ -436,6 +456,7 @@ def seller_cards(
             "count_week": count_week,
             "count_month": count_month,
             "events": listed,
+            "more": len(rows) > CARD_EVENTS,
             "follow_ups": [
                 {"event_id": f.event_id, "reason": f.reason, "subject": subject}
                 for f, code, subject in follow_ups

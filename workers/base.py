@@ -34,7 +34,7 @@ from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMess
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ledger import json_safe, kept_payload
-from tasks.store import StageResult, claim_refresh, clear_refresh_request, record_delivery
+from tasks.store import StageResult, claim_refresh, expire_refresh_request, record_delivery
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,8 @@ class CrmTask(Task):
     def after_commit(self, result: StageResult) -> None:
         """Request the sellers' refreshes. The change is committed whatever happens here: a
         refresh that cannot be requested now (broker or database unavailable, the time limit)
-        is left to the refresh sweep, which finds the touched tallies (``crm.refresh.sweep``)."""
+        is left to the refresh sweep, which finds its stale claim (``crm.refresh.sweep``); the
+        counts moved with the change already."""
         for seller_id in sorted(result.sellers_to_refresh):
             try:
                 request_refresh(self.app, self.sessions, seller_id)
@@ -458,8 +459,8 @@ REFRESH_PUBLISH_RETRY = {
 def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -> bool:
     """Enqueue ``crm.refresh.seller`` unless one is already queued (coalescing); after commit.
 
-    When the refresh cannot be published, the claim is released again (best effort), so the
-    next change or the sweep requests it at once rather than after the claim goes stale.
+    When the refresh cannot be published, the claim is marked stale (best effort), so the next
+    change requests it at once, and the sweep does when no change comes.
     """
     with transaction(sessions) as session:
         claimed = claim_refresh(session, seller_id)
@@ -475,6 +476,6 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
             )
         except Exception:
             with suppress(Exception), transaction(sessions) as session:
-                clear_refresh_request(session, seller_id)
+                expire_refresh_request(session, seller_id)
             raise
     return claimed

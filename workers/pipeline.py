@@ -15,14 +15,14 @@ from celery import shared_task
 from sqlalchemy.orm import Session
 
 from config.logging import add_to_log_context
-from models.db import transaction
+from models.db import snapshot, transaction
 from models.events import CrmEvent
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ingest.call import CallStageResult, ingest_call
 from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
-from tasks.maintenance import reconcile, snapshot
+from tasks.maintenance import reconcile
 from tasks.refresh import publish_notification, refresh_seller, sellers_to_sweep
 from tasks.reports import send_due_reports
 from tasks.store import StageResult, clear_refresh_request, record_delivery
@@ -91,7 +91,7 @@ def ingest_target_task(self: CrmTask, message: Any) -> str:
 
 @shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
 def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
-    """crm.refresh.seller: recompute one seller's touched tallies and cards."""
+    """crm.refresh.seller: tell the live screens that a seller's view changed."""
     add_to_log_context(seller=seller_id)
     ctx = self.context()
     try:
@@ -116,11 +116,11 @@ def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
 def sweep_refreshes_task(self: CrmTask) -> str:
     """crm.refresh.sweep (beat, every minute): request the refreshes that were never sent.
 
-    A change is committed before its refresh is requested; when the broker was unavailable at
-    that moment, or the process died in between, the touches wait in ``tally_touch``. This
-    requests a refresh for their sellers (the usual claim keeps it from doubling one that is on
-    its way), so the views and tallies catch up within a minute or two, not at the nightly
-    reconcile.
+    A change is committed, its counts with it, before its refresh is requested; when the broker
+    was unavailable at that moment, or the process died in between, the claim it took stays in
+    ``refresh_request`` and goes stale. This requests a refresh for those sellers (the usual
+    claim keeps it from doubling one that is on its way), so the live screens hear of the change
+    within a minute or two. The counts themselves never wait for it.
     """
     try:
         with transaction(self.sessions) as session:

@@ -41,12 +41,12 @@ from tasks.store import (
     canonical_hash,
     link_inbound,
     lock_event,
+    move_tallies,
     record_inbound,
     record_party_keys,
     responsible_seller_id,
     set_properties,
     tally_keys,
-    touch_tallies,
 )
 from tasks.telephony.recordings import link_recordings
 
@@ -136,7 +136,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     fetches = link_recordings(session, ctx.settings, event, state["recordings"])
 
     session.flush()
-    sellers = touch_tallies(session, before | tally_keys(session, event))
+    sellers = move_tallies(session, before, tally_keys(session, event))
     return CallStageResult(
         "stored",
         event.id,
@@ -146,19 +146,18 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     )
 
 
-def refold_call(session: Session, ctx: StageContext, event: CrmEvent) -> set[int]:
+def refold_call(session: Session, ctx: StageContext, event: CrmEvent) -> None:
     """Recompute a call's event from its updates (after its parties changed, for example).
 
-    Locks the event like an update would; returns the sellers whose tallies were touched.
+    Locks the event like an update would. Its counts are the caller's to move: whoever changes
+    an event takes its tally keys before and moves them after, once (``move_tallies``).
     """
     lock = select(CrmEvent).where(CrmEvent.id == event.id)
     if is_postgresql(session):
         lock = lock.with_for_update()
     session.execute(lock.execution_options(populate_existing=True))
-    before = tally_keys(session, event)
     apply_call_state(session, ctx, event, fold_updates(call_updates(session, event)), [])
     session.flush()
-    return touch_tallies(session, before | tally_keys(session, event))
 
 
 def call_updates(session: Session, event: CrmEvent) -> Sequence[dict[str, Any]]:

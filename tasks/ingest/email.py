@@ -54,12 +54,12 @@ from tasks.store import (
     StageResult,
     add_participants,
     lock_event,
+    move_tallies,
     record_inbound,
     record_party_keys,
     responsible_seller_id,
     set_properties,
     tally_keys,
-    touch_tallies,
 )
 
 #: "Asiakas: 10001", "Asiakasnumero 10001", "Customer #10001", "Customer no. 10001".
@@ -145,7 +145,7 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
         "stored",
         event.id,
         "created",
-        sellers_to_refresh=touch_tallies(session, tally_keys(session, event)),
+        sellers_to_refresh=move_tallies(session, (), tally_keys(session, event)),
     )
 
 

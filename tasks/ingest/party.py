@@ -20,6 +20,7 @@ from config.settings import Settings
 from models.parties import Contact, ContactEmail, Customer, CustomerDomain, PartyPhone, Staff
 from models.schemas.party import SCHEMA, load_party_message
 from tasks.context import StageContext
+from tasks.maintenance import recount_seller
 from tasks.match import normalise_phone
 from tasks.relink import relink_for_keys
 from tasks.store import PartyKey, StageResult, record_inbound, upsert_key
@@ -38,6 +39,8 @@ class PartyChange:
 
     detail: str
     keys: set[PartyKey] = field(default_factory=set)
+    #: Sellers whose tallies were recounted (their time zone changed).
+    recounted: set[int] = field(default_factory=set)
 
 
 def ingest_party(session: Session, ctx: StageContext, payload: Any) -> PartyStageResult:
@@ -75,7 +78,10 @@ def apply_party(session: Session, ctx: StageContext, message: dict[str, Any]) ->
         ids = ", ".join(str(i) for i in relinked.event_ids)
         detail += f"; re-linked {len(relinked.event_ids)} event(s): {ids}"
     return PartyStageResult(
-        "done", detail=detail, sellers_to_refresh=relinked.sellers, relinked=relinked.event_ids
+        "done",
+        detail=detail,
+        sellers_to_refresh=relinked.sellers | change.recounted,
+        relinked=relinked.event_ids,
     )
 
 
@@ -133,6 +139,7 @@ def upsert_staff(session: Session, settings: Settings, message: dict[str, Any]) 
     staff.email = (message.get("email") or "").lower() or None
     staff.extension = message.get("extension")
     staff.role = message["role"]
+    rezoned = staff.time_zone != message["time_zone"]
     staff.time_zone = message["time_zone"]
     # Deactivated: the history stays theirs, new events are no longer assigned to them by the
     # responsible-seller rule (tasks.store.responsible_seller_id).
@@ -143,6 +150,12 @@ def upsert_staff(session: Session, settings: Settings, message: dict[str, Any]) 
     )
     unparsed, _ = replace_phones(session, settings, message["phones"], staff_id=staff.id)
     what = f"staff {staff.username}" + ("" if staff.active else " (deactivated)")
+    if rezoned:
+        # Every event of theirs counts in the periods of their new zone now.
+        session.flush()
+        if recount_seller(session, staff.id):
+            what += f"; tallies recounted in {staff.time_zone}"
+            return PartyChange(_detail(what, unparsed), recounted={staff.id})
     return PartyChange(_detail(what, unparsed))
 
 

@@ -34,13 +34,13 @@ from tasks.store import (
     StageResult,
     link_inbound,
     lock_event,
+    move_tallies,
     record_inbound,
     record_party_keys,
     responsible_seller_id,
     responsible_seller_notes,
     set_properties,
     tally_keys,
-    touch_tallies,
     upsert_key,
 )
 
@@ -143,7 +143,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
         apply_visit_parties(session, settings, event, message)
     _store_documents(session, settings, event, message)
     session.flush()
-    sellers = touch_tallies(session, before | tally_keys(session, event))
+    sellers = move_tallies(session, before, tally_keys(session, event))
     return StageResult(
         "stored", event.id, "created" if created else "updated", sellers_to_refresh=sellers
     )

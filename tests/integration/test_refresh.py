@@ -1,4 +1,4 @@
-"""Seller cards and tallies through the real worker: fresh within a second, counts = lists."""
+"""Seller cards and tallies through the real worker: current within a second, counts = lists."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from models.db import snapshot
 from models.events import CrmEvent
 from models.ledger import Delivery
 from models.parties import Staff
-from models.targets import SellerCard, Tally, TallyTouch
+from models.targets import RefreshRequest, Tally
 from tasks.periods import period_keys
-from tasks.views import zone_of
+from tasks.views import seller_cards, zone_of
 from tests.integration.conftest import LiveSystem
 
 pytestmark = pytest.mark.integration
@@ -68,14 +69,12 @@ def a_moment_ago() -> str:
 
 
 def stored_card(live: LiveSystem, username: str, category: str) -> dict[str, Any]:
-    """The card as the last refresh stored it (what a live screen shows)."""
-    with live.sessions() as session:
-        payload = session.scalar(
-            select(SellerCard.payload)
-            .join(Staff, Staff.id == SellerCard.seller_id)
-            .where(Staff.username == username, SellerCard.card == category)
-        )
-    return payload or {}
+    """The card as a screen reads it now."""
+    with snapshot(live.sessions) as session:
+        seller = session.scalar(select(Staff).where(Staff.username == username))
+        assert seller is not None
+        cards = seller_cards(session, seller, cards=live.settings.seller_cards)
+    return next((card for card in cards if card["key"] == category), {})
 
 
 def week_tally(live: LiveSystem, username: str, category: str) -> int:
@@ -276,26 +275,19 @@ def test_statistics_command(team: LiveSystem) -> None:
 def test_the_sweep_requests_a_refresh_that_was_never_sent(
     team: LiveSystem, notifications: Callable[[], list[str]]
 ) -> None:
-    """As after a broker outage between an ingest's commit and its refresh request."""
+    """As after a process died between claiming a seller's refresh and publishing it."""
     with team.sessions() as session, session.begin():
         eero = session.scalar(select(Staff.id).where(Staff.username == "rf-eero"))
         assert eero is not None
-        session.add(
-            TallyTouch(
-                seller_id=eero,
-                category_code="sales_action",
-                period="2026-W48",
-                created_at=datetime.now(UTC) - timedelta(minutes=2),
-            )
+        session.merge(
+            RefreshRequest(seller_id=eero, requested_at=datetime.now(UTC) - timedelta(minutes=2))
         )
     team.app.send_task("crm.refresh.sweep", queue="crm.refresh")
     deadline = time.monotonic() + 15
     while True:
         with team.sessions() as session:
-            waiting = session.scalars(
-                select(TallyTouch.id).where(TallyTouch.seller_id == eero)
-            ).all()
-        if not waiting and "rf-eero" in notifications():
+            waiting = session.get(RefreshRequest, eero)
+        if waiting is None and "rf-eero" in notifications():
             break
         assert time.monotonic() < deadline, f"not swept; worker log:\n{team.tail()}"
         time.sleep(0.1)
@@ -307,10 +299,17 @@ def test_after_all_of_it_no_drift_and_cards_equal_their_lists(team: LiveSystem) 
     assert json.loads(result.stdout)["drift"] == 0
     text = team.cli("reconcile")
     assert text.returncode == 0 and "drift 0" in text.stdout
-    with team.sessions() as session:
-        stored = session.scalars(select(SellerCard)).all()
-        assert stored
-        for card in stored:
-            events = card.payload["events"]
-            assert card.payload["count_week"] == sum(1 for e in events if e["in_week"])
-            assert card.payload["count_month"] == sum(1 for e in events if e["in_month"])
+    with snapshot(team.sessions) as session:
+        sellers = session.scalars(select(Staff).where(Staff.username.like("rf-%"))).all()
+        cards = [
+            card
+            for moment in (datetime.now(UTC), datetime(2026, 10, 15, 12, tzinfo=UTC))
+            for seller in sellers
+            for card in seller_cards(session, seller, now=moment)
+        ]
+    assert any(card["events"] for card in cards)  # rf-eero's lead of October
+    for card in cards:
+        events = card["events"]
+        assert not card["more"]
+        assert card["count_week"] == sum(1 for e in events if e["in_week"])
+        assert card["count_month"] == sum(1 for e in events if e["in_month"])

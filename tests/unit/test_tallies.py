@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from models.events import CrmEvent
 from models.parties import Staff
-from models.targets import Tally, TallyTouch
+from models.targets import SellerView, Tally
 from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.ingest.call import ingest_call
@@ -54,7 +54,8 @@ def tallies(db: Session, seller_id: int) -> dict[tuple[str, str], int]:
 
 
 def refresh_all(db: Session, ctx: StageContext) -> None:
-    for seller_id in set(db.scalars(select(TallyTouch.seller_id))):
+    """What the worker does after each change: nothing left to count, only to tell."""
+    for seller_id in db.scalars(select(Staff.id)):
         refresh_seller(db, ctx, seller_id)
 
 
@@ -73,8 +74,7 @@ def test_tally_rows_equal_the_counts(world: Session, ctx: StageContext) -> None:
         call("t-5", "2026-12-02T09:00:00+02:00"),
         call("t-6", "2026-11-24T09:00:00+02:00", agent="mikko"),
     )
-    notification = refresh_seller(world, ctx, anna.id)
-    refresh_seller(world, ctx, mikko.id)
+    # Counted as each change was stored: no refresh needed for the tallies to be right.
     expected = {
         ("crm_event", "2026-W48"): 2,
         ("crm_event", "2026-11"): 2,
@@ -86,13 +86,23 @@ def test_tally_rows_equal_the_counts(world: Session, ctx: StageContext) -> None:
     }
     assert tallies(world, anna.id) == expected
     assert tallies(world, mikko.id) == {("crm_event", "2026-W48"): 1, ("crm_event", "2026-11"): 1}
+    # The refresh tells the screens the current week's and month's counts, and remembers them.
+    thursday = datetime(2026, 11, 26, 12, 0, tzinfo=HELSINKI)
+    notification = refresh_seller(world, ctx, anna.id, now=thursday)
     assert notification is not None
-    assert notification["seller"] == "anna"
-    assert {k: v for k, v in notification["tallies"].items() if v} == {
-        f"{c}/{p}": n for (c, p), n in expected.items()
+    assert (notification["seller"], notification["week"], notification["month"]) == (
+        "anna",
+        "2026-W48",
+        "2026-11",
+    )
+    assert notification["tallies"] == {
+        "crm_event/2026-W48": 2,
+        "crm_event/2026-11": 2,
+        "sales_action/2026-W48": 1,
+        "sales_action/2026-11": 2,
     }
-    # Every touch was consumed by the refresh.
-    assert world.scalars(select(TallyTouch).where(TallyTouch.seller_id == anna.id)).all() == []
+    view = world.get(SellerView, anna.id)
+    assert view is not None and view.tallies == notification["tallies"]
 
 
 def test_redelivery_never_double_counts(world: Session, ctx: StageContext) -> None:
@@ -161,6 +171,28 @@ def test_the_sellers_own_time_zone_decides(world: Session, ctx: StageContext) ->
     ingest(world, ctx, call("t-sven", "2026-11-30T00:30:00+02:00", agent="sven"))
     refresh_seller(world, ctx, sven.id)
     assert tallies(world, sven.id) == {("crm_event", "2026-W48"): 1, ("crm_event", "2026-11"): 1}
+
+
+def test_a_seller_moving_to_another_zone_is_recounted(world: Session, ctx: StageContext) -> None:
+    staff_message = {
+        "schema": "crm.party/1",
+        "source_system": "erp",
+        "kind": "staff",
+        "username": "stina",
+        "name": "Stina Berg",
+        "email": "stina.berg@myyntitalo.fi",
+        "role": "seller",
+    }
+    ingest_party(world, ctx, staff_message)
+    stina = staff(world, "stina")
+    ingest(world, ctx, call("t-stina", "2026-11-30T00:30:00+02:00", agent="stina"))
+    assert tallies(world, stina.id) == {("crm_event", "2026-W49"): 1, ("crm_event", "2026-11"): 1}
+    # She moves to Stockholm, where that call was still on Sunday: her counts move with her.
+    moved = ingest_party(world, ctx, {**staff_message, "time_zone": "Europe/Stockholm"})
+    assert "tallies recounted in Europe/Stockholm" in moved.detail
+    assert moved.sellers_to_refresh == {stina.id}
+    assert tallies(world, stina.id) == {("crm_event", "2026-W48"): 1, ("crm_event", "2026-11"): 1}
+    assert reconcile(world, ctx).drift == 0
 
 
 def test_a_late_event_counts_in_its_own_period(world: Session, ctx: StageContext) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from models.db import transaction
+from models.db import snapshot, transaction
 from tasks.errors import BadInput
 from workers.cli.common import (
     AddCommand,
@@ -95,7 +95,7 @@ def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
 def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
     from tasks.views import seller_cards, staff_by_username
 
-    with rt.sessions() as session:
+    with snapshot(rt.sessions) as session:
         staff = staff_by_username(session, args.username)
         if staff is None:
             raise CommandError(f"no staff member {args.username!r}")
@@ -192,7 +192,7 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
-    from tasks.maintenance import reconcile, snapshot
+    from tasks.maintenance import reconcile
 
     with snapshot(rt.sessions) as session:
         run = reconcile(session)

@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from models.base import utcnow
+from models.db import snapshot
 from models.documents import DocumentBlob, EventDocument
 from models.events import CrmEvent, EventParticipant, FollowUp
 from models.parties import Customer, Staff
@@ -308,7 +309,7 @@ async def get_seller_view(request: Request) -> JSONResponse:
     period = request.query_params.get("period")
 
     def load() -> list[dict[str, Any]] | None:
-        with service.sessions() as session:
+        with snapshot(service.sessions) as session:
             staff = staff_by_username(session, username)
             if staff is None:
                 return None

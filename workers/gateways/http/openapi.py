@@ -110,7 +110,10 @@ class CardSchema(Schema):
     month = fields.String(metadata={"description": "Month, e.g. 2026-11."})
     count_week = fields.Integer()
     count_month = fields.Integer()
-    events = fields.List(fields.Dict())
+    events = fields.List(
+        fields.Dict(), metadata={"description": "The latest 50 events of the week and month."}
+    )
+    more = fields.Boolean(metadata={"description": "More events in the periods than listed."})
     follow_ups = fields.List(fields.Dict())
     target = fields.Dict(allow_none=True)
 

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from models.base import utcnow
 from models.events import CrmEvent
 from models.ledger import Delivery, FailedMessage, RejectedMessage
-from models.targets import RefreshRequest, ReportRun, TallyTouch
+from models.targets import RefreshRequest, ReportRun
 from workers.queues import QUEUES
 
 access = logging.getLogger("crm.http.access")
@@ -85,12 +85,10 @@ class StoredFigures(Collector):
                 "crm_unlinked_events", "Events waiting in triage (unlinked or ambiguous)", unlinked
             )
             oldest = session.scalar(select(func.min(RefreshRequest.requested_at)))
-            touched = session.scalar(select(func.min(TallyTouch.created_at)))
-            waiting = [moment for moment in (oldest, touched) if moment is not None]
-            age = (utcnow() - min(waiting)).total_seconds() if waiting else 0.0
+            age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
             yield GaugeMetricFamily(
                 "crm_oldest_pending_refresh_seconds",
-                "How long the oldest seller refresh (or tally change) has waited",
+                "How long the oldest requested seller refresh has waited",
                 max(age, 0.0),
             )
             reports = CounterMetricFamily(

@@ -26,7 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from models.base import utcnow
-from models.db import transaction
+from models.db import snapshot, transaction
 from models.parties import Customer, Staff
 from models.targets import Tally
 from tasks.access import Principal
@@ -164,7 +164,7 @@ def period_links(zone: ZoneInfo, now: datetime) -> list[tuple[str, str]]:
 
 
 def seller_view_data(service: Any, username: str, period: str | None) -> dict[str, Any] | None:
-    with service.sessions() as session:
+    with snapshot(service.sessions) as session:
         staff = staff_by_username(session, username)
         if staff is None:
             return None

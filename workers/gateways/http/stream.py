@@ -18,14 +18,14 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from models.parties import Staff
-from models.targets import SellerCard
+from models.targets import SellerView
 from tasks.views import staff_by_username
 from workers.gateways.http.api import principal_for, service_of
 from workers.gateways.http.limits import Problem
@@ -121,7 +121,7 @@ async def redis_changes(url: str, usernames: list[str]) -> AsyncIterator[Any]:
 
 
 async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator[Any]:
-    """Without Redis: the latest computation of each seller's cards, twice a second."""
+    """Without Redis: each seller's latest refresh, looked up twice a second."""
 
     def latest() -> dict[int, datetime]:
         if not sellers:
@@ -129,9 +129,9 @@ async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator
         with service.sessions() as session:
             return dict(
                 session.execute(
-                    select(SellerCard.seller_id, func.max(SellerCard.computed_at))
-                    .where(SellerCard.seller_id.in_(list(sellers)))
-                    .group_by(SellerCard.seller_id)
+                    select(SellerView.seller_id, SellerView.refreshed_at).where(
+                        SellerView.seller_id.in_(list(sellers))
+                    )
                 ).all()
             )
 
@@ -147,7 +147,7 @@ async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator
             yield {
                 "seller": sellers[seller_id],
                 "seller_id": seller_id,
-                "computed_at": current[seller_id].isoformat(),
+                "refreshed_at": current[seller_id].isoformat(),
             }
         if not changed:
             quiet += POLL_S
