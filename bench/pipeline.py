@@ -58,6 +58,7 @@ EXAMPLES = ROOT / "examples"
 # (``import noop_worker``) and never hide anything else. The other scripts do the same.
 sys.path[:] = [*(p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR), str(BENCH_DIR)]
 
+import bare_worker  # noqa: E402
 import noop_worker  # noqa: E402
 
 DEFAULT_DATABASE_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -127,6 +128,8 @@ class World:
     workers: list[Worker] = field(default_factory=list)
     engine: Any = None
     app: Any = None
+    #: A publisher of bench.bare tasks (a plain Celery app, like the bare worker's).
+    bare_app: Any = None
 
     @property
     def data_dir(self) -> Path:
@@ -424,6 +427,11 @@ def cpu_parts(world: World, worker: Worker) -> dict[str, float]:
     }
 
 
+def database_cpu_seconds(world: World) -> float:
+    """CPU seconds so far of the PostgreSQL backends serving the scratch database."""
+    return process_cpu_seconds(_pids_whose_command(world.database_name))
+
+
 def load_average() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -503,6 +511,8 @@ class Result:
     outcomes: dict[str, int] = field(default_factory=dict)
     #: CPU time the worker (main process and pool) spent during the run, per message.
     cpu_ms_per_message: float | None = None
+    #: CPU time of the PostgreSQL backends serving the scratch database, per message.
+    db_cpu_ms_per_message: float | None = None
     #: 1-minute load average of the machine when the run started.
     load: float = float("nan")
 
@@ -610,6 +620,29 @@ def run_noop(world: World, run_id: str, tag: str, n: int, timeout: float) -> Res
     return Result("no-op", tag, n, now, published, outcomes={"done": done})
 
 
+def run_bare(world: World, run_id: str, tag: str, n: int, timeout: float) -> Result:
+    """N ``bench.bare`` tasks through ``bench/bare_worker.py``: Celery itself, nothing of ours."""
+    key = f"bench:bare:{run_id}:{tag}"
+    renew_claim(world)
+    watchdog = Watchdog(world, f"bare run {tag}", timeout)
+    start = time.perf_counter()
+    for _ in range(n):
+        world.bare_app.send_task(bare_worker.BARE_TASK, args=[key], queue=bare_worker.BARE_QUEUE)
+    published = time.perf_counter() - start
+    while True:
+        done = int(world.redis.get(key) or 0)
+        now = time.perf_counter() - start
+        if done >= n:
+            break
+        watchdog.check(done, now, f"{done}/{n} done")
+        time.sleep(POLL_INTERVAL_S)
+    return Result("bare", tag, n, now, published, outcomes={"done": done})
+
+
+def bare_command(broker_url: str) -> list[str]:
+    return [sys.executable, str(BENCH_DIR / "bare_worker.py"), broker_url]
+
+
 def load_parties(world: World, env: dict[str, str]) -> None:
     done = subprocess.run(
         [
@@ -670,16 +703,17 @@ def tally_drift(world: World) -> int:
 
 def describe(result: Result, world: World) -> list[str]:
     unit = "events" if result.kind == "pipeline" else "tasks"
+    # The kind, padded for the table: pipeline, no-op (the app's) or bare (Celery's).
     lines = [
         f"{result.kind:8} {result.n} {unit} in {result.elapsed_s:7.2f} s = "
         f"{rate(result.rate):>5} {unit}/s (published in {result.publish_s:.2f} s"
         f"; load average {result.load:.1f} at the start)"
     ]
     if result.cpu_ms_per_message is not None:
-        lines.append(
-            f"{result.kind} worker CPU {result.cpu_ms_per_message:.1f} ms per "
-            f"{unit[:-1]} (database server CPU not included)"
-        )
+        line = f"{result.kind} worker CPU {result.cpu_ms_per_message:.2f} ms per {unit[:-1]}"
+        if result.db_cpu_ms_per_message is not None:
+            line += f", PostgreSQL backends {result.db_cpu_ms_per_message:.2f} ms"
+        lines.append(line)
     if result.kind == "pipeline":
         lines.append(
             f"all stored at {result.stored_s:.2f} s; {result.prior_events} events of the same "
@@ -717,19 +751,30 @@ def report(results: list[Result], world: World, repeats: int) -> None:
         result.log_end = pipeline_runs[i + 1].log_offset if i + 1 < len(pipeline_runs) else None
     print()
     for result in results:
-        run = int(result.tag.lstrip("pn"))
+        run = int(result.tag.lstrip("pnb"))
         first, *more = describe(result, world)
         print(f"run {run}/{repeats}  {first}")
         for line in more:
             print(f"{'':18}{line}")
-    pipeline = statistics.median(r.rate for r in pipeline_runs)
-    noop = statistics.median(r.rate for r in results if r.kind == "no-op")
+
+    def median(kind: str, value: str = "rate") -> float:
+        return statistics.median(getattr(r, value) for r in results if r.kind == kind)
+
+    pipeline, noop, bare = median("pipeline"), median("no-op"), median("bare")
     n = results[0].n
     print()
     print(f"median of {repeats} run(s) of {n}:")
     print(
-        f"  pipeline {rate(pipeline)} events/s, no-op {rate(noop)} tasks/s, "
-        f"ratio {pipeline / noop:.3f}"
+        f"  pipeline {rate(pipeline)} events/s, the app's no-op {rate(noop)} tasks/s, "
+        f"bare Celery {rate(bare)} tasks/s"
+    )
+    print(f"  pipeline / bare {pipeline / bare:.3f}, the app's no-op / bare {noop / bare:.3f}")
+    cpu = {kind: median(kind, "cpu_ms_per_message") for kind in ("pipeline", "no-op", "bare")}
+    print(
+        f"  worker CPU per message: pipeline {cpu['pipeline']:.2f} ms"
+        f" (+ PostgreSQL {median('pipeline', 'db_cpu_ms_per_message'):.2f} ms),"
+        f" the app's no-op {cpu['no-op']:.2f} ms ({cpu['no-op'] / cpu['bare']:.2f} x bare),"
+        f" bare {cpu['bare']:.2f} ms"
     )
     for worker in world.workers:
         rss = worker.peak_rss_kib
@@ -816,21 +861,30 @@ def main(argv: list[str] | None = None) -> int:
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             start_worker(world, "pipeline", [crm_events_command(), "worker"], env)
             start_worker(world, "no-op", noop_command(), env)
+            start_worker(world, "bare", bare_command(world.broker_url), env)
+            world.bare_app = bare_worker.create_bare_app(world.broker_url)
             wait_ready(world)
             log("workers ready: " + ", ".join(w.nodename for w in world.workers))
             load_parties(world, env)
             if args.warmup:
                 run_pipeline(world, run_id, "w", args.warmup, args.timeout)
                 run_noop(world, run_id, "w", args.warmup, args.timeout)
+                run_bare(world, run_id, "w", args.warmup, args.timeout)
                 log(f"warm-up done ({args.warmup} of each)")
             results = []
             for i in range(1, args.repeats + 1):
-                for kind, run in (("p", run_pipeline), ("n", run_noop)):
-                    worker = world.workers[0 if kind == "p" else 1]
+                for index, (kind, run) in enumerate(
+                    (("p", run_pipeline), ("n", run_noop), ("b", run_bare))
+                ):
+                    worker = world.workers[index]
                     load, cpu_before = load_average(), cpu_seconds(worker)
+                    db_before = database_cpu_seconds(world)
                     result = run(world, run_id, f"{kind}{i}", args.events, args.timeout)
                     cpu = cpu_seconds(worker) - cpu_before
                     result.load, result.cpu_ms_per_message = load, cpu * 1000 / args.events
+                    if kind == "p":
+                        db_cpu = database_cpu_seconds(world) - db_before
+                        result.db_cpu_ms_per_message = db_cpu * 1000 / args.events
                     log(f"run {i}/{args.repeats} {result.kind}: {rate(result.rate)}/s")
                     results.append(result)
             for worker in world.workers:
