@@ -71,7 +71,15 @@ def find_staff(session: Session, reference: str | None, settings: Settings) -> S
             )
         )
     priority = case(*[(way, rank) for rank, way in enumerate(ways)], else_=len(ways))
-    return session.scalar(select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1))
+    found = session.scalar(select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1))
+    if found is not None:
+        # The session's identity map holds objects weakly: kept here, the seller's zone and name
+        # are read later in the transaction (tallies, participants) without querying again.
+        session.info.setdefault(_STAFF_SEEN, []).append(found)
+    return found
+
+
+_STAFF_SEEN = "crm.staff_seen"
 
 
 def find_staff_by_addresses(session: Session, addresses: Iterable[str]) -> dict[str, Staff | None]:
@@ -121,12 +129,26 @@ def is_internal_number(session: Session, raw: str | None, settings: Settings) ->
         return bool(digits) and len(digits) < 6
     if e164 in own_numbers(settings):
         return True
-    return (
-        session.scalar(
-            select(PartyPhone.id).where(PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None))
+    known: dict[str, bool] = session.info.setdefault(INTERNAL_NUMBERS, {})
+    if e164 not in known:
+        known[e164] = (
+            session.scalar(
+                select(PartyPhone.id).where(
+                    PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None)
+                )
+            )
+            is not None
         )
-        is not None
-    )
+    return known[e164]
+
+
+#: ``session.info`` key of the numbers found to be staff phones or not, in this session; whatever
+#: changes phones forgets them (``forget_internal_numbers``).
+INTERNAL_NUMBERS = "crm.internal_numbers"
+
+
+def forget_internal_numbers(session: Session) -> None:
+    session.info.pop(INTERNAL_NUMBERS, None)
 
 
 def match_phone(session: Session, raw: str | None, settings: Settings) -> PartyMatch:

@@ -400,7 +400,7 @@ def apply_call_state(
         ],
         new=new,
     )
-    reconcile_follow_ups(session, event)
+    reconcile_follow_ups(session, event, new=new)
 
 
 def _infer_direction(
@@ -457,7 +457,7 @@ def _reaches_customer_sql(table: Any) -> Any:
     )
 
 
-def reconcile_follow_ups(session: Session, event: CrmEvent) -> None:
+def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False) -> None:
     """Open, close or withdraw follow-ups so that they match the calls as stored now.
 
     A missed inbound call from a known customer has a follow-up for the customer's seller. It is
@@ -473,11 +473,16 @@ def reconcile_follow_ups(session: Session, event: CrmEvent) -> None:
     session.flush()
     missed = is_missed_inbound(event)
     closer = reaches_customer(event) and event.customer_id is not None
-    involved = session.scalars(
-        select(FollowUp.customer_id).where(
-            or_(FollowUp.event_id == event.id, FollowUp.closed_by_event_id == event.id)
-        )
-    ).all()
+    # An event created by this stage has opened or closed no follow-up yet.
+    involved = (
+        []
+        if new
+        else session.scalars(
+            select(FollowUp.customer_id).where(
+                or_(FollowUp.event_id == event.id, FollowUp.closed_by_event_id == event.id)
+            )
+        ).all()
+    )
     if not (missed or closer or involved):
         return  # most updates: nothing to open, close or withdraw
     customers = sorted({c for c in (event.customer_id, *involved) if c is not None})

@@ -21,7 +21,7 @@ from models.parties import Contact, ContactEmail, Customer, CustomerDomain, Part
 from models.schemas.party import SCHEMA, load_party_message
 from tasks.context import StageContext
 from tasks.maintenance import recount_seller
-from tasks.match import normalise_phone
+from tasks.match import forget_internal_numbers, normalise_phone
 from tasks.relink import relink_for_keys
 from tasks.store import PartyKey, StageResult, record_inbound, upsert_key
 
@@ -117,6 +117,7 @@ def replace_phones(
     Returns the numbers that did not parse and the E.164 numbers gained or lost.
     """
     ((column, owner_id),) = owner.items()
+    forget_internal_numbers(session)  # a staff phone may come or go
     before = set(
         session.scalars(select(PartyPhone.e164).where(getattr(PartyPhone, column) == owner_id))
     )

@@ -404,7 +404,8 @@ def link_recordings(
     session.flush()
     for entry in entries.values():
         _set_stub_note(session, event.id, entry, settings)
-    event.details = {**event.details, "recordings": [entries[url] for url in sorted(entries)]}
+    if entries or "recordings" in event.details:  # a call without any: nothing to write
+        event.details = {**event.details, "recordings": [entries[url] for url in sorted(entries)]}
     return requests
 
 
