@@ -639,8 +639,10 @@ def run_bare(world: World, run_id: str, tag: str, n: int, timeout: float) -> Res
     return Result("bare", tag, n, now, published, outcomes={"done": done})
 
 
-def bare_command(broker_url: str) -> list[str]:
-    return [sys.executable, str(BENCH_DIR / "bare_worker.py"), broker_url]
+def bare_command(broker_url: str, log_level: str) -> list[str]:
+    """The bare worker, logging at the level the other workers log at (INFO logs two lines per
+    task, which costs a worker as much as anything else it does for a no-op)."""
+    return [sys.executable, str(BENCH_DIR / "bare_worker.py"), broker_url, "-l", log_level]
 
 
 def load_parties(world: World, env: dict[str, str]) -> None:
@@ -861,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             start_worker(world, "pipeline", [crm_events_command(), "worker"], env)
             start_worker(world, "no-op", noop_command(), env)
-            start_worker(world, "bare", bare_command(world.broker_url), env)
+            start_worker(world, "bare", bare_command(world.broker_url, args.log_level), env)
             world.bare_app = bare_worker.create_bare_app(world.broker_url)
             wait_ready(world)
             log("workers ready: " + ", ".join(w.nodename for w in world.workers))
