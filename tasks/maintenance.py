@@ -23,7 +23,13 @@ from models.parties import Staff
 from models.targets import ReconcileRun, Tally
 from tasks.context import StageContext
 from tasks.errors import BadInput
-from tasks.store import TALLY_LOCK_NAMESPACE, lock_event_by_id, move_tallies, tally_keys
+from tasks.store import (
+    DEFERRED_TALLIES,
+    TALLY_LOCK_NAMESPACE,
+    lock_event_by_id,
+    move_tallies,
+    tally_keys,
+)
 from tasks.views import zone_of
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,9 @@ def recount_seller(session: Session, seller_id: int) -> int:
             text("SELECT pg_advisory_xact_lock(:ns, :seller)"),
             {"ns": TALLY_LOCK_NAMESPACE, "seller": seller_id},
         )
+    deferred = session.info.get(DEFERRED_TALLIES)
+    if deferred is not None:  # counted here already: a batch must not move them again
+        deferred[:] = [(key, delta) for key, delta in deferred if key.seller_id != seller_id]
     expected = expected_tallies(session, [seller_id])
     stored = session.scalar(
         select(func.count()).select_from(Tally).where(Tally.seller_id == seller_id)

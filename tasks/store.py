@@ -230,8 +230,28 @@ def move_tallies(
     """
     before, after = set(before), set(after)
     deltas = [(key, -1) for key in before - after] + [(key, 1) for key in after - before]
+    deferred = session.info.get(DEFERRED_TALLIES)
+    if deferred is not None:  # a batch moves them all at its end (tasks.batch)
+        deferred.extend(deltas)
+    else:
+        apply_tally_deltas(session, deltas)
+    return {key.seller_id for key in before | after}
+
+
+#: ``session.info`` key of the deltas a batch collects to move at its end, in one statement.
+DEFERRED_TALLIES = "crm.deferred_tallies"
+
+
+def apply_tally_deltas(session: Session, deltas: Iterable[tuple[TallyKey, int]]) -> None:
+    """Add each delta to its tally (summed per key first), in one statement, in key order."""
+    summed: dict[TallyKey, int] = {}
+    for key, delta in deltas:
+        summed[key] = summed.get(key, 0) + delta
+    deltas = sorted(
+        ((key, delta) for key, delta in summed.items() if delta),
+        key=lambda item: (item[0].seller_id, item[0].category, item[0].period),
+    )
     if deltas:
-        deltas.sort(key=lambda item: (item[0].seller_id, item[0].category, item[0].period))
         now = utcnow()
         session.execute(
             _TALLY_MOVE_PG if is_postgresql(session) else _tally_move(session),
@@ -247,7 +267,6 @@ def move_tallies(
                 for key, delta in deltas
             ],
         )
-    return {key.seller_id for key in before | after}
 
 
 #: Namespace of the advisory locks on one seller's tallies (shared: a move; exclusive: a recount).

@@ -9,14 +9,17 @@ contract of DESIGN §5 (``workers.queues`` routes them).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from config.logging import add_to_log_context
 from models.db import snapshot, transaction
 from models.events import CrmEvent
+from tasks.batch import BatchResult, ingest_batch
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ingest.call import CallStageResult, ingest_call
 from tasks.ingest.email import ingest_email
@@ -39,7 +42,7 @@ from tasks.telephony.recordings import (
     store_recording,
 )
 from workers.base import CrmTask, request_refresh
-from workers.queues import TASK_QUEUES
+from workers.queues import BATCH_TASK, TASK_QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,24 @@ class CallTask(CrmTask):
 def ingest_call_task(self: CallTask, message: Any) -> str:
     """crm.ingest.call: one call status update (DESIGN §5)."""
     return self.run_ingest(ingest_call, message)
+
+
+class BatchTask(CrmTask):
+    """The batch task: after the commit, also requests the fetch of its calls' recordings."""
+
+    def after_commit(self, result: StageResult) -> None:
+        super().after_commit(result)
+        if isinstance(result, BatchResult) and result.recordings_to_fetch:
+            enqueue_recording_fetches(self.app, result.recordings_to_fetch)
+
+
+@shared_task(name=BATCH_TASK, base=BatchTask, bind=True)
+def ingest_batch_task(self: BatchTask, message: Any) -> str:
+    """crm.ingest.batch: one ``crm.batch/1`` of messages of one kind, each with its outcome."""
+    stage = partial(
+        ingest_batch, queue_of=TASK_QUEUES.get, fatal=(SoftTimeLimitExceeded, TimeLimitExceeded)
+    )
+    return self.run_ingest(stage, message)
 
 
 @shared_task(name="crm.ingest.email", base=CrmTask, bind=True)

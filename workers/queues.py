@@ -11,6 +11,9 @@ TASK_QUEUES: dict[str, str] = {
     "crm.ingest.party": "crm.ingest.party",
     # Targets are master data from the ERP, like parties: the same queue.
     "crm.ingest.target": "crm.ingest.party",
+    # Batches (backfills, bursts) have a queue of their own: a year of CDRs being imported
+    # never holds up today's calls.
+    "crm.ingest.batch": "crm.ingest.bulk",
     "crm.refresh.seller": "crm.refresh",
     "crm.refresh.sweep": "crm.refresh",
     "crm.reports.targets": "crm.reports",
@@ -27,3 +30,6 @@ INGEST_TASKS: dict[str, str] = {
     "party": "crm.ingest.party",
     "target": "crm.ingest.target",
 }
+
+#: The task that takes ``crm.batch/1`` messages.
+BATCH_TASK = "crm.ingest.batch"

@@ -55,7 +55,7 @@ from tests.messages import outbound_call
 from tests.processes import free_port, service_env
 from workers.app import create_app
 from workers.publish import wait_for
-from workers.queues import INGEST_TASKS, TASK_QUEUES
+from workers.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -685,6 +685,36 @@ class Scenario:
                 ids.append(task_id)
                 if message.bad:
                     self.sent.bad_ids.add(task_id)
+        self.sent.task_ids += ids
+        return ids
+
+    def publish_batches(self, stream: list[Message], size: int) -> list[str]:
+        """Publish the stream as ``crm.batch/1`` messages of ``size``, one kind per batch;
+        returns (and accounts for) the id of each message in them."""
+        from tasks.batch import item_id
+
+        ids: list[str] = []
+        by_kind: dict[str, list[Message]] = {}
+        for message in stream:
+            by_kind.setdefault(message.kind, []).append(message)
+        for kind, messages in by_kind.items():
+            for start in range(0, len(messages), size):
+                chunk = messages[start : start + size]
+                batch_id = str(uuid.uuid4())
+                body = {
+                    "schema": "crm.batch/1",
+                    "source_system": "faults",
+                    "kind": kind,
+                    "messages": [m.body for m in chunk],
+                }
+                self.app.send_task(
+                    BATCH_TASK, args=[body], task_id=batch_id, queue=TASK_QUEUES[BATCH_TASK]
+                )
+                self.sent.messages += 1
+                for index, message in enumerate(chunk):
+                    ids.append(item_id(batch_id, index))
+                    if message.bad:
+                        self.sent.bad_ids.add(ids[-1])
         self.sent.task_ids += ids
         return ids
 

@@ -17,9 +17,9 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from models.ledger import RejectedMessage
+from models.ledger import DeliveryAttempt, RejectedMessage
 from tests.faults.conftest import Services
 from tests.faults.harness import (
     REDELIVERY_S,
@@ -67,6 +67,38 @@ def test_sigkill_of_pool_processes_and_main_processes(services: Services) -> Non
         result = account(run, stream, timeout=REDELIVERY_S + 60)
         check(result, run)
         assert result.faults["main"] == 1 and result.faults["child"] >= 3
+
+
+@pytest.mark.timeout(240)
+def test_batches_under_sigkill_are_applied_exactly_once(services: Services) -> None:
+    """A backfill sent as batches while pool processes are killed: a killed batch rolls back
+    whole and runs again; each of its messages ends with one outcome and one event."""
+    rng = random.Random(17)
+    stream = build_stream(360, seed=17)
+    with scenario(services.pg, services.redis, services.work_dir, "batches", workers=2) as run:
+        run.publish_batches(stream.messages, size=30)
+        # Kill while batches run, until one was killed in the middle (and so delivered again).
+        deadline = time.monotonic() + 60
+        while not redelivered(run) and time.monotonic() < deadline:
+            run.wait_progress(0.02, 10)
+            time.sleep(rng.uniform(0.05, 0.3))
+            run.workers.kill_child(rng)
+        result = account(run, stream, timeout=REDELIVERY_S + 60)
+        check(result, run)
+        assert redelivered(run), "no batch was killed while it ran"
+
+
+def redelivered(run: Scenario) -> int:
+    """Batches delivered more than once (their worker process killed while they ran)."""
+    with run.sessions() as session:
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(DeliveryAttempt)
+                .where(DeliveryAttempt.task_name == "crm.ingest.batch")
+            )
+            or 0
+        )
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,183 @@
+"""Batch stage: many messages of one kind in one transaction, each with its own outcome.
+
+A backfill (a year of CDRs, a JSON Lines export) or a burst from a producer arrives as
+``crm.batch/1`` messages. Each message of a batch runs through its kind's own stage, in a
+savepoint of the batch's one transaction, and gets its own delivery row under its own id
+(``<batch task id>/<index>``): stored, duplicate, outdated, rejected (with a
+``rejected_message`` row, replayable alone) or failed (a bug, with a ``failed_message`` row).
+A bad or broken message rolls back its savepoint only; the others commit together, and the
+broker message is acknowledged only after that commit. A transient error (the database gone)
+rolls the whole batch back, to be retried as one: no message of it was counted, and the
+ledger makes those that were committed before a crash duplicates when it runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models.ledger import FailedMessage, RejectedMessage
+from models.schemas.batch import load_batch_message
+from tasks.context import StageContext
+from tasks.errors import TRANSIENT_ERRORS, BadInput
+from tasks.ingest.call import CallStageResult, ingest_call
+from tasks.ingest.email import ingest_email
+from tasks.ingest.party import ingest_party
+from tasks.ingest.visit import ingest_visit
+from tasks.ledger import json_safe, kept_payload
+from tasks.match import forget_internal_numbers
+from tasks.store import (
+    DEFERRED_TALLIES,
+    StageResult,
+    TallyKey,
+    apply_tally_deltas,
+    record_delivery,
+)
+from tasks.targets import ingest_target
+
+log = logging.getLogger(__name__)
+
+Stage = Callable[[Session, StageContext, Any], StageResult]
+
+#: kind -> (the task name its messages have on their own, the stage).
+STAGES: dict[str, tuple[str, Stage]] = {
+    "call": ("crm.ingest.call", ingest_call),
+    "email": ("crm.ingest.email", ingest_email),
+    "visit": ("crm.ingest.visit", ingest_visit),
+    "party": ("crm.ingest.party", ingest_party),
+    "target": ("crm.ingest.target", ingest_target),
+}
+
+
+def item_id(batch_id: str | None, index: int) -> str:
+    """The id a batch's message is known by (its delivery row, its rejection, ``wait_for``)."""
+    return f"{batch_id or 'batch'}/{index}"
+
+
+@dataclass
+class BatchResult(StageResult):
+    """The batch's outcome, its messages' counts, and what to do after its commit."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    recordings_to_fetch: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ingest_batch(
+    session: Session,
+    ctx: StageContext,
+    payload: Any,
+    *,
+    queue_of: Callable[[str], str | None],
+    fatal: tuple[type[BaseException], ...] = (),
+) -> BatchResult:
+    """Run every message of a ``crm.batch/1`` through its stage; see the module's docstring.
+
+    ``queue_of(task_name)`` names the queue a failed message is replayed to; ``fatal``
+    exceptions (the worker's time limit) end the whole batch, like a transient error.
+    """
+    batch = load_batch_message(payload)
+    task_name, stage = STAGES[batch["kind"]]
+    result = BatchResult("done")
+    # Counts move once, at the end, in key order: the tally rows of a busy seller are then
+    # held for the commit only, not for the whole batch while other batches wait on them.
+    deltas: list[tuple[TallyKey, int]] = []
+    session.info[DEFERRED_TALLIES] = deltas
+    try:
+        for index, message in enumerate(batch["messages"]):
+            message_id = item_id(ctx.task_id, index)
+            item = StageContext(ctx.settings, message_id, task_name)
+            before = deltas[:]
+            outcome = _run_one(session, item, stage, message, result, queue_of(task_name), fatal)
+            if outcome in ("rejected", "failed"):
+                deltas[:] = before  # its moves were rolled back with its savepoint
+            result.outcomes[outcome] += 1
+    finally:
+        session.info.pop(DEFERRED_TALLIES, None)
+    apply_tally_deltas(session, deltas)
+    result.detail = f"{batch['kind']} batch of {len(batch['messages'])}: " + ", ".join(
+        f"{outcome} {count}" for outcome, count in sorted(result.outcomes.items())
+    )
+    return result
+
+
+def _run_one(
+    session: Session,
+    ctx: StageContext,
+    stage: Stage,
+    message: Any,
+    result: BatchResult,
+    queue: str | None,
+    fatal: tuple[type[BaseException], ...],
+) -> str:
+    try:
+        with session.begin_nested():
+            outcome = stage(session, ctx, message)
+            record_delivery(
+                session,
+                task_id=ctx.task_id,
+                task_name=ctx.task_name,
+                outcome=outcome.outcome,
+                event_id=outcome.event_id,
+                detail=outcome.detail,
+            )
+    except (*TRANSIENT_ERRORS, *fatal):
+        raise  # the whole batch again, later
+    except BadInput as exc:
+        _forget(session)
+        session.add(
+            RejectedMessage(
+                task_name=ctx.task_name,
+                task_id=ctx.task_id,
+                reason=json_safe(exc.reason),
+                errors=json_safe(exc.errors),
+                payload=kept_payload(session, ctx.settings, message),
+            )
+        )
+        record_delivery(
+            session,
+            task_id=ctx.task_id,
+            task_name=ctx.task_name,
+            outcome="rejected",
+            detail=json_safe(exc.reason),
+        )
+        return "rejected"
+    except Exception as exc:
+        # A bug met by this message alone: its savepoint is rolled back, the others go on.
+        _forget(session)
+        log.error("%s %s failed in its batch: %r", ctx.task_name, ctx.task_id, exc, exc_info=exc)
+        exception = f"{type(exc).__name__}: {exc}"
+        session.add(
+            FailedMessage(
+                task_name=ctx.task_name,
+                task_id=ctx.task_id,
+                kind="bug",
+                exception=json_safe(exception[:5000]),
+                traceback=json_safe("".join(traceback.format_exception(exc))[-20000:]),
+                attempts=1,
+                payload=kept_payload(session, ctx.settings, message),
+                queue=queue,
+            )
+        )
+        record_delivery(
+            session,
+            task_id=ctx.task_id,
+            task_name=ctx.task_name,
+            outcome="failed",
+            detail=json_safe(f"bug: {exception}"[:2000]),
+        )
+        return "failed"
+    result.sellers_to_refresh |= outcome.sellers_to_refresh
+    if isinstance(outcome, CallStageResult):
+        result.recordings_to_fetch += outcome.recordings_to_fetch
+    return outcome.outcome
+
+
+def _forget(session: Session) -> None:
+    """What the session remembered during a message that was rolled back may not hold."""
+    forget_internal_numbers(session)
