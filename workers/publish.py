@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from models.ledger import Delivery
-from workers.queues import INGEST_TASKS, TASK_QUEUES
+from models.schemas.batch import SCHEMA as BATCH_SCHEMA
+from workers.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 
 
 class PublishError(Exception):
@@ -98,9 +99,10 @@ def wait_for(
     done: dict[str, Delivery] = {}
     pending = set(task_ids)
     while True:
+        ordered = sorted(pending)
         with sessions() as session:
-            for chunk_start in range(0, len(pending), 500):
-                chunk = sorted(pending)[chunk_start : chunk_start + 500]
+            for chunk_start in range(0, len(ordered), 500):
+                chunk = ordered[chunk_start : chunk_start + 500]
                 for delivery in session.scalars(
                     select(Delivery).where(Delivery.task_id.in_(chunk))
                 ):
@@ -109,3 +111,71 @@ def wait_for(
         if not pending or time.monotonic() >= deadline:
             return done
         time.sleep(0.1)
+
+
+@dataclass
+class PublishedBatch:
+    """One ``crm.batch/1`` message: its task id, and the id each message in it is known by."""
+
+    task_id: str
+    item_ids: list[str]
+
+
+def publish_batches(
+    app: Celery,
+    kind: str,
+    messages: list[Any],
+    *,
+    source_system: str,
+    size: int,
+    on_published: Any = None,
+) -> list[PublishedBatch]:
+    """Publish ``messages`` of one kind as ``crm.batch/1`` messages of at most ``size`` each."""
+    from tasks.batch import item_id
+
+    batches = []
+    for start in range(0, len(messages), size):
+        chunk = messages[start : start + size]
+        task_id = str(uuid.uuid4())
+        app.send_task(
+            BATCH_TASK,
+            args=[
+                {
+                    "schema": BATCH_SCHEMA,
+                    "source_system": source_system,
+                    "kind": kind,
+                    "messages": chunk,
+                }
+            ],
+            task_id=task_id,
+            queue=TASK_QUEUES[BATCH_TASK],
+        )
+        batches.append(PublishedBatch(task_id, [item_id(task_id, i) for i in range(len(chunk))]))
+        if on_published is not None:
+            on_published(len(chunk))
+    return batches
+
+
+def wait_for_batches(
+    sessions: sessionmaker[Session],
+    batches: list[PublishedBatch],
+    timeout: float,
+    on_done: Any = None,
+) -> dict[str, Delivery]:
+    """Wait until every batch has run (or ``timeout`` passes); the outcome of each message of
+    the batches that ran, by its id."""
+    deadline = time.monotonic() + timeout
+    finished: set[str] = set()
+    pending = {b.task_id: b for b in batches}
+    while pending:
+        done = wait_for(sessions, sorted(pending), 0)
+        for task_id in done:
+            finished.add(task_id)
+            if on_done is not None:
+                on_done(len(pending[task_id].item_ids))
+            del pending[task_id]
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    ids = [i for b in batches if b.task_id in finished for i in b.item_ids]
+    return wait_for(sessions, ids, 0)

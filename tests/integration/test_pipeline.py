@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from models.targets import RefreshRequest, Tally
 from tasks.views import events_json, seller_cards, staff_by_username
 from tests.conftest import EXAMPLES, load_example
 from tests.integration.conftest import LiveSystem
+from tests.messages import outbound_call
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +140,55 @@ def test_emails_through_the_worker(loaded: LiveSystem) -> None:
             assert card["count_week"] == sum(e["in_week"] for e in card["events"])
             assert card["count_month"] == sum(e["in_month"] for e in card["events"])
         assert session.scalar(select(func.count()).select_from(RefreshRequest)) in (0, 1)
+
+
+def test_a_json_lines_backfill_through_batches(loaded: LiveSystem, tmp_path: Path) -> None:
+    """`import messages`: any kind per line, parties first, one summary line, each message its
+    outcome, the bad lines and messages told apart."""
+    lines = [
+        json.dumps(outbound_call("jl-1", "2026-10-05T09:00:00+03:00", agent="jl-maija")),
+        "{not json",
+        json.dumps({"schema": "crm.meeting/1"}),
+        json.dumps(
+            {
+                "schema": "crm.party/1",
+                "source_system": "erp",
+                "kind": "staff",
+                "username": "jl-maija",
+                "name": "Maija Myyjä",
+                "role": "seller",
+            }
+        ),
+        json.dumps(
+            {"schema": "crm.call/1", "source_system": "pbx", "call_id": "jl-bad", "colour": 1}
+        ),
+        "",
+        json.dumps(outbound_call("jl-2", "2026-10-06T09:00:00+03:00", agent="jl-maija")),
+    ]
+    path = tmp_path / "backfill.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = loaded.cli(
+        "import", "messages", str(path), "--wait", "60", "--json", "--batch-size", "2"
+    )
+    assert result.returncode == 1, result.stderr  # two lines could not be imported
+    report = json.loads(result.stdout)
+    outcome = {r["source"]: (r["kind"], r["outcome"]) for r in report["published"]}
+    assert outcome == {
+        "backfill.jsonl:1": ("call", "stored"),
+        "backfill.jsonl:4": ("party", "done"),
+        "backfill.jsonl:5": ("call", "rejected"),
+        "backfill.jsonl:7": ("call", "stored"),
+    }
+    assert [e["line"] for e in report["errors"]] == [2, 3]
+    assert "not a message of a known schema" in report["errors"][1]["error"]
+    # The staff member came first, so both calls are hers.
+    assert event_by_source_id(loaded, "jl-1")["seller"] == "jl-maija"
+    assert event_by_source_id(loaded, "jl-2")["seller"] == "jl-maija"
+
+    again = loaded.cli("import", "messages", str(path), "--wait", "60")
+    assert again.returncode == 1, again.stderr
+    summary = again.stdout.splitlines()[0]
+    assert summary == (
+        "4 message(s) published in 2 batch(es): done 1, duplicate 2, rejected 1; 2 not imported"
+    )
+    assert "backfill.jsonl:2: not imported: not JSON" in again.stderr

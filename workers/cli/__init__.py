@@ -17,7 +17,7 @@ from celery.exceptions import SecurityError
 from config.logging import configure_logging
 from config.settings import ConfigError, load_settings
 from tasks.errors import BadInput
-from workers.cli import events, messages, parties, processes, service, targets, telephony
+from workers.cli import bulk, events, messages, parties, processes, service, targets, telephony
 from workers.cli.common import (
     CommandError,
     Handler,
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     # The order of --help; telephony's `import cdr` joins the `import` group of parties.
-    for group in (processes, service, messages, events, targets, parties, telephony):
+    for group in (processes, service, messages, events, targets, parties, telephony, bulk):
         group.register(sub, add)
     return parser
 

@@ -109,3 +109,16 @@ def run_celery(command: Callable[[list[str]], Any], argv: list[str]) -> None:
         command(argv)
     except click.exceptions.UsageError as exc:
         raise InputError(exc.format_message()) from exc
+
+
+def subcommands(sub: Any, name: str, help_text: str) -> Any:
+    """The sub-command group ``name`` (e.g. ``import``), created unless another part made it."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        return sub.add_parser(name, help=help_text).add_subparsers(
+            dest=f"{name}_command", required=True
+        )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError(f"crm-events {name} has no sub-commands")

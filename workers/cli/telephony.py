@@ -1,15 +1,14 @@
 """``crm-events import cdr FILE.csv``: publish an Asterisk Master.csv as ``crm.call/1`` updates.
 
-Each CDR row becomes one update of ``crm.ingest.call`` (the legs of one call, sharing a
-``linkedid``, merge into one event). Rows that cannot be a call update are reported with their
-line number and not published; the others are. Importing the same file again changes nothing:
-every row is then a duplicate.
+Each CDR row becomes one ``crm.call/1`` update (the legs of one call, sharing a ``linkedid``,
+merge into one event), sent in ``crm.batch/1`` batches to ``crm.ingest.batch``. Rows that cannot
+be a call update are reported with their line number and not published; the others are.
+Importing the same file again changes nothing: every row is then a duplicate.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,7 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import MessageInvalid, load_message
 from tasks.telephony.adapters import AdapterError, CdrContext, asterisk_cdr_to_call, read_cdr_csv
-from workers.cli.common import InputError, emit_json
+from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
+from workers.cli.common import InputError, emit_json, subcommands
 
 CALL_TASK = "crm.ingest.call"
 
@@ -47,7 +47,7 @@ def cdr_messages(
 
 
 def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
-    from workers.publish import publish, wait_for
+    from workers.cli.bulk import Item, print_report, run_import, status_of
 
     path = Path(args.file)
     try:
@@ -69,60 +69,24 @@ def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
     # Asterisk writes caller names as the bytes it got; an undecodable one must not stop a file.
     text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
     messages, errors = cdr_messages(text, context, path.name)
-    rows: list[dict[str, Any]] = []
-    for label, message in messages:
-        published = publish(runtime.app, CALL_TASK, message, label)
-        rows.append({"source": label, "call_id": message["call_id"], "task_id": published.task_id})
-    status = 0
-    if args.wait is not None and rows:
-        done = wait_for(runtime.sessions, [r["task_id"] for r in rows], args.wait)
-        for row in rows:
-            delivery = done.get(row["task_id"])
-            row["outcome"] = delivery.outcome if delivery else "pending"
-            row["event_id"] = delivery.event_id if delivery else None
-            row["detail"] = delivery.detail if delivery else ""
-        missing = sum(1 for r in rows if r["outcome"] == "pending")
-        if missing:
-            print(
-                f"timed out after {args.wait:g} s: {missing} row(s) not processed", file=sys.stderr
-            )
-            status = 3
-    for error in errors:
-        print(f"{error['source']}: not imported: {error['error']}", file=sys.stderr)
-    if errors and status == 0:
-        status = 1
+    items = [Item(label, "call", message, message["call_id"]) for label, message in messages]
+    report = run_import(
+        runtime,
+        items,
+        errors,
+        source_system=args.source_system,
+        size=args.batch_size,
+        wait=args.wait,
+    )
     if args.json:
-        emit_json({"published": rows, "errors": errors})
-    else:
-        from workers.render import table
-
-        columns = ["source", "call_id", "task_id"] + (
-            ["outcome", "event_id", "detail"] if args.wait is not None else []
-        )
-        table(
-            f"{len(rows)} CDR row(s) published, {len(errors)} not imported",
-            columns,
-            [[r.get(c) for c in columns] for r in rows],
-        )
-    return status
-
-
-def _subcommands(sub: Any, name: str, help_text: str) -> Any:
-    """The sub-command group ``name`` (e.g. ``import``), created unless another part made it."""
-    parser = sub.choices.get(name)
-    if parser is None:
-        return sub.add_parser(name, help=help_text).add_subparsers(
-            dest=f"{name}_command", required=True
-        )
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError(f"crm-events {name} has no sub-commands")
+        emit_json({"published": report.rows("call_id"), "errors": errors})
+        return status_of(report)
+    return print_report(report, "CDR row(s)")
 
 
 def register(sub: Any, add: Any) -> None:
     """Add ``import cdr`` to the ``crm-events`` parser."""
-    imports = _subcommands(sub, "import", "import data from files")
+    imports = subcommands(sub, "import", "import data from files")
     p = imports.add_parser(
         "cdr",
         help="publish the call records of an Asterisk Master.csv as call updates",
@@ -142,5 +106,12 @@ def register(sub: Any, add: Any) -> None:
     )
     p.add_argument(
         "--wait", type=float, metavar="SECONDS", help="wait until every row is processed"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=batch_size,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"rows per crm.batch/1 message (default {DEFAULT_BATCH_SIZE})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

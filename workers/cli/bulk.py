@@ -1,0 +1,298 @@
+"""Backfills: messages published as ``crm.batch/1`` batches, with progress and a summary.
+
+``crm-events import cdr`` and ``crm-events import messages`` both end here: the messages go out
+in batches of one kind (each message keeps its own outcome under ``<batch id>/<index>``), master
+data first and one batch at a time (so that a later version of a party is applied after an
+earlier one), then the rest in parallel. A progress bar shows on a terminal; the summary counts
+each outcome and lists the messages that were rejected or failed, never one line per message.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.schemas.batch import MAX_BATCH_MESSAGES
+
+#: Kinds whose messages must be applied in the order given: sent one batch at a time, first.
+ORDERED_KINDS = ("party", "target")
+DEFAULT_BATCH_SIZE = 500
+#: Problems (rejected or failed messages) the summary lists; the JSON has them all.
+SHOWN_PROBLEMS = 20
+
+
+@dataclass
+class Item:
+    source: str
+    kind: str
+    message: Any
+    #: Shown with the outcome (a call's id, a visit's id).
+    label: str = ""
+    task_id: str = ""
+
+
+@dataclass
+class ImportReport:
+    items: list[Item]
+    errors: list[dict[str, Any]]
+    batches: int = 0
+    outcomes: dict[str, Any] = field(default_factory=dict)
+    waited: bool = False
+
+    def rows(self, label: str = "id") -> list[dict[str, Any]]:
+        rows = []
+        for item in self.items:
+            row: dict[str, Any] = {
+                "source": item.source,
+                "kind": item.kind,
+                "task_id": item.task_id,
+            }
+            if item.label:
+                row[label] = item.label
+            if self.waited:
+                delivery = self.outcomes.get(item.task_id)
+                row["outcome"] = delivery.outcome if delivery else "pending"
+                row["event_id"] = delivery.event_id if delivery else None
+                row["detail"] = delivery.detail if delivery else ""
+            rows.append(row)
+        return rows
+
+
+def batch_size(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_BATCH_MESSAGES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_MESSAGES}, not {value}")
+    return value
+
+
+def run_import(
+    runtime: Any,
+    items: list[Item],
+    errors: list[dict[str, Any]],
+    *,
+    source_system: str,
+    size: int,
+    wait: float | None,
+) -> ImportReport:
+    """Publish ``items`` in batches (ordered kinds first, one at a time) and, with ``wait``,
+    wait for their outcomes."""
+    from workers.publish import PublishedBatch, publish_batches, wait_for_batches
+
+    report = ImportReport(items, errors)
+    by_kind: dict[str, list[Item]] = {}
+    for item in items:
+        by_kind.setdefault(item.kind, []).append(item)
+    ordered = [k for k in ORDERED_KINDS if k in by_kind]
+    parallel = [k for k in by_kind if k not in ORDERED_KINDS]
+    with _progress(len(items), wait is not None) as bar:
+        published: list[PublishedBatch] = []
+        for kind in ordered + parallel:
+            group = by_kind[kind]
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
+                [batch] = publish_batches(
+                    runtime.app,
+                    kind,
+                    [i.message for i in chunk],
+                    source_system=source_system,
+                    size=size,
+                    on_published=bar.published,
+                )
+                for item, task_id in zip(chunk, batch.item_ids, strict=True):
+                    item.task_id = task_id
+                published.append(batch)
+                if kind in ORDERED_KINDS:
+                    # The next version of a party must not overtake this one.
+                    report.outcomes.update(
+                        wait_for_batches(
+                            runtime.sessions, [batch], wait or 600, on_done=bar.processed
+                        )
+                    )
+        report.batches = len(published)
+        if wait is not None:
+            rest = [b for b in published if b.item_ids[0] not in report.outcomes]
+            report.outcomes.update(
+                wait_for_batches(runtime.sessions, rest, wait, on_done=bar.processed)
+            )
+            report.waited = True
+    return report
+
+
+def print_report(report: ImportReport, what: str) -> int:
+    """The summary on stdout and the problems on stderr; returns the exit status."""
+    from workers.render import table
+
+    rows = report.rows()
+    counts = Counter(r["outcome"] for r in rows) if report.waited else Counter()
+    line = f"{len(rows)} {what} published in {report.batches} batch(es)"
+    if report.waited:
+        line += ": " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    if report.errors:
+        line += f"; {len(report.errors)} not imported"
+    print(line)
+    problems = [r for r in rows if r.get("outcome") in ("rejected", "failed")]
+    if problems:
+        table(
+            f"{len(problems)} rejected or failed"
+            + (f" (the first {SHOWN_PROBLEMS})" if len(problems) > SHOWN_PROBLEMS else ""),
+            ["source", "outcome", "detail"],
+            [[r["source"], r["outcome"], r["detail"]] for r in problems[:SHOWN_PROBLEMS]],
+        )
+    return status_of(report, counts)
+
+
+def status_of(report: ImportReport, counts: Counter[str] | None = None) -> int:
+    for error in report.errors:
+        print(f"{error['source']}: not imported: {error['error']}", file=sys.stderr)
+    if report.waited:
+        counts = counts if counts is not None else Counter(r["outcome"] for r in report.rows())
+        if counts.get("pending"):
+            print(f"timed out: {counts['pending']} message(s) not processed yet", file=sys.stderr)
+            return 3
+    return 1 if report.errors else 0
+
+
+class _Bar:
+    """A progress bar on a terminal's stderr; nothing elsewhere."""
+
+    def __init__(self, total: int, waiting: bool) -> None:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.progress = Progress(console=Console(stderr=True), transient=True)
+        self.sent = self.progress.add_task("published", total=total)
+        self.done = self.progress.add_task("processed", total=total) if waiting else None
+
+    def published(self, n: int) -> None:
+        self.progress.advance(self.sent, n)
+
+    def processed(self, n: int) -> None:
+        if self.done is not None:
+            self.progress.advance(self.done, n)
+
+
+class _NoBar:
+    def published(self, n: int) -> None:
+        pass
+
+    def processed(self, n: int) -> None:
+        pass
+
+
+def _progress(total: int, waiting: bool) -> Any:
+    if not sys.stderr.isatty() or total == 0:
+        return nullcontext(_NoBar())
+    bar = _Bar(total, waiting)
+
+    class _Context:
+        def __enter__(self) -> _Bar:
+            bar.progress.start()
+            return bar
+
+        def __exit__(self, *_: Any) -> None:
+            bar.progress.stop()
+
+    return _Context()
+
+
+# -- crm-events import messages FILE.jsonl ------------------------------------------------------
+
+
+def messages_from_lines(text: str, source: str) -> tuple[list[Item], list[dict[str, Any]]]:
+    """One message per line (JSON Lines): its kind read from its ``schema``; blank lines skipped,
+    a line that is not a JSON object of a known schema reported with its number."""
+    import json
+
+    from models.schemas.kinds import MESSAGE_KINDS
+
+    kinds = {kind.schema_name: name for name, kind in MESSAGE_KINDS.items()}
+    items: list[Item] = []
+    errors: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        label = f"{source}:{number}"
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            errors.append({"source": label, "line": number, "error": f"not JSON: {exc}"})
+            continue
+        schema = message.get("schema") if isinstance(message, dict) else None
+        kind = kinds.get(schema) if isinstance(schema, str) else None
+        if kind is None:
+            known = ", ".join(sorted(kinds))
+            errors.append(
+                {
+                    "source": label,
+                    "line": number,
+                    "error": f"not a message of a known schema ({known}): schema {schema!r}",
+                }
+            )
+            continue
+        items.append(Item(label, kind, message))
+    return items, errors
+
+
+def cmd_import_messages(args: Any, runtime: Any) -> int:
+    from pathlib import Path
+
+    from workers.cli.common import InputError, emit_json
+
+    path = Path(args.file)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from exc
+    items, errors = messages_from_lines(text, path.name)
+    report = run_import(
+        runtime,
+        items,
+        errors,
+        source_system=args.source_system,
+        size=args.batch_size,
+        wait=args.wait,
+    )
+    if args.json:
+        emit_json({"published": report.rows(), "errors": errors})
+        return status_of(report)
+    return print_report(report, "message(s)")
+
+
+def register(sub: Any, add: Any) -> None:
+    """Add ``import messages`` to the ``import`` group."""
+    from workers.cli.common import subcommands
+
+    imports = subcommands(sub, "import", "import data from files")
+    p = imports.add_parser(
+        "messages",
+        help="publish a JSON Lines file of messages (calls, visits, emails, parties, targets)",
+        description="One message per line, of any kind (its schema says which), published in "
+        "crm.batch/1 batches: parties and targets first, one batch at a time and in file order, "
+        "then the rest. For backfills; see docs/messages.md.",
+    )
+    p.set_defaults(handler=cmd_import_messages)
+    p.add_argument("file", metavar="FILE.jsonl")
+    p.add_argument(
+        "--source-system",
+        default="import",
+        help="who sent the batches (each message names its own source; default: import)",
+    )
+    p.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait until every message is processed"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=batch_size,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"messages per crm.batch/1 message (default {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
