@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from models.db import is_postgresql
 from models.ledger import FailedMessage, RejectedMessage
 from models.schemas.batch import load_batch_message
 from tasks.context import StageContext
@@ -83,6 +85,7 @@ def ingest_batch(
     """
     batch = load_batch_message(payload)
     task_name, stage = STAGES[batch["kind"]]
+    _one_batch_at_a_time(session)
     result = BatchResult("done")
     # Counts move once, at the end, in key order: the tally rows of a busy seller are then
     # held for the commit only, not for the whole batch while other batches wait on them.
@@ -176,6 +179,24 @@ def _run_one(
     if isinstance(outcome, CallStageResult):
         result.recordings_to_fetch += outcome.recordings_to_fetch
     return outcome.outcome
+
+
+#: Namespace of the advisory lock that lets one batch at a time write (``"BAT"``).
+BATCH_LOCK_NAMESPACE = 0x424154
+
+
+def _one_batch_at_a_time(session: Session) -> None:
+    """Wait until no other batch is writing, and hold that until this one commits.
+
+    Each message of a batch takes the locks its stage takes (a customer's follow-ups, the party
+    keys of an unlinked event) and holds them until the batch commits. Two batches taking them in
+    their messages' order would wait on each other, deadlock, and run again and again; one at a
+    time they cannot, and a single message waiting on a batch waits for one batch only. A backfill
+    thus keeps one pool process busy and leaves the others to today's messages. SQLite runs one
+    writing transaction at a time anyway.
+    """
+    if is_postgresql(session):
+        session.execute(text("SELECT pg_advisory_xact_lock(:ns, 0)"), {"ns": BATCH_LOCK_NAMESPACE})
 
 
 def _forget(session: Session) -> None:
