@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, or_, select, text
+from sqlalchemy.orm import Session, aliased
 
 from models.base import utcnow
 from models.db import is_postgresql
@@ -457,6 +457,10 @@ def _reaches_customer_sql(table: Any) -> Any:
     )
 
 
+#: The missed call of a follow-up, beside the call being reconciled (built once: costly).
+_MISSED_CALL = aliased(CrmEvent, name="missed_call")
+
+
 def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False) -> None:
     """Open, close or withdraw follow-ups so that they match the calls as stored now.
 
@@ -495,17 +499,18 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
     ]
     if closer:
         # A callback that arrives late but happened before the one that closed a follow-up
-        # becomes the one that closed it.
+        # becomes the one that closed it. The customer's calls after this one are few while
+        # calls arrive in order (live, or a CDR file): those are read by the index, and each
+        # candidate's missed call by its key, never all of a busy customer's calls.
         wanted.append(
-            FollowUp.event_id.in_(
-                select(CrmEvent.id).where(
-                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at < event.occurred_at
-                )
-            )
-            & FollowUp.closed_by_event_id.in_(
+            FollowUp.closed_by_event_id.in_(
                 select(CrmEvent.id).where(
                     CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at > event.occurred_at
                 )
+            )
+            & exists().where(
+                _MISSED_CALL.id == FollowUp.event_id,
+                _MISSED_CALL.occurred_at < event.occurred_at,
             )
         )
     affected = list(
