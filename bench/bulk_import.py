@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
+import json
 import os
 import random
 import re
@@ -337,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the import")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.bare < 1 or args.warmup < 0 or not 1 <= args.batch_size <= 1000:
         parser.error("--rows and --bare positive, --warmup not negative, --batch-size 1..1000")
@@ -352,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.log(f"bench failed: {exc}")
             return 1
     report(figures)
+    if args.json:
+        data = {
+            **dataclasses.asdict(figures),
+            "import_rate": figures.import_rate,
+            "bare_rate": figures.bare_rate,
+            "pg_rate": figures.pg_rate,
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0 if figures.events_stored == figures.rows and figures.drift == 0 else 1
 
 

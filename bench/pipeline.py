@@ -747,6 +747,26 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
 
 
+def summary(results: list[Result]) -> dict[str, Any]:
+    """The medians of the runs, for ``--json`` (``bench/run.py`` reads them)."""
+
+    def median(kind: str, value: str = "rate") -> float:
+        return statistics.median(getattr(r, value) for r in results if r.kind == kind)
+
+    return {
+        "events": results[0].n,
+        "runs": sum(1 for r in results if r.kind == "pipeline"),
+        "pipeline_rate": median("pipeline"),
+        "noop_rate": median("no-op"),
+        "bare_rate": median("bare"),
+        "pipeline_cpu_ms": median("pipeline", "cpu_ms_per_message"),
+        "pipeline_db_cpu_ms": median("pipeline", "db_cpu_ms_per_message"),
+        "noop_cpu_ms": median("no-op", "cpu_ms_per_message"),
+        "bare_cpu_ms": median("bare", "cpu_ms_per_message"),
+        "load": [r.load for r in results],
+    }
+
+
 def report(results: list[Result], world: World, repeats: int) -> None:
     pipeline_runs = [r for r in results if r.kind == "pipeline"]
     for i, result in enumerate(pipeline_runs):
@@ -833,6 +853,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CRM_LOG_LEVEL of both workers (INFO also gives the task times)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--json", metavar="FILE", help="also write the medians to FILE as JSON")
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--events and --repeats must be positive, --warmup not negative")
@@ -892,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
             for worker in world.workers:
                 record_peak_rss(worker)
             report(results, world, args.repeats)
+            drift: int | None = None
             try:
                 drift = tally_drift(world)
             except Exception as exc:
@@ -901,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  WARNING: {drift} tally key(s) differ from a recount of the events")
                 else:
                     print("  tallies agree with a recount of the events")
+            if args.json:
+                figures = {**summary(results), "drift": drift}
+                Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
             return 0
         except BenchError as exc:
             log(f"bench failed: {exc}")

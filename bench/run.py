@@ -1,0 +1,149 @@
+"""The throughput goals in one table: each figure, its goal, its same-run baseline, the ratio.
+
+Runs ``pipeline.py`` (call events one message each, the app's no-op task and a bare Celery
+no-op task, alternating) and then ``bulk_import.py`` (``crm-events import cdr`` end to end,
+bare Celery and PostgreSQL ``executemany`` as baselines), each in its own throw-away world, and
+prints a Markdown table with the date and the load averages, ready for bench/README.md.
+
+    .venv/bin/python bench/run.py            # pipeline 300 x 3, import of 20,000 rows
+    .venv/bin/python bench/run.py --quick    # pipeline 200 x 1, import of 5,000 rows
+
+The email throughput and the refresh at a million events have scripts of their own
+(``email_throughput.py``, ``refresh.py``); this table does not run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def run_script(script: str, args: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="crm-bench-run-") as tmp:
+        out = Path(tmp) / "figures.json"
+        command = [sys.executable, str(BENCH_DIR / script), *args, "--json", str(out)]
+        print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
+        done = subprocess.run(command, stdout=sys.stderr)
+        if done.returncode != 0 or not out.exists():
+            raise SystemExit(f"{script} failed (exit status {done.returncode})")
+        figures: dict[str, Any] = json.loads(out.read_text())
+        return figures
+
+
+def load_now() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def rows(p: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(figure, measured, goal, baseline, ratio, met) for each goal."""
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "no"
+
+    drift = (p.get("drift") or 0) + b["drift"]
+    return [
+        (
+            "call events end to end, one message each",
+            f"{p['pipeline_rate']:.0f} events/s",
+            "≥ 0.5 × bare",
+            f"bare Celery {p['bare_rate']:.0f} tasks/s",
+            f"{p['pipeline_rate'] / p['bare_rate']:.2f}",
+            met(p["pipeline_rate"] >= 0.5 * p["bare_rate"]),
+        ),
+        (
+            "worker CPU per call event",
+            f"{p['pipeline_cpu_ms']:.2f} ms",
+            "≤ 4 ms",
+            f"bare Celery {p['bare_cpu_ms']:.2f} ms",
+            f"{p['pipeline_cpu_ms'] / p['bare_cpu_ms']:.1f} × bare",
+            met(p["pipeline_cpu_ms"] <= 4),
+        ),
+        (
+            "PostgreSQL CPU per call event",
+            f"{p['pipeline_db_cpu_ms']:.2f} ms",
+            "≤ 1.5 ms",
+            "",
+            "",
+            met(p["pipeline_db_cpu_ms"] <= 1.5),
+        ),
+        (
+            "the app's no-op task, worker CPU",
+            f"{p['noop_cpu_ms']:.2f} ms",
+            "≤ 1.3 × bare",
+            f"bare Celery {p['bare_cpu_ms']:.2f} ms",
+            f"{p['noop_cpu_ms'] / p['bare_cpu_ms']:.2f}",
+            met(p["noop_cpu_ms"] <= 1.3 * p["bare_cpu_ms"]),
+        ),
+        (
+            "the app's no-op task, throughput",
+            f"{p['noop_rate']:.0f} tasks/s",
+            "≥ bare / 1.3",
+            f"bare Celery {p['bare_rate']:.0f} tasks/s",
+            f"{p['noop_rate'] / p['bare_rate']:.2f}",
+            met(p["noop_rate"] * 1.3 >= p["bare_rate"]),
+        ),
+        (
+            f"`import cdr` of {b['rows']:,} rows end to end",
+            f"{b['import_rate']:.0f} events/s",
+            "≥ 5,000 events/s",
+            f"bare Celery {b['bare_rate']:.0f} tasks/s; PostgreSQL executemany "
+            f"{b['pg_rate']:,.0f} rows/s",
+            f"{b['import_rate'] / 5000:.3f} of the goal; {b['import_rate'] / b['bare_rate']:.2f}"
+            " × bare",
+            met(b["import_rate"] >= 5000),
+        ),
+        (
+            "worker CPU per imported event",
+            f"{b['worker_cpu_ms']:.2f} ms (PostgreSQL {b['db_cpu_ms']:.2f} ms)",
+            "",
+            f"bare Celery {b['bare_cpu_ms']:.2f} ms per task",
+            "",
+            "",
+        ),
+        (
+            "tally drift after both",
+            str(drift),
+            "0",
+            "a recount of the events",
+            "",
+            met(drift == 0 and b["events_stored"] == b["rows"]),
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs: a first look")
+    parser.add_argument("--rows", type=int, help="CDR rows to import (default 20000, quick 5000)")
+    args = parser.parse_args(argv)
+    events, repeats = ("200", "1") if args.quick else ("300", "3")
+    rows_n = args.rows or (5000 if args.quick else 20000)
+    started, load_before = datetime.now().astimezone(), load_now()
+    p = run_script("pipeline.py", ["--events", events, "--repeats", repeats, "--warmup", "50"])
+    b = run_script("bulk_import.py", ["--rows", str(rows_n), "--bare", "5000"])
+    loads = [*p["load"], b["load"]]
+    print()
+    print(
+        f"{started:%Y-%m-%d %H:%M %Z}, {Path('/proc/cpuinfo').read_text().count('processor')} "
+        f"cores; load average {min(loads):.1f}–{max(loads):.1f} at the runs' starts "
+        f"(1, 5, 15 min: {load_before} before, {load_now()} after); pipeline: median of "
+        f"{repeats} run(s) of {events}"
+    )
+    print()
+    print("| figure | measured | goal | baseline (same run) | ratio | met |")
+    print("|---|---|---|---|---|---|")
+    for row in rows(p, b):
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
