@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from config.settings import Settings
 from workers.base import soft_time_limit
@@ -65,10 +65,19 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=soft_time_limit(settings.task_time_limit_s),
-        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        # Each queue has a direct exchange of its own name, bound with its own name as the
+        # routing key: what a producer gets from ``send_task(..., queue=NAME)`` in any language
+        # (docs/messages.md). Without an exchange of their own, every queue would bind to the
+        # default queue's exchange.
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         task_default_queue="crm.ingest.party",
+        task_default_exchange="crm.ingest.party",
+        task_default_exchange_type="direct",
         task_routes={
-            name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
+            name: {"queue": queue, "exchange": queue, "routing_key": queue}
+            for name, queue in TASK_QUEUES.items()
         },
         task_create_missing_queues=False,
         # Checks every message, and records every one the worker refuses (another content type,
