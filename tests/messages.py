@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 
@@ -19,5 +20,20 @@ def outbound_call(
         "to": "+358 44 765 4321",
         "agent": agent,
         "started_at": started_at,
+        **fields,
+    }
+
+
+def unlinked_call(prefix: str, **fields: Any) -> dict[str, Any]:
+    """A valid missed call from a number no one in the tests' world has: stored unlinked, it
+    touches no seller's tallies."""
+    return {
+        "schema": "crm.call/1",
+        "source_system": "envelope-test",
+        "call_id": f"{prefix}-{uuid.uuid4().hex[:10]}",
+        "status": "missed",
+        "direction": "inbound",
+        "from": "+358 40 900 0071",
+        "started_at": "2026-11-24T16:58:30+02:00",
         **fields,
     }

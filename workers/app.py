@@ -40,6 +40,15 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def named_queue(name: str) -> Queue:
+    """A queue as the workers declare it: bound to a direct exchange of its own name, with its
+    name as the routing key, which is what a producer gets from ``send_task(..., queue=NAME)``
+    in any language (docs/messages.md). Without an exchange of its own, a queue would be bound
+    to the default queue's exchange.
+    """
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def create_app(settings: Settings) -> Celery:
     app = Celery("crm_events", set_as_current=True)
     app.conf.update(
@@ -65,19 +74,10 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=soft_time_limit(settings.task_time_limit_s),
-        # Each queue has a direct exchange of its own name, bound with its own name as the
-        # routing key: what a producer gets from ``send_task(..., queue=NAME)`` in any language
-        # (docs/messages.md). Without an exchange of their own, every queue would bind to the
-        # default queue's exchange.
-        task_queues=[
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
-        ],
+        task_queues=[named_queue(name) for name in QUEUES],
         task_default_queue="crm.ingest.party",
-        task_default_exchange="crm.ingest.party",
-        task_default_exchange_type="direct",
         task_routes={
-            name: {"queue": queue, "exchange": queue, "routing_key": queue}
-            for name, queue in TASK_QUEUES.items()
+            name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
         },
         task_create_missing_queues=False,
         # Checks every message, and records every one the worker refuses (another content type,

@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -899,7 +899,7 @@ SWEEP_EVERY_S = 10
 
 
 def wait_refresh_settled(
-    sessions: sessionmaker[Session], timeout: float, sweep: Any = None
+    sessions: sessionmaker[Session], timeout: float, sweep: Callable[[], None] | None = None
 ) -> bool:
     """True once no seller refresh is waiting (every requested refresh has run).
 

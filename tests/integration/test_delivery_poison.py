@@ -48,15 +48,14 @@ MAX_DELIVERIES = 3
 def create_test_app(settings: Any) -> Any:
     """``create_app(settings)`` plus the two misbehaving tasks and their queue."""
     from celery.exceptions import SoftTimeLimitExceeded
-    from kombu import Queue
 
     from models.db import transaction
     from tasks.store import record_delivery
-    from workers.app import create_app
+    from workers.app import create_app, named_queue
     from workers.base import CrmTask
 
     app = create_app(settings)
-    app.conf.task_queues = [*app.conf.task_queues, Queue(QUEUE, routing_key=QUEUE)]
+    app.conf.task_queues = [*app.conf.task_queues, named_queue(QUEUE)]
     app.conf.task_routes = {
         **app.conf.task_routes,
         DIE_TASK: {"queue": QUEUE, "routing_key": QUEUE},

@@ -17,6 +17,7 @@ import pytest
 from celery import Celery
 
 from tests.integration.conftest import LiveSystem
+from tests.messages import unlinked_call
 from workers.publish import wait_for
 from workers.transport.consumer import ledger_task_id
 from workers.transport.envelope import MAX_DEPTH, MAX_TASK_ID
@@ -25,20 +26,6 @@ pytestmark = pytest.mark.integration
 
 QUEUE = "crm.ingest.call"
 TASK = "crm.ingest.call"
-
-
-def call(prefix: str = "env") -> dict[str, Any]:
-    """A valid call from a number no one in the other tests' world has: stored unlinked, it
-    touches no seller's tallies."""
-    return {
-        "schema": "crm.call/1",
-        "source_system": "envelope-test",
-        "call_id": f"{prefix}-{uuid.uuid4().hex[:10]}",
-        "status": "missed",
-        "direction": "inbound",
-        "from": "+358 40 900 0071",
-        "started_at": "2026-11-24T16:58:30+02:00",
-    }
 
 
 def nested(depth: int) -> Any:
@@ -63,14 +50,14 @@ def outcome(live: LiveSystem, task_id: str) -> Any:
 
 
 def still_processing(live: LiveSystem) -> None:
-    (delivery,) = live.publish("call", [call("after")], timeout=60)
+    (delivery,) = live.publish("call", [unlinked_call("after")], timeout=60)
     assert delivery.outcome == "stored", delivery.detail
     assert live.alive(), live.tail()
 
 
 def test_deeply_nested_arguments_are_refused_without_taking_the_pool(live: LiveSystem) -> None:
     # Two such messages used to take both pool slots of the worker for good.
-    ids = [send(live, [{**call("deep"), "extra": nested(600)}]) for _ in range(3)]
+    ids = [send(live, [{**unlinked_call("deep"), "extra": nested(600)}]) for _ in range(3)]
     for task_id in ids:
         row = live.rejected(task_id)
         assert f"nested deeper than {MAX_DEPTH} levels" in row.reason
@@ -79,7 +66,7 @@ def test_deeply_nested_arguments_are_refused_without_taking_the_pool(live: LiveS
 
 
 def test_nesting_in_the_headers_is_refused_too(live: LiveSystem) -> None:
-    task_id = send(live, [call()], headers={"x-deep": nested(600)})
+    task_id = send(live, [unlinked_call("env")], headers={"x-deep": nested(600)})
     assert "headers is nested deeper" in live.rejected(task_id).reason
     still_processing(live)
 
@@ -87,7 +74,7 @@ def test_nesting_in_the_headers_is_refused_too(live: LiveSystem) -> None:
 def test_a_task_id_longer_than_the_ledger_keys_is_recorded_and_replayable(
     live: LiveSystem,
 ) -> None:
-    message = call("long-id")
+    message = unlinked_call("long-id")
     task_id = send(live, [message], task_id="L" * 150)
     row = live.rejected(ledger_task_id(task_id) or "")
     assert row.reason == (f"the task id is 150 characters long; at most {MAX_TASK_ID} are accepted")
@@ -110,7 +97,7 @@ def test_a_task_id_longer_than_the_ledger_keys_is_recorded_and_replayable(
 def test_arguments_that_do_not_fit_the_task_are_refused(
     live: LiveSystem, args: str, kwargs: dict[str, Any], said: str
 ) -> None:
-    message = call()
+    message = unlinked_call("env")
     positional = {"two": [message, message], "none": [], "one": [message]}[args]
     task_id = send(live, positional, kwargs=kwargs)
     row = live.rejected(task_id)
@@ -120,7 +107,7 @@ def test_arguments_that_do_not_fit_the_task_are_refused(
 
 def test_links_to_other_tasks_are_refused(live: LiveSystem) -> None:
     link = live.app.signature("crm.maintenance.reconcile")
-    task_id = send(live, [call()], link=link, link_error=link)
+    task_id = send(live, [unlinked_call("env")], link=link, link_error=link)
     row = live.rejected(task_id)
     assert "links to other tasks (callbacks, errbacks) are not accepted" in row.reason
     still_processing(live)
@@ -129,7 +116,7 @@ def test_links_to_other_tasks_are_refused(live: LiveSystem) -> None:
 def test_an_eta_past_the_visibility_window_is_refused(live: LiveSystem) -> None:
     settings = live.settings
     ahead = settings.visibility_timeout_s - settings.task_time_limit_s + 600
-    task_id = send(live, [call()], countdown=ahead)
+    task_id = send(live, [unlinked_call("env")], countdown=ahead)
     row = live.rejected(task_id)
     assert "'eta'" in row.reason and "CRM_VISIBILITY_TIMEOUT_S" in row.reason
     # Refused for its envelope alone: the message is kept whole and can be replayed.
@@ -138,7 +125,7 @@ def test_an_eta_past_the_visibility_window_is_refused(live: LiveSystem) -> None:
 
 def test_an_expired_message_is_still_processed_not_dropped(live: LiveSystem) -> None:
     # Celery drops a message whose expiry has passed without a trace; here it is processed.
-    task_id = send(live, [call()], expires=-60)
+    task_id = send(live, [unlinked_call("env")], expires=-60)
     assert outcome(live, task_id).outcome == "stored"
 
 
@@ -148,9 +135,12 @@ def test_a_protocol_1_message_is_processed(live: LiveSystem) -> None:
     sender.conf.update(task_protocol=1, task_serializer="json")
     good, deep = str(uuid.uuid4()), str(uuid.uuid4())
     try:
-        sender.send_task(TASK, args=[call("proto1")], task_id=good, queue=QUEUE)
+        sender.send_task(TASK, args=[unlinked_call("proto1")], task_id=good, queue=QUEUE)
         sender.send_task(
-            TASK, args=[{**call("proto1"), "extra": nested(600)}], task_id=deep, queue=QUEUE
+            TASK,
+            args=[{**unlinked_call("proto1"), "extra": nested(600)}],
+            task_id=deep,
+            queue=QUEUE,
         )
     finally:
         sender.close()

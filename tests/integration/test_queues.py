@@ -12,23 +12,11 @@ import pytest
 from kombu import Exchange, Producer
 
 from tests.integration.conftest import LiveSystem
+from tests.messages import unlinked_call
 from workers.publish import wait_for
 from workers.queues import QUEUES
 
 pytestmark = pytest.mark.integration
-
-
-def call() -> dict[str, object]:
-    """A valid call from a number no one in the other tests' world has (stored unlinked)."""
-    return {
-        "schema": "crm.call/1",
-        "source_system": "exchange-test",
-        "call_id": f"exchange-{uuid.uuid4().hex[:10]}",
-        "status": "missed",
-        "direction": "inbound",
-        "from": "+358 40 900 0072",
-        "started_at": "2026-11-24T16:58:30+02:00",
-    }
 
 
 def test_the_worker_reports_each_queue_on_an_exchange_of_its_own_name(live: LiveSystem) -> None:
@@ -51,7 +39,7 @@ def test_a_producer_publishing_to_the_documented_exchange_reaches_the_worker(
     """A producer in another language publishes to exchange and routing key ``crm.ingest.call``
     and declares nothing: the worker's own bindings route it."""
     task_id = str(uuid.uuid4())
-    body = json.dumps([[call()], {}, {"callbacks": None, "errbacks": None}])
+    body = json.dumps([[unlinked_call("exchange")], {}, {"callbacks": None, "errbacks": None}])
     headers = {
         "lang": "go",
         "task": "crm.ingest.call",

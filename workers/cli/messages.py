@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kombu import Queue
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -174,6 +173,7 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     from models.base import utcnow
     from models.ledger import FailedMessage, RejectedMessage
     from tasks.ledger import whole_payload
+    from workers.app import named_queue
     from workers.queues import TASK_QUEUES
 
     kind, _, number = ledger_id.partition(":")
@@ -211,7 +211,7 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     # (as a Queue: a name alone must be one of this app's queues).
     destination: Any = TASK_QUEUES.get(task_name)
     if destination is None and queue:
-        destination = Queue(queue, routing_key=queue)
+        destination = named_queue(queue)
     try:
         rt.app.send_task(
             task_name,
