@@ -1,5 +1,12 @@
 """Batch stage: many messages of one kind in one transaction, each with its own outcome.
 
+The new calls of a call batch are stored set-based first (``tasks.ingest.call_batch``): a few
+statements for the whole batch instead of a dozen per call, with the same events, follow-ups,
+counts and per-message outcomes as below. What that stage leaves (a call stored before, a
+recording, a possible lead, a message that does not validate) runs message by message as
+follows; if it meets a bug, or a concurrent writer took one of its calls first, its savepoint
+is rolled back and every message of the batch runs message by message.
+
 A backfill (a year of CDRs, a JSON Lines export) or a burst from a producer arrives as
 ``crm.batch/1`` messages. Each message of a batch runs through its kind's own stage, in a
 savepoint of the batch's one transaction, and gets its own delivery row under its own id
@@ -29,6 +36,7 @@ from models.schemas.batch import load_batch_message
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ingest.call import CallStageResult, ingest_call
+from tasks.ingest.call_batch import CallsRaced, NewCalls, ingest_new_calls
 from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
@@ -39,6 +47,7 @@ from tasks.store import (
     StageResult,
     TallyKey,
     apply_tally_deltas,
+    record_deliveries,
     record_delivery,
 )
 from tasks.targets import ingest_target
@@ -55,6 +64,11 @@ STAGES: dict[str, tuple[str, Stage]] = {
     "party": ("crm.ingest.party", ingest_party),
     "target": ("crm.ingest.target", ingest_target),
 }
+
+BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]]], NewCalls]
+
+#: kind -> its set-based stage for the messages it can take (the rest go message by message).
+BULK_STAGES: dict[str, BulkStage] = {"call": ingest_new_calls}
 
 
 def item_id(batch_id: str | None, index: int) -> str:
@@ -92,7 +106,10 @@ def ingest_batch(
     deltas: list[tuple[TallyKey, int]] = []
     session.info[DEFERRED_TALLIES] = deltas
     try:
-        for index, message in enumerate(batch["messages"]):
+        pending = list(enumerate(batch["messages"]))
+        if (bulk := BULK_STAGES.get(batch["kind"])) is not None:
+            pending = _run_bulk(session, ctx, bulk, pending, task_name, result, fatal)
+        for index, message in pending:
             message_id = item_id(ctx.task_id, index)
             item = StageContext(ctx.settings, message_id, task_name)
             before = deltas[:]
@@ -107,6 +124,50 @@ def ingest_batch(
         f"{outcome} {count}" for outcome, count in sorted(result.outcomes.items())
     )
     return result
+
+
+def _run_bulk(
+    session: Session,
+    ctx: StageContext,
+    bulk: BulkStage,
+    pending: list[tuple[int, Any]],
+    task_name: str,
+    result: BatchResult,
+    fatal: tuple[type[BaseException], ...],
+) -> list[tuple[int, Any]]:
+    """Run the set-based stage in a savepoint; the messages it left, or all when it gave up."""
+    try:
+        with session.begin_nested():
+            taken = bulk(session, ctx, pending)
+            record_deliveries(
+                session,
+                (
+                    (item_id(ctx.task_id, i), task_name, done.outcome, done.event_id, done.detail)
+                    for i, done in sorted(taken.results.items())
+                ),
+            )
+    except (*TRANSIENT_ERRORS, *fatal):
+        raise  # the whole batch again, later
+    except CallsRaced as exc:
+        _forget(session)
+        log.info("batch %s goes message by message: %s", ctx.task_id, exc)
+        return pending
+    except Exception as exc:
+        _forget(session)
+        log.error(
+            "batch %s: the set-based stage failed, message by message instead: %r",
+            ctx.task_id,
+            exc,
+            exc_info=exc,
+        )
+        return pending
+    deferred = session.info[DEFERRED_TALLIES]
+    deferred.extend(taken.deltas)
+    for done in taken.results.values():
+        result.outcomes[done.outcome] += 1
+        result.sellers_to_refresh |= done.sellers_to_refresh
+    left = set(taken.left)
+    return [(index, message) for index, message in pending if index in left]
 
 
 def _run_one(

@@ -125,7 +125,7 @@ def lock_event(
         "source_id": source_id,
         "created_at": now,
         "updated_at": now,
-        **(_column_defaults() | defaults),
+        **(event_column_defaults() | defaults),
     }
     created = session.execute(
         prepared_upsert(session, CrmEvent.__table__, _event_insert), values
@@ -166,7 +166,7 @@ def _persistent_event(session: Session, event_id: int, values: dict[str, Any]) -
     return event
 
 
-def _column_defaults() -> dict[str, Any]:
+def event_column_defaults() -> dict[str, Any]:
     return {
         "link_state": "unlinked",
         "linked_by": "auto",
@@ -296,9 +296,9 @@ def _tally_increment(upsert: Any) -> Any:
 
 
 #: Built once: a statement reused as it is finds its compiled form without a new cache key.
-_PROPERTY_INSERT = insert(table_of(EventPropertyLink))
-_PARTICIPANT_INSERT = insert(table_of(EventParticipant))
-_PARTY_KEY_INSERT = insert(table_of(EventPartyKey))
+PROPERTY_INSERT = insert(table_of(EventPropertyLink))
+PARTICIPANT_INSERT = insert(table_of(EventParticipant))
+PARTY_KEY_INSERT = insert(table_of(EventPartyKey))
 
 
 def set_properties(
@@ -323,7 +323,7 @@ def set_properties(
         )
     added = [{"event_id": event.id, "property_code": code} for code in sorted(wanted - current)]
     if added:
-        session.execute(_PROPERTY_INSERT, added)
+        session.execute(PROPERTY_INSERT, added)
 
 
 def add_participants(
@@ -342,7 +342,7 @@ def add_participants(
         for staff_id in sorted({s for s in staff_ids if s is not None} - current)
     ]
     if added:
-        session.execute(_PARTICIPANT_INSERT, added)
+        session.execute(PARTICIPANT_INSERT, added)
 
 
 def record_delivery(
@@ -354,17 +354,28 @@ def record_delivery(
     event_id: int | None = None,
     detail: str = "",
 ) -> None:
-    if not task_id:
-        return
-    values = {
-        "task_id": task_id,
-        "task_name": task_name,
-        "outcome": outcome,
-        "event_id": event_id,
-        "detail": detail[:2000],
-        "finished_at": utcnow(),
-    }
-    session.execute(prepared_upsert(session, Delivery.__table__, _delivery_upsert), values)
+    if task_id:
+        record_deliveries(session, [(task_id, task_name, outcome, event_id, detail)])
+
+
+def record_deliveries(
+    session: Session, deliveries: Iterable[tuple[str, str, str, int | None, str]]
+) -> None:
+    """Each message's outcome, in one statement: (task id, task name, outcome, event, detail)."""
+    now = utcnow()
+    rows = [
+        {
+            "task_id": task_id,
+            "task_name": task_name,
+            "outcome": outcome,
+            "event_id": event_id,
+            "detail": detail[:2000],
+            "finished_at": now,
+        }
+        for task_id, task_name, outcome, event_id, detail in deliveries
+    ]
+    if rows:
+        session.execute(prepared_upsert(session, Delivery.__table__, _delivery_upsert), rows)
 
 
 def _delivery_upsert(upsert: Any) -> Any:
@@ -500,7 +511,7 @@ def record_party_keys(
             session.execute(delete(EventPartyKey).where(EventPartyKey.event_id == event.id))
         if wanted:
             session.execute(
-                _PARTY_KEY_INSERT,
+                PARTY_KEY_INSERT,
                 [
                     {"event_id": event.id, "kind": kind, "value": value, "position": position}
                     for (kind, value), position in wanted.items()

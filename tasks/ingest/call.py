@@ -8,7 +8,7 @@ updates arrived nor on which worker process handled which update (docs/telephony
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from models.parties import Staff
 from models.schemas.call import SCHEMA, STATUS_RANK, CallMessageSchema
 from models.schemas.common import load_message
 from tasks.attach import attach
-from tasks.classify import ClassificationRequest, classify
+from tasks.classify import Classification, ClassificationRequest, classify
 from tasks.context import StageContext
 from tasks.leads import apply_lead_rule
 from tasks.match import (
@@ -271,6 +271,197 @@ def _parse_time(
 # -- the event ------------------------------------------------------------------------------------
 
 
+class CallLookups:
+    """What a call's state is matched and classified against, each value looked up once.
+
+    The call stage makes one per call; the set-based stage of a batch one per batch
+    (``tasks.ingest.call_batch``), so a thousand calls of one agent with one customer ask the
+    database once. The answers are copies: a caller may add notes to them.
+    """
+
+    def __init__(self, session: Session, settings: Any) -> None:
+        self.session, self.settings = session, settings
+        self._staff: dict[str | None, Staff | None] = {}
+        self._phones: dict[str, PartyMatch] = {}
+        self._customers: dict[str, int | None] = {}
+        self._sellers: dict[int, int | None] = {}
+        self._classes: dict[ClassificationRequest, Classification] = {}
+
+    def staff(self, reference: str | None) -> Staff | None:
+        if reference not in self._staff:
+            self._staff[reference] = find_staff(self.session, reference, self.settings)
+        return self._staff[reference]
+
+    def internal(self, raw: str | None) -> bool:
+        return is_internal_number(self.session, raw, self.settings)  # remembered per session
+
+    def phone(self, raw: str) -> PartyMatch:
+        if raw not in self._phones:
+            self._phones[raw] = match_phone(self.session, raw, self.settings)
+        found = self._phones[raw]
+        return replace(
+            found,
+            other_contact_ids=list(found.other_contact_ids),
+            candidates=list(found.candidates),
+            notes=list(found.notes),
+        )
+
+    def customer_id(self, number: str | None) -> int | None:
+        if not number:
+            return None
+        if number not in self._customers:
+            customer = customer_by_number(self.session, number)
+            self._customers[number] = customer.id if customer else None
+        return self._customers[number]
+
+    def responsible_seller(self, customer_id: int) -> int | None:
+        if customer_id not in self._sellers:
+            self._sellers[customer_id] = responsible_seller_id(self.session, customer_id)
+        return self._sellers[customer_id]
+
+    def classify(self, request: ClassificationRequest) -> Classification:
+        if request not in self._classes:
+            self._classes[request] = classify(self.session, request)
+        found = self._classes[request]
+        return replace(found, properties=list(found.properties), notes=list(found.notes))
+
+
+@dataclass
+class DerivedCall:
+    """What a call's folded state makes of its event, before anything is written."""
+
+    #: Columns of the event; ``occurred_at`` is None when no update gave a time.
+    columns: dict[str, Any]
+    #: Who it is linked to: customer_id, contact_id, link_state, candidates, match_note,
+    #: seller_id (not written over a link made by hand).
+    link: dict[str, Any]
+    #: ``details`` without ``contact_ids`` (the event's contact, whoever linked it).
+    details: dict[str, Any]
+    properties: list[str]
+    #: The outside number, unless it is our own (the party key of the event).
+    outside_number: str | None
+    customer_number: str | None
+    requested_category: str | None
+    #: The staff members the call names (agent, inside and outside number).
+    staff_ids: list[int | None]
+
+
+def derive_call(
+    lookups: CallLookups, ctx: StageContext, state: dict[str, Any], notes: list[str]
+) -> DerivedCall:
+    """The event a folded call state makes: times, status, parties, seller, classification."""
+    started = _parse_time(state.get("started_at"), ctx, notes, "started_at")
+    answered = _parse_time(state.get("answered_at"), ctx, notes, "answered_at")
+    ended = _parse_time(state.get("ended_at"), ctx, notes, "ended_at")
+    duration = state.get("duration_s")
+    if duration is None and answered and ended and ended >= answered:
+        duration = int((ended - answered).total_seconds())
+    status = state.get("status") or state.get("raw_status")
+
+    from_raw, to_raw = state.get("from"), state.get("to")
+    direction = state.get("direction")
+    if direction is None:
+        direction = _infer_direction(lookups, from_raw, to_raw, notes)
+    # Who is outside (the customer side) and who is inside (staff)?
+    external_raw = to_raw if direction == "outbound" else from_raw
+    internal_raw = from_raw if direction == "outbound" else to_raw
+    agent = lookups.staff(state.get("agent"))
+    internal_staff = lookups.staff(internal_raw)
+    external_staff: Staff | None = None
+    if not external_raw:
+        match = PartyMatch(notes=["the call's updates give no outside number"])
+    elif lookups.internal(external_raw):
+        # Extensions, our own numbers and staff phones are never customers or leads.
+        match = PartyMatch(
+            state="internal",
+            notes=[f"{external_raw} is our own number, an extension or a staff phone: internal"],
+        )
+        external_staff = lookups.staff(external_raw)
+    else:
+        match = lookups.phone(external_raw)
+    if (customer_id := lookups.customer_id(state.get("customer_number"))) is not None:
+        if match.customer_id not in (None, customer_id):
+            match.notes.append("customer_number given by the message overrides the number match")
+            match.contact_id, match.candidates = None, []
+        match.customer_id = customer_id
+        match.state = "ambiguous" if match.candidates else "linked"
+    elif state.get("customer_number"):
+        match.notes.append(f"unknown customer_number {state['customer_number']!r}")
+
+    seller = agent or internal_staff
+    seller_id = seller.id if seller else None
+    if seller_id is None and match.customer_id is not None:
+        seller_id = lookups.responsible_seller(match.customer_id)
+        if seller_id is not None:
+            match.notes.append("no staff member handled it: assigned to the customer's seller")
+    if seller_id is None and external_staff is not None:
+        seller_id = external_staff.id
+
+    classification = lookups.classify(
+        ClassificationRequest(
+            source_kind="call",
+            category=state.get("category"),
+            class_code=state.get("class"),
+            type_code=state.get("type"),
+            properties=tuple(state["properties"]),
+        )
+    )
+    if state["raw_statuses"]:
+        notes.append("provider statuses kept raw: " + ", ".join(state["raw_statuses"]))
+
+    talk_start = ended - timedelta(seconds=duration) if ended and duration is not None else None
+    internal = match.state == "internal"
+    return DerivedCall(
+        columns={
+            "occurred_at": started or answered or talk_start or ended,
+            "ended_at": ended,
+            "duration_s": duration,
+            "direction": direction,
+            "status": status,
+            "subject": _subject(direction, external_raw, status, internal=internal),
+            "body": state.get("note") or "",
+            "category_code": classification.category,
+            "class_code": classification.class_code,
+            "type_code": classification.type_code,
+            "classification_note": classification.note,
+        },
+        link={
+            "customer_id": match.customer_id,
+            "contact_id": match.contact_id,
+            "link_state": match.state,
+            "candidates": match.candidates,
+            "match_note": "; ".join(match.notes + notes),
+            "seller_id": seller_id,
+        },
+        details={
+            "from": from_raw,
+            "to": to_raw,
+            "agent": state.get("agent"),
+            "outside_number": normalise_phone(external_raw, ctx.settings.phone_region),
+            "answered_at": answered.isoformat() if answered else None,
+            "raw_statuses": state["raw_statuses"],
+            "updates": state["updates"],
+            "last_sequence": state.get("sequence"),
+        },
+        properties=classification.properties,
+        outside_number=None if internal else external_raw,
+        customer_number=state.get("customer_number"),
+        requested_category=state.get("category"),
+        staff_ids=[
+            agent.id if agent else None,
+            internal_staff.id if internal_staff else None,
+            external_staff.id if external_staff else None,
+        ],
+    )
+
+
+def call_details(derived: DerivedCall, contact_id: int | None) -> dict[str, Any]:
+    """The event's ``details``: what the updates said, and the contact it is linked to."""
+    details = dict(derived.details)
+    details["contact_ids"] = [contact_id] if contact_id else []
+    return details
+
+
 def apply_call_state(
     session: Session,
     ctx: StageContext,
@@ -284,131 +475,37 @@ def apply_call_state(
 
     ``new``: the event was created by this stage (no properties, keys or participants yet).
     """
-    settings = ctx.settings
-    started = _parse_time(state.get("started_at"), ctx, notes, "started_at")
-    answered = _parse_time(state.get("answered_at"), ctx, notes, "answered_at")
-    ended = _parse_time(state.get("ended_at"), ctx, notes, "ended_at")
-    duration = state.get("duration_s")
-    if duration is None and answered and ended and ended >= answered:
-        duration = int((ended - answered).total_seconds())
-    status = state.get("status") or state.get("raw_status")
-
-    from_raw, to_raw = state.get("from"), state.get("to")
-    direction = state.get("direction")
-    if direction is None:
-        direction = _infer_direction(session, from_raw, to_raw, settings, notes)
-    # Who is outside (the customer side) and who is inside (staff)?
-    external_raw = to_raw if direction == "outbound" else from_raw
-    internal_raw = from_raw if direction == "outbound" else to_raw
-    agent = find_staff(session, state.get("agent"), settings)
-    internal_staff = find_staff(session, internal_raw, settings)
-    external_staff: Staff | None = None
-    if not external_raw:
-        match = PartyMatch(notes=["the call's updates give no outside number"])
-    elif is_internal_number(session, external_raw, settings):
-        # Extensions, our own numbers and staff phones are never customers or leads.
-        match = PartyMatch(
-            state="internal",
-            notes=[f"{external_raw} is our own number, an extension or a staff phone: internal"],
-        )
-        external_staff = find_staff(session, external_raw, settings)
-    else:
-        match = match_phone(session, external_raw, settings)
-    if customer := customer_by_number(session, state.get("customer_number")):
-        if match.customer_id not in (None, customer.id):
-            match.notes.append("customer_number given by the message overrides the number match")
-            match.contact_id, match.candidates = None, []
-        match.customer_id = customer.id
-        match.state = "ambiguous" if match.candidates else "linked"
-    elif state.get("customer_number"):
-        match.notes.append(f"unknown customer_number {state['customer_number']!r}")
-
-    seller = agent or internal_staff
-    seller_id = seller.id if seller else None
-    if seller_id is None and match.customer_id is not None:
-        seller_id = responsible_seller_id(session, match.customer_id)
-        if seller_id is not None:
-            match.notes.append("no staff member handled it: assigned to the customer's seller")
-    if seller_id is None and external_staff is not None:
-        seller_id = external_staff.id
-
-    classification = classify(
-        session,
-        ClassificationRequest(
-            source_kind="call",
-            category=state.get("category"),
-            class_code=state.get("class"),
-            type_code=state.get("type"),
-            properties=tuple(state["properties"]),
-        ),
-    )
-    if state["raw_statuses"]:
-        notes.append("provider statuses kept raw: " + ", ".join(state["raw_statuses"]))
-
-    talk_start = ended - timedelta(seconds=duration) if ended and duration is not None else None
-    event.occurred_at = started or answered or talk_start or ended or event.occurred_at
-    event.ended_at = ended
-    event.duration_s = duration
-    event.direction = direction
-    event.status = status
-    event.subject = _subject(direction, external_raw, status, internal=match.state == "internal")
-    event.body = state.get("note") or ""
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
-    event.classification_note = classification.note
+    derived = derive_call(CallLookups(session, ctx.settings), ctx, state, notes)
+    for name, value in derived.columns.items():
+        if name != "occurred_at" or value is not None:
+            setattr(event, name, value)
     if event.linked_by != "hand":
-        event.customer_id = match.customer_id
-        event.contact_id = match.contact_id
-        event.link_state = match.state
-        event.candidates = match.candidates
-        event.match_note = "; ".join(match.notes + notes)
-        event.seller_id = seller_id
-    event.details = {
-        **event.details,
-        "from": from_raw,
-        "to": to_raw,
-        "agent": state.get("agent"),
-        "outside_number": normalise_phone(external_raw, settings.phone_region),
-        "contact_ids": [event.contact_id] if event.contact_id else [],
-        "answered_at": answered.isoformat() if answered else None,
-        "raw_statuses": state["raw_statuses"],
-        "updates": state["updates"],
-        "last_sequence": state.get("sequence"),
-    }
+        for name, value in derived.link.items():
+            setattr(event, name, value)
+    event.details = {**event.details, **call_details(derived, event.contact_id)}
     session.flush()
-    set_properties(session, event, classification.properties, new=new)
+    set_properties(session, event, derived.properties, new=new)
     # Remembered for the automatic re-link when a contact later gains the number, and for the
     # lead rule (tasks.relink, tasks.leads); our own numbers are never keys.
     record_party_keys(
         session,
-        settings,
+        ctx.settings,
         event,
-        phones=[external_raw] if match.state != "internal" else [],
-        customer_numbers=[state.get("customer_number")],
+        phones=[derived.outside_number],
+        customer_numbers=[derived.customer_number],
         new=new,
     )
-    apply_lead_rule(session, ctx, event, requested_category=state.get("category"), new=new)
-    add_participants(
-        session,
-        event,
-        [
-            agent.id if agent else None,
-            internal_staff.id if internal_staff else None,
-            external_staff.id if external_staff else None,
-            event.seller_id,
-        ],
-        new=new,
-    )
+    apply_lead_rule(session, ctx, event, requested_category=derived.requested_category, new=new)
+    add_participants(session, event, [*derived.staff_ids, event.seller_id], new=new)
     reconcile_follow_ups(session, event, new=new)
 
 
 def _infer_direction(
-    session: Session, from_raw: str | None, to_raw: str | None, settings: Any, notes: list[str]
+    lookups: CallLookups, from_raw: str | None, to_raw: str | None, notes: list[str]
 ) -> str | None:
     """A call without a direction: from our side to an outside number goes out, else in."""
-    from_ours = is_internal_number(session, from_raw, settings)
-    to_ours = is_internal_number(session, to_raw, settings)
+    from_ours = lookups.internal(from_raw)
+    to_ours = lookups.internal(to_raw)
     if from_ours and to_raw and not to_ours:
         notes.append("no direction given: outbound (from our side to an outside number)")
         return "outbound"
@@ -450,7 +547,7 @@ def reaches_customer(event: CrmEvent) -> bool:
     )
 
 
-def _reaches_customer_sql(table: Any) -> Any:
+def reaches_customer_sql(table: Any) -> Any:
     return (table.source_kind == "call") & or_(
         table.direction == "outbound",
         (table.direction == "inbound") & table.status.in_(ANSWERED_STATUSES),
@@ -458,7 +555,7 @@ def _reaches_customer_sql(table: Any) -> Any:
 
 
 #: The missed call of a follow-up, beside the call being reconciled (built once: costly).
-_MISSED_CALL = aliased(CrmEvent, name="missed_call")
+MISSED_CALL = aliased(CrmEvent, name="missed_call")
 
 
 def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False) -> None:
@@ -491,7 +588,7 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
         return  # most updates: nothing to open, close or withdraw
     customers = sorted({c for c in (event.customer_id, *involved) if c is not None})
     for customer_id in customers:
-        _lock_customer(session, customer_id)
+        lock_customer(session, customer_id)
     wanted = [
         FollowUp.state == "open",
         FollowUp.event_id == event.id,
@@ -509,8 +606,8 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
                 )
             )
             & exists().where(
-                _MISSED_CALL.id == FollowUp.event_id,
-                _MISSED_CALL.occurred_at < event.occurred_at,
+                MISSED_CALL.id == FollowUp.event_id,
+                MISSED_CALL.occurred_at < event.occurred_at,
             )
         )
     affected = list(
@@ -552,7 +649,7 @@ def _settle(session: Session, follow_up: FollowUp) -> None:
             CrmEvent.customer_id == follow_up.customer_id,
             CrmEvent.id != missed.id,
             CrmEvent.occurred_at > missed.occurred_at,
-            _reaches_customer_sql(CrmEvent),
+            reaches_customer_sql(CrmEvent),
         )
         .order_by(CrmEvent.occurred_at, CrmEvent.id)
         .limit(1)
@@ -567,7 +664,7 @@ def _settle(session: Session, follow_up: FollowUp) -> None:
         )
 
 
-def _lock_customer(session: Session, customer_id: int) -> None:
+def lock_customer(session: Session, customer_id: int) -> None:
     """Serialise follow-up bookkeeping of one customer (SQLite serialises every writer)."""
     if is_postgresql(session):
         session.execute(

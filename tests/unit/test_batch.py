@@ -88,8 +88,11 @@ def test_a_message_that_breaks_rolls_back_alone(
     world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug met by one message: its savepoint is rolled back, its count with it, and it is
-    recorded as failed; the messages before and after it are stored."""
+    recorded as failed; the messages before and after it are stored. A bug met by the
+    set-based stage of new calls first rolls that stage back, whatever it wrote, and the batch
+    goes message by message."""
     task_name, stage = batch_stage.STAGES["call"]
+    bulk = batch_stage.BULK_STAGES["call"]
 
     def breaks_on_bt_b(session: Session, context: StageContext, message: Any) -> Any:
         result = stage(session, context, message)  # writes the event and moves its counts
@@ -97,7 +100,12 @@ def test_a_message_that_breaks_rolls_back_alone(
             raise ZeroDivisionError("a bug")
         return result
 
+    def bulk_breaks(session: Session, context: StageContext, messages: Any) -> Any:
+        bulk(session, context, messages)  # writes every event
+        raise KeyError("a bug in the set-based stage")
+
     monkeypatch.setitem(batch_stage.STAGES, "call", (task_name, breaks_on_bt_b))
+    monkeypatch.setitem(batch_stage.BULK_STAGES, "call", bulk_breaks)
     messages = [
         outbound_call(f"bt-{name}", "2026-11-24T09:00:00+02:00") for name in ("a", "b", "c")
     ]

@@ -1,0 +1,303 @@
+"""The set-based stage of a batch's new calls stores what the call stage would have stored:
+the same events, properties, party keys, participants, follow-ups, counts and outcomes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
+from models.ledger import Delivery, InboundMessage, RejectedMessage
+from models.parties import EventPartyKey, Staff
+from models.targets import Tally
+from tasks import batch as batch_stage
+from tasks.batch import ingest_batch
+from tasks.context import StageContext
+from tasks.ingest.call import ingest_call
+from tasks.ingest.party import ingest_party
+from tasks.maintenance import reconcile
+from tests.conftest import load_example, migrated
+from tests.unit.test_call_followups import callback, missed
+
+QUEUES = {"crm.ingest.call": "crm.ingest.call"}
+HELSINKI = "+02:00"
+
+
+def at(day: int, hour: int) -> str:
+    return f"2026-11-{day:02d}T{hour:02d}:00:00{HELSINKI}"
+
+
+def batch(messages: list[Any]) -> dict[str, Any]:
+    return {
+        "schema": "crm.batch/1",
+        "source_system": "import",
+        "kind": "call",
+        "messages": messages,
+    }
+
+
+def mixed_calls() -> list[Any]:
+    """A backfill's worth of cases: follow-ups opened and closed (also by a callback that comes
+    later in the file but happened earlier), internal calls, unknown and shared numbers, a
+    customer number, properties and refused codes, a call in three updates, an update sent
+    twice, and what the set-based stage leaves to the call stage."""
+    ringing = {**missed("b-multi", at(24, 9)), "status": "ringing", "sequence": 1}
+    return [
+        missed("b-m1", at(23, 10)),
+        callback("b-cb-late", at(23, 12)),
+        missed("b-m2", at(23, 14)),
+        callback("b-cb-early", at(23, 11)),  # happened before b-cb-late: it closes b-m1
+        {**callback("b-props", at(24, 8)), "properties": ["commercial", "bogus"]},
+        {**callback("b-cat", at(24, 8)), "category": "sales_action", "call_id": "b-cat"},
+        {**callback("b-nocat", at(24, 8)), "category": "nonsense"},
+        ringing,
+        {**ringing, "status": "answered", "sequence": 2, "answered_at": at(24, 9)},
+        {**ringing, "status": "completed", "sequence": 3, "ended_at": at(24, 10)},
+        {**ringing, "status": "answered", "sequence": 2, "answered_at": at(24, 9)},  # twice
+        {
+            "schema": "crm.call/1",
+            "source_system": "pbx-test",
+            "call_id": "b-internal",
+            "status": "completed",
+            "from": "201",
+            "to": "202",
+            "started_at": at(24, 11),
+        },
+        missed("b-unknown", at(24, 12), number="+358 40 900 0001"),
+        missed("b-shared", at(24, 13), number="09 4321 000"),  # two contacts of 10002
+        {**missed("b-custno", at(24, 14), number="+358 40 900 0002"), "customer_number": "10002"},
+        {**missed("b-nodir", at(24, 15)), "direction": None, "started_at": "2026-11-24T15:00:00"},
+        {**callback("b-rec", at(24, 16)), "recording": {"url": "https://pbx.invalid/r.wav"}},
+        callback("b-existing", at(25, 9)),  # a second update of a call stored before
+        {"schema": "crm.call/1", "source_system": "pbx-test", "colour": "red"},
+        callback("b-cb-next", at(25, 10), agent="mikko"),
+    ]
+
+
+def snapshot(db: Session) -> dict[str, Any]:
+    """What users see of the calls: every column but ids and clocks, by call id."""
+    db.flush()
+    events = db.scalars(
+        select(CrmEvent).where(CrmEvent.source_id.like("b-%")).order_by(CrmEvent.source_id)
+    ).all()
+    call_of = {e.id: e.source_id for e in events}
+    skip = {"id", "created_at", "updated_at"}
+    return {
+        "events": {
+            e.source_id: {
+                c.key: comparable(getattr(e, c.key), call_of)
+                for c in CrmEvent.__table__.columns
+                if c.key not in skip
+            }
+            for e in events
+        },
+        "properties": sorted(
+            (call_of[p.event_id], p.property_code)
+            for p in db.scalars(select(EventPropertyLink))
+            if p.event_id in call_of
+        ),
+        "keys": sorted(
+            (call_of[k.event_id], k.kind, k.value, k.position)
+            for k in db.scalars(select(EventPartyKey))
+            if k.event_id in call_of
+        ),
+        "participants": sorted(
+            (call_of[p.event_id], p.staff_id)
+            for p in db.scalars(select(EventParticipant))
+            if p.event_id in call_of
+        ),
+        "follow_ups": sorted(
+            (
+                call_of[f.event_id],
+                f.state,
+                call_of.get(f.closed_by_event_id or 0),
+                f.seller_id,
+                f.customer_id,
+                f.reason,
+            )
+            for f in db.scalars(select(FollowUp))
+            if f.event_id in call_of
+        ),
+        "ledger": sorted(
+            (m.source_id, m.idempotency_key, call_of.get(m.event_id or 0))
+            for m in db.scalars(select(InboundMessage).where(InboundMessage.source_id.like("b-%")))
+        ),
+        "tallies": sorted(
+            (t.seller_id, t.category_code, t.period, t.count) for t in db.scalars(select(Tally))
+        ),
+        "outcomes": sorted(
+            (d.task_id, d.outcome, d.detail, call_of.get(d.event_id or 0))
+            for d in db.scalars(select(Delivery).where(Delivery.task_id.like("imp/%")))
+        ),
+        "rejected": sorted(
+            (r.task_id, r.reason)
+            for r in db.scalars(
+                select(RejectedMessage).where(RejectedMessage.task_id.like("imp/%"))
+            )
+        ),
+    }
+
+
+def comparable(value: Any, call_of: dict[int, str]) -> Any:
+    """Without what differs between two runs: a recording's ``requested_at`` is when the stage
+    ran, and a note's ``event #N`` names the event by its id (the call id instead)."""
+    if isinstance(value, dict):
+        return {k: comparable(v, call_of) for k, v in value.items() if k != "requested_at"}
+    if isinstance(value, list):
+        return [comparable(v, call_of) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"#(\d+)", lambda m: "#" + call_of.get(int(m[1]), m[1]), value)
+    return value
+
+
+def run_batch(db: Session, ctx: StageContext, messages: list[Any]) -> Any:
+    context = StageContext(ctx.settings, "imp", "crm.ingest.batch")
+    return ingest_batch(db, context, batch(messages), queue_of=QUEUES.get)
+
+
+def both_ways(
+    db: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch, messages: list[Any]
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The batch message by message, rolled back; then with the set-based stage. Returns both
+    snapshots and the calls the call stage took in the second run."""
+    task_name, stage = batch_stage.STAGES["call"]
+    by_stage: list[str] = []
+
+    def counted(session: Session, context: StageContext, message: Any) -> Any:
+        by_stage.append(message.get("call_id", "?") if isinstance(message, dict) else "?")
+        return stage(session, context, message)
+
+    savepoint = db.begin_nested()
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_stage, "BULK_STAGES", {})
+        run_batch(db, ctx, messages)
+        one_by_one = snapshot(db)
+    savepoint.rollback()
+    db.expunge_all()
+    monkeypatch.setitem(batch_stage.STAGES, "call", (task_name, counted))
+    run_batch(db, ctx, messages)
+    return one_by_one, snapshot(db), by_stage
+
+
+@pytest.fixture
+def sqlite_world(tmp_path: Path) -> Iterator[tuple[Session, StageContext]]:
+    """The sample world on the embedded database (SQLite), rolled back at the end."""
+    settings = Settings.embedded(tmp_path)
+    engine = migrated(settings)
+    ctx = StageContext(settings, "sqlite-world", "test")
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        for message in load_example("parties.json"):
+            ingest_party(session, ctx, message)
+        session.flush()
+        try:
+            yield session, ctx
+        finally:
+            session.close()
+            outer.rollback()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_backfill_stores_what_the_call_stage_would(
+    database: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if database == "sqlite":
+        world, ctx = request.getfixturevalue("sqlite_world")
+    else:
+        world, ctx = request.getfixturevalue("world"), request.getfixturevalue("ctx")
+    ingest_call(world, ctx, callback("b-existing", at(25, 8)))
+    one_by_one, set_based, by_stage = both_ways(world, ctx, monkeypatch, mixed_calls())
+
+    # The set-based stage took every new call but the one with a recording; the call stage
+    # took that one, the update of the call stored before, and the message that is no call.
+    assert sorted(by_stage) == ["?", "b-existing", "b-rec"]
+    assert set_based == one_by_one
+    events = set_based["events"]
+    assert len(events) == 16
+    follow_ups = {f[0]: (f[1], f[2]) for f in set_based["follow_ups"]}
+    assert follow_ups["b-m1"] == ("closed", "b-cb-early")
+    assert follow_ups["b-m2"] == ("closed", "b-props")
+    assert events["b-multi"]["status"] == "completed"
+    assert events["b-multi"]["details"]["updates"] == 3
+    assert events["b-internal"]["link_state"] == "internal"
+    assert events["b-shared"]["link_state"] == "ambiguous"
+    assert events["b-custno"]["customer_id"] is not None
+    assert ("b-props", "commercial") in set_based["properties"]
+    assert "unknown property 'bogus' refused" in events["b-props"]["classification_note"]
+    outcomes = [o[1] for o in set_based["outcomes"]]
+    assert outcomes.count("duplicate") == 1 and outcomes.count("rejected") == 1
+    assert reconcile(world, ctx).drift == 0
+
+
+def test_the_lead_rule_is_the_call_stage_s(
+    world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With leads from unknown callers on, an unknown inbound caller's calls go through the call
+    stage, which makes the first one the lead; the others stay set-based."""
+    leads = StageContext(replace(ctx.settings, lead_from_unknown_calls=True), ctx.task_id)
+    messages = [
+        missed("b-lead-1", at(24, 12), number="+358 40 900 0003"),
+        missed("b-lead-2", at(24, 13), number="+358 40 900 0003"),
+        callback("b-known", at(24, 14)),
+    ]
+    one_by_one, set_based, by_stage = both_ways(world, leads, monkeypatch, messages)
+    assert sorted(by_stage) == ["b-lead-1", "b-lead-2"]
+    assert set_based == one_by_one
+    assert set_based["events"]["b-lead-1"]["category_code"] == "lead"
+    assert set_based["events"]["b-lead-2"]["category_code"] == "crm_event"
+
+
+def test_an_update_accepted_meanwhile_sends_the_batch_message_by_message(
+    world: Session, ctx: StageContext
+) -> None:
+    """Another worker accepted one of the batch's updates first (its ledger row is there, as if
+    committed while the batch ran): the set-based stage gives up, rolls back, and the call stage
+    gives every message its outcome."""
+    messages = [callback("b-race-1", at(24, 8)), callback("b-race-2", at(24, 9))]
+    ingest_call(world, ctx, messages[1])
+    # Its event is gone (as if not committed yet when the batch looked), its ledger row stays.
+    world.execute(text("DELETE FROM crm_event WHERE source_id = 'b-race-2'"))
+    result = run_batch(world, ctx, messages)
+    assert dict(result.outcomes) == {"stored": 1, "duplicate": 1}
+    anna = world.scalar(select(Staff.id).where(Staff.username == "anna"))
+    assert world.scalar(select(CrmEvent.seller_id).where(CrmEvent.source_id == "b-race-1")) == anna
+
+
+def test_follow_ups_are_settled_by_the_batch_itself(
+    world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Follow-ups opened before the batch and in it are closed by the first call after them
+    that reached the customer, also when that call comes later in the file or closed another
+    follow-up before; and the set-based stage alone settles them."""
+    ingest_call(world, ctx, missed("b-before", at(20, 9)))  # open until the batch's callback
+    ingest_call(world, ctx, missed("b-before-2", at(21, 9)))
+    ingest_call(world, ctx, callback("b-closer-before", at(22, 9)))  # closes both, for now
+    messages = [
+        missed("b-m1", at(23, 10)),
+        callback("b-cb-late", at(23, 12)),
+        missed("b-m2", at(23, 14)),
+        callback("b-cb-early", at(23, 11)),
+        callback("b-cb-first", at(21, 12)),  # happened before b-closer-before: closes b-before-2
+        missed("b-m3", at(23, 15), number="+358 45 222 3333"),  # Sanna of 10002: stays open
+    ]
+    one_by_one, set_based, by_stage = both_ways(world, ctx, monkeypatch, messages)
+    assert by_stage == []
+    assert set_based == one_by_one
+    follow_ups = {f[0]: (f[1], f[2]) for f in set_based["follow_ups"]}
+    assert follow_ups == {
+        "b-before": ("closed", "b-cb-first"),
+        "b-before-2": ("closed", "b-cb-first"),
+        "b-m1": ("closed", "b-cb-early"),
+        "b-m2": ("open", None),
+        "b-m3": ("open", None),
+    }
