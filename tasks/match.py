@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers
@@ -36,6 +37,13 @@ def normalise_phone(raw: str | None, region: str) -> str | None:
     """E.164 for a real phone number; None for extensions, junk and empty values."""
     if not raw:
         return None
+    return _normalised(raw, region)
+
+
+@lru_cache(maxsize=8192)
+def _normalised(raw: str, region: str) -> str | None:
+    """Parsing a number costs more than the rest of matching a call: a backfill's numbers and
+    our own repeat, so each is parsed once per process (a pure function of its arguments)."""
     digits = "".join(ch for ch in raw if ch.isdigit())
     if len(digits) < 6:  # an extension such as "201" is never a public number
         return None
@@ -48,8 +56,13 @@ def normalise_phone(raw: str | None, region: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def own_numbers(settings: Settings) -> set[str]:
-    return {n for raw in settings.own_numbers if (n := normalise_phone(raw, settings.phone_region))}
+def own_numbers(settings: Settings) -> frozenset[str]:
+    return _own_numbers(tuple(settings.own_numbers), settings.phone_region)
+
+
+@lru_cache(maxsize=64)
+def _own_numbers(raw: tuple[str, ...], region: str) -> frozenset[str]:
+    return frozenset(n for number in raw if (n := normalise_phone(number, region)))
 
 
 def find_staff(session: Session, reference: str | None, settings: Settings) -> Staff | None:

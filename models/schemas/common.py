@@ -7,7 +7,8 @@ import binascii
 import math
 import re
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
@@ -129,6 +130,19 @@ class AttachmentSchema(Schema):
     filename = Text(required=True, max_length=1000)
     media_type = Text(max_length=200, load_default="application/octet-stream")
     content_b64 = Base64Bytes(required=True)
+
+
+SchemaT = TypeVar("SchemaT", bound=Schema)
+
+
+@cache
+def shared_schema(schema_class: type[SchemaT]) -> SchemaT:
+    """One instance of a message schema per process, reused for every message.
+
+    Building a marshmallow schema deep-copies its declared fields: it cost a CDR import more
+    than validating the row did. Loading and dumping keep no state in the instance.
+    """
+    return schema_class()
 
 
 def load_message(schema: Schema, payload: Any, expected_schema: str) -> dict[str, Any]:

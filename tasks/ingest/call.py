@@ -21,7 +21,7 @@ from models.events import CrmEvent, FollowUp
 from models.ledger import InboundMessage
 from models.parties import Staff
 from models.schemas.call import SCHEMA, STATUS_RANK, CallMessageSchema
-from models.schemas.common import load_message
+from models.schemas.common import load_message, shared_schema
 from tasks.attach import attach
 from tasks.classify import Classification, ClassificationRequest, classify
 from tasks.context import StageContext
@@ -87,7 +87,7 @@ class CallStageResult(StageResult):
 
 
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
-    schema = CallMessageSchema()
+    schema = shared_schema(CallMessageSchema)
     message = load_message(schema, payload, SCHEMA)
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)

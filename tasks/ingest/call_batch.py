@@ -38,7 +38,7 @@ from models.db import prepared_upsert, table_of
 from models.events import CrmEvent, FollowUp
 from models.ledger import InboundMessage
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import load_message
+from models.schemas.common import load_message, shared_schema
 from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.ingest.call import (
@@ -147,7 +147,7 @@ def ingest_new_calls(
 
 def _group(messages: Sequence[tuple[int, Any]], result: NewCalls) -> dict[tuple[str, str], _Call]:
     """Validate each message; group the valid ones by call, each update once."""
-    schema = CallMessageSchema()
+    schema = shared_schema(CallMessageSchema)
     calls: dict[tuple[str, str], _Call] = {}
     slow: set[tuple[str, str]] = set()
     seen: set[str] = set()

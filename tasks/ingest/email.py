@@ -28,7 +28,7 @@ from models.documents import DocumentBlob
 from models.events import CrmEvent
 from models.mail import EmailSenderWindow
 from models.parties import Staff
-from models.schemas.common import load_message
+from models.schemas.common import load_message, shared_schema
 from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
 from tasks.classify import ClassificationRequest, classify
@@ -89,7 +89,7 @@ def parse_limits(settings: Settings) -> ParseLimits:
 
 
 def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResult:
-    message = load_message(EmailMessageSchema(), payload, SCHEMA)
+    message = load_message(shared_schema(EmailMessageSchema), payload, SCHEMA)
     settings = ctx.settings
     raw = _raw_bytes(session, settings, message)
     digest = raw_hash(raw)

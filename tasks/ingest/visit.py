@@ -23,7 +23,7 @@ from models.documents import EventDocument
 from models.events import CrmEvent, EventParticipant
 from models.ledger import InboundMessage
 from models.parties import Contact, ContactEmail, Customer
-from models.schemas.common import load_message
+from models.schemas.common import load_message, shared_schema
 from models.schemas.visit import SCHEMA, VisitMessageSchema
 from tasks.attach import attach
 from tasks.classify import ClassificationRequest, classify
@@ -46,7 +46,7 @@ from tasks.store import (
 
 
 def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResult:
-    message = load_message(VisitMessageSchema(), payload, SCHEMA)
+    message = load_message(shared_schema(VisitMessageSchema), payload, SCHEMA)
     settings = ctx.settings
     ledger_payload = {
         **payload,

@@ -14,7 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import MessageInvalid, load_message
+from models.schemas.common import MessageInvalid, load_message, shared_schema
 from tasks.telephony.adapters import AdapterError, CdrContext, asterisk_cdr_to_call, read_cdr_csv
 from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
 from workers.cli.common import InputError, emit_json, subcommands
@@ -35,7 +35,7 @@ def cdr_messages(
             continue
         try:
             message = asterisk_cdr_to_call(row.fields, context)
-            load_message(CallMessageSchema(), message, SCHEMA)
+            load_message(shared_schema(CallMessageSchema), message, SCHEMA)
         except AdapterError as exc:
             errors.append({"source": label, "line": row.line, "error": exc.reason})
             continue

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import MessageInvalid, load_message
+from models.schemas.common import MessageInvalid, load_message, shared_schema
 from tasks.telephony.adapters import (
     AdapterError,
     CdrContext,
@@ -216,7 +216,7 @@ def query(request: Request) -> dict[str, str]:
 def validated(message: Any, index: int) -> dict[str, Any]:
     """The message if it is a valid ``crm.call/1``; the sender learns at once otherwise."""
     try:
-        load_message(CallMessageSchema(), message, SCHEMA)
+        load_message(shared_schema(CallMessageSchema), message, SCHEMA)
     except MessageInvalid as exc:
         raise Problem(400, exc.reason, index=index, errors=exc.errors) from exc
     assert isinstance(message, dict)
