@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.catalogue import SOURCE_DEFAULT_CATEGORY
 from models.catalogue import Category, EventClass, EventProperty, EventType
+from models.db import table_of
 
 
 @dataclass
@@ -41,10 +43,19 @@ class ClassificationRequest:
     rule_reason: str = ""
 
 
+#: The catalogue's categories as plain rows: read for every classified message.
+_CATEGORIES = select(
+    table_of(Category).c.code,
+    table_of(Category).c.default_class,
+    table_of(Category).c.default_type,
+    table_of(Category).c.allow_selection,
+)
+
+
 def classify(session: Session, request: ClassificationRequest) -> Classification:
-    categories = {c.code: c for c in session.scalars(select(Category))}
+    categories = {c.code: c for c in session.execute(_CATEGORIES)}
     notes: list[str] = []
-    category: Category | None = None
+    category: Any = None  # a row of _CATEGORIES
     if request.category:
         category = categories.get(request.category)
         if category is None:

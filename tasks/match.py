@@ -12,10 +12,11 @@ from functools import lru_cache
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Row, bindparam, case, func, or_, select
+from sqlalchemy import BindParameter, Row, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
+from models.db import table_of
 from models.parties import Contact, ContactEmail, Customer, CustomerDomain, PartyPhone, Staff
 
 
@@ -70,26 +71,36 @@ def find_staff(session: Session, reference: str | None, settings: Settings) -> S
     if not reference:
         return None
     ref = reference.strip()
-    ways: list[Any] = [Staff.username == ref]
-    if "@" in ref:
-        ways.append(func.lower(Staff.email) == ref.lower())
-    if ref.isdigit() and len(ref) < 6:
-        ways.append(Staff.extension == ref)
-    if e164 := normalise_phone(ref, settings.phone_region):
-        ways.append(
-            Staff.id.in_(
-                select(PartyPhone.staff_id).where(
-                    PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None)
-                )
-            )
-        )
-    priority = case(*[(way, rank) for rank, way in enumerate(ways)], else_=len(ways))
-    found = session.scalar(select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1))
+    e164 = normalise_phone(ref, settings.phone_region)
+    query = _staff_query("@" in ref, ref.isdigit() and len(ref) < 6, e164 is not None)
+    found = session.scalar(query, {"ref": ref, "lowered": ref.lower(), "e164": e164})
     if found is not None:
         # The session's identity map holds objects weakly: kept here, the seller's zone and name
         # are read later in the transaction (tallies, participants) without querying again.
         session.info.setdefault(_STAFF_SEEN, []).append(found)
     return found
+
+
+@lru_cache(maxsize=8)
+def _staff_query(by_email: bool, by_extension: bool, by_phone: bool) -> Any:
+    """``find_staff``'s query for a reference of this shape, built once: building it cost
+    more than running it."""
+    ref: BindParameter[str] = bindparam("ref")
+    ways: list[Any] = [Staff.username == ref]
+    if by_email:
+        ways.append(func.lower(Staff.email) == bindparam("lowered"))
+    if by_extension:
+        ways.append(Staff.extension == ref)
+    if by_phone:
+        ways.append(
+            Staff.id.in_(
+                select(PartyPhone.staff_id).where(
+                    PartyPhone.e164 == bindparam("e164"), PartyPhone.staff_id.is_not(None)
+                )
+            )
+        )
+    priority = case(*[(way, rank) for rank, way in enumerate(ways)], else_=len(ways))
+    return select(Staff).where(or_(*ways)).order_by(priority, Staff.id).limit(1)
 
 
 _STAFF_SEEN = "crm.staff_seen"
@@ -144,16 +155,13 @@ def is_internal_number(session: Session, raw: str | None, settings: Settings) ->
         return True
     known: dict[str, bool] = session.info.setdefault(INTERNAL_NUMBERS, {})
     if e164 not in known:
-        known[e164] = (
-            session.scalar(
-                select(PartyPhone.id).where(
-                    PartyPhone.e164 == e164, PartyPhone.staff_id.is_not(None)
-                )
-            )
-            is not None
-        )
+        known[e164] = session.execute(_STAFF_PHONE, {"e164": e164}).first() is not None
     return known[e164]
 
+
+_STAFF_PHONE = select(table_of(PartyPhone).c.id).where(
+    table_of(PartyPhone).c.e164 == bindparam("e164"), table_of(PartyPhone).c.staff_id.is_not(None)
+)
 
 #: ``session.info`` key of the numbers found to be staff phones or not, in this session; whatever
 #: changes phones forgets them (``forget_internal_numbers``).
@@ -170,11 +178,7 @@ def match_phone(session: Session, raw: str | None, settings: Settings) -> PartyM
     if e164 is None:
         result.notes.append(f"number {raw!r} is not a public phone number")
         return result
-    rows = session.execute(
-        select(PartyPhone.contact_id, PartyPhone.customer_id, Contact.customer_id, Contact.name)
-        .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
-        .where(PartyPhone.e164 == e164, PartyPhone.staff_id.is_(None))
-    ).all()
+    rows = session.execute(_PHONE_MATCH, {"e164": e164}).all()
     contacts = sorted({(row[0], row[2], row[3]) for row in rows if row[0] is not None})
     customers = {row[1] for row in rows if row[1] is not None} | {c[1] for c in contacts}
     if len(contacts) == 1:
@@ -199,6 +203,13 @@ def match_phone(session: Session, raw: str | None, settings: Settings) -> PartyM
     else:
         result.notes.append(f"number {e164} matches no contact or customer")
     return result
+
+
+_PHONE_MATCH = (
+    select(PartyPhone.contact_id, PartyPhone.customer_id, Contact.customer_id, Contact.name)
+    .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
+    .where(PartyPhone.e164 == bindparam("e164"), PartyPhone.staff_id.is_(None))
+)
 
 
 def email_domain(address: str) -> str:

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, or_, select, text
+from sqlalchemy import BindParameter, bindparam, exists, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
-from models.base import utcnow
-from models.db import is_postgresql
+from models.base import UTCDateTime, utcnow
+from models.db import is_postgresql, table_of
 from models.events import CrmEvent, FollowUp
 from models.ledger import InboundMessage
 from models.parties import Staff
@@ -162,15 +162,22 @@ def refold_call(session: Session, ctx: StageContext, event: CrmEvent) -> None:
 
 def call_updates(session: Session, event: CrmEvent) -> Sequence[dict[str, Any]]:
     """Every accepted update of the event's call, as kept in the ledger."""
-    return session.scalars(
-        select(InboundMessage.payload)
-        .where(
-            InboundMessage.source_kind == "call",
-            InboundMessage.source_system == event.source_system,
-            InboundMessage.source_id == event.source_id,
-        )
-        .order_by(InboundMessage.id)
-    ).all()
+    return (
+        session.execute(_CALL_UPDATES, {"system": event.source_system, "call_id": event.source_id})
+        .scalars()
+        .all()
+    )
+
+
+_CALL_UPDATES = (
+    select(table_of(InboundMessage).c.payload)
+    .where(
+        table_of(InboundMessage).c.source_kind == "call",
+        table_of(InboundMessage).c.source_system == bindparam("system"),
+        table_of(InboundMessage).c.source_id == bindparam("call_id"),
+    )
+    .order_by(table_of(InboundMessage).c.id)
+)
 
 
 def _ledger_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -589,34 +596,10 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
     customers = sorted({c for c in (event.customer_id, *involved) if c is not None})
     for customer_id in customers:
         lock_customer(session, customer_id)
-    wanted = [
-        FollowUp.state == "open",
-        FollowUp.event_id == event.id,
-        FollowUp.closed_by_event_id == event.id,
-    ]
-    if closer:
-        # A callback that arrives late but happened before the one that closed a follow-up
-        # becomes the one that closed it. The customer's calls after this one are few while
-        # calls arrive in order (live, or a CDR file): those are read by the index, and each
-        # candidate's missed call by its key, never all of a busy customer's calls.
-        wanted.append(
-            FollowUp.closed_by_event_id.in_(
-                select(CrmEvent.id).where(
-                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at > event.occurred_at
-                )
-            )
-            & exists().where(
-                MISSED_CALL.id == FollowUp.event_id,
-                MISSED_CALL.occurred_at < event.occurred_at,
-            )
-        )
     affected = list(
         session.scalars(
-            select(FollowUp)
-            .where(FollowUp.customer_id.in_(customers) | (FollowUp.event_id == event.id))
-            .where(or_(*wanted))
-            .order_by(FollowUp.id)
-            .execution_options(populate_existing=True)
+            _AFFECTED_BY_CLOSER if closer else _AFFECTED,
+            {"customers": customers, "event_id": event.id, "occurred_at": event.occurred_at},
         )
     )
     own = next((f for f in affected if f.event_id == event.id), None)
@@ -638,22 +621,57 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
         _settle(session, follow_up)
 
 
+def _affected_query(closer: bool) -> Any:
+    """The follow-ups a call may open, close or withdraw: open ones of its customers, its own,
+    those it closed; and for a call that reached the customer, those closed by a later call.
+
+    A callback that arrives late but happened before the one that closed a follow-up becomes the
+    one that closed it. The customer's calls after this one are few while calls arrive in order
+    (live, or a CDR file): those are read by the index, and each candidate's missed call by its
+    key, never all of a busy customer's calls. Built once (``reconcile_follow_ups``).
+    """
+    event_id: BindParameter[int] = bindparam("event_id")
+    occurred_at = bindparam("occurred_at", type_=UTCDateTime())
+    customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
+    wanted = [
+        FollowUp.state == "open",
+        FollowUp.event_id == event_id,
+        FollowUp.closed_by_event_id == event_id,
+    ]
+    if closer:
+        wanted.append(
+            FollowUp.closed_by_event_id.in_(
+                select(CrmEvent.id).where(
+                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at > occurred_at
+                )
+            )
+            & exists().where(
+                MISSED_CALL.id == FollowUp.event_id,
+                MISSED_CALL.occurred_at < occurred_at,
+            )
+        )
+    return (
+        select(FollowUp)
+        .where(FollowUp.customer_id.in_(customers) | (FollowUp.event_id == event_id))
+        .where(or_(*wanted))
+        .order_by(FollowUp.id)
+        .execution_options(populate_existing=True)
+    )
+
+
+_AFFECTED = _affected_query(closer=False)
+_AFFECTED_BY_CLOSER = _affected_query(closer=True)
+
+
 def _settle(session: Session, follow_up: FollowUp) -> None:
     """Closed by the first call after the missed one that reached the customer, else open."""
     missed = session.get(CrmEvent, follow_up.event_id)
     if missed is None:
         return
-    closer = session.scalar(
-        select(CrmEvent.id)
-        .where(
-            CrmEvent.customer_id == follow_up.customer_id,
-            CrmEvent.id != missed.id,
-            CrmEvent.occurred_at > missed.occurred_at,
-            reaches_customer_sql(CrmEvent),
-        )
-        .order_by(CrmEvent.occurred_at, CrmEvent.id)
-        .limit(1)
-    )
+    closer = session.execute(
+        _FIRST_CLOSER,
+        {"customer_id": follow_up.customer_id, "missed": missed.id, "at": missed.occurred_at},
+    ).scalar()
     if closer is None:
         follow_up.state, follow_up.closed_at, follow_up.closed_by_event_id = "open", None, None
     elif follow_up.closed_by_event_id != closer or follow_up.state != "closed":
@@ -664,10 +682,23 @@ def _settle(session: Session, follow_up: FollowUp) -> None:
         )
 
 
+_FIRST_CLOSER = (
+    select(table_of(CrmEvent).c.id)
+    .where(
+        table_of(CrmEvent).c.customer_id == bindparam("customer_id"),
+        table_of(CrmEvent).c.id != bindparam("missed"),
+        table_of(CrmEvent).c.occurred_at > bindparam("at", type_=UTCDateTime()),
+        reaches_customer_sql(table_of(CrmEvent).c),
+    )
+    .order_by(table_of(CrmEvent).c.occurred_at, table_of(CrmEvent).c.id)
+    .limit(1)
+)
+
+
 def lock_customer(session: Session, customer_id: int) -> None:
     """Serialise follow-up bookkeeping of one customer (SQLite serialises every writer)."""
     if is_postgresql(session):
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-            {"ns": FOLLOW_UP_LOCK_NAMESPACE, "key": customer_id},
-        )
+        session.execute(_CUSTOMER_LOCK, {"ns": FOLLOW_UP_LOCK_NAMESPACE, "key": customer_id})
+
+
+_CUSTOMER_LOCK = text("SELECT pg_advisory_xact_lock(:ns, :key)")
