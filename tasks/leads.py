@@ -19,7 +19,6 @@ from models.events import CrmEvent, EventPropertyLink
 from models.parties import EventPartyKey, Lead
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
-from tasks.relink import recheck_open_event
 from tasks.store import set_properties
 
 LEAD = "lead"
@@ -36,14 +35,14 @@ def apply_lead_rule(
     new: bool = False,
 ) -> None:
     """Decide whether ``event`` is its party's lead; called by the call and email stages after
-    matching and classifying, once the event's party keys are recorded.
+    matching and classifying, once the event's party keys are recorded and its party checked
+    again under their locks (``tasks.relink.recheck_open_event``), and by the re-link after it
+    derived a call again.
 
     ``requested_category`` is the category the message itself named (calls): an accepted
     category from the message is never overridden. ``new``: the event was created by this
     stage, so it cannot be a lead yet and, when it is linked or outbound, never becomes one.
     """
-    # The party counts as unknown only if it is still unknown under the party keys' locks.
-    recheck_open_event(session, ctx, event)
     kind = LEAD_KEY_KIND.get(event.source_kind)
     if kind is None:
         return
@@ -91,7 +90,7 @@ def apply_lead_rule(
     note = f"not a second lead: {party} is already lead event {already}"
     if event.category_code == LEAD and not explicit:
         _classify(session, event, None, note)
-    else:
+    elif note not in event.classification_note:
         event.classification_note = "; ".join(p for p in (event.classification_note, note) if p)
 
 

@@ -12,8 +12,7 @@ transaction. Events linked by hand are never changed automatically. See docs/mas
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, delete, or_, select
@@ -23,7 +22,9 @@ from config.settings import Settings
 from models.events import CrmEvent, EventParticipant
 from models.parties import EventPartyKey
 from tasks.context import StageContext
+from tasks.ingest.call_state import refold_call
 from tasks.ingest.visit import relink_visit
+from tasks.leads import apply_lead_rule
 from tasks.match import PartyMatch, customer_by_number, find_staff, match_addresses, match_phone
 from tasks.store import (
     PartyKey,
@@ -72,26 +73,11 @@ def relink_for_keys(session: Session, ctx: StageContext, keys: Iterable[PartyKey
         if event is None or event.link_state not in OPEN_STATES or event.linked_by != "auto":
             continue
         before = tally_keys(session, event)
-        with _rederiving(session):
-            changed = rederive_link(session, ctx, event)
+        changed = rederive_link(session, ctx, event)
         if changed:
             result.event_ids.append(event.id)
             result.sellers |= move_tallies(session, before, tally_keys(session, event))
     return result
-
-
-#: Set while an event is being derived again, so the stage's own hooks do not recurse into it.
-RECHECK_GUARD = "crm.relink.rederiving"
-
-
-@contextmanager
-def _rederiving(session: Session) -> Iterator[None]:
-    outer = session.info.get(RECHECK_GUARD, False)
-    session.info[RECHECK_GUARD] = True
-    try:
-        yield
-    finally:
-        session.info[RECHECK_GUARD] = outer
 
 
 def event_keys(session: Session, event: CrmEvent) -> list[PartyKey]:
@@ -176,11 +162,10 @@ def rederive_link(session: Session, ctx: StageContext, event: CrmEvent) -> bool:
         return False
     before = link_facts(event)
     if event.source_kind == "call":
-        # Imported here: the call stage imports the lead rule, which imports this module.
-        from tasks.ingest.call import refold_call
-
         previous = f"{before[2]}: {event.match_note}"[:500]
-        refold_call(session, ctx, event)
+        derived = refold_call(session, ctx, event)
+        # A lead stays its party's lead when the party becomes known (a converted lead).
+        apply_lead_rule(session, ctx, event, requested_category=derived.requested_category)
         if link_facts(event) == before:
             return False
         notes = [event.match_note]
@@ -246,7 +231,7 @@ def recheck_open_event(session: Session, ctx: StageContext, event: CrmEvent) -> 
     """
     if event.link_state not in OPEN_STATES or event.linked_by != "auto":
         return False
-    if session.info.get(RECHECK_GUARD) or event.source_kind == "visit":
+    if event.source_kind == "visit":
         return False  # visits re-check themselves (tasks.ingest.visit)
     expected = match_from_keys(session, ctx.settings, event)
     if expected is None or (expected.customer_id, expected.contact_id, expected.state) == (
@@ -255,5 +240,4 @@ def recheck_open_event(session: Session, ctx: StageContext, event: CrmEvent) -> 
         event.link_state,
     ):
         return False
-    with _rederiving(session):
-        return rederive_link(session, ctx, event)
+    return rederive_link(session, ctx, event)

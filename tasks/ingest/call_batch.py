@@ -41,7 +41,7 @@ from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.context import StageContext
 from tasks.errors import BadInput
-from tasks.ingest.call import (
+from tasks.ingest.call_state import (
     MISSED_CALL,
     CallLookups,
     DerivedCall,

@@ -50,6 +50,7 @@ from tasks.match import (
     match_addresses,
 )
 from tasks.periods import aware
+from tasks.relink import recheck_open_event
 from tasks.store import (
     StageResult,
     add_participants,
@@ -516,6 +517,7 @@ def finish_email(
     # Master data (docs/master-data.md): remembered for the automatic re-link when a contact or
     # customer later gains one of these addresses or domains; then the unknown-party lead rule.
     record_party_keys(session, settings, event, addresses=composed.customer_side, new=True)
+    recheck_open_event(session, ctx, event)
     apply_lead_rule(session, ctx, event, new=True)
     if composed.memo:
         attach(

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from models.events import CrmEvent, FollowUp
 from tasks.context import StageContext
-from tasks.ingest.call import fold_updates, ingest_call
+from tasks.ingest.call import ingest_call
+from tasks.ingest.call_state import fold_updates
 from tasks.views import events_json
 
 SWITCHBOARD = "+358 9 111 000"
