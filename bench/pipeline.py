@@ -542,7 +542,7 @@ class Watchdog:
 
 
 def queue_state(world: World) -> str:
-    from workers.queues import QUEUES
+    from config.queues import QUEUES
 
     queued = {q: world.redis.llen(q) for q in (*QUEUES, noop_worker.NOOP_QUEUE)}
     waiting = ", ".join(f"{q} {n}" for q, n in queued.items() if n) or "none"

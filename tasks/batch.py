@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from config.queues import CALL_TASK, EMAIL_TASK, PARTY_TASK, TARGET_TASK, VISIT_TASK
 from models.db import is_postgresql
 from models.ledger import FailedMessage, RejectedMessage
 from models.schemas.batch import load_batch_message
@@ -58,11 +59,11 @@ Stage = Callable[[Session, StageContext, Any], StageResult]
 
 #: kind -> (the task name its messages have on their own, the stage).
 STAGES: dict[str, tuple[str, Stage]] = {
-    "call": ("crm.ingest.call", ingest_call),
-    "email": ("crm.ingest.email", ingest_email),
-    "visit": ("crm.ingest.visit", ingest_visit),
-    "party": ("crm.ingest.party", ingest_party),
-    "target": ("crm.ingest.target", ingest_target),
+    "call": (CALL_TASK, ingest_call),
+    "email": (EMAIL_TASK, ingest_email),
+    "visit": (VISIT_TASK, ingest_visit),
+    "party": (PARTY_TASK, ingest_party),
+    "target": (TARGET_TASK, ingest_target),
 }
 
 BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]]], NewCalls]

@@ -10,10 +10,10 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from config.queues import PARTY_QUEUE, QUEUES, TASK_QUEUES
 from config.settings import Settings
 from workers.base import soft_time_limit
 from workers.beat import BEAT_SCHEDULE
-from workers.queues import QUEUES, TASK_QUEUES
 
 #: The module that defines every task (imported by each process that builds the app).
 TASK_MODULES = ("workers.pipeline",)
@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=soft_time_limit(settings.task_time_limit_s),
         task_queues=[named_queue(name) for name in QUEUES],
-        task_default_queue="crm.ingest.party",
+        task_default_queue=PARTY_QUEUE,
         task_routes={
             name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()
         },

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from config.logging import add_to_log_context, log_context
+from config.queues import REFRESH_SELLER_TASK, TASK_QUEUES
 from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
@@ -467,9 +468,9 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
     if claimed:
         try:
             app.send_task(
-                "crm.refresh.seller",
+                REFRESH_SELLER_TASK,
                 args=[seller_id],
-                queue="crm.refresh",
+                queue=TASK_QUEUES[REFRESH_SELLER_TASK],
                 countdown=REFRESH_COALESCE_S,
                 retry=True,
                 retry_policy=REFRESH_PUBLISH_RETRY,

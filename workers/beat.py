@@ -14,23 +14,25 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from config.queues import RECONCILE_TASK, REFRESH_SWEEP_TASK, TARGET_REPORT_TASK
+
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "weekly-target-reports": {
-        "task": "crm.reports.targets",
+        "task": TARGET_REPORT_TASK,
         "schedule": crontab(minute="*/15"),
         "args": ["weekly"],
     },
     "monthly-target-reports": {
-        "task": "crm.reports.targets",
+        "task": TARGET_REPORT_TASK,
         "schedule": crontab(minute="*/15"),
         "args": ["monthly"],
     },
     "refresh-sweep": {
-        "task": "crm.refresh.sweep",
+        "task": REFRESH_SWEEP_TASK,
         "schedule": crontab(),  # every minute
     },
     "nightly-reconcile": {
-        "task": "crm.maintenance.reconcile",
+        "task": RECONCILE_TASK,
         "schedule": crontab(minute=30, hour=3),
     },
 }

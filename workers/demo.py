@@ -126,8 +126,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def publish_telephony(app: Any, settings: Any, files: list[Path]) -> list[Published]:
     """Twilio callback samples (a JSON list of the callbacks' form fields) and Asterisk CDR
     files, turned into ``crm.call/1`` updates as the HTTP gateway and ``import cdr`` do."""
+    from config.queues import CALL_TASK
     from tasks.telephony.adapters import CdrContext, twilio_to_call
-    from workers.cli.telephony import CALL_TASK, cdr_messages
+    from workers.cli.telephony import cdr_messages
     from workers.render import console
 
     published = []

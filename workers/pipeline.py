@@ -17,6 +17,19 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from config.logging import add_to_log_context
+from config.queues import (
+    BATCH_TASK,
+    CALL_TASK,
+    EMAIL_TASK,
+    PARTY_TASK,
+    RECONCILE_TASK,
+    REFRESH_SELLER_TASK,
+    REFRESH_SWEEP_TASK,
+    TARGET_REPORT_TASK,
+    TARGET_TASK,
+    TASK_QUEUES,
+    VISIT_TASK,
+)
 from models.db import snapshot, transaction
 from models.events import CrmEvent
 from tasks.batch import BatchResult, ingest_batch
@@ -42,7 +55,6 @@ from tasks.telephony.recordings import (
     store_recording,
 )
 from workers.base import CrmTask, request_refresh
-from workers.queues import BATCH_TASK, TASK_QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,7 @@ class CallTask(CrmTask):
             enqueue_recording_fetches(self.app, result.recordings_to_fetch)
 
 
-@shared_task(name="crm.ingest.call", base=CallTask, bind=True)
+@shared_task(name=CALL_TASK, base=CallTask, bind=True)
 def ingest_call_task(self: CallTask, message: Any) -> str:
     """crm.ingest.call: one call status update (DESIGN §5)."""
     return self.run_ingest(ingest_call, message)
@@ -83,25 +95,25 @@ def ingest_batch_task(self: BatchTask, message: Any) -> str:
     return self.run_ingest(stage, message)
 
 
-@shared_task(name="crm.ingest.email", base=CrmTask, bind=True)
+@shared_task(name=EMAIL_TASK, base=CrmTask, bind=True)
 def ingest_email_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.email: one raw email with its envelope (DESIGN §5)."""
     return self.run_ingest(ingest_email, message)
 
 
-@shared_task(name="crm.ingest.party", base=CrmTask, bind=True)
+@shared_task(name=PARTY_TASK, base=CrmTask, bind=True)
 def ingest_party_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.party: one customer, contact or staff upsert (DESIGN §5)."""
     return self.run_ingest(ingest_party, message)
 
 
-@shared_task(name="crm.ingest.visit", base=CrmTask, bind=True)
+@shared_task(name=VISIT_TASK, base=CrmTask, bind=True)
 def ingest_visit_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.visit: one customer visit report (DESIGN §5)."""
     return self.run_ingest(ingest_visit, message)
 
 
-@shared_task(name="crm.ingest.target", base=CrmTask, bind=True)
+@shared_task(name=TARGET_TASK, base=CrmTask, bind=True)
 def ingest_target_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.target: one sales target from the ERP (master data, queue crm.ingest.party)."""
     return self.run_ingest(ingest_target, message)
@@ -110,7 +122,7 @@ def ingest_target_task(self: CrmTask, message: Any) -> str:
 # -- refresh ------------------------------------------------------------------------------------
 
 
-@shared_task(name="crm.refresh.seller", base=CrmTask, bind=True)
+@shared_task(name=REFRESH_SELLER_TASK, base=CrmTask, bind=True)
 def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
     """crm.refresh.seller: tell the live screens that a seller's view changed."""
     add_to_log_context(seller=seller_id)
@@ -133,7 +145,7 @@ def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
     return "done"
 
 
-@shared_task(name="crm.refresh.sweep", base=CrmTask, bind=True)
+@shared_task(name=REFRESH_SWEEP_TASK, base=CrmTask, bind=True)
 def sweep_refreshes_task(self: CrmTask) -> str:
     """crm.refresh.sweep (beat, every minute): request the refreshes that were never sent.
 
@@ -158,7 +170,7 @@ def sweep_refreshes_task(self: CrmTask) -> str:
 # -- reports and maintenance ----------------------------------------------------------------
 
 
-@shared_task(name="crm.reports.targets", base=CrmTask, bind=True)
+@shared_task(name=TARGET_REPORT_TASK, base=CrmTask, bind=True)
 def send_target_reports_task(
     self: CrmTask, kind: str, period: str | None = None, manager: str | None = None
 ) -> str:
@@ -192,7 +204,7 @@ def send_target_reports_task(
     return detail
 
 
-@shared_task(name="crm.maintenance.reconcile", base=CrmTask, bind=True)
+@shared_task(name=RECONCILE_TASK, base=CrmTask, bind=True)
 def reconcile_task(self: CrmTask) -> str:
     """crm.maintenance.reconcile: nightly proof that the tallies have not drifted."""
     try:

@@ -18,10 +18,10 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
 from models.ledger import Delivery
 from models.schemas.batch import SCHEMA as BATCH_SCHEMA
-from workers.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 
 
 class PublishError(Exception):

@@ -37,6 +37,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from config.queues import RECORDING_TASK
 from config.settings import Settings
 from models.base import utcnow
 from models.db import is_postgresql
@@ -48,7 +49,7 @@ from tasks.errors import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "crm.ingest.recording"
+TASK_NAME = RECORDING_TASK
 MAX_REDIRECTS = 3
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Answers worth trying again later; any other 4xx means the URL will not work.

@@ -41,6 +41,7 @@ from celery import Celery
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, snapshot, transaction
@@ -55,7 +56,6 @@ from tests.messages import outbound_call
 from tests.processes import free_port, service_env
 from workers.app import create_app
 from workers.publish import wait_for
-from workers.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

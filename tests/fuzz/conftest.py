@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import tests.fuzz.profiles  # noqa: F401  (registers and loads the Hypothesis profile)
+from config.queues import INGEST_TASKS
 from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery, FailedMessage, RejectedMessage
@@ -35,7 +36,6 @@ from tasks.ingest.visit import ingest_visit
 from tasks.targets import ingest_target
 from tests.conftest import TemporaryDatabase, load_example, migrated
 from workers.app import create_app
-from workers.queues import INGEST_TASKS
 
 STAGES: dict[str, Callable[..., Any]] = {
     "call": ingest_call,

@@ -16,6 +16,7 @@ from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.queues import INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery, RejectedMessage
@@ -24,7 +25,6 @@ from tests.processes import service_env, stop_process, wait_for_worker
 from tests.smtp_sink import SmtpSink
 from workers.app import create_app
 from workers.publish import wait_for
-from workers.queues import INGEST_TASKS, TASK_QUEUES
 
 
 @dataclass

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from config.queues import TASK_QUEUES
 from models.events import CrmEvent, FollowUp
 from tasks.views import events_json
 from tests.conftest import ROOT, load_example
 from tests.integration.conftest import LiveSystem
 from tests.processes import stop_process, wait_for_worker
 from workers.publish import wait_for
-from workers.queues import TASK_QUEUES
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ import uuid
 import pytest
 from kombu import Exchange, Producer
 
+from config.queues import QUEUES
 from tests.integration.conftest import LiveSystem
 from tests.messages import unlinked_call
 from workers.publish import wait_for
-from workers.queues import QUEUES
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.queues import INGEST_TASKS
 from models.db import transaction
 from workers.cli.common import AddCommand, CommandError, InputError, Runtime, emit_json
-from workers.queues import INGEST_TASKS
 
 
 def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
@@ -170,11 +170,11 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     and unmarked again if publishing fails, so a broker outage loses no replay.
     """
 
+    from config.queues import TASK_QUEUES
     from models.base import utcnow
     from models.ledger import FailedMessage, RejectedMessage
     from tasks.ledger import whole_payload
     from workers.app import named_queue
-    from workers.queues import TASK_QUEUES
 
     kind, _, number = ledger_id.partition(":")
     if kind not in ("rejected", "failed") or not number.isdigit():

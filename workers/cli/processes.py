@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from config.queues import QUEUES
 from models.db import transaction
 from workers.cli.common import AddCommand, InputError, Runtime, emit_json, run_celery
-from workers.queues import QUEUES
 
 
 def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:

@@ -19,8 +19,6 @@ from tasks.telephony.adapters import AdapterError, CdrContext, asterisk_cdr_to_c
 from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
 from workers.cli.common import InputError, emit_json, subcommands
 
-CALL_TASK = "crm.ingest.call"
-
 
 def cdr_messages(
     text: str, context: CdrContext, source: str

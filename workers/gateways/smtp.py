@@ -27,17 +27,17 @@ from celery import Celery
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
+from config.queues import EMAIL_TASK, TASK_QUEUES
 from config.settings import Settings
 from models.base import utcnow
 from models.db import transaction
 from models.schemas.email import SCHEMA
 from tasks.attach import store_blob
 from tasks.ingest.email import crm_tag
-from workers.queues import TASK_QUEUES
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "crm.ingest.email"
+TASK_NAME = EMAIL_TASK
 SOURCE_SYSTEM = "smtp-gateway"
 #: Longest envelope address the crm.email/1 message accepts (RFC 5321 allows 256 octets).
 MAX_ADDRESS = 320

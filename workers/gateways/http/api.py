@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from config.queues import INGEST_TASKS
 from models.base import utcnow
 from models.db import snapshot
 from models.documents import DocumentBlob, EventDocument
@@ -43,7 +44,6 @@ from workers.gateways.http.auth import identify, require
 from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
 from workers.publish import email_message_from_raw
-from workers.queues import INGEST_TASKS
 
 #: The path of each kind: ``/v1/calls`` takes ``crm.call/1``.
 PLURALS = {

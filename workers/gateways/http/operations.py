@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from config.queues import QUEUES
 from models.base import utcnow
 from models.events import CrmEvent
 from models.ledger import Delivery, FailedMessage, RejectedMessage
 from models.targets import RefreshRequest, ReportRun
-from workers.queues import QUEUES
 
 access = logging.getLogger("crm.http.access")
 

@@ -7,7 +7,7 @@ import threading
 import uuid
 from typing import Any
 
-from workers.queues import TASK_QUEUES
+from config.queues import TASK_QUEUES
 
 log = logging.getLogger(__name__)
 

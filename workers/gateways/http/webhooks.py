@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from config.queues import CALL_TASK
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import MessageInvalid, load_message, shared_schema
 from tasks.telephony.adapters import (
@@ -41,7 +42,6 @@ from tasks.telephony.adapters import (
 from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
 
-CALL_TASK = "crm.ingest.call"
 #: Messages in one JSON post; a larger batch is split by the sender.
 MAX_BATCH = 1000
 #: Form fields in one Twilio post (Twilio sends about 20).
