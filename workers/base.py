@@ -14,13 +14,14 @@ import logging
 import os
 import random
 import traceback
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_ready
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -229,33 +230,58 @@ class CrmTask(Task):
         ceiling = min(self.settings.retry_backoff_max_s, 2 ** (self.request.retries + 1))
         return random.uniform(0.5, float(ceiling))
 
-    def run_ingest(self, stage: Stage, message: Any) -> str:
-        """Run one ingest stage in one transaction and classify whatever goes wrong."""
+    @contextmanager
+    def run_stage(
+        self,
+        message: Any,
+        *,
+        retriable: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
+        gave_up: Callable[[BaseException], None] | None = None,
+    ) -> Iterator[StageFailure]:
+        """Run a task's work in the block; whatever goes wrong ends as the message's one outcome.
+
+        Bad input is recorded as a rejection; a ``retriable`` error is retried with backoff and,
+        once the retries are spent, recorded as a failure (then ``gave_up(exc)``); the soft
+        time limit is recorded as a timeout, not retried; anything else is a bug, recorded and
+        raised. After the block, ``failure.outcome`` is "rejected" or "failed" when the work
+        did not finish (it is empty when it did). Every task runs its work this way.
+        """
+        failure = StageFailure()
         try:
-            with transaction(self.sessions) as session:
-                result = stage(session, self.context(), message)
-                record_delivery(
-                    session,
-                    task_id=self.request.id,
-                    task_name=self.name,
-                    outcome=result.outcome,
-                    event_id=result.event_id,
-                    detail=result.detail,
-                )
+            yield failure
+        except Retry:
+            raise
         except BadInput as exc:
             self.recorded(partial(self.record_rejection, message, exc.reason, exc.errors))
-            return "rejected"
-        except TRANSIENT_ERRORS as exc:
+            failure.outcome = "rejected"
+        except retriable as exc:
             self.retry_or_record(message, exc)
-            return "failed"
+            failure.outcome = "failed"
+            if gave_up is not None:
+                gave_up(exc)
         except SoftTimeLimitExceeded as exc:
             # Interrupted at the soft time limit: rolled back, recorded, not retried (it would
             # most likely overrun again); replay it once the cause is known.
             self.recorded(partial(self.record_failure, message, exc, kind="timeout"))
-            return "failed"
+            failure.outcome = "failed"
         except Exception as exc:
             self.recorded(partial(self.record_failure, message, exc, kind="bug"))
             raise
+
+    def run_ingest(self, stage: Stage, message: Any) -> str:
+        """Run one ingest stage in one transaction, its delivery recorded with its change."""
+        with self.run_stage(message) as failure, transaction(self.sessions) as session:
+            result = stage(session, self.context(), message)
+            record_delivery(
+                session,
+                task_id=self.request.id,
+                task_name=self.name,
+                outcome=result.outcome,
+                event_id=result.event_id,
+                detail=result.detail,
+            )
+        if failure:
+            return failure.outcome
         sellers = sorted(result.sellers_to_refresh)
         add_to_log_context(
             event_id=result.event_id,
@@ -351,6 +377,16 @@ class CrmTask(Task):
                 payload=message,
                 queue=delivery_info_queue(self.request.delivery_info),
             )
+
+
+@dataclass
+class StageFailure:
+    """How a task's work ended when it did not finish (``CrmTask.run_stage``)."""
+
+    outcome: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.outcome)
 
 
 def add_failure(

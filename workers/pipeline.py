@@ -33,7 +33,7 @@ from config.queues import (
 from models.db import snapshot, transaction
 from models.events import CrmEvent
 from tasks.batch import BatchResult, ingest_batch
-from tasks.errors import TRANSIENT_ERRORS, BadInput
+from tasks.errors import TRANSIENT_ERRORS
 from tasks.ingest.call import CallStageResult, ingest_call
 from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
@@ -127,16 +127,15 @@ def refresh_seller_task(self: CrmTask, seller_id: int) -> str:
     """crm.refresh.seller: tell the live screens that a seller's view changed."""
     add_to_log_context(seller=seller_id)
     ctx = self.context()
-    try:
+    with self.run_stage(seller_id) as failure:
         # Clear the request first, in its own transaction: any change committed after this
         # point claims a new refresh, and any change before it is visible to the reads below.
         with transaction(self.sessions) as session:
             clear_refresh_request(session, seller_id)
         with transaction(self.sessions) as session:
             notification = refresh_seller(session, ctx, seller_id)
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record(seller_id, exc)
-        return "failed"
+    if failure:
+        return failure.outcome
     if notification is not None:
         try:
             publish_notification(ctx, notification)
@@ -180,16 +179,12 @@ def send_target_reports_task(
     particular report, still at most once.
     """
     arguments = {"kind": kind, "period": period, "manager": manager}
-    try:
+    with self.run_stage(arguments) as failure:
         outcome = send_due_reports(
             self.sessions, self.settings, kind, period=period, manager=manager
         )
-    except BadInput as exc:
-        self.record_rejection(arguments, exc.reason, exc.errors)
-        return "rejected"
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record(arguments, exc)
-        return "failed"
+    if failure:
+        return failure.outcome
     if outcome.failed:
         # The whole task is retried: reports already sent are skipped by their claims.
         self.retry_or_record(arguments, outcome.failed[0][1])
@@ -207,12 +202,10 @@ def send_target_reports_task(
 @shared_task(name=RECONCILE_TASK, base=CrmTask, bind=True)
 def reconcile_task(self: CrmTask) -> str:
     """crm.maintenance.reconcile: nightly proof that the tallies have not drifted."""
-    try:
-        with snapshot(self.sessions) as session:
-            run = reconcile(session, self.context())
-    except TRANSIENT_ERRORS as exc:
-        self.retry_or_record({}, exc)
-        return "failed"
+    with self.run_stage({}) as failure, snapshot(self.sessions) as session:
+        run = reconcile(session, self.context())
+    if failure:
+        return failure.outcome
     return f"checked {run.keys_checked} keys, drift {run.drift}"
 
 
@@ -236,57 +229,52 @@ class RecordingTask(CrmTask):
     """Downloads outside any transaction; the event is locked only to attach the result."""
 
     def fetch(self, payload: Any) -> str:
+        with self.run_stage(
+            payload, retriable=RETRIABLE, gave_up=partial(self._gave_up, payload)
+        ) as failure:
+            return self._fetch(payload)
+        return failure.outcome
+
+    def _fetch(self, payload: Any) -> str:
         settings = self.settings
+        request = load_request(payload)
+        event_id, url = request["event_id"], request["url"]
+        with transaction(self.sessions) as session:
+            if pending_entry(session, event_id, url) is None:
+                detail = "the recording is stored already, or its call is gone"
+                self._delivered(session, "duplicate", event_id, detail)
+                return "duplicate"
+        if not settings.recording_fetch:
+            with transaction(self.sessions) as session:
+                mark_recording(session, settings, event_id, url, "link", "fetching is off")
+                self._delivered(session, "done", event_id, "fetching is off: kept as a link")
+            return "done"
         try:
-            request = load_request(payload)
-            event_id, url = request["event_id"], request["url"]
+            downloaded = download(url, settings)
+        except RecordingRefused as exc:
             with transaction(self.sessions) as session:
-                if pending_entry(session, event_id, url) is None:
-                    detail = "the recording is stored already, or its call is gone"
-                    self._delivered(session, "duplicate", event_id, detail)
-                    return "duplicate"
-            if not settings.recording_fetch:
-                with transaction(self.sessions) as session:
-                    mark_recording(session, settings, event_id, url, "link", "fetching is off")
-                    self._delivered(session, "done", event_id, "fetching is off: kept as a link")
-                return "done"
-            try:
-                downloaded = download(url, settings)
-            except RecordingRefused as exc:
-                with transaction(self.sessions) as session:
-                    mark_recording(session, settings, event_id, url, "refused", exc.reason)
-                self.record_rejection(
-                    payload, f"recording not fetched: {exc.reason}", {"url": [exc.reason]}
-                )
-                return "rejected"
-            with transaction(self.sessions) as session:
-                detail = store_recording(session, settings, event_id, url, downloaded)
-                self._delivered(session, "stored", event_id, detail)
-            return "stored"
-        except BadInput as exc:
-            self.record_rejection(payload, exc.reason, exc.errors)
+                mark_recording(session, settings, event_id, url, "refused", exc.reason)
+            self.record_rejection(
+                payload, f"recording not fetched: {exc.reason}", {"url": [exc.reason]}
+            )
             return "rejected"
-        except RETRIABLE as exc:
-            if self.request.retries < settings.max_retries:
-                log.warning("%s: transient error, retrying: %s", self.name, exc)
-                raise self.retry(
-                    exc=exc, countdown=self.backoff(), max_retries=settings.max_retries
-                ) from exc
-            self.record_failure(payload, exc, kind="transient")
-            if isinstance(payload, dict) and isinstance(exc, RecordingUnavailable):
-                with transaction(self.sessions) as session:
-                    mark_recording(
-                        session,
-                        settings,
-                        int(payload["event_id"]),
-                        str(payload["url"]),
-                        "failed",
-                        f"gave up after {self.request.retries + 1} attempts: {exc.reason}",
-                    )
-            return "failed"
-        except Exception as exc:
-            self.record_failure(payload, exc, kind="bug")
-            raise
+        with transaction(self.sessions) as session:
+            detail = store_recording(session, settings, event_id, url, downloaded)
+            self._delivered(session, "stored", event_id, detail)
+        return "stored"
+
+    def _gave_up(self, payload: Any, exc: BaseException) -> None:
+        """The retries are spent: the event says so, not "pending" for ever."""
+        if isinstance(payload, dict) and isinstance(exc, RecordingUnavailable):
+            with transaction(self.sessions) as session:
+                mark_recording(
+                    session,
+                    self.settings,
+                    int(payload["event_id"]),
+                    str(payload["url"]),
+                    "failed",
+                    f"gave up after {self.request.retries + 1} attempts: {exc.reason}",
+                )
 
     def _delivered(self, session: Session, outcome: str, event_id: int, detail: str) -> None:
         record_delivery(
