@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +85,7 @@ def run_import(
 ) -> ImportReport:
     """Publish ``items`` in batches (ordered kinds first, one at a time) and, with ``wait``,
     wait for their outcomes."""
-    from workers.publish import PublishedBatch, publish_batches, wait_for_batches
+    from workers.publish import wait_for_batches
 
     report = ImportReport(items, errors)
     by_kind: dict[str, list[Item]] = {}
@@ -93,21 +94,11 @@ def run_import(
     ordered = [k for k in ORDERED_KINDS if k in by_kind]
     parallel = [k for k in by_kind if k not in ORDERED_KINDS]
     with _progress(len(items), wait is not None) as bar:
-        published: list[PublishedBatch] = []
+        published: list[Any] = []
         for kind in ordered + parallel:
             group = by_kind[kind]
             for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                [batch] = publish_batches(
-                    runtime.app,
-                    kind,
-                    [i.message for i in chunk],
-                    source_system=source_system,
-                    size=size,
-                    on_published=bar.published,
-                )
-                for item, task_id in zip(chunk, batch.item_ids, strict=True):
-                    item.task_id = task_id
+                batch = _publish(runtime, kind, group[start : start + size], source_system, bar)
                 published.append(batch)
                 if kind in ORDERED_KINDS:
                     # The next version of a party must not overtake this one.
@@ -116,14 +107,70 @@ def run_import(
                             runtime.sessions, [batch], wait or 600, on_done=bar.processed
                         )
                     )
-        report.batches = len(published)
-        if wait is not None:
-            rest = [b for b in published if b.item_ids[0] not in report.outcomes]
-            report.outcomes.update(
-                wait_for_batches(runtime.sessions, rest, wait, on_done=bar.processed)
-            )
-            report.waited = True
+        _finish(runtime, report, published, wait, bar)
     return report
+
+
+def run_stream(
+    runtime: Any,
+    kind: str,
+    items: Iterable[Item],
+    errors: list[dict[str, Any]],
+    *,
+    source_system: str,
+    size: int,
+    wait: float | None,
+    total: int,
+) -> ImportReport:
+    """Publish messages of one kind that need no order as they are read: each batch goes out
+    as soon as it is full, so the workers start on a large file while the rest of it is still
+    being read. ``total`` is the most there can be (for the progress bar)."""
+    report = ImportReport([], errors)
+    with _progress(total, wait is not None) as bar:
+        published: list[Any] = []
+        chunk: list[Item] = []
+        for item in items:
+            report.items.append(item)
+            chunk.append(item)
+            if len(chunk) == size:
+                published.append(_publish(runtime, kind, chunk, source_system, bar))
+                chunk = []
+        if chunk:
+            published.append(_publish(runtime, kind, chunk, source_system, bar))
+        _finish(runtime, report, published, wait, bar)
+    return report
+
+
+def _publish(runtime: Any, kind: str, chunk: list[Item], source_system: str, bar: Any) -> Any:
+    """One batch of ``chunk``; each item learns the id its outcome is recorded under."""
+    from workers.publish import publish_batches
+
+    [batch] = publish_batches(
+        runtime.app,
+        kind,
+        [i.message for i in chunk],
+        source_system=source_system,
+        size=len(chunk),
+        on_published=bar.published,
+    )
+    for item, task_id in zip(chunk, batch.item_ids, strict=True):
+        item.task_id = task_id
+    return batch
+
+
+def _finish(
+    runtime: Any, report: ImportReport, published: list[Any], wait: float | None, bar: Any
+) -> None:
+    """With ``wait``, the outcome of every message not known yet."""
+    from workers.publish import wait_for_batches
+
+    report.batches = len(published)
+    if wait is not None:
+        rest = [b for b in published if b.item_ids[0] not in report.outcomes]
+        report.outcomes.update(
+            wait_for_batches(runtime.sessions, rest, wait, on_done=bar.processed)
+        )
+        report.waited = True
 
 
 def print_report(report: ImportReport, what: str) -> int:

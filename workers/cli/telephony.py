@@ -9,6 +9,7 @@ Importing the same file again changes nothing: every row is then a duplicate.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -24,8 +25,16 @@ def cdr_messages(
     text: str, context: CdrContext, source: str
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
     """(source label, message) for every usable row, and an error row for every other one."""
-    messages: list[tuple[str, dict[str, Any]]] = []
     errors: list[dict[str, Any]] = []
+    return list(read_cdr_messages(text, context, source, errors)), errors
+
+
+def read_cdr_messages(
+    text: str, context: CdrContext, source: str, errors: list[dict[str, Any]]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source label, message) for each usable row as it is read; an error row for every other
+    one is added to ``errors``."""
+    schema = shared_schema(CallMessageSchema)
     for row in read_cdr_csv(text):
         label = f"{source}:{row.line}"
         if row.fields is None:
@@ -33,19 +42,18 @@ def cdr_messages(
             continue
         try:
             message = asterisk_cdr_to_call(row.fields, context)
-            load_message(shared_schema(CallMessageSchema), message, SCHEMA)
+            load_message(schema, message, SCHEMA)
         except AdapterError as exc:
             errors.append({"source": label, "line": row.line, "error": exc.reason})
             continue
         except MessageInvalid as exc:
             errors.append({"source": label, "line": row.line, "error": exc.reason})
             continue
-        messages.append((label, message))
-    return messages, errors
+        yield label, message
 
 
 def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
-    from workers.cli.bulk import Item, print_report, run_import, status_of
+    from workers.cli.bulk import Item, print_report, run_stream, status_of
 
     path = Path(args.file)
     try:
@@ -66,15 +74,20 @@ def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
     )
     # Asterisk writes caller names as the bytes it got; an undecodable one must not stop a file.
     text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
-    messages, errors = cdr_messages(text, context, path.name)
-    items = [Item(label, "call", message, message["call_id"]) for label, message in messages]
-    report = run_import(
+    errors: list[dict[str, Any]] = []
+    items = (
+        Item(label, "call", message, message["call_id"])
+        for label, message in read_cdr_messages(text, context, path.name, errors)
+    )
+    report = run_stream(
         runtime,
+        "call",
         items,
         errors,
         source_system=args.source_system,
         size=args.batch_size,
         wait=args.wait,
+        total=text.count("\n") + 1,
     )
     if args.json:
         emit_json({"published": report.rows("call_id"), "errors": errors})
