@@ -13,7 +13,7 @@ What this stage does not take is left to the call stage, message by message, in 
 transaction (``tasks.batch``):
 
 - messages that do not validate (the call stage rejects them, with the reason);
-- calls whose event exists already (their fold needs the stored updates);
+- calls with updates accepted before (their fold needs the stored updates);
 - calls with a recording (stored or fetched by the call stage);
 - inbound calls from an unknown party while the lead rule may make them leads.
 
@@ -185,24 +185,35 @@ def _leave(calls: dict[tuple[str, str], _Call], call: _Call, result: NewCalls) -
 def _leave_existing(
     session: Session, calls: dict[tuple[str, str], _Call], result: NewCalls
 ) -> None:
-    """Calls that have an event already are the call stage's: their fold needs its updates."""
+    """Calls with updates accepted before are the call stage's: their fold needs those updates.
+
+    Asked of the ledger, not of the events: a call whose event was deleted keeps its updates,
+    and a late update makes its event again from all of them.
+    """
     ids = sorted({call_id for _system, call_id in calls})
     # PostgreSQL takes the ids as one array: a short statement the driver parses once.
-    existing = _EXISTING_PG if is_postgresql(session) else _EXISTING
+    earlier = _EARLIER_PG if is_postgresql(session) else _EARLIER
     for start in range(0, len(ids), 1000):
-        for system, call_id in session.execute(existing, {"ids": ids[start : start + 1000]}).all():
+        for system, call_id in session.execute(earlier, {"ids": ids[start : start + 1000]}).all():
             if (call := calls.get((system, call_id))) is not None:
                 _leave(calls, call, result)
 
 
-_EVENTS = table_of(CrmEvent)
-_EXISTING = select(_EVENTS.c.source_system, _EVENTS.c.source_id).where(
-    _EVENTS.c.source_kind == "call",
-    _EVENTS.c.source_id.in_(bindparam("ids", expanding=True)),
+_LEDGER = table_of(InboundMessage)
+_EARLIER = (
+    select(_LEDGER.c.source_system, _LEDGER.c.source_id)
+    .where(
+        _LEDGER.c.source_kind == "call", _LEDGER.c.source_id.in_(bindparam("ids", expanding=True))
+    )
+    .distinct()
 )
-_EXISTING_PG = select(_EVENTS.c.source_system, _EVENTS.c.source_id).where(
-    _EVENTS.c.source_kind == "call",
-    _EVENTS.c.source_id == any_(bindparam("ids", type_=ARRAY(String))),
+_EARLIER_PG = (
+    select(_LEDGER.c.source_system, _LEDGER.c.source_id)
+    .where(
+        _LEDGER.c.source_kind == "call",
+        _LEDGER.c.source_id == any_(bindparam("ids", type_=ARRAY(String))),
+    )
+    .distinct()
 )
 
 

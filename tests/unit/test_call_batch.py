@@ -23,7 +23,7 @@ from tasks.batch import ingest_batch
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ingest.party import ingest_party
-from tasks.maintenance import reconcile
+from tasks.maintenance import delete_event, reconcile
 from tests.conftest import load_example, migrated
 from tests.unit.test_call_followups import callback, missed
 
@@ -301,3 +301,25 @@ def test_follow_ups_are_settled_by_the_batch_itself(
         "b-m2": ("open", None),
         "b-m3": ("open", None),
     }
+
+
+def test_a_late_update_of_a_deleted_call_gets_all_its_updates(
+    world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event deleted by hand keeps its call's updates in the ledger; a late update in a batch
+    makes the event again from all of them, as the call stage does, not from itself alone."""
+    first = {**callback("b-deleted", at(24, 8)), "status": "answered", "sequence": 1}
+    ingest_call(world, ctx, {**first, "note": "tarjous lähetetty"})
+    event_id = world.scalar(select(CrmEvent.id).where(CrmEvent.source_id == "b-deleted"))
+    assert event_id is not None
+    delete_event(world, event_id)
+    late = {**first, "status": "completed", "sequence": 2, "duration_s": 300}
+    one_by_one, set_based, by_stage = both_ways(world, ctx, monkeypatch, [late])
+    assert by_stage == ["b-deleted"]
+    assert set_based == one_by_one
+    event = set_based["events"]["b-deleted"]
+    assert (event["status"], event["body"], event["details"]["updates"]) == (
+        "completed",
+        "tarjous lähetetty",
+        2,
+    )
