@@ -190,27 +190,37 @@ def _leave_existing(
     Asked of the ledger, not of the events: a call whose event was deleted keeps its updates,
     and a late update makes its event again from all of them.
     """
-    ids = sorted({call_id for _system, call_id in calls})
-    # PostgreSQL takes the ids as one array: a short statement the driver parses once.
+    by_system: dict[str, list[str]] = {}
+    for system, call_id in calls:
+        by_system.setdefault(system, []).append(call_id)
+    # By the ledger's natural key, its system included (a batch has one, usually); PostgreSQL
+    # takes the ids as one array: a short statement the driver parses once.
     earlier = _EARLIER_PG if is_postgresql(session) else _EARLIER
-    for start in range(0, len(ids), 1000):
-        for system, call_id in session.execute(earlier, {"ids": ids[start : start + 1000]}).all():
-            if (call := calls.get((system, call_id))) is not None:
-                _leave(calls, call, result)
+    for system, ids in sorted(by_system.items()):
+        for start in range(0, len(ids), 1000):
+            found = session.execute(
+                earlier, {"system": system, "ids": ids[start : start + 1000]}
+            ).scalars()
+            for call_id in found:
+                if (call := calls.get((system, call_id))) is not None:
+                    _leave(calls, call, result)
 
 
 _LEDGER = table_of(InboundMessage)
 _EARLIER = (
-    select(_LEDGER.c.source_system, _LEDGER.c.source_id)
+    select(_LEDGER.c.source_id)
     .where(
-        _LEDGER.c.source_kind == "call", _LEDGER.c.source_id.in_(bindparam("ids", expanding=True))
+        _LEDGER.c.source_kind == "call",
+        _LEDGER.c.source_system == bindparam("system"),
+        _LEDGER.c.source_id.in_(bindparam("ids", expanding=True)),
     )
     .distinct()
 )
 _EARLIER_PG = (
-    select(_LEDGER.c.source_system, _LEDGER.c.source_id)
+    select(_LEDGER.c.source_id)
     .where(
         _LEDGER.c.source_kind == "call",
+        _LEDGER.c.source_system == bindparam("system"),
         _LEDGER.c.source_id == any_(bindparam("ids", type_=ARRAY(String))),
     )
     .distinct()
