@@ -79,3 +79,27 @@ def test_an_input_error_is_one_line_and_status_2(
     assert len(lines) == 1, done.stderr
     assert said in lines[0]
     assert done.stdout == ""
+
+
+HEAVY_MODULES = ("sqlalchemy", "celery", "kombu", "redis", "marshmallow", "models", "tasks")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["import", "cdr", "--help"], ["events", "--help"]])
+def test_help_loads_neither_the_database_layer_nor_celery(args: list[str]) -> None:
+    """--help answers at once: the parser is built without the database layer, Celery or the
+    stages, which took most of a second to load (what was loaded is read, not timed)."""
+    probe = (
+        "import sys\n"
+        "from workers.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_MODULES!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: crm-events" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -2,7 +2,9 @@
 
 Every listing takes ``--json`` and then prints exactly one JSON document on stdout; logs and
 progress go to stderr. One module per group of commands; each adds its commands to the parser
-with ``register(sub, add)``; the commands parse, call ``tasks/``, and print.
+with ``register(sub, add)``; the commands parse, call ``tasks/``, and print. A command module
+imports the database layer, Celery and ``tasks/`` inside its commands, never at its top: building
+the parser loads none of them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from celery.exceptions import SecurityError
-
 from config.logging import configure_logging
 from config.settings import ConfigError, load_settings
-from tasks.errors import BadInput
 from workers.cli import bulk, events, messages, parties, processes, service, targets, telephony
 from workers.cli.common import (
     CommandError,
@@ -55,7 +54,13 @@ PASSTHROUGH_COMMANDS = ("worker", "beat", "flower")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)  # --help ends here, before anything heavy loads
+    # Imported once a command runs: the command line starts without the database layer, the
+    # worker or Celery, so that --help and a mistyped command answer at once.
+    from celery.exceptions import SecurityError
+
+    from tasks.errors import BadInput
+
     if args.command in PASSTHROUGH_COMMANDS:
         args.celery_args = extra
     elif extra:

@@ -16,8 +16,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.schemas.batch import MAX_BATCH_MESSAGES
-
 #: Kinds whose messages must be applied in the order given: sent one batch at a time, first.
 ORDERED_KINDS = ("party", "target")
 DEFAULT_BATCH_SIZE = 500
@@ -64,6 +62,8 @@ class ImportReport:
 
 def batch_size(text: str) -> int:
     import argparse
+
+    from models.schemas.batch import MAX_BATCH_MESSAGES
 
     try:
         value = int(text)

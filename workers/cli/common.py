@@ -8,13 +8,13 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import date
-from typing import Any, NoReturn
-
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from config.settings import Settings
-from models.db import create_db_engine, create_session_factory
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 Handler = Callable[[argparse.Namespace, "Runtime"], int]
 #: ``add(name, handler, help, json_flag=False)``: adds a command to the parser (``main``).
@@ -78,12 +78,16 @@ class Runtime:
 
     @property
     def engine(self) -> Engine:
+        from models.db import create_db_engine
+
         if self._engine is None:
             self._engine = create_db_engine(self.settings)
         return self._engine
 
     @property
     def sessions(self) -> sessionmaker[Session]:
+        from models.db import create_session_factory
+
         if self._sessions is None:
             self._sessions = create_session_factory(self.engine)
         return self._sessions

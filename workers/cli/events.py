@@ -9,10 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from models.db import snapshot, transaction
-from tasks.errors import BadInput
 from workers.cli.common import (
     AddCommand,
     CommandError,
@@ -42,6 +38,8 @@ def cmd_events(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
+    from sqlalchemy import select
+
     from models.parties import Customer
     from tasks.history import customer_history
 
@@ -93,6 +91,7 @@ def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import snapshot
     from tasks.views import seller_cards, staff_by_username
 
     with snapshot(rt.sessions) as session:
@@ -128,7 +127,9 @@ def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from tasks.catalogue import apply_catalogue, catalogue_document
+    from tasks.errors import BadInput
 
     if args.action in ("show", "export"):
         with rt.sessions() as session:
@@ -192,6 +193,7 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import snapshot
     from tasks.maintenance import reconcile
 
     with snapshot(rt.sessions) as session:
@@ -221,6 +223,7 @@ def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_delete_event(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from tasks.maintenance import delete_event
     from workers.base import request_refresh
 

@@ -6,14 +6,13 @@ import argparse
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from config.queues import INGEST_TASKS
-from models.db import transaction
 from workers.cli.common import AddCommand, CommandError, InputError, Runtime, emit_json
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
@@ -58,6 +57,8 @@ def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_rejected(args: argparse.Namespace, rt: Runtime) -> int:
+    from sqlalchemy import select
+
     from models.ledger import RejectedMessage
 
     with rt.sessions() as session:
@@ -91,6 +92,8 @@ FAILURE_KINDS = ("transient", "bug", "timeout", "poison")
 
 
 def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
+    from sqlalchemy import select
+
     from models.ledger import FailedMessage
 
     query = select(FailedMessage).order_by(FailedMessage.id)
@@ -136,6 +139,8 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
+    from sqlalchemy import select
+
     from models.ledger import FailedMessage
 
     if bool(args.id) == bool(args.all):
@@ -169,9 +174,9 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     The row is marked replayed before publishing (so two ``replay --all`` never both send it)
     and unmarked again if publishing fails, so a broker outage loses no replay.
     """
-
     from config.queues import TASK_QUEUES
     from models.base import utcnow
+    from models.db import transaction
     from models.ledger import FailedMessage, RejectedMessage
     from tasks.ledger import whole_payload
     from workers.app import named_queue

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.context import StageContext
 from workers.cli.common import AddCommand, Runtime, emit_json
 
 
@@ -21,6 +20,7 @@ def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from models.db import transaction
+    from tasks.context import StageContext
     from tasks.party_import import ImportFileError, apply_plan, read_party_file
     from workers.base import request_refresh
 

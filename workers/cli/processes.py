@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from config.queues import QUEUES
-from models.db import transaction
 from workers.cli.common import AddCommand, InputError, Runtime, emit_json, run_celery
 
 
 def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from models.migrate import install_default_catalogue, upgrade
 
     upgrade(rt.engine)

@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from models.db import transaction
 from workers.cli.common import AddCommand, Runtime, emit_json
 
 
@@ -17,6 +16,7 @@ def cmd_serve(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from tasks.access import create_token
 
     with transaction(rt.sessions) as session:
@@ -62,6 +62,7 @@ def cmd_token_list(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from tasks.access import revoke_token
 
     with transaction(rt.sessions) as session:

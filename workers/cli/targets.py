@@ -8,9 +8,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from models.db import transaction
 from workers.cli.common import (
     AddCommand,
     CommandError,
@@ -24,6 +21,7 @@ from workers.cli.common import (
 
 
 def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
     from tasks.targets import set_target
 
     kind, value = ("weekly", args.weekly) if args.weekly is not None else ("monthly", args.monthly)
@@ -84,6 +82,8 @@ def cmd_targets_progress(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
+    from sqlalchemy import select
+
     from models.parties import Staff
     from tasks.periods import period_kind
     from tasks.reports import (

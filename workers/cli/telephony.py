@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import MessageInvalid, load_message, shared_schema
-from tasks.telephony.adapters import AdapterError, CdrContext, asterisk_cdr_to_call, read_cdr_csv
 from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
 from workers.cli.common import InputError, emit_json, subcommands
+
+if TYPE_CHECKING:
+    from tasks.telephony.adapters import CdrContext
 
 
 def cdr_messages(
@@ -34,6 +34,10 @@ def read_cdr_messages(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source label, message) for each usable row as it is read; an error row for every other
     one is added to ``errors``."""
+    from models.schemas.call import SCHEMA, CallMessageSchema
+    from models.schemas.common import MessageInvalid, load_message, shared_schema
+    from tasks.telephony.adapters import AdapterError, asterisk_cdr_to_call, read_cdr_csv
+
     schema = shared_schema(CallMessageSchema)
     for row in read_cdr_csv(text):
         label = f"{source}:{row.line}"
@@ -53,6 +57,7 @@ def read_cdr_messages(
 
 
 def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
+    from tasks.telephony.adapters import CdrContext
     from workers.cli.bulk import Item, print_report, run_stream, status_of
 
     path = Path(args.file)
