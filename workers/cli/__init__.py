@@ -56,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # --help ends here, before anything heavy loads
     # Imported once a command runs: the command line starts without the database layer, the
-    # worker or Celery, so that --help and a mistyped command answer at once.
-    from celery.exceptions import SecurityError
-
-    from tasks.errors import BadInput
+    # worker or Celery, so that --help and a mistyped command answer at once. Bad input is the
+    # message schemas' error (tasks.errors names it BadInput, beside the broker's errors,
+    # which a listing need not load).
+    from models.schemas.common import MessageInvalid as BadInput
 
     if args.command in PASSTHROUGH_COMMANDS:
         args.celery_args = extra
@@ -83,13 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         print(f"crm-events: {exc.reason}", file=sys.stderr)
         return 1
-    except SecurityError as exc:
-        # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
-        print(f"crm-events: message signing: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if _is_signing_error(exc):
+            # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
+            print(f"crm-events: message signing: {exc}", file=sys.stderr)
+            return 2
         # A failure of the system (a server gone, a bug): one line for the user, and where it
         # happened for whoever runs it again with CRM_LOG_LEVEL=DEBUG.
         logging.getLogger("crm.cli").debug("%s failed", args.command, exc_info=True)
@@ -99,3 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _is_signing_error(exc: BaseException) -> bool:
+    """Celery's SecurityError, without loading Celery for the commands that never use it (a
+    command that signs messages has loaded it)."""
+    celery_exceptions = sys.modules.get("celery.exceptions")
+    return celery_exceptions is not None and isinstance(exc, celery_exceptions.SecurityError)
