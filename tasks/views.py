@@ -112,6 +112,8 @@ def events_json(
                 "direction": e.direction,
                 "subject": e.subject,
                 "body": e.body,
+                # Where a visit took place (crm.visit/1 location); null for calls and emails.
+                "location": (e.details or {}).get("location"),
                 "status": e.status,
                 "cancelled": e.cancelled,
                 "thread_key": e.thread_key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Any
 
 from rich.console import Console
@@ -10,6 +11,13 @@ from rich.table import Table
 
 #: Piped output (CI logs, `| less`) gets wide tables instead of an 80-column squeeze.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def brief(text: str | None, width: int = 400) -> str:
+    """``text`` for a table cell: whole when it fits, else cut at a word and marked "…" (never
+    in the middle of a word; the table wraps it)."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else textwrap.shorten(text, width, placeholder=" …")
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -34,12 +42,18 @@ def events_table(title: str, events: list[dict[str, Any]]) -> None:
                 e["customer_number"] or f"({e['link_state']})",
                 e["contact"],
                 e["seller"],
-                (e["subject"] or "")[:60],
+                subject_cell(e),
                 e["status"],
             ]
             for e in events
         ],
     )
+
+
+def subject_cell(event: dict[str, Any]) -> str:
+    """The subject, and where a visit took place."""
+    subject = brief(event["subject"], 60)
+    return f"{subject} · {brief(event['location'], 60)}" if event.get("location") else subject
 
 
 def _dash(value: Any) -> str:

@@ -103,3 +103,46 @@ def test_help_loads_neither_the_database_layer_nor_celery(args: list[str]) -> No
     assert done.returncode == 0, done.stderr
     assert "usage: crm-events" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_each_catalogue_action_has_its_own_help(data_dir: Path) -> None:
+    done = crm_events(data_dir, "catalogue", "show", "--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: crm-events catalogue show [-h] [--json]")
+    assert "categories (kategoria)" in done.stdout
+    done = crm_events(data_dir, "catalogue", "apply", "--help")
+    assert "usage: crm-events catalogue apply [-h] [--dry-run] [--json] [FILE]" in done.stdout
+
+
+def test_worker_help_shows_celery_s_options_too(data_dir: Path) -> None:
+    done = crm_events(data_dir, "worker", "--help")
+    assert done.returncode == 0, done.stderr
+    ours, celery = done.stdout.split("Celery's options, given after worker and passed on", 1)
+    assert "run a worker (all queues unless -Q narrows)" in ours
+    assert "--concurrency" in celery and "--queues" in celery
+
+
+def test_the_rejected_table_shows_a_long_reason_whole(data_dir: Path) -> None:
+    """A reason is not cut in the middle of a word, nor after 100 characters."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from models.ledger import RejectedMessage
+
+    reason = (
+        "to: 'crm+myynti@myyntitalo.fi' is not one of the CRM addresses; the gateway accepts "
+        "mail for crm@, crm+lead@ and crm+palaute@ only, so this message was kept as it came"
+    )
+    engine = create_engine(f"sqlite:///{data_dir / 'crm.sqlite3'}")
+    with Session(engine) as session, session.begin():
+        session.add(
+            RejectedMessage(
+                task_name="crm.ingest.email", task_id="long-reason", reason=reason, payload={}
+            )
+        )
+    engine.dispose()
+    done = crm_events(data_dir, "rejected")
+    assert done.returncode == 0, done.stderr
+    shown = " ".join(line.strip(" │┃|").strip() for line in done.stdout.splitlines() if "│" in line)
+    assert "kept as it came" in done.stdout
+    assert "crm+palaute@" in shown

@@ -212,3 +212,23 @@ def test_updated_at_without_offset_is_read_in_the_configured_zone(
 
 def test_second_photo_is_a_real_png() -> None:
     assert base64.b64decode(SECOND_PHOTO).startswith(b"\x89PNG")
+
+
+def test_where_a_visit_took_place_is_shown(world: Session, ctx: StageContext) -> None:
+    """The visit's location is in the event's JSON (events, history, the API, the screens) and
+    beside its subject in the command line's tables; an update that moves it moves it there."""
+    from models.events import CrmEvent
+    from tasks.views import events_json
+    from workers.render import subject_cell
+
+    ingest_visit(world, ctx, visit(updated_at="2026-11-24T11:30:00+02:00"))
+    ingest_visit(
+        world,
+        ctx,
+        visit(updated_at="2026-11-24T12:30:00+02:00", location="Pohjolan Kone Oy, Tampere"),
+    )
+    event = world.scalar(select(CrmEvent).where(CrmEvent.source_id == VISIT_ID))
+    assert event is not None
+    [shown] = events_json(world, [event])
+    assert shown["location"] == "Pohjolan Kone Oy, Tampere"
+    assert subject_cell(shown).endswith(" · Pohjolan Kone Oy, Tampere")

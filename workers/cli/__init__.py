@@ -34,9 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(
-        name: str, handler: Handler, help_text: str, *, json_flag: bool = False
+        name: str,
+        handler: Handler,
+        help_text: str,
+        *,
+        json_flag: bool = False,
+        add_help: bool = True,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=add_help)
         p.set_defaults(handler=handler)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -275,9 +275,33 @@ def register(sub: Any, add: AddCommand) -> None:
     p.add_argument("--period", type=period)
 
     p = add("catalogue", cmd_catalogue, "the classification settings", json_flag=True)
-    p.add_argument("action", choices=["show", "export", "apply"])
-    p.add_argument("file", nargs="?")
-    p.add_argument("--dry-run", action="store_true")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{show,export,apply}")
+    json_help = "print one JSON document on stdout"
+    show = actions.add_parser(
+        "show",
+        help="the classes, types, properties and categories, as tables",
+        description="The classification settings in force: classes (laji), types (tyyppi), "
+        "properties (ominaisuus) and categories (kategoria) with their defaults.",
+    )
+    # SUPPRESS: a --json given before the action (catalogue --json show) is not reset here.
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+    actions.add_parser(
+        "export",
+        help="the settings as one JSON document, the form apply reads",
+        description="The classification settings as one JSON document on stdout: edit it and "
+        "give it to catalogue apply.",
+    )
+    apply = actions.add_parser(
+        "apply",
+        help="make the settings those of a JSON file (see catalogue export)",
+        description="Make the classification settings those of FILE (the form catalogue "
+        "export prints) and list each change; with --dry-run, list them and change nothing.",
+    )
+    apply.add_argument("file", nargs="?", metavar="FILE", help="the settings, as JSON")
+    apply.add_argument(
+        "--dry-run", action="store_true", help="list what would change, change nothing"
+    )
+    apply.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     add(
         "reconcile",

@@ -78,12 +78,12 @@ def cmd_rejected(args: argparse.Namespace, rt: Runtime) -> int:
     if args.json:
         emit_json(rows)
     else:
-        from workers.render import table
+        from workers.render import brief, table
 
         table(
             f"{len(rows)} rejected message(s)",
             ["id", "task", "when", "reason"],
-            [[r["id"], r["task"], r["rejected_at"][:19], r["reason"][:100]] for r in rows],
+            [[r["id"], r["task"], r["rejected_at"][:19], brief(r["reason"])] for r in rows],
         )
     return 0
 
@@ -118,7 +118,7 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
     if args.json:
         emit_json(rows)
     else:
-        from workers.render import table
+        from workers.render import brief, table
 
         table(
             f"{len(rows)} failed message(s)",
@@ -130,7 +130,7 @@ def cmd_failed(args: argparse.Namespace, rt: Runtime) -> int:
                     r["kind"],
                     r["failed_at"][:19],
                     (r["replayed_at"] or "")[:19],
-                    r["exception"][:100],
+                    brief(r["exception"]),
                 ]
                 for r in rows
             ],

@@ -89,7 +89,7 @@ def cmd_triage(args: argparse.Namespace, rt: Runtime) -> int:
     if args.json:
         emit_json(rows)
         return 0
-    from workers.render import table
+    from workers.render import brief, table
 
     table(
         f"{len(rows)} event(s) to triage (unlinked or ambiguous), newest first",
@@ -103,7 +103,7 @@ def cmd_triage(args: argparse.Namespace, rt: Runtime) -> int:
                 ", ".join(r["tried"]["numbers"] + r["tried"]["addresses"]),
                 ", ".join(_candidate(c) for c in r["candidates"]),
                 r["seller"],
-                (r["match_note"] or "")[:120],
+                brief(r["match_note"]),
             ]
             for r in rows
         ],

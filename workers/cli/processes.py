@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,38 @@ def cmd_smtp_gateway(args: argparse.Namespace, rt: Runtime) -> int:
     return run(rt.settings, rt.app, rt.sessions, args)
 
 
+class _CeleryHelp(argparse.Action):
+    """``-h``/``--help`` of a command that passes its further options to Celery: this command's
+    help, then Celery's own options for it (they are as much this command's)."""
+
+    def __init__(self, option_strings: list[str], dest: str, celery_command: str) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show this help and Celery's options for this command, then exit",
+        )
+        self.celery_command = celery_command
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from config.settings import ConfigError, load_settings
+        from workers.app import create_app
+
+        parser.print_help()
+        print(
+            f"\nCelery's options, given after {self.celery_command} and passed on to Celery:\n",
+            flush=True,
+        )
+        try:
+            app = create_app(load_settings())
+        except ConfigError as exc:
+            parser.exit(2, f"{exc}\n")
+        with contextlib.suppress(SystemExit):
+            app.start([self.celery_command, "--help"])
+        parser.exit()
+
+
 def register(sub: Any, add: AddCommand) -> None:
     add(
         "init-db",
@@ -128,7 +161,8 @@ def register(sub: Any, add: AddCommand) -> None:
             "run the monitoring UI behind basic auth (CRM_FLOWER_BASIC_AUTH)",
         ),
     ):
-        p = add(name, handler, text + "; further options go to Celery")
+        p = add(name, handler, text + "; further options go to Celery", add_help=False)
+        p.add_argument("-h", "--help", action=_CeleryHelp, celery_command=name)
     p.add_argument(
         "--no-auth",
         action="store_true",

@@ -81,6 +81,9 @@ class EventSchema(Schema):
     direction = fields.String(allow_none=True)
     subject = fields.String(allow_none=True)
     body = fields.String(allow_none=True)
+    location = fields.String(
+        allow_none=True, metadata={"description": "Where a visit took place; null otherwise."}
+    )
     status = fields.String(allow_none=True)
     documents = fields.List(fields.Nested(DocumentSchema))
     classification_note = fields.String()
