@@ -93,7 +93,7 @@ def run_import(
         by_kind.setdefault(item.kind, []).append(item)
     ordered = [k for k in ORDERED_KINDS if k in by_kind]
     parallel = [k for k in by_kind if k not in ORDERED_KINDS]
-    with _progress(len(items), wait is not None) as bar:
+    with progress_bar(len(items), wait is not None) as bar:
         published: list[Any] = []
         for kind in ordered + parallel:
             group = by_kind[kind]
@@ -126,7 +126,7 @@ def run_stream(
     as soon as it is full, so the workers start on a large file while the rest of it is still
     being read. ``total`` is the most there can be (for the progress bar)."""
     report = ImportReport([], errors)
-    with _progress(total, wait is not None) as bar:
+    with progress_bar(total, wait is not None) as bar:
         published: list[Any] = []
         chunk: list[Item] = []
         for item in items:
@@ -234,7 +234,8 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, waiting: bool) -> Any:
+def progress_bar(total: int, waiting: bool) -> Any:
+    """A progress bar on a terminal's stderr (``published``, and ``processed`` when waiting)."""
     if not sys.stderr.isatty() or total == 0:
         return nullcontext(_NoBar())
     bar = _Bar(total, waiting)

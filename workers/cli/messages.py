@@ -155,12 +155,18 @@ def cmd_replay(args: argparse.Namespace, rt: Runtime) -> int:
             ids = [f"failed:{n}" for n in session.scalars(query.order_by(FailedMessage.id))]
     else:
         ids = [args.id]
+    from workers.cli.bulk import progress_bar
+
     replayed = []
-    for ledger_id in ids:
-        task_id = replay_one(rt, ledger_id, only_pending=args.all)
-        if task_id is not None:
-            print(f"replayed {ledger_id} as task {task_id}", file=sys.stderr)
-            replayed.append({"id": ledger_id, "task_id": task_id})
+    # --all: a progress bar and one summary line, not a line per message.
+    with progress_bar(len(ids) if args.all else 0, waiting=False) as bar:
+        for ledger_id in ids:
+            task_id = replay_one(rt, ledger_id, only_pending=args.all)
+            bar.published(1)
+            if task_id is not None:
+                if not args.all:
+                    print(f"replayed {ledger_id} as task {task_id}", file=sys.stderr)
+                replayed.append({"id": ledger_id, "task_id": task_id})
     if args.all:
         print(f"replayed {len(replayed)} failed message(s)", file=sys.stderr)
     if args.json:
