@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
+from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.events import CrmEvent, EventPropertyLink
 from models.parties import Customer, Staff
 from tasks.errors import BadInput
@@ -140,7 +141,7 @@ def search_events(
     """One page of the search: at most ``limit`` events after ``cursor``."""
     if not 0 < limit <= MAX_LIMIT:
         raise BadInput(f"limit must be from 1 to {MAX_LIMIT}")
-    query = events_query(filters, zone)
+    query = events_query(resolve_filters(session, filters), zone)
     if cursor:
         moment, number = decode_cursor(cursor)
         query = query.where(
@@ -153,6 +154,53 @@ def search_events(
     events = found[:limit]
     more = len(found) > limit
     return Page(events, encode_cursor(events[-1]) if more and events else None)
+
+
+#: Filters by the catalogue: (field, what it is called, its table).
+CATALOGUE_FILTERS = (
+    ("class_", "class", EventClass),
+    ("type", "type", EventType),
+    ("category", "category", Category),
+    ("property", "property", EventProperty),
+)
+
+
+def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
+    """The filters with the catalogue's codes, checked: a class, type, category or property may
+    be named by its code or its Finnish or English name (any case: ``Myynti``, ``sales``); a
+    seller, customer or catalogue value that does not exist is bad input that says what
+    there is, never a search that silently finds nothing."""
+    codes: dict[str, Any] = {}
+    for name, label, model in CATALOGUE_FILTERS:
+        wanted = getattr(filters, name)
+        if not wanted:
+            continue
+        rows = session.execute(select(model.code, model.name_fi, model.name_en)).all()
+        key = wanted.strip().casefold()
+        code = next(
+            (
+                r.code
+                for r in rows
+                if key in (r.code.casefold(), r.name_fi.casefold(), r.name_en.casefold())
+            ),
+            None,
+        )
+        if code is None:
+            known = ", ".join(f"{r.code} ({r.name_fi})" for r in sorted(rows))
+            raise BadInput(f"no {label} {wanted!r}: the {label} is one of {known}")
+        codes[name] = code
+    if (
+        filters.seller
+        and session.scalar(select(Staff.id).where(Staff.username == filters.seller)) is None
+    ):
+        raise BadInput(f"no staff member with the username {filters.seller!r}")
+    if (
+        filters.customer
+        and session.scalar(select(Customer.id).where(Customer.customer_number == filters.customer))
+        is None
+    ):
+        raise BadInput(f"no customer with the number {filters.customer!r}")
+    return replace(filters, **codes)
 
 
 def filters_from(values: dict[str, Any]) -> EventFilters:

@@ -146,3 +146,22 @@ def test_the_rejected_table_shows_a_long_reason_whole(data_dir: Path) -> None:
     shown = " ".join(line.strip(" │┃|").strip() for line in done.stdout.splitlines() if "│" in line)
     assert "kept as it came" in done.stdout
     assert "crm+palaute@" in shown
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--class", "bogus"], "no class 'bogus': the class is one of events (Tapahtumat), "),
+        (["--category", "nonsense"], "no category 'nonsense': the category is one of "),
+        (["--seller", "nobody"], "no staff member with the username 'nobody'"),
+        (["--customer", "99999"], "no customer with the number '99999'"),
+    ],
+)
+def test_an_events_filter_that_names_nothing_says_so(
+    data_dir: Path, args: list[str], said: str
+) -> None:
+    done = crm_events(data_dir, "events", *args)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"crm-events: {said}")

@@ -349,6 +349,16 @@ def test_pages_neither_skip_nor_repeat_while_events_are_stored(
     assert status == 400
     status, answer = service.request("GET", "/v1/events?limit=0", headers=auth(tokens["read"]))
     assert status == 400
+    # A filter that names nothing says so, instead of answering an empty page.
+    status, answer = service.request(
+        "GET", "/v1/events?class=Myyntii", headers=auth(tokens["read"])
+    )
+    assert status == 400
+    assert "no class 'Myyntii': the class is one of " in json.dumps(answer, ensure_ascii=False)
+    status, answer = service.request(
+        "GET", "/v1/events?class=Myynti&limit=1", headers=auth(tokens["read"])
+    )
+    assert status == 200
 
 
 # -- operations -----------------------------------------------------------------------------------

@@ -22,11 +22,12 @@ from workers.cli.common import (
 
 
 def cmd_events(args: argparse.Namespace, rt: Runtime) -> int:
-    from tasks.search import events_query, filters_from
+    from tasks.search import events_query, filters_from, resolve_filters
     from tasks.views import events_json
 
-    query = events_query(filters_from(vars(args)), rt.settings.zone).limit(args.limit)
     with rt.sessions() as session:
+        filters = resolve_filters(session, filters_from(vars(args)))
+        query = events_query(filters, rt.settings.zone).limit(args.limit)
         events = events_json(session, list(session.scalars(query)), rt.settings.zone)
     if args.json:
         emit_json(events)
@@ -244,23 +245,31 @@ def cmd_delete_event(args: argparse.Namespace, rt: Runtime) -> int:
 
 def register(sub: Any, add: AddCommand) -> None:
     p = add("events", cmd_events, "search events", json_flag=True)
-    for flag in (
-        "--customer",
-        "--seller",
-        "--type",
-        "--category",
-        "--property",
-        "--source",
-        "--source-kind",
-        "--text",
-        "--thread",
+    by_name = "its code, or its Finnish or English name"
+    for flag, metavar, text in (
+        ("--customer", "NUMBER", "the customer's number in the ERP (10001)"),
+        ("--seller", "USERNAME", "the seller the events count for (anna)"),
+        ("--class", "CLASS", f"the class (laji): {by_name} (sales, Myynti)"),
+        ("--type", "TYPE", f"the type (tyyppi): {by_name}"),
+        ("--category", "CATEGORY", f"the category (kategoria): {by_name}"),
+        ("--property", "PROPERTY", f"a property (ominaisuus): {by_name}"),
+        ("--source", "SYSTEM", "the system that sent them (pbx-hki, field-app, email)"),
+        ("--source-kind", "KIND", "call, email or visit"),
+        ("--text", "WORDS", "words in the subject or text"),
+        ("--thread", "KEY", "an email thread's key (thread_key in --json)"),
     ):
-        p.add_argument(flag)
+        p.add_argument(
+            flag,
+            metavar=metavar,
+            help=text,
+            dest=flag[2:].replace("-", "_") + ("_" if flag == "--class" else ""),
+        )
     p.add_argument("--since", type=iso_date, metavar="DATE", help="from this day (YYYY-MM-DD)")
     p.add_argument("--until", type=iso_date, metavar="DATE", help="to this day, inclusive")
-    p.add_argument("--class", dest="class_")
     p.add_argument("--unlinked", action="store_true", help="only unlinked and ambiguous events")
-    p.add_argument("--limit", type=count, default=1000)
+    p.add_argument(
+        "--limit", type=count, default=1000, metavar="N", help="at most N events (default 1000)"
+    )
 
     p = add("history", cmd_history, "a customer's history", json_flag=True)
     p.add_argument("customer", metavar="CUSTOMER_NUMBER")
