@@ -10,6 +10,7 @@ asking leaves it where the visibility timeout gives it back.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,7 +96,8 @@ def test_a_message_fetched_by_a_consumer_that_vanished_comes_back(
 def test_an_idle_consumer_receives_a_message_published_later(
     redis_database: str, queue: Queue
 ) -> None:
-    """After an empty fetch the consumer waits briefly on the server, then fetches again."""
+    """Without an event loop, an empty fetch is followed by a short wait on the server, then
+    the next fetch."""
     with connection(redis_database) as consumer_connection:
         received: list[Any] = []
         with Consumer(
@@ -118,3 +120,53 @@ def test_an_idle_consumer_receives_a_message_published_later(
 
             wait_until(got_it, "the idle consumer never received the message")
     assert received == [{"n": 1}]
+
+
+def test_on_the_worker_event_loop_an_idle_consumer_pauses_on_a_timer(
+    redis_database: str, queue: Queue
+) -> None:
+    """On the worker's event loop (kombu's hub), the pause after an empty fetch is a timer that
+    doubles from 1 ms to its cap, not a blocking command that Redis ends only at its ``hz``;
+    a message published later is received and the pause starts again from the beginning."""
+    from kombu.asynchronous import Hub
+
+    from workers.transport.broker_redis import IDLE_WAIT_MAX_S, IDLE_WAIT_MIN_S
+
+    with connection(redis_database) as consumer_connection:
+        received: list[Any] = []
+        hub = Hub()
+        consumer_connection.transport.register_with_event_loop(consumer_connection.connection, hub)
+        with Consumer(
+            consumer_connection,
+            queues=[queue],
+            callbacks=[lambda payload, message: keep(received, payload, message)],
+        ) as consumer:
+            channel: Any = consumer.channel
+            loop = hub.create_loop()
+            pauses: list[float] = []
+            server_waits = 0
+
+            def turn() -> None:
+                nonlocal server_waits
+                next(loop)
+                server_waits += channel._waiting
+                if channel._resting and (not pauses or pauses[-1] != channel._idle_wait):
+                    pauses.append(channel._idle_wait)
+
+            deadline = time.monotonic() + 30
+            while not pauses or pauses[-1] < IDLE_WAIT_MAX_S:
+                assert time.monotonic() < deadline, f"the pauses never reached the cap: {pauses}"
+                turn()
+            with connection(redis_database) as publisher:
+                Producer(publisher).publish(
+                    {"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key
+                )
+            while not received:
+                assert time.monotonic() < deadline, "the idle consumer never received the message"
+                turn()
+            assert channel._idle_wait == 0.0  # the next pause starts from the beginning
+        hub.close()
+    assert received == [{"n": 1}]
+    assert server_waits == 0
+    assert pauses[0] == IDLE_WAIT_MIN_S
+    assert all(b == min(2 * a, IDLE_WAIT_MAX_S) for a, b in itertools.pairwise(pauses))

@@ -35,6 +35,7 @@ USED = [
     (kombu_redis.QoS, "_remove_from_indices", ["self", "delivery_tag", "pipe"]),
     (kombu_redis.QoS, "pipe_or_acquire", ["self", "pipe", "client"]),
     (kombu_redis.MultiChannelPoller, "_register_BRPOP", ["self", "channel"]),
+    (kombu_redis.Transport, "register_with_event_loop", ["self", "connection", "loop"]),
     (virtual.QoS, "append", ["self", "message", "delivery_tag"]),
     (filesystem.Channel, "_put", ["self", "queue", "payload"]),
     (filesystem.Channel, "_restore", ["self", "message"]),

@@ -30,9 +30,15 @@ things can then go wrong, and this subclass changes exactly those:
    script moves it from its queue into the unacked hash (:data:`FETCH_SCRIPT`), atomically, and
    only then does the worker see it; a worker that dies holding it leaves it where the
    visibility timeout restores it. Since a script cannot block, an empty fetch is followed by a
-   short server-side wait (:data:`IDLE_WAIT_S`) before the next one: a message published to an
-   idle worker waits up to about 0.1 s more to be fetched (Redis times out blocked commands at
-   its ``hz`` of 10 per second); a busy worker fetches the next at once.
+   pause on the worker's event loop before the next one, 1 ms after the first empty fetch and
+   doubling up to :data:`IDLE_WAIT_MAX_S` (20 ms) while the queues stay empty: a message
+   published to a worker that has been idle for a while waits up to 20 ms more to be fetched
+   (10 ms on average), one that comes soon after the last a few milliseconds; a busy worker
+   fetches the next at once. Idle, a worker asks 50 times a second, which costs Redis and the
+   worker a fraction of a percent of a core. (The pause is the loop's timer, not a blocking
+   command on the server: Redis times blocked commands out only at its ``hz``, 10 times a second
+   by default, and a 1 ms BLPOP on an otherwise idle server returns after up to 100 ms.) Where
+   no event loop drives the channel, the pause is such a server-side wait.
 
 No message is acknowledged by any of this, and none is put back twice: each restore moves one
 message from the unacked hash (or from this process's copy, when the hash never got one) to its
@@ -85,9 +91,11 @@ return false
 #: Marks an unacked entry written by the fetch script, before the worker rewrote it in kombu's
 #: form under the message's own delivery tag.
 RAW_MARK = "crm-fetched:"
-#: After an empty fetch, how long to wait (server-side, on a key nothing is pushed to) before
-#: the next one.
-IDLE_WAIT_S = 0.05
+#: After an empty fetch, the pause before the next one: the first, and the most it doubles to
+#: while the queues stay empty.
+IDLE_WAIT_MIN_S = 0.001
+IDLE_WAIT_MAX_S = 0.02
+#: Without an event loop, the pause is a BLPOP on this key, which nothing is pushed to.
 IDLE_KEY = "_kombu.crm.idle"
 
 
@@ -206,6 +214,9 @@ class Channel(kombu_redis.Channel):
         self._delivering_tag: str | None = None
         self._idle = False
         self._waiting = False
+        #: The pause after the last empty fetch; whether the loop's timer has yet to end it.
+        self._idle_wait = 0.0
+        self._resting = False
         super().__init__(connection, *args, **kwargs)  # connects (PING) or raises
         self.pending_key = (self._conninfo.as_uri(include_password=True), self.unacked_key)
         self._restore_pending()
@@ -216,6 +227,8 @@ class Channel(kombu_redis.Channel):
         if self.global_keyprefix:  # keys the script would have to prefix itself: kombu's way
             super()._brpop_start(timeout)
             return
+        if self._resting:  # the loop's timer ends the pause (_rest), the next tick fetches
+            return
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -224,7 +237,7 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu's stubs: None
         if self._idle:
             self._waiting = True
-            connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT_S)
+            connection.send_command("BLPOP", IDLE_KEY, self._idle_wait)
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._fetch_tag = f"{RAW_MARK}{uuid.uuid4()}"
@@ -255,8 +268,9 @@ class Channel(kombu_redis.Channel):
                 self._idle = False
                 raise Empty()
             if not reply:
-                self._idle = True
+                self._rest()
                 raise Empty()
+            self._idle_wait = 0.0
             queue_key, item = (bytes_to_str(part) for part in reply)
             queue = queue_key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
@@ -270,6 +284,20 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None  # type: ignore[assignment]  # kombu's stubs: bool
             self._fetch_tag = None
             self._flush_brpop_reauth()
+
+    def _rest(self) -> None:
+        """Pause before the next fetch: on the worker's event loop, a timer ends the pause;
+        without one, the next command is a server-side wait."""
+        self._idle_wait = min(IDLE_WAIT_MAX_S, max(IDLE_WAIT_MIN_S, self._idle_wait * 2))
+        loop = getattr(self.connection, "loop", None)
+        if loop is None:
+            self._idle = True
+            return
+        self._resting = True
+        loop.call_later(self._idle_wait, self._end_rest)
+
+    def _end_rest(self) -> None:
+        self._resting = False
 
     def take_fetch_tag(self) -> str | None:
         """The fetch tag of the message being delivered now (once), for :meth:`QoS.append`."""
@@ -355,6 +383,13 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+    #: The worker's event loop (kombu's hub) once the worker registers the transport with it:
+    #: a channel's pause after an empty fetch is a timer on it.
+    loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self.loop = loop
+        super().register_with_event_loop(connection, loop)
 
     def close_connection(self, connection: Any) -> None:
         """Close every channel, even when closing one of them fails (the first error is raised
