@@ -174,14 +174,20 @@ def scratch_database(keep: bool) -> Iterator[str]:
 
 
 def event_rows(
-    count: int, sellers: list[int], customers: list[int], now: datetime
+    count: int,
+    sellers: list[int],
+    customers: list[int],
+    now: datetime,
+    start: datetime | None = None,
+    prefix: str = "b",
 ) -> Iterator[tuple[Any, ...]]:
-    """Events in time order over the past year, as the ingest would have written them."""
+    """Events in time order from ``start`` (a year before ``now``) up to ``now``, as the ingest
+    would have written them; their source ids are ``<prefix>-<n>``."""
     rng = random.Random(7)
     names = list(CATEGORIES)
     weights = [CATEGORIES[c][2] for c in names]
-    start = now - timedelta(days=365)
-    step = timedelta(days=365) / count
+    start = start or now - timedelta(days=365)
+    step = (now - start) / count
     for number in range(count):
         occurred = start + step * number
         category = rng.choices(names, weights)[0]
@@ -192,7 +198,7 @@ def event_rows(
         yield (
             "bench",
             "call" if category != "customer_visit" else "visit",
-            f"b-{number}",
+            f"{prefix}-{number}",
             rng.choice(customers),
             rng.choice(sellers),
             "linked",
@@ -220,6 +226,19 @@ EVENT_COLUMNS = (
     "match_note, candidates, category_code, class_code, type_code, classification_note, "
     "subject, body, direction, status, occurred_at, cancelled, details, created_at, updated_at"
 )
+
+
+def copy_events(cursor: psycopg.Cursor[Any], rows: Iterator[tuple[Any, ...]]) -> None:
+    """COPY ``rows`` (of :func:`event_rows`) into ``crm_event``.
+
+    The generated rows reference existing customers, staff and catalogue codes: the per-row
+    foreign-key triggers are skipped during the load (needs a superuser, as on a scratch server).
+    """
+    cursor.execute("SET session_replication_role = replica")
+    with cursor.copy(f"COPY crm_event ({EVENT_COLUMNS}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+    cursor.execute("SET session_replication_role = DEFAULT")
 
 
 def load(url: str, sellers: int, events: int, figures: dict[str, float]) -> dict[str, Any]:
@@ -269,13 +288,8 @@ def load(url: str, sellers: int, events: int, figures: dict[str, float]) -> dict
         for definition in definitions:
             connection.execute(f"DROP INDEX {definition.split(' INDEX ')[1].split(' ON ')[0]}")
         with timed("bulk load (COPY)", figures), connection.cursor() as cursor:
-            # The generated rows reference existing customers, staff and catalogue codes: skip
-            # the per-row foreign-key triggers during the load (needs a superuser, as on a
-            # scratch server).
+            copy_events(cursor, event_rows(events, seller_ids, customer_ids, now))
             cursor.execute("SET session_replication_role = replica")
-            with cursor.copy(f"COPY crm_event ({EVENT_COLUMNS}) FROM STDIN") as copy:
-                for row in event_rows(events, seller_ids, customer_ids, now):
-                    copy.write_row(row)
             cursor.execute(
                 "INSERT INTO event_property_link (event_id, property_code) "
                 "SELECT id, (ARRAY['customer_feedback','commercial','advisory'])[1 + id % 3] "
