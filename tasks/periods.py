@@ -64,3 +64,16 @@ def period_kind(period: str) -> str:
 def validate_period(period: str) -> str:
     period_dates(period)
     return period
+
+
+def view_moment(period: str | None, zone: ZoneInfo, now: datetime | None = None) -> datetime:
+    """The moment a view is computed at: now, or the last moment of a past ``period`` (the
+    first moment of one to come); ``ValueError`` for what is not a period."""
+    now = now or datetime.now(UTC)
+    if not period:
+        return now
+    validate_period(period)
+    start, end = period_bounds(period, zone)
+    if now >= end:
+        return end - timedelta(microseconds=1)
+    return max(now, start)

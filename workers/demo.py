@@ -33,17 +33,14 @@ from models.db import transaction
 from models.parties import Staff
 from workers.publish import Published, publish, publish_files, wait_for
 
-#: Targets the demo sets for its sellers (category, kind, value), valid from the month's start.
-DEMO_TARGETS = (
-    ("sales_action", "weekly", 3),
-    ("sales_action", "monthly", 12),
-    ("customer_visit", "weekly", 2),
-    ("customer_visit", "monthly", 8),
-)
-
 
 def default_examples() -> Path:
-    return Path(__file__).resolve().parent.parent / "examples"
+    """The sample world: ``examples/`` of the source checkout, else the copy installed with the
+    package (``<prefix>/share/crm-events/examples``, pyproject.toml's data-files)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "examples").is_dir():
+        return checkout / "examples"
+    return Path(sys.prefix) / "share" / "crm-events" / "examples"
 
 
 #: A moment in the samples: an ISO date and time (JSON, CSV), or an RFC 5322 date (mail headers,
@@ -198,13 +195,17 @@ def serve_screens(rt: Any, logs: Path) -> None:
 
 def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True) -> int:
     from workers.cli.processes import cmd_init_db
-    from workers.render import console, progress, seller_view, table
+    from workers.render import brief, console, progress, seller_view, table
 
     settings = rt.settings
     console.print(f"[bold]CRM events demo[/bold] — data in {settings.data_dir.resolve()}")
     if examples is None:
+        samples = default_examples()
+        if not (samples / "parties.json").is_file():
+            console.print(f"[red]no sample data in {samples}: give --examples FOLDER[/red]")
+            return 2
         examples, days = redated_examples(
-            default_examples(), settings.data_dir / "demo-examples", settings.zone
+            samples, settings.data_dir / "demo-examples", settings.zone
         )
         console.print(f"the samples' times moved by {days} day(s): the latest is today's")
     if not settings.embedded_broker:
@@ -224,6 +225,7 @@ def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True)
         calls = examples / "calls"
         steps = [
             ("party", [examples / "parties.json"]),
+            ("target", [examples / "targets.json"]),
             ("call", [f for f in sorted(calls.glob("*.json")) if not f.name.startswith("twilio")]),
             # Twilio status callbacks and Asterisk CDRs, through the telephony adapters.
             ("telephony", [*sorted(calls.glob("twilio*.json")), *sorted(calls.glob("*.csv"))]),
@@ -260,28 +262,17 @@ def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True)
             + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
         )
 
-        from tasks.targets import set_target
-        from workers.base import request_refresh
-
-        first_of_month = date.today().replace(day=1)
-        with transaction(rt.sessions) as session:
-            sellers = session.scalars(
-                select(Staff).where(Staff.role == "seller").order_by(Staff.username)
-            ).all()
-            for seller in sellers:
-                for category, kind, value in DEMO_TARGETS:
-                    set_target(session, seller.username, category, kind, value, first_of_month)
-        for seller in sellers:
-            request_refresh(rt.app, rt.sessions, seller.id)
-        time.sleep(1.0)
-
         from tasks.reports import build_target_report, write_report_files
         from tasks.views import seller_cards, targets_progress
 
         with rt.sessions() as session:
+            sellers = session.scalars(
+                select(Staff).where(Staff.role == "seller").order_by(Staff.username)
+            ).all()
             for seller in sellers:
+                cards = seller_cards(session, seller, cards=settings.seller_cards)
                 console.print()
-                seller_view(seller.username, seller.name, seller_cards(session, seller))
+                seller_view(seller.username, seller.name, cards)
             console.print()
             progress(targets_progress(session))
             from models.ledger import RejectedMessage
@@ -290,7 +281,7 @@ def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True)
             table(
                 "rejected messages (crm-events rejected)",
                 ["id", "reason"],
-                [[f"rejected:{r.id}", r.reason[:110]] for r in rejected],
+                [[f"rejected:{r.id}", brief(r.reason)] for r in rejected],
             )
             managers = session.scalars(select(Staff).where(Staff.role == "manager")).all()
             written = []

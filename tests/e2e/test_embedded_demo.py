@@ -135,6 +135,26 @@ def test_seller_view_counts_equal_lists_and_progress_has_targets(demo_dir: Path)
     assert counted == 2
 
 
+def test_the_sample_targets_are_in_force_and_a_past_month_can_be_viewed(demo_dir: Path) -> None:
+    targets = json.loads((ROOT / "examples" / "targets.json").read_text())
+    cards = {c["category"]: c for c in run_json(demo_dir, "seller-view", "anna")}
+    [weekly] = [t for t in targets if (t["seller"], t["kind"]) == ("anna", "weekly")]
+    assert cards[weekly["category"]]["target"]["weekly"] == weekly["value"]
+    [mikko] = [t for t in targets if t["seller"] == "mikko"]
+    cards = {c["category"]: c for c in run_json(demo_dir, "seller-view", "mikko")}
+    assert cards[mikko["category"]]["target"]["monthly"] == mikko["value"]
+
+    # The cards of the month of anna's earliest visit, as they stood at its end.
+    visits = run_json(demo_dir, "events", "--seller", "anna", "--category", "customer_visit")
+    month = min(e["occurred_at"][:7] for e in visits)
+    cards = run_json(demo_dir, "seller-view", "anna", "--period", month)
+    card = next(c for c in cards if c["category"] == "customer_visit")
+    assert card["month"] == month
+    assert card["count_month"] == sum(e["occurred_at"][:7] == month for e in visits) > 0
+    wrong = run(demo_dir, "seller-view", "anna", "--period", "2026-13")
+    assert wrong.returncode == 2 and "not a period '2026-13'" in wrong.stderr
+
+
 def test_history_and_reconcile(demo_dir: Path) -> None:
     history = run_json(demo_dir, "history", "10001")
     times = [e["occurred_at"] for e in history["events"]]

@@ -93,13 +93,15 @@ def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import snapshot
-    from tasks.views import seller_cards, staff_by_username
+    from tasks.periods import view_moment
+    from tasks.views import seller_cards, staff_by_username, zone_of
 
     with snapshot(rt.sessions) as session:
         staff = staff_by_username(session, args.username)
         if staff is None:
             raise CommandError(f"no staff member {args.username!r}")
-        cards = seller_cards(session, staff, cards=rt.settings.seller_cards)
+        moment = view_moment(args.period, zone_of(staff))
+        cards = seller_cards(session, staff, now=moment, cards=rt.settings.seller_cards)
     if args.json:
         emit_json(cards)
     else:
@@ -275,7 +277,13 @@ def register(sub: Any, add: AddCommand) -> None:
     p.add_argument("customer", metavar="CUSTOMER_NUMBER")
 
     p = add("seller-view", cmd_seller_view, "the seller's cards", json_flag=True)
-    p.add_argument("username")
+    p.add_argument("username", help="the seller's username")
+    p.add_argument(
+        "--period",
+        type=period,
+        help="the cards as they stood at the end of a past week (2026-W48) or month (2026-11); "
+        "default: now",
+    )
 
     p = add("stats", cmd_stats, "statistics", json_flag=True)
     p.add_argument(

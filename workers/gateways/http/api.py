@@ -16,7 +16,6 @@ its sanitised name.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -37,7 +36,7 @@ from models.schemas.kinds import MESSAGE_KINDS
 from tasks.attach import store_blob
 from tasks.errors import BadInput
 from tasks.history import customer_history
-from tasks.periods import period_bounds, validate_period
+from tasks.periods import validate_period, view_moment
 from tasks.search import MAX_LIMIT, filters_from, search_events
 from tasks.views import events_json, seller_cards, staff_by_username, targets_progress, zone_of
 from workers.gateways.http.auth import identify, require
@@ -288,18 +287,11 @@ async def get_history(request: Request) -> JSONResponse:
 
 
 def moment_of(period: str | None, zone: Any) -> Any:
-    """The moment a view is computed at: now, or the last moment of a past ``period``."""
-    now = utcnow()
-    if not period:
-        return now
+    """The moment a view is computed at (``tasks.periods.view_moment``); 400 for a bad period."""
     try:
-        validate_period(period)
+        return view_moment(period, zone)
     except ValueError as exc:
-        raise BadInput(f"not a period {period[:20]!r} ({exc})") from exc
-    start, end = period_bounds(period, zone)
-    if now >= end:
-        return end - timedelta(microseconds=1)
-    return max(now, start)
+        raise BadInput(f"not a period {(period or '')[:20]!r} ({exc})") from exc
 
 
 async def get_seller_view(request: Request) -> JSONResponse:
