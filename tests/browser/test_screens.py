@@ -53,8 +53,22 @@ def test_signing_in_shows_the_sellers_cards_as_the_command_line_counts_them(
         expect(section.locator(".count-week")).to_have_text(str(card["count_week"]))
         expect(section.locator(".count-month")).to_have_text(str(card["count_month"]))
         expect(section.locator("li.event")).to_have_count(len(card["events"]))
-    visits = page.locator('section.card[data-card="customer_visit"]')
-    expect(visits.locator(".target").first).to_contain_text("Viikkotavoite")
+    # The sample targets (examples/targets.json): a weekly one on one card, a monthly on another.
+    labels = {"week": "Viikkotavoite", "month": "Kuukausitavoite"}
+    shown = 0
+    for card in cards:
+        target = card["target"]
+        goals = [
+            (labels[k], target[k]) for k in ("week", "month") if target and target[k]["target"]
+        ]
+        targets = page.locator(f'section.card[data-card="{card["category"]}"] .target')
+        expect(targets).to_have_count(len(goals))
+        for index, (label, goal) in enumerate(goals):
+            expect(targets.nth(index)).to_contain_text(
+                f"{label}: {goal['actual']} / {goal['target']}"
+            )
+        shown += len(goals)
+    assert shown == 2
     context.close()
 
 
@@ -129,6 +143,8 @@ def test_the_board_shows_who_is_behind_and_who_is_on_track(
     ):
         done = screens.cli("targets", "set", "anna", category, kind, "1", "--from", first)
         assert done.returncode == 0, done.stderr
+    done = screens.cli("targets", "set", "mikko", "sales_action", "--weekly", "20", "--from", first)
+    assert done.returncode == 0, done.stderr
     page = signed_in(browser, screens, screens.tokens["helena-board"], "/board")
     expect(page.locator("h1")).to_contain_text("Helena Salo")
     anna = page.locator('tr[data-seller="anna"]')
