@@ -77,6 +77,10 @@ class Settings:
     #: (category lead), once per number or address. Emails to crm+lead@ are leads regardless.
     lead_from_unknown_calls: bool = False
     lead_from_unknown_emails: bool = False
+    #: Internal calls (between our own numbers, extensions and staff phones) are stored, marked
+    #: ``link_state`` internal, and left out of cards, tallies, targets and statistics unless
+    #: this is on. Every process (workers, the HTTP service, the command line) must agree.
+    count_internal_calls: bool = False
     max_email_bytes: int = 40 * 1024 * 1024
     max_attachment_bytes: int = 25 * 1024 * 1024
     #: Caps on an email's MIME structure, checked before it is parsed.
@@ -382,6 +386,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "free_mail_domains": lambda raw: tuple(d.lower() for d in _parse_list(raw)),
     "plus_address_categories": _parse_pairs,
     "lead_from_unknown_calls": _parse_bool,
+    "count_internal_calls": _parse_bool,
     "lead_from_unknown_emails": _parse_bool,
     "max_email_bytes": _parse_positive_int,
     "max_attachment_bytes": _parse_positive_int,

@@ -63,8 +63,21 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def create_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+#: ``session.info`` key: whether internal calls count toward cards, tallies, targets and
+#: statistics (``CRM_COUNT_INTERNAL_CALLS``); absent means they do not.
+COUNT_INTERNAL_CALLS = "crm.count_internal_calls"
+
+
+def create_session_factory(
+    engine: Engine, count_internal_calls: bool = False
+) -> sessionmaker[Session]:
+    return sessionmaker(
+        engine, expire_on_commit=False, info={COUNT_INTERNAL_CALLS: count_internal_calls}
+    )
+
+
+def counts_internal_calls(session: Session) -> bool:
+    return bool(session.info.get(COUNT_INTERNAL_CALLS, False))
 
 
 @contextmanager

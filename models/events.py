@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, JsonValue, utcnow
+from models.db import counts_internal_calls
 
 
 class CrmEvent(Base):
@@ -131,3 +132,24 @@ class FollowUp(Base):
     closed_by_event_id: Mapped[int | None] = mapped_column(
         ForeignKey("crm_event.id", ondelete="SET NULL")
     )
+
+
+def counted(session: Session) -> tuple[Any, ...]:
+    """The conditions on ``crm_event`` for an event to count toward cards, tallies, targets and
+    statistics: not cancelled, and not an internal call unless those count
+    (``CRM_COUNT_INTERNAL_CALLS``)."""
+    return counted_when(counts_internal_calls(session))
+
+
+def counted_when(count_internal_calls: bool) -> tuple[Any, ...]:
+    """:func:`counted`, with internal calls counting or not."""
+    if count_internal_calls:
+        return (CrmEvent.cancelled.is_(False),)
+    return (CrmEvent.cancelled.is_(False), CrmEvent.link_state != "internal")
+
+
+def counts(session: Session, event: CrmEvent) -> bool:
+    """Whether ``event`` counts (:func:`counted`), assigned or not."""
+    if event.cancelled:
+        return False
+    return event.link_state != "internal" or counts_internal_calls(session)

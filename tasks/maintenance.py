@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.db import is_postgresql, upsert_insert
-from models.events import CrmEvent
+from models.events import CrmEvent, counted
 from models.parties import Staff
 from models.targets import ReconcileRun, Tally
 from tasks.context import StageContext
@@ -75,7 +75,7 @@ def _day_counts(
     session: Session, zone: ZoneInfo, seller_ids: list[int]
 ) -> Iterator[tuple[int, str, date, int]]:
     """(seller, category, local day, events) of these sellers, whose zone is ``zone``."""
-    counted = (CrmEvent.seller_id.in_(seller_ids), CrmEvent.cancelled.is_(False))
+    of_day = (CrmEvent.seller_id.in_(seller_ids), *counted(session))
     if is_postgresql(session) and session.scalar(
         select(func.count()).select_from(text("pg_timezone_names")).where(text("name = :zone")),
         {"zone": zone.key},
@@ -83,7 +83,7 @@ def _day_counts(
         day = func.date(func.timezone(zone.key, CrmEvent.occurred_at))
         rows = session.execute(
             select(CrmEvent.seller_id, CrmEvent.category_code, day, func.count())
-            .where(*counted)
+            .where(*of_day)
             .group_by(CrmEvent.seller_id, CrmEvent.category_code, day)
         )
         for seller_id, category, local_day, number in rows:
@@ -91,7 +91,7 @@ def _day_counts(
         return
     for seller_id, category, occurred in session.execute(
         select(CrmEvent.seller_id, CrmEvent.category_code, CrmEvent.occurred_at)
-        .where(*counted)
+        .where(*of_day)
         .execution_options(yield_per=20_000)
     ):
         if seller_id is not None:  # excluded by the query; this tells the type checker

@@ -1,7 +1,8 @@
 """Statistics: event counts by class (laji), type, category, property or seller.
 
-Cancelled events are not counted; a period (``2026-W48`` or ``2026-11``) is read in the
-configured zone. Each row names its code in Finnish and English, as the catalogue does.
+Cancelled events and internal calls (unless ``CRM_COUNT_INTERNAL_CALLS``) are not counted; a
+period (``2026-W48`` or ``2026-11``) is read in the configured zone. Each row names its code in
+Finnish and English, as the catalogue does.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
-from models.events import CrmEvent, EventPropertyLink
+from models.db import counts_internal_calls
+from models.events import CrmEvent, EventPropertyLink, counted_when
 from models.parties import Staff
 from tasks.periods import period_bounds
 
 DIMENSIONS = ("class", "type", "category", "property", "seller")
 
 
-def statistics_query(by: str, period: str | None, zone: ZoneInfo) -> Select[Any]:
-    """The GROUP BY behind ``crm-events stats`` (also what docs/targets-and-reports.md EXPLAINs)."""
+def statistics_query(
+    by: str, period: str | None, zone: ZoneInfo, count_internal_calls: bool = False
+) -> Select[Any]:
+    """The GROUP BY behind ``crm-events stats`` (also what docs/targets-and-reports.md EXPLAINs);
+    internal calls are left out unless they count (``CRM_COUNT_INTERNAL_CALLS``)."""
     # count(*): every join is at most one row per event (one seller; a property once per
     # event), and the covering occurred_at index then answers a period without the table.
     count = func.count()
@@ -45,7 +50,7 @@ def statistics_query(by: str, period: str | None, zone: ZoneInfo) -> Select[Any]
         query = select(key, count).select_from(CrmEvent)
     else:
         raise ValueError(f"statistics are by one of {', '.join(DIMENSIONS)}, not {by!r}")
-    query = query.where(CrmEvent.cancelled.is_(False))
+    query = query.where(*counted_when(count_internal_calls))
     if period:
         start, end = period_bounds(period, zone)
         query = query.where(CrmEvent.occurred_at >= start, CrmEvent.occurred_at < end)
@@ -56,7 +61,8 @@ def statistics(
     session: Session, by: str, period: str | None, zone: ZoneInfo
 ) -> list[dict[str, Any]]:
     names = _names(session, by)
-    rows = session.execute(statistics_query(by, period, zone)).all()
+    query = statistics_query(by, period, zone, counts_internal_calls(session))
+    rows = session.execute(query).all()
     result = []
     for value, n in rows:
         fi, en = names.get(value, (value, value))

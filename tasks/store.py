@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from config.settings import Settings
 from models.base import UTCDateTime, utcnow
 from models.db import is_postgresql, prepared_upsert, table_of
-from models.events import CrmEvent, EventParticipant, EventPropertyLink
+from models.events import CrmEvent, EventParticipant, EventPropertyLink, counts
 from models.ledger import Delivery, InboundMessage
 from models.parties import Customer, EventPartyKey, Staff
 from models.targets import RefreshRequest, Tally
@@ -196,8 +196,9 @@ class TallyKey:
 
 
 def tally_keys(session: Session, event: CrmEvent) -> set[TallyKey]:
-    """The tally keys an event counts toward: none when unassigned or cancelled."""
-    if event.seller_id is None or event.cancelled:
+    """The tally keys an event counts toward: none when unassigned, cancelled, or an internal
+    call that does not count (:func:`counted`)."""
+    if event.seller_id is None or not counts(session, event):
         return set()
     zone = seller_zone(session, event.seller_id)
     return {

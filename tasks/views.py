@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.catalogue import Category, EventClass, EventType
 from models.documents import EventDocument
-from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
+from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp, counted
 from models.parties import Contact, Customer, Staff
 from models.targets import Tally, Target
 from tasks.periods import period_bounds, period_dates, period_keys, period_kind
@@ -408,7 +408,7 @@ def seller_cards(
             if definition.kind == "category"
             else CrmEvent.class_code == definition.code
         )
-        mine = (CrmEvent.seller_id == seller.id, CrmEvent.cancelled.is_(False), of_card)
+        mine = (CrmEvent.seller_id == seller.id, *counted(session), of_card)
         rows = session.execute(
             select(
                 CrmEvent.id,

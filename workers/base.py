@@ -50,7 +50,7 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
     key = (os.getpid(), settings.effective_database_url)
     if key not in _engines:
         engine = create_db_engine(settings)
-        _engines[key] = (engine, create_session_factory(engine))
+        _engines[key] = (engine, create_session_factory(engine, settings.count_internal_calls))
     return _engines[key][1]
 
 

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.db import is_postgresql, prepared_upsert, table_of
-from models.events import CrmEvent, FollowUp
+from models.events import CrmEvent, FollowUp, counts
 from models.ledger import InboundMessage
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
@@ -132,6 +132,7 @@ def ingest_new_calls(
         sellers = set()
         if event.seller_id is not None:
             sellers.add(event.seller_id)
+        if event.seller_id is not None and counts(session, event):
             if (zone := zones.get(event.seller_id)) is None:
                 zone = zones[event.seller_id] = seller_zone(session, event.seller_id)
             for period in period_keys(event.occurred_at, zone):

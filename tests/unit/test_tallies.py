@@ -7,9 +7,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from config.settings import load_settings
+from models.db import COUNT_INTERNAL_CALLS, create_session_factory
 from models.events import CrmEvent
 from models.parties import Staff
 from models.targets import SellerView, Tally
@@ -21,6 +23,7 @@ from tasks.ingest.visit import ingest_visit
 from tasks.maintenance import reconcile
 from tasks.periods import month_key, period_bounds, period_dates, period_keys, week_key
 from tasks.refresh import refresh_seller
+from tasks.stats import statistics
 from tasks.targets import set_target
 from tasks.views import seller_cards, target_in_force, targets_progress
 from tests.conftest import load_example
@@ -499,3 +502,73 @@ def test_targets_progress_rows_for_every_target_category(world: Session, ctx: St
         assert row["period"] == "2026-W48"
         assert row["target"] is None
         assert row["actual"] == 0
+
+
+# -- internal calls -------------------------------------------------------------------------------
+
+
+def internal_call(call_id: str, started_at: str) -> dict[str, Any]:
+    """Anna (extension 201) rings Mikko's mobile: a call between our own people."""
+    return call(call_id, started_at, to="050 333 4444")
+
+
+def counted_now(db: Session, anna: Staff) -> tuple[dict[tuple[str, str], int], list[int], int]:
+    """Anna's tallies, the events her cards list, and November's crm_event statistic."""
+    cards = seller_cards(db, anna, now=datetime(2026, 11, 25, 12, tzinfo=UTC))
+    listed = sorted(e["id"] for card in cards for e in card["events"])
+    rows = statistics(db, "category", "2026-11", HELSINKI)
+    return (
+        tallies(db, anna.id),
+        listed,
+        next(r["events"] for r in rows if r["category"] == "crm_event"),
+    )
+
+
+def test_internal_calls_are_kept_marked_and_left_out_of_what_is_counted(
+    world: Session, ctx: StageContext
+) -> None:
+    anna = staff(world, "anna")
+    ingest(
+        world,
+        ctx,
+        call("i-1", "2026-11-24T09:00:00+02:00"),
+        internal_call("i-2", "2026-11-24T10:00:00+02:00"),
+    )
+    customer_call, internal = (
+        world.scalar(select(CrmEvent).where(CrmEvent.source_id == i)) for i in ("i-1", "i-2")
+    )
+    assert customer_call is not None and internal is not None
+    assert (internal.link_state, internal.seller_id) == ("internal", anna.id)
+
+    counts, listed, statistic = counted_now(world, anna)
+    assert counts == {("crm_event", "2026-W48"): 1, ("crm_event", "2026-11"): 1}
+    assert listed == [customer_call.id]
+    assert statistic == 1
+    assert reconcile(world, ctx).drift == 0
+
+
+def test_internal_calls_count_where_the_setting_says_so(
+    world: Session, ctx: StageContext, engine: Engine
+) -> None:
+    assert create_session_factory(engine, True)().info[COUNT_INTERNAL_CALLS] is True
+    assert load_settings({"CRM_COUNT_INTERNAL_CALLS": "true"}).count_internal_calls is True
+    world.info[COUNT_INTERNAL_CALLS] = True  # what the session factory of such a setting gives
+    anna = staff(world, "anna")
+    ingest(
+        world,
+        ctx,
+        call("i-3", "2026-11-24T09:00:00+02:00"),
+        internal_call("i-4", "2026-11-24T10:00:00+02:00"),
+    )
+    counts, listed, statistic = counted_now(world, anna)
+    assert counts == {("crm_event", "2026-W48"): 2, ("crm_event", "2026-11"): 2}
+    assert len(listed) == 2 and statistic == 2
+    assert reconcile(world, ctx).drift == 0
+
+    # Switched off again: the reconcile takes them out of the tallies it finds them in.
+    world.info[COUNT_INTERNAL_CALLS] = False
+    assert reconcile(world, ctx).drift == 2
+    assert counted_now(world, anna)[0] == {
+        ("crm_event", "2026-W48"): 1,
+        ("crm_event", "2026-11"): 1,
+    }

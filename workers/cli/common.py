@@ -89,7 +89,7 @@ class Runtime:
         from models.db import create_session_factory
 
         if self._sessions is None:
-            self._sessions = create_session_factory(self.engine)
+            self._sessions = create_session_factory(self.engine, self.settings.count_internal_calls)
         return self._sessions
 
     @property

@@ -50,7 +50,9 @@ class Service:
 
         self.settings = settings
         self.engine = create_db_engine(settings)
-        self.sessions: sessionmaker[Session] = create_session_factory(self.engine)
+        self.sessions: sessionmaker[Session] = create_session_factory(
+            self.engine, settings.count_internal_calls
+        )
         self.celery = celery_app or create_app(settings)
         if not settings.embedded_broker:
             # Fail fast when Redis is unreachable: the sender gets a 503 and retries.
