@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, String, Text, UniqueConstraint, text
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JsonValue, utcnow
@@ -29,6 +29,29 @@ class Target(Base):
     source_system: Mapped[str] = mapped_column(String(100), default="cli", server_default="cli")
     #: When it was set (or last replaced by a target with the same start date).
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TargetChange(Base):
+    """A target set or changed, kept for good: a target with the start date of an earlier one
+    replaces its value, and this says what it was, what it became, who set it and when."""
+
+    __tablename__ = "target_change"
+    __table_args__ = (
+        Index("ix_target_change_seller_id_category_code", "seller_id", "category_code"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seller_id: Mapped[int] = mapped_column(ForeignKey("staff.id"))
+    category_code: Mapped[str] = mapped_column(ForeignKey("category.code"))
+    #: weekly | monthly
+    kind: Mapped[str] = mapped_column(String(10))
+    valid_from: Mapped[date]
+    #: None: the target was new.
+    old_value: Mapped[int | None]
+    new_value: Mapped[int]
+    #: ``cli:<user>`` (``crm-events targets set``) or the ``source_system`` of a message.
+    changed_by: Mapped[str] = mapped_column(String(200))
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Tally(Base):

@@ -19,7 +19,7 @@ from models.catalogue import Category
 from models.db import upsert_insert
 from models.parties import Staff
 from models.schemas.target import SCHEMA, load_target_message
-from models.targets import Target
+from models.targets import Target, TargetChange
 from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.store import StageResult, record_inbound, upsert_key
@@ -34,13 +34,16 @@ def set_target(
     valid_from: date,
     *,
     source_system: str = "cli",
+    changed_by: str | None = None,
     create_missing_seller: bool = False,
 ) -> set[int]:
     """Add a target valid from ``valid_from``; earlier targets stay for the periods before it.
 
-    A target with the same seller, category, kind and start date replaces that one. Returns the
-    seller whose view should refresh. ``create_missing_seller``: an unknown username becomes a
-    placeholder staff member (master data may arrive in any order), as party messages do.
+    A target with the same seller, category, kind and start date replaces that one's value; a
+    :class:`TargetChange` keeps what it was, what it became, who (``changed_by``, else
+    ``source_system``) and when. Returns the seller whose view should refresh.
+    ``create_missing_seller``: an unknown username becomes a placeholder staff member (master
+    data may arrive in any order), as party messages do.
     """
     if kind not in ("weekly", "monthly"):
         raise BadInput(f"a target is weekly or monthly, not {kind!r}")
@@ -64,6 +67,16 @@ def set_target(
         staff = ensure_staff(session, username)
     if staff is None:
         raise BadInput(f"no staff member {username!r}")
+    before = session.scalar(
+        select(Target.value)
+        .where(
+            Target.seller_id == staff.id,
+            Target.category_code == category_code,
+            Target.kind == kind,
+            Target.valid_from == valid_from,
+        )
+        .with_for_update()
+    )
     statement = upsert_insert(session, Target.__table__).values(
         seller_id=staff.id,
         category_code=category_code,
@@ -79,7 +92,44 @@ def set_target(
             set_={"value": value, "source_system": source_system, "created_at": utcnow()},
         )
     )
+    if before != value:
+        session.add(
+            TargetChange(
+                seller_id=staff.id,
+                category_code=category_code,
+                kind=kind,
+                valid_from=valid_from,
+                old_value=before,
+                new_value=value,
+                changed_by=changed_by or source_system,
+                changed_at=utcnow(),
+            )
+        )
     return {staff.id}
+
+
+def target_changes(session: Session, seller: str | None = None) -> list[dict[str, Any]]:
+    """Every target set or changed, oldest first: before and after, who and when."""
+    query = (
+        select(TargetChange, Staff.username)
+        .join(Staff, Staff.id == TargetChange.seller_id)
+        .order_by(TargetChange.changed_at, TargetChange.id)
+    )
+    if seller:
+        query = query.where(Staff.username == seller)
+    return [
+        {
+            "seller": username,
+            "category": change.category_code,
+            "kind": change.kind,
+            "valid_from": change.valid_from.isoformat(),
+            "old_value": change.old_value,
+            "new_value": change.new_value,
+            "changed_by": change.changed_by,
+            "changed_at": change.changed_at.isoformat(),
+        }
+        for change, username in session.execute(query)
+    ]
 
 
 def _target_categories(session: Session) -> list[str]:

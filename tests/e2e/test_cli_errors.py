@@ -165,3 +165,26 @@ def test_an_events_filter_that_names_nothing_says_so(
     assert done.stdout == ""
     [line] = done.stderr.splitlines()
     assert line.startswith(f"crm-events: {said}")
+
+
+def test_a_target_set_again_leaves_a_trace_and_reports_go_to_managers(tmp_path: Path) -> None:
+    assert crm_events(tmp_path, "init-db").returncode == 0
+    loaded = crm_events(tmp_path, "import", "parties", str(ROOT / "examples" / "parties.json"))
+    assert loaded.returncode == 0, loaded.stderr
+    for value in ("4", "4", "6"):  # the same again changes nothing; then a new value
+        done = crm_events(
+            tmp_path, "targets", "set", "anna", "sales_action", "--weekly", value,
+            "--from", "2026-11-02",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    listed = json.loads(crm_events(tmp_path, "targets", "list", "--json").stdout)
+    assert [(t["kind"], t["value"]) for t in listed] == [("weekly", 6)]
+    changes = json.loads(crm_events(tmp_path, "targets", "changes", "--json").stdout)
+    assert [(c["old_value"], c["new_value"]) for c in changes] == [(None, 4), (4, 6)]
+    assert all(c["changed_by"].startswith("cli") for c in changes)
+    table = crm_events(tmp_path, "targets", "changes", "--seller", "anna").stdout
+    assert "sales_action" in table and "cli" in table
+
+    refused = crm_events(tmp_path, "report", "targets", "--kind", "weekly", "--manager", "anna")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "anna is a seller, not a manager; reports go to the managers: helena" in refused.stderr

@@ -24,7 +24,7 @@ from tasks.maintenance import reconcile
 from tasks.periods import month_key, period_bounds, period_dates, period_keys, week_key
 from tasks.refresh import refresh_seller
 from tasks.stats import statistics
-from tasks.targets import set_target
+from tasks.targets import set_target, target_changes, target_history
 from tasks.views import seller_cards, target_in_force, targets_progress
 from tests.conftest import load_example
 from tests.messages import outbound_call
@@ -572,3 +572,23 @@ def test_internal_calls_count_where_the_setting_says_so(
         ("crm_event", "2026-W48"): 1,
         ("crm_event", "2026-11"): 1,
     }
+
+
+def test_a_target_replaced_on_the_same_start_date_leaves_a_trace(world: Session) -> None:
+    monday = date(2026, 11, 2)
+    set_target(world, "anna", "sales_action", "weekly", 5, monday, changed_by="cli:helena")
+    set_target(world, "anna", "sales_action", "weekly", 5, monday, changed_by="cli:helena")
+    set_target(world, "anna", "sales_action", "weekly", 7, monday, source_system="erp")
+    set_target(world, "anna", "sales_action", "weekly", 8, date(2026, 11, 9), source_system="erp")
+    changes = target_changes(world, "anna")
+    assert [
+        (c["valid_from"], c["old_value"], c["new_value"], c["changed_by"]) for c in changes
+    ] == [
+        ("2026-11-02", None, 5, "cli:helena"),  # set again with the same value: no change
+        ("2026-11-02", 5, 7, "erp"),
+        ("2026-11-09", None, 8, "erp"),
+    ]
+    assert [(t["valid_from"], t["value"]) for t in target_history(world, "anna")] == [
+        ("2026-11-02", 7),
+        ("2026-11-09", 8),
+    ]

@@ -27,7 +27,9 @@ def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
     kind, value = ("weekly", args.weekly) if args.weekly is not None else ("monthly", args.monthly)
     valid_from = args.valid_from or date.today()
     with transaction(rt.sessions) as session:
-        sellers = set_target(session, args.username, args.category, kind, value, valid_from)
+        sellers = set_target(
+            session, args.username, args.category, kind, value, valid_from, changed_by=cli_user()
+        )
     from workers.base import request_refresh
 
     for seller_id in sellers:
@@ -35,6 +37,46 @@ def cmd_targets_set(args: argparse.Namespace, rt: Runtime) -> int:
     print(
         f"{args.username}: {args.category} {kind} target {value} from {valid_from}", file=sys.stderr
     )
+    return 0
+
+
+def cli_user() -> str:
+    """Who set a target from the command line: ``cli:<login name>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (a container's bare user id)
+        return "cli"
+
+
+def cmd_targets_changes(args: argparse.Namespace, rt: Runtime) -> int:
+    from tasks.targets import target_changes
+
+    with rt.sessions() as session:
+        rows = target_changes(session, args.seller)
+    if args.json:
+        emit_json(rows)
+    else:
+        from workers.render import table
+
+        table(
+            "Tavoitemuutokset / target changes (oldest first)",
+            ["seller", "category", "kind", "valid from", "was", "now", "by", "when"],
+            [
+                [
+                    r["seller"],
+                    r["category"],
+                    r["kind"],
+                    r["valid_from"],
+                    "–" if r["old_value"] is None else r["old_value"],
+                    r["new_value"],
+                    r["changed_by"],
+                    r["changed_at"][:16].replace("T", " "),
+                ]
+                for r in rows
+            ],
+        )
     return 0
 
 
@@ -104,6 +146,14 @@ def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
             raise CommandError(
                 f"no manager {args.manager!r}" if args.manager else "no manager to report to"
             )
+        if managers[0].role != "manager":
+            known = session.scalars(
+                select(Staff.username).where(Staff.role == "manager").order_by(Staff.username)
+            ).all()
+            raise CommandError(
+                f"{args.manager} is a {managers[0].role}, not a manager; reports go to the "
+                f"managers: {', '.join(known) or 'none'}"
+            )
         reports = [build_target_report(session, m, args.kind, args.period) for m in managers]
     written: list[str] = []
     for manager, report in zip(managers, reports, strict=True):
@@ -146,6 +196,16 @@ def register(sub: Any, add: AddCommand) -> None:
     p.set_defaults(handler=cmd_targets_list)
     p.add_argument("--seller")
     p.add_argument("--json", action="store_true")
+    p = targets.add_parser(
+        "changes",
+        help="every target set or changed: was, now, by whom, when",
+        description="every target set or changed, oldest first: the value before (– for a new "
+        "target) and after, who set it (cli:<user> or the sending system) and when; a target "
+        "set again with the start date of an earlier one replaces its value, and shows here",
+    )
+    p.set_defaults(handler=cmd_targets_changes)
+    p.add_argument("--seller", help="one seller's username")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = targets.add_parser("progress", help="targets vs actuals")
     p.set_defaults(handler=cmd_targets_progress)
     p.add_argument("--seller")
