@@ -192,9 +192,19 @@ def build_target_report(
 
 
 def team_totals(rows: list[dict[str, Any]], period: str) -> list[dict[str, Any]]:
-    """Per category: the sum of targets, actuals and expected-by-now, sellers behind."""
+    """Per category, the team's target against what the sellers with a target did: the sums of
+    their targets, actuals and expected-by-now, how many of them there are and how many are
+    behind; what sellers without a target did is counted apart (``actual_untargeted``). With
+    no target in the category, target, expected and the targeted actual are None."""
     totals: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"target": 0, "actual": 0, "expected": 0.0, "behind": 0, "sellers": 0}
+        lambda: {
+            "target": None,
+            "actual": None,
+            "expected": None,
+            "behind": 0,
+            "sellers": 0,
+            "actual_untargeted": 0,
+        }
     )
     names: dict[str, str] = {}
     for row in rows:
@@ -202,14 +212,34 @@ def team_totals(rows: list[dict[str, Any]], period: str) -> list[dict[str, Any]]
             continue
         total = totals[row["category"]]
         names[row["category"]] = row["category_name"]
+        if row["target"] is None:
+            total["actual_untargeted"] += row["actual"]
+            continue
         total["sellers"] += 1
-        total["actual"] += row["actual"]
-        if row["target"] is not None:
-            total["target"] += row["target"]
-            total["expected"] += row["expected_by_now"] or 0.0
+        total["target"] = (total["target"] or 0) + row["target"]
+        total["actual"] = (total["actual"] or 0) + row["actual"]
+        total["expected"] = (total["expected"] or 0.0) + (row["expected_by_now"] or 0.0)
         if row["pace"] == "behind":
             total["behind"] += 1
     return [{"category": code, "name": names[code], **totals[code]} for code in names]
+
+
+def sellers_behind(count: int, between: str = " / ") -> str:
+    """``2 myyjää jäljessä / 2 sellers behind``: people, not events."""
+    finnish = "myyjä jäljessä" if count == 1 else "myyjää jäljessä"
+    english = "seller behind" if count == 1 else "sellers behind"
+    return f"{count} {finnish}{between}{count} {english}"
+
+
+def number(value: float | None) -> str:
+    """A figure as a Finnish reader writes it (1,2); – for none."""
+    from babel.numbers import format_decimal
+
+    return "–" if value is None else format_decimal(value, format="#,##0.#", locale="fi_FI")
+
+
+#: The pace words of the report, in both of its languages.
+PACE_WORDS = {"behind": "jäljessä / behind", "on track": "tahdissa / on track"}
 
 
 def chart_png(rows: list[dict[str, Any]], periods: list[str]) -> bytes:
@@ -221,9 +251,12 @@ def chart_png(rows: list[dict[str, Any]], periods: list[str]) -> bytes:
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     categories = max((len(team_totals(rows, p)) for p in periods), default=1)
-    figure = Figure(figsize=(max(4.0, 1.5 * categories) * len(periods), 3.8), dpi=100)
+    # Wide enough for the legend's three entries even with one panel.
+    width_in = max(6.5, max(4.0, 1.5 * categories) * len(periods))
+    figure = Figure(figsize=(width_in, 3.8), dpi=100)
     FigureCanvasAgg(figure)
     # Fixed margins: an automatic layout engine costs more than the drawing itself.
     figure.subplots_adjust(left=0.06, right=0.98, top=0.8, bottom=0.14, wspace=0.15)
@@ -233,23 +266,28 @@ def chart_png(rows: list[dict[str, Any]], periods: list[str]) -> bytes:
         totals = team_totals(rows, period)
         positions = list(range(len(totals)))
         series = [
-            ("Tavoite / target", [t["target"] for t in totals], "#9e9e9e", -width),
-            ("Odotettu nyt / expected by now", [t["expected"] for t in totals], "#90caf9", 0.0),
-            ("Toteuma / actual", [t["actual"] for t in totals], "#1565c0", width),
+            ("Tavoite / target", [t["target"] or 0 for t in totals], "#9e9e9e", -width),
+            (
+                "Odotettu nyt / expected by now",
+                [t["expected"] or 0.0 for t in totals],
+                "#90caf9",
+                0.0,
+            ),
+            ("Toteuma / actual", [t["actual"] or 0 for t in totals], "#1565c0", width),
         ]
         for label, values, colour, offset in series:
             bars = ax.bar([p + offset for p in positions], values, width, label=label, color=colour)
         ax.bar_label(
             bars,
-            labels=[f"{t['behind']} behind" if t["behind"] else "" for t in totals],
+            labels=[sellers_behind(t["behind"], "\n") if t["behind"] else "" for t in totals],
             fontsize=7,
             color="#b00020",
         )
         ax.set_xticks(positions, [t["name"] for t in totals], fontsize=8)
-        ax.set_title(
-            ("Päättynyt / closed " if index == 0 else "Kuluva / so far ") + period, fontsize=9
-        )
+        closed = index < len(periods) - 1  # the last panel is the current period
+        ax.set_title(("Päättynyt / closed " if closed else "Kuluva / so far ") + period, fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 events
         ax.margins(y=0.15)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper center", ncols=3, fontsize=8, frameon=False)
@@ -259,7 +297,12 @@ def chart_png(rows: list[dict[str, Any]], periods: list[str]) -> bytes:
 
 
 def _environment() -> Environment:
-    return Environment(loader=PackageLoader("workers", "templates"), autoescape=select_autoescape())
+    environment = Environment(
+        loader=PackageLoader("workers", "templates"), autoescape=select_autoescape()
+    )
+    environment.filters["number"] = number
+    environment.globals.update(pace_words=PACE_WORDS, sellers_behind=sellers_behind)
+    return environment
 
 
 def render_html(report: TargetReport, chart_src: str) -> str:

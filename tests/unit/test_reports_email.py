@@ -24,7 +24,7 @@ from models.targets import ReportRun
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.refresh import refresh_seller
-from tasks.reports import build_target_report, send_due_reports, write_report_files
+from tasks.reports import build_target_report, send_due_reports, team_totals, write_report_files
 from tasks.targets import set_target
 from tests.messages import outbound_call
 from tests.smtp_sink import SmtpSink
@@ -276,3 +276,34 @@ def test_reports_go_over_starttls_with_login(
         assert len(secure.wait_for(1, to=HELENA)) == 1
     finally:
         secure.stop()
+
+
+def test_the_team_row_weighs_the_target_against_the_sellers_who_have_one(team: Session) -> None:
+    helena = team.scalar(select(Staff).where(Staff.username == "helena"))
+    assert helena is not None
+    # December 1st: November closed (anna: monthly target 30, 4 sales actions; mikko: no
+    # monthly target, 2 sales actions), December just begun (1/31 of it gone).
+    report = build_target_report(team, helena, "monthly", now=DECEMBER_1ST_0700)
+    sales, visits = (
+        next(t for t in team_totals(report.rows, "2026-11") if t["category"] == code)
+        for code in ("sales_action", "customer_visit")
+    )
+    assert (sales["target"], sales["actual"], sales["actual_untargeted"]) == (30, 4, 2)
+    assert (sales["sellers"], sales["behind"]) == (1, 1)
+    assert (visits["target"], visits["actual"], visits["expected"]) == (None, None, None)
+
+    html = report.html("chart.png")
+    team_rows = re.findall(r'<tr class="total">(.*?)</tr>', html, re.S)
+    november_sales, november_visits = (
+        next(r for r in team_rows if name in r) for name in ("Myyntitoimenpide", "Asiakaskäynti")
+    )
+    assert "(+2 ilman tavoitetta / without a target)" in november_sales
+    assert "1 myyjä jäljessä / 1 seller behind" in november_sales
+    # No target in the category: nothing to be behind or on track with.
+    assert "behind" not in november_visits and "on track" not in november_visits
+    assert november_visits.count("–") >= 3
+    # Pace words in both languages, numbers as a Finnish reader writes them (decimal comma).
+    assert "jäljessä / behind" in html
+    december = [r for r in report.rows if r["period"] == "2026-12" and r["target"] is not None]
+    expected = december[0]["expected_by_now"]
+    assert expected % 1 and f"{expected:.1f}".replace(".", ",") in html
