@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, and_, or_
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, JsonValue, utcnow
@@ -153,3 +153,20 @@ def counts(session: Session, event: CrmEvent) -> bool:
     if event.cancelled:
         return False
     return event.link_state != "internal" or counts_internal_calls(session)
+
+
+def sent_by(system: str) -> Any:
+    """Events that ``system`` sent: a call's or a visit's ``source_system``; for an email, the
+    gateway or mailbox that delivered it (its key's ``source_system`` is ``email`` for every
+    gateway, so that one email through two gateways is one event)."""
+    return or_(
+        and_(CrmEvent.source_kind != "email", CrmEvent.source_system == system),
+        and_(CrmEvent.source_kind == "email", CrmEvent.details["gateway"].as_string() == system),
+    )
+
+
+def source_of(event: CrmEvent) -> str:
+    """The system that sent ``event`` (:func:`sent_by`)."""
+    if event.source_kind == "email":
+        return str((event.details or {}).get("gateway") or event.source_system)
+    return event.source_system

@@ -19,7 +19,7 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
-from models.events import CrmEvent, EventPropertyLink
+from models.events import CrmEvent, EventPropertyLink, sent_by
 from models.parties import Customer, Staff
 from tasks.errors import BadInput
 
@@ -77,12 +77,13 @@ def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
         (filters.class_, CrmEvent.class_code),
         (filters.type, CrmEvent.type_code),
         (filters.category, CrmEvent.category_code),
-        (filters.source, CrmEvent.source_system),
         (filters.source_kind, CrmEvent.source_kind),
         (filters.thread, CrmEvent.thread_key),
     ):
         if value:
             query = query.where(column == value)
+    if filters.source:
+        query = query.where(sent_by(filters.source))
     if filters.property:
         query = query.where(
             CrmEvent.id.in_(
@@ -200,7 +201,21 @@ def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
         is None
     ):
         raise BadInput(f"no customer with the number {filters.customer!r}")
+    if (
+        filters.source
+        and filters.source.casefold() in EVENT_KINDS
+        and session.scalar(select(CrmEvent.id).where(sent_by(filters.source)).limit(1)) is None
+    ):
+        kind = filters.source.casefold()
+        raise BadInput(
+            f"no system {filters.source!r} sent any event: --source is the sending system "
+            f"(pbx-hki, field-app, the email gateway); for the kind of event: --source-kind {kind}"
+        )
     return replace(filters, **codes)
+
+
+#: What ``source_kind`` may be; a ``source`` of one of these is most likely meant as a kind.
+EVENT_KINDS = ("call", "email", "visit")
 
 
 def filters_from(values: dict[str, Any]) -> EventFilters:

@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.catalogue import Category, EventClass, EventType
 from models.documents import EventDocument
-from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp, counted
+from models.events import (
+    CrmEvent,
+    EventParticipant,
+    EventPropertyLink,
+    FollowUp,
+    counted,
+    source_of,
+)
 from models.parties import Contact, Customer, Staff
 from models.targets import Tally, Target
 from tasks.periods import period_bounds, period_dates, period_keys, period_kind
@@ -92,7 +99,7 @@ def events_json(
         result.append(
             {
                 "id": e.id,
-                "source": e.source_system,
+                "source": source_of(e),
                 "source_kind": e.source_kind,
                 "source_id": e.source_id,
                 "category": e.category_code,

@@ -3,6 +3,7 @@ names nothing instead of finding nothing."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -11,9 +12,11 @@ from sqlalchemy.orm import Session
 
 from tasks.context import StageContext
 from tasks.errors import BadInput
+from tasks.ingest.email import ingest_email
 from tasks.ingest.visit import ingest_visit
 from tasks.search import EventFilters, search_events
-from tests.conftest import load_example
+from tasks.views import events_json
+from tests.conftest import ROOT, load_example
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
@@ -57,3 +60,28 @@ def test_a_filter_that_names_nothing_is_bad_input(
     with pytest.raises(BadInput) as raised:
         found(world, **filters)
     assert raised.value.reason.startswith(said)
+
+
+def test_source_is_the_sending_system_for_every_kind(world: Session, ctx: StageContext) -> None:
+    """An email's source is the gateway that delivered it, as a call's is its PBX; the kind of
+    event is --source-kind, and a kind given as a source says so."""
+    raw = (ROOT / "examples" / "emails" / "bcc-offer-with-pdf.eml").read_bytes()
+    email = {
+        "schema": "crm.email/1",
+        "source_system": "smtp-gw",
+        "raw_b64": base64.b64encode(raw).decode(),
+        "received_at": "2026-11-25T10:00:00+02:00",
+    }
+    stored = ingest_email(world, ctx, email)
+    assert stored.outcome == "stored"
+    visit = load_example("visits/visit-with-memo.json")
+    ingest_visit(world, ctx, visit)
+
+    page = search_events(world, EventFilters(source="smtp-gw"), HELSINKI, limit=100)
+    assert [e.id for e in page.events] == [stored.event_id]
+    assert events_json(world, page.events, HELSINKI)[0]["source"] == "smtp-gw"
+    assert found(world, source=visit["source_system"]) == [visit["visit_id"]]
+    assert found(world, source_kind="email", source="smtp-gw")
+    with pytest.raises(BadInput) as raised:
+        found(world, source="email")
+    assert "--source-kind email" in raised.value.reason

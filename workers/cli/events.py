@@ -255,8 +255,8 @@ def register(sub: Any, add: AddCommand) -> None:
         ("--type", "TYPE", f"the type (tyyppi): {by_name}"),
         ("--category", "CATEGORY", f"the category (kategoria): {by_name}"),
         ("--property", "PROPERTY", f"a property (ominaisuus): {by_name}"),
-        ("--source", "SYSTEM", "the system that sent them (pbx-hki, field-app, email)"),
-        ("--source-kind", "KIND", "call, email or visit"),
+        ("--source", "SYSTEM", "the system that sent them: pbx-hki, field-app, an email gateway"),
+        ("--source-kind", "KIND", "the kind of event: call, email or visit"),
         ("--text", "WORDS", "words in the subject or text"),
         ("--thread", "KEY", "an email thread's key (thread_key in --json)"),
     ):
