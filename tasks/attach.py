@@ -11,13 +11,14 @@ import os
 import re
 import tempfile
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import filetype
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from models.db import prepared_upsert, table_of
@@ -145,6 +146,37 @@ def read_blob(session: Session, settings: Settings, digest: str) -> bytes | None
         return session.scalar(select(DocumentBlob.content).where(DocumentBlob.sha256 == digest))
     path = settings.effective_document_dir / digest[:2] / digest
     return path.read_bytes() if path.exists() else None
+
+
+#: How much of a document is read at a time when it is copied out (never all in memory).
+CHUNK_BYTES = 1024 * 1024
+
+
+def blob_chunks(
+    sessions: sessionmaker[Session], settings: Settings, digest: str, size: int
+) -> Iterator[bytes]:
+    """The bytes of a stored document, a chunk at a time: from its file, or from the database
+    in slices (each in a short session of its own, so a slow reader holds no transaction)."""
+    blob_path = settings.effective_document_dir / digest[:2] / digest
+    with sessions() as session:
+        stored_in = session.scalar(
+            select(DocumentBlob.stored_in).where(DocumentBlob.sha256 == digest)
+        )
+    if stored_in == "filesystem":
+        with blob_path.open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk
+        return
+    for offset in range(0, size, CHUNK_BYTES):
+        with sessions() as session:
+            part = session.scalar(
+                select(func.substr(DocumentBlob.content, offset + 1, CHUNK_BYTES)).where(
+                    DocumentBlob.sha256 == digest
+                )
+            )
+        if not part:
+            return
+        yield bytes(part)
 
 
 def attach(

@@ -3,6 +3,8 @@ with real worker processes, then the command line reading what it left behind.""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import re
@@ -201,3 +203,39 @@ def test_deeply_nested_messages_do_not_stop_the_embedded_worker(
         assert json.loads(published.stdout)[0]["outcome"] == "stored"
     finally:
         stop_process(worker)
+
+
+def test_a_document_is_copied_out_as_it_arrived(demo_dir: Path, tmp_path: Path) -> None:
+    sample = email.message_from_bytes(
+        (ROOT / "examples" / "emails" / "forwarded-memo-rfc822.eml").read_bytes(),
+        policy=email.policy.default,
+    )
+    pdf = next(
+        part.get_content()
+        for part in sample.walk()
+        if part.get_filename() == "Laiteluettelo_kevät_2027.pdf"
+    )
+    [forwarded] = [
+        e
+        for e in run_json(demo_dir, "events", "--source-kind", "email")
+        if e["source_id"] == "fwd-20261120090500.77@myyntitalo.fi"
+    ]
+    event = str(forwarded["id"])
+    [document] = [d for d in forwarded["documents"] if d["filename"].endswith(".pdf")]
+
+    out = tmp_path / "copy.pdf"
+    done = run(demo_dir, "document", "get", event, document["filename"], "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == pdf
+    again = run(demo_dir, "document", "get", event, document["filename"], "--out", str(out))
+    assert again.returncode == 2 and "exists: give --force" in again.stderr
+    to_stdout = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "document", "get", event, str(document["id"]),
+         "--out", "-"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("CRM_")},
+             "CRM_DATA_DIR": str(demo_dir)},
+        capture_output=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert to_stdout.returncode == 0 and to_stdout.stdout == pdf
+    missing = run(demo_dir, "document", "get", event, "no-such.pdf")
+    assert missing.returncode == 1 and document["filename"] in missing.stderr

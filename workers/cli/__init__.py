@@ -16,7 +16,17 @@ from collections.abc import Sequence
 
 from config.logging import configure_logging
 from config.settings import ConfigError, load_settings
-from workers.cli import bulk, events, messages, parties, processes, service, targets, telephony
+from workers.cli import (
+    bulk,
+    documents,
+    events,
+    messages,
+    parties,
+    processes,
+    service,
+    targets,
+    telephony,
+)
 from workers.cli.common import (
     CommandError,
     Handler,
@@ -48,7 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     # The order of --help; telephony's `import cdr` joins the `import` group of parties.
-    for group in (processes, service, messages, events, targets, parties, telephony, bulk):
+    for group in (
+        processes,
+        service,
+        messages,
+        events,
+        documents,
+        targets,
+        parties,
+        telephony,
+        bulk,
+    ):
         group.register(sub, add)
     return parser
 

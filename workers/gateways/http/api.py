@@ -15,7 +15,6 @@ its sanitised name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -33,7 +32,7 @@ from models.events import CrmEvent, EventParticipant, FollowUp
 from models.parties import Customer, Staff
 from models.schemas.common import MessageInvalid
 from models.schemas.kinds import MESSAGE_KINDS
-from tasks.attach import store_blob
+from tasks.attach import blob_chunks, store_blob
 from tasks.errors import BadInput
 from tasks.history import customer_history
 from tasks.periods import validate_period, view_moment
@@ -54,8 +53,6 @@ PLURALS = {
 }
 #: Messages in one post; a larger batch is split by the sender.
 MAX_BATCH = 1000
-#: Bytes of a document read from the database at a time while streaming it.
-CHUNK_BYTES = 1024 * 1024
 
 
 def service_of(request: Request) -> Any:
@@ -246,26 +243,10 @@ async def get_document(request: Request) -> Response:
         return FileResponse(path, media_type=document.media_type, headers=headers)
     headers["Content-Length"] = str(blob.size)
     return StreamingResponse(
-        database_chunks(service, blob.sha256, blob.size),
+        blob_chunks(service.sessions, service.settings, blob.sha256, blob.size),
         media_type=document.media_type,
         headers=headers,
     )
-
-
-def database_chunks(service: Any, digest: str, size: int) -> Iterator[bytes]:
-    """The bytes of a blob kept in the database, a chunk at a time (never all in memory)."""
-    from sqlalchemy import func
-
-    for offset in range(0, size, CHUNK_BYTES):
-        with service.sessions() as session:
-            chunk = session.scalar(
-                select(func.substr(DocumentBlob.content, offset + 1, CHUNK_BYTES)).where(
-                    DocumentBlob.sha256 == digest
-                )
-            )
-        if not chunk:
-            return
-        yield bytes(chunk)
 
 
 async def get_history(request: Request) -> JSONResponse:
