@@ -449,6 +449,9 @@ EXPLAINED = {
 SEARCHES: dict[str, dict[str, Any]] = {
     "events --text e4711 (50 matches)": {"text": "e4711"},
     "events --text huoltosop (1 in 12)": {"text": "huoltosop"},
+    "events --text huoltosopimus (stem huoltosopimu, 1 in 12)": {"text": "huoltosopimus"},
+    "events --text huoltosopimuksen uusiminen (two stems)": {"text": "huoltosopimuksen uusiminen"},
+    "events --text sopimuksia (stem sopimu, in compounds too)": {"text": "sopimuksia"},
     "events --class sales --text takuu": {"class_": "sales", "text": "takuu"},
     "events --seller bench-s001": {"seller": "bench-s001"},
     "events --category lead --since <month>": {"category": "lead", "since": "month"},

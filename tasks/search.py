@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import re
 from dataclasses import dataclass, fields, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -62,6 +64,38 @@ def _day_start(day: date, zone: ZoneInfo) -> datetime:
     return datetime.combine(day, time.min, tzinfo=zone)
 
 
+@functools.cache
+def _finnish() -> Any:
+    import snowballstemmer
+
+    return snowballstemmer.stemmer("finnish")
+
+
+def search_stems(text: str) -> list[str]:
+    """The words of a text search as the stems to look for: Snowball's Finnish stem of each
+    word (the stemmer of PostgreSQL's ``finnish`` configuration), less the -s/-ks- of the
+    nouns that alternate (``sopimus``, ``sopimuksen``: ``sopimu``), so that every inflected
+    form of the word, and a compound that contains it, holds the stem.
+
+    ``huoltosopimus`` and ``huoltosopimuksen`` both become ``huoltosopimu``; ``E4711`` stays
+    ``e4711``; ``2026-118`` is ``2026`` and ``118``.
+    """
+    words = re.findall(r"\w+", text.casefold())
+    stems = []
+    for word, stem in zip(words, _finnish().stemWords(words), strict=True):
+        if not word.startswith(stem):  # the stemmer changed a letter: keep what it shares
+            pairs = zip(word, stem, strict=False)
+            stem = word[: next((i for i, (a, b) in enumerate(pairs) if a != b), len(stem))]
+        if stem.endswith("ks") and len(stem) >= 7:
+            stem = stem[:-2]
+        elif stem.endswith("s") and len(stem) >= 6:
+            stem = stem[:-1]
+        stems.append(stem or word)
+    # A letter alone (the "s" of "Oy:ssä") would match every text: left out if anything else is.
+    kept = [stem for stem in stems if len(stem) > 1] or stems
+    return list(dict.fromkeys(kept))
+
+
 def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
     """The filtered events, newest first (no limit). Days are read in ``zone``."""
     query = select(CrmEvent)
@@ -99,12 +133,15 @@ def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
             CrmEvent.occurred_at < _day_start(filters.until + timedelta(days=1), zone)
         )
     if filters.text:
-        # ILIKE on the columns: served by the pg_trgm GIN indexes on PostgreSQL.
-        escaped = filters.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = f"%{escaped}%"
-        query = query.where(
-            CrmEvent.subject.ilike(pattern, escape="\\") | CrmEvent.body.ilike(pattern, escape="\\")
-        )
+        # Each word's stem anywhere in the subject or the memo (ILIKE: served by the pg_trgm GIN
+        # indexes on PostgreSQL), every word: docs/design.md, "Finnish text search".
+        for stem in search_stems(filters.text):
+            escaped = stem.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern = f"%{escaped}%"
+            query = query.where(
+                CrmEvent.subject.ilike(pattern, escape="\\")
+                | CrmEvent.body.ilike(pattern, escape="\\")
+            )
     if filters.unlinked:
         query = query.where(CrmEvent.link_state.in_(("unlinked", "ambiguous")))
     return query.order_by(CrmEvent.occurred_at.desc(), CrmEvent.id.desc())

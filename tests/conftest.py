@@ -154,6 +154,28 @@ def world(db: Session, ctx: StageContext) -> Session:
     return db
 
 
+@pytest.fixture
+def sqlite_world(tmp_path: Path) -> Iterator[tuple[Session, StageContext]]:
+    """The sample world on the embedded database (SQLite), rolled back at the end."""
+    from tasks.ingest.party import ingest_party
+
+    settings = Settings.embedded(tmp_path)
+    engine = migrated(settings)
+    ctx = StageContext(settings, "sqlite-world", "test")
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        for message in load_example("parties.json"):
+            ingest_party(session, ctx, message)
+        session.flush()
+        try:
+            yield session, ctx
+        finally:
+            session.close()
+            outer.rollback()
+    engine.dispose()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def redis_database() -> Iterator[str]:
     """Claim this session's Redis database before anything uses it; release it at the end."""

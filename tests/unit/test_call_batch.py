@@ -4,16 +4,13 @@ the same events, properties, party keys, participants, follow-ups, counts and ou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from config.settings import Settings
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.ledger import Delivery, InboundMessage, RejectedMessage
 from models.parties import EventPartyKey, Staff
@@ -22,9 +19,7 @@ from tasks import batch as batch_stage
 from tasks.batch import ingest_batch
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
-from tasks.ingest.party import ingest_party
 from tasks.maintenance import delete_event, reconcile
-from tests.conftest import load_example, migrated
 from tests.unit.test_call_followups import callback, missed
 
 QUEUES = {"crm.ingest.call": "crm.ingest.call"}
@@ -185,26 +180,6 @@ def both_ways(
     monkeypatch.setitem(batch_stage.STAGES, "call", (task_name, counted))
     run_batch(db, ctx, messages)
     return one_by_one, snapshot(db), by_stage
-
-
-@pytest.fixture
-def sqlite_world(tmp_path: Path) -> Iterator[tuple[Session, StageContext]]:
-    """The sample world on the embedded database (SQLite), rolled back at the end."""
-    settings = Settings.embedded(tmp_path)
-    engine = migrated(settings)
-    ctx = StageContext(settings, "sqlite-world", "test")
-    with engine.connect() as connection:
-        outer = connection.begin()
-        session = Session(bind=connection, join_transaction_mode="create_savepoint")
-        for message in load_example("parties.json"):
-            ingest_party(session, ctx, message)
-        session.flush()
-        try:
-            yield session, ctx
-        finally:
-            session.close()
-            outer.rollback()
-    engine.dispose()
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])

@@ -85,3 +85,30 @@ def test_source_is_the_sending_system_for_every_kind(world: Session, ctx: StageC
     with pytest.raises(BadInput) as raised:
         found(world, source="email")
     assert "--source-kind email" in raised.value.reason
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_finnish_word_finds_its_inflected_forms_and_the_compounds_it_is_in(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    """The visit's subject is "Huoltosopimuksen uusiminen" (the renewal of the service
+    contract), its memo speaks of "nykyisen sopimuksen vasteajat" and "tarjous"."""
+    if database == "sqlite":
+        world, ctx = request.getfixturevalue("sqlite_world")
+    else:
+        world, ctx = request.getfixturevalue("world"), request.getfixturevalue("ctx")
+    visit = load_example("visits/visit-with-memo.json")
+    ingest_visit(world, ctx, visit)
+    mine = {"source": visit["source_system"]}
+    for words in (
+        "huoltosopimus",  # the nominative finds the genitive of the subject
+        "Huoltosopimuksen",
+        "huoltosopimuksia",
+        "sopimus",  # a part of the compound, and the memo's "sopimuksen"
+        "uusimisesta huoltosopimus",  # every word, in any form and order
+        "tarjouksen",  # the memo's "tarjous"
+        "vasteaika",
+    ):
+        assert found(world, **mine, text=words) == [visit["visit_id"]], words
+    for words in ("vuosisopimus", "huoltosopimus hinnankorotus", "takuu"):
+        assert found(world, **mine, text=words) == [], words
