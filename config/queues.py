@@ -13,6 +13,7 @@ EMAIL_TASK = "crm.ingest.email"
 VISIT_TASK = "crm.ingest.visit"
 PARTY_TASK = "crm.ingest.party"
 TARGET_TASK = "crm.ingest.target"
+DOCUMENT_TASK = "crm.ingest.document"
 #: The task that takes ``crm.batch/1`` messages.
 BATCH_TASK = "crm.ingest.batch"
 REFRESH_SELLER_TASK = "crm.refresh.seller"
@@ -38,6 +39,8 @@ TASK_QUEUES: dict[str, str] = {
     PARTY_TASK: PARTY_QUEUE,
     # Targets are master data from the ERP, like parties: the same queue.
     TARGET_TASK: PARTY_QUEUE,
+    # Documents added to a stored event carry bytes, as emails do: the same queue.
+    DOCUMENT_TASK: EMAIL_QUEUE,
     # Batches (backfills, bursts) have a queue of their own: a year of CDRs being imported
     # never holds up today's calls.
     BATCH_TASK: BULK_QUEUE,
@@ -56,4 +59,5 @@ INGEST_TASKS: dict[str, str] = {
     "visit": VISIT_TASK,
     "party": PARTY_TASK,
     "target": TARGET_TASK,
+    "document": DOCUMENT_TASK,
 }

@@ -20,6 +20,7 @@ from config.logging import add_to_log_context
 from config.queues import (
     BATCH_TASK,
     CALL_TASK,
+    DOCUMENT_TASK,
     EMAIL_TASK,
     PARTY_TASK,
     RECONCILE_TASK,
@@ -35,6 +36,7 @@ from models.events import CrmEvent
 from tasks.batch import BatchResult, ingest_batch
 from tasks.errors import TRANSIENT_ERRORS
 from tasks.ingest.call import CallStageResult, ingest_call
+from tasks.ingest.document import ingest_document
 from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
@@ -111,6 +113,12 @@ def ingest_party_task(self: CrmTask, message: Any) -> str:
 def ingest_visit_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.visit: one customer visit report (DESIGN §5)."""
     return self.run_ingest(ingest_visit, message)
+
+
+@shared_task(name=DOCUMENT_TASK, base=CrmTask, bind=True)
+def ingest_document_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.document: documents added to a stored event (queue crm.ingest.email)."""
+    return self.run_ingest(ingest_document, message)
 
 
 @shared_task(name=TARGET_TASK, base=CrmTask, bind=True)

@@ -20,6 +20,10 @@ MESSAGES: dict[str, str] = {
     "party's complete record, keyed by its natural key: staff by username, "
     "customer by customer_number, contact by customer_number and email (or name). "
     "See docs/messages.md.",
+    "crm.document/1": "Documents (files) added to an event that is already stored, sent to the "
+    "Celery task crm.ingest.document (queue crm.ingest.email). The event is named as its "
+    "sender knows it: a call or a visit by its source_system and id, an email by its "
+    "Message-ID. See docs/messages.md.",
     "crm.target/1": "A weekly or monthly sales target (a count of events) for one seller in one "
     "category, valid from a date until a later target of the same kind replaces "
     "it. Pushed by the ERP to the Celery task crm.ingest.target (queue "
@@ -91,6 +95,22 @@ FIELDS: dict[str, dict[str, str]] = {
         "placeholder staff member.",
         "time_zone": "IANA time zone in which the staff member's weeks and months are counted.",
         "username": "The staff member's username (natural key).",
+    },
+    "crm.document/1": {
+        "documents": "The files, stored as documents of the event (an image as a photo, "
+        "anything else as an attachment); a file the event already has is not stored twice.",
+        "documents[].content_b64": "The file in standard base64 with padding, without line breaks.",
+        "documents[].filename": "The file's name; folders and unsafe characters are removed.",
+        "documents[].media_type": "Declared media type; the stored type is sniffed from the "
+        "content.",
+        "event": "The event the documents belong to.",
+        "event.id": "The call's call_id, the visit's visit_id or the email's Message-ID "
+        "(with or without its angle brackets).",
+        "event.kind": "call, email or visit.",
+        "event.source_system": "The system that sent the call or the visit (the one in its "
+        "messages); not used for an email.",
+        "note": "Why the documents were added; kept with each document.",
+        "source_system": "The system that sends the documents, for example erp.",
     },
     "crm.target/1": {
         "category": "Category code with sales_target, in the default catalogue "

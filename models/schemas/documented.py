@@ -32,6 +32,13 @@ RULES: dict[str, dict[str, Any]] = {
             {"required": ["raw_ref"], "properties": {"raw_ref": {"type": "string"}}},
         ]
     },
+    "crm.document/1 event": {
+        "if": {"required": ["kind"], "properties": {"kind": {"enum": ["call", "visit"]}}},
+        "then": {
+            "required": ["source_system"],
+            "properties": {"source_system": {"type": "string", "minLength": 1}},
+        },
+    },
     "crm.call/1 recording": {
         "if": {"type": "object"},
         "then": {

@@ -12,7 +12,7 @@ from typing import Any
 
 from marshmallow import Schema
 
-from models.schemas import call, email, party, target, visit
+from models.schemas import call, document, email, party, target, visit
 from models.schemas.common import load_message
 
 
@@ -64,5 +64,11 @@ MESSAGE_KINDS: dict[str, MessageKind] = {
         target.SCHEMA,
         target.TargetMessageSchema,
         target.load_target_message,
+    ),
+    "document": MessageKind(
+        "document",
+        document.SCHEMA,
+        document.DocumentMessageSchema,
+        document.load_document_message,
     ),
 }

@@ -30,6 +30,7 @@ from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery, FailedMessage, RejectedMessage
 from tasks.ingest.call import ingest_call
+from tasks.ingest.document import ingest_document
 from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
@@ -43,6 +44,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "visit": ingest_visit,
     "party": ingest_party,
     "target": ingest_target,
+    "document": ingest_document,
 }
 
 #: What a message may end as: an event outcome, or a rejection with its reason.

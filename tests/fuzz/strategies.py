@@ -417,6 +417,37 @@ def valid_target(names: Names) -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def valid_document(names: Names) -> st.SearchStrategy[dict[str, Any]]:
+    """Documents for the sample world's events (stored or not: both are valid messages)."""
+    call = st.fixed_dictionaries(
+        {
+            "kind": st.just("call"),
+            "source_system": st.sampled_from(["pbx-hki", "asterisk", "twilio"]),
+            "id": st.sampled_from(["c-2026-11-23-0001", "c-2026-11-24-0042"]) | _id_text(),
+        }
+    )
+    email = st.fixed_dictionaries(
+        {"kind": st.just("email"), "id": st.sampled_from(["<a@b.fi>", "x"]) | _id_text()}
+    )
+    file = st.fixed_dictionaries(
+        {
+            "filename": st.sampled_from(["offer.pdf", "../../etc/passwd", "a\\b.jpg", ".."])
+            | st.text(min_size=1, max_size=20),
+            "content_b64": st.binary(min_size=1, max_size=200).map(b64),
+        },
+        optional={"media_type": st.sampled_from(["application/pdf", "image/png", "x/y"])},
+    )
+    return st.fixed_dictionaries(
+        {
+            "schema": st.just("crm.document/1"),
+            "source_system": st.just("erp"),
+            "event": call | email,
+            "documents": st.lists(file, min_size=1, max_size=3),
+        },
+        optional={"note": _maybe(st.text(max_size=40))},
+    )
+
+
 def valid_email_message(
     raw: st.SearchStrategy[bytes], names: Names
 ) -> st.SearchStrategy[dict[str, Any]]:
@@ -511,5 +542,6 @@ def messages(
         "party": valid_party(names),
         "target": valid_target(names),
         "email": valid_email_message(raw_email, names),
+        "document": valid_document(names),
     }[kind]
     return st.one_of(valid, mutated(valid), mutated(valid), json_values).map(json_round_trip)

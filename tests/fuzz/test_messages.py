@@ -58,6 +58,7 @@ FOUND: dict[str, list[Any]] = {
         for kind in ("weekly", "monthly")
     ],
     "email": [],
+    "document": [],
 }
 
 
@@ -77,6 +78,7 @@ test_visit_messages = fuzz_kind("visit", 80)
 test_party_messages = fuzz_kind("party", 60)
 test_target_messages = fuzz_kind("target", 50)
 test_email_messages = fuzz_kind("email", 40)
+test_document_messages = fuzz_kind("document", 40)
 
 
 @pytest.mark.parametrize(

@@ -192,3 +192,42 @@ def test_a_json_lines_backfill_through_batches(loaded: LiveSystem, tmp_path: Pat
         "4 message(s) published in 2 batch(es): done 1, duplicate 2, rejected 1; 2 not imported"
     )
     assert "backfill.jsonl:2: not imported: not JSON" in again.stderr
+
+
+def test_a_document_before_its_call_is_kept_and_joins_it_when_replayed(
+    loaded: LiveSystem,
+) -> None:
+    """Out of order: the signed offer arrives before the call it belongs to. It is rejected
+    with the reason and kept; replayed once the call is stored, it joins the call."""
+    from base64 import b64encode
+
+    from models.documents import EventDocument
+    from workers.publish import wait_for
+
+    pdf = b"%PDF-1.4\n%\xc7\xec\x8f\xa2\ntrailer\n%%EOF\n"
+    document = {
+        "schema": "crm.document/1",
+        "source_system": "erp",
+        "event": {"kind": "call", "source_system": "pbx-hki", "id": "live-doc-1"},
+        "documents": [{"filename": "offer.pdf", "content_b64": b64encode(pdf).decode()}],
+    }
+    [early] = loaded.publish("document", [document])
+    assert early.outcome == "rejected"
+    rejected = loaded.rejected(early.task_id)
+    assert "no event for the call 'live-doc-1' of pbx-hki" in rejected.reason
+
+    [call] = loaded.publish("call", [outbound_call("live-doc-1", "2026-11-24T09:00:00+02:00")])
+    assert call.outcome == "stored"
+    replayed = loaded.cli("replay", f"rejected:{rejected.id}", "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    [entry] = json.loads(replayed.stdout)
+    done = wait_for(loaded.sessions, [entry["task_id"]], 60)
+    assert (done[entry["task_id"]].outcome, done[entry["task_id"]].event_id) == (
+        "stored",
+        call.event_id,
+    )
+    with loaded.sessions() as session:
+        names = session.scalars(
+            select(EventDocument.filename).where(EventDocument.event_id == call.event_id)
+        ).all()
+    assert names == ["offer.pdf"]

@@ -20,6 +20,7 @@ from models.schemas import (
     load_message,
     load_party_message,
 )
+from models.schemas.document import DocumentMessageSchema, load_document_message
 from models.schemas.documented import file_name, json_schema, rendered
 from models.schemas.kinds import MESSAGE_KINDS
 from models.schemas.party import PARTY_SCHEMAS
@@ -36,12 +37,14 @@ LOADERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "crm.visit": lambda m: load_message(VisitMessageSchema(), m, "crm.visit/1"),
     "crm.party": load_party_message,
     "crm.target": load_target_message,
+    "crm.document": load_document_message,
 }
 JSON_SCHEMAS = {
     "crm.call-1.schema.json": CallMessageSchema,
     "crm.email-1.schema.json": EmailMessageSchema,
     "crm.visit-1.schema.json": VisitMessageSchema,
     "crm.target-1.schema.json": TargetMessageSchema,
+    "crm.document-1.schema.json": DocumentMessageSchema,
 }
 
 

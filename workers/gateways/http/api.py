@@ -50,6 +50,7 @@ PLURALS = {
     "parties": "party",
     "targets": "target",
     "emails": "email",
+    "documents": "document",
 }
 #: Messages in one post; a larger batch is split by the sender.
 MAX_BATCH = 1000
