@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
+from models.events import CrmEvent
 from models.schemas.catalogue import load_catalogue_document
+from models.targets import Target
 from tasks.errors import BadInput
+from tasks.views import CardDefinition, card_definitions
 
 #: One of the code-and-names models (a type variable, so helpers keep the concrete class).
 Named = TypeVar("Named", bound=EventClass | EventType | EventProperty)
@@ -74,10 +79,33 @@ def _apply_named(
                 setattr(row, attr, item[field_name])
 
 
-def apply_catalogue(session: Session, document: dict[str, Any]) -> list[str]:
-    """Add or change what the document says (nothing is deleted); returns the changes."""
+@dataclass
+class CatalogueChange:
+    """What applying a catalogue document changes, and what that does to the sales tools."""
+
+    #: The fields changed ("category lead: sales_target False -> True").
+    changes: list[str] = field(default_factory=list)
+    #: What the changes do to existing events, targets and cards, in words.
+    impacts: list[str] = field(default_factory=list)
+    #: Whether some impact takes something away (targets that stop counting, events left with
+    #: a class or type no new event gets): applying it needs an explicit go-ahead.
+    destructive: bool = False
+
+
+def apply_catalogue(
+    session: Session,
+    document: dict[str, Any],
+    cards: Sequence[tuple[str, str]] = (),
+    today: date | None = None,
+) -> CatalogueChange:
+    """Add or change what the document says (nothing is deleted), in ``session``'s transaction;
+    returns the changes and their impact on targets, existing events and the seller view's
+    cards (``cards``: ``CRM_SELLER_CARDS``). The caller commits, or rolls back a dry run or a
+    destructive change not confirmed."""
     document = load_catalogue_document(document)
-    changes: list[str] = []
+    result = CatalogueChange()
+    changes = result.changes
+    cards_before = card_definitions(session, cards)
     for key, model in NAMED:
         _apply_named(session, key, model, document.get(key, []), changes)
     session.flush()
@@ -104,6 +132,76 @@ def apply_catalogue(session: Session, document: dict[str, Any]) -> list[str]:
         for attr, value in values.items():
             if value is not None and getattr(row, attr) != value:
                 changes.append(f"category {row.code}: {attr} {getattr(row, attr)!r} -> {value!r}")
+                _impact(session, row, attr, value, result, today or date.today())
                 setattr(row, attr, value)
     session.flush()
-    return changes
+    result.impacts += _card_changes(cards_before, card_definitions(session, cards))
+    return result
+
+
+def _impact(
+    session: Session,
+    category: Category,
+    attr: str,
+    value: Any,
+    result: CatalogueChange,
+    today: date,
+) -> None:
+    """What changing one field of ``category`` does to what is already there."""
+    code = category.code
+    if attr == "sales_target" and value is False:
+        in_force = session.execute(
+            select(Target.seller_id, Target.kind)
+            .where(Target.category_code == code, Target.valid_from <= today)
+            .distinct()
+        ).all()
+        sellers = len({seller for seller, _ in in_force})
+        if in_force:
+            result.destructive = True
+            result.impacts.append(
+                f"category {code}: {len(in_force)} target(s) in force for {sellers} seller(s) stop "
+                "counting: the category leaves the cards' targets, targets progress and the "
+                "managers' reports (the targets are kept, and count again if it is switched back)"
+            )
+        else:
+            result.impacts.append(f"category {code}: no target in force; nothing stops counting")
+    elif attr in ("default_class", "default_type"):
+        column = CrmEvent.class_code if attr == "default_class" else CrmEvent.type_code
+        old = getattr(category, attr)
+        kept = session.scalar(
+            select(func.count()).where(CrmEvent.category_code == code, column == old)
+        )
+        word = "class" if attr == "default_class" else "type"
+        if kept:
+            result.destructive = True
+            result.impacts.append(
+                f"category {code}: {kept} existing event(s) keep {word} {old} (events are not "
+                f"reclassified); new events get {value}, so statistics by {word} split the "
+                "category between the two"
+            )
+        else:
+            result.impacts.append(f"category {code}: no existing event has {word} {old}")
+    elif attr == "allow_selection" and value is False:
+        chosen = session.scalar(
+            select(func.count()).where(
+                CrmEvent.category_code == code, CrmEvent.class_code != category.default_class
+            )
+        )
+        result.impacts.append(
+            f"category {code}: {chosen} existing event(s) with a class chosen by their sender keep "
+            "it; a class named in later messages is refused with a note"
+        )
+
+
+def _card_changes(before: Sequence[CardDefinition], after: Sequence[CardDefinition]) -> list[str]:
+    """The seller view's cards that appear, go or change their title."""
+    old = {card.key: card for card in before}
+    new = {card.key: card for card in after}
+    lines = [f"card added: {new[key].title} ({key})" for key in new if key not in old]
+    lines += [f"card removed: {old[key].title} ({key})" for key in old if key not in new]
+    lines += [
+        f"card {key}: title {old[key].title!r} -> {new[key].title!r}"
+        for key in new
+        if key in old and old[key].title != new[key].title
+    ]
+    return lines

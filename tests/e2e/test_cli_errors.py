@@ -111,7 +111,10 @@ def test_each_catalogue_action_has_its_own_help(data_dir: Path) -> None:
     assert done.stdout.startswith("usage: crm-events catalogue show [-h] [--json]")
     assert "categories (kategoria)" in done.stdout
     done = crm_events(data_dir, "catalogue", "apply", "--help")
-    assert "usage: crm-events catalogue apply [-h] [--dry-run] [--json] [FILE]" in done.stdout
+    assert (
+        "usage: crm-events catalogue apply [-h] [--dry-run] [--force] [--json] [FILE]"
+        in done.stdout
+    )
 
 
 def test_worker_help_shows_celery_s_options_too(data_dir: Path) -> None:

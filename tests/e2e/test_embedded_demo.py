@@ -8,6 +8,7 @@ import email.policy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -239,3 +240,58 @@ def test_a_document_is_copied_out_as_it_arrived(demo_dir: Path, tmp_path: Path) 
     assert to_stdout.returncode == 0 and to_stdout.stdout == pdf
     missing = run(demo_dir, "document", "get", event, "no-such.pdf")
     assert missing.returncode == 1 and document["filename"] in missing.stderr
+
+
+def test_a_catalogue_change_says_what_it_does_to_the_sample_world(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """Visits stop taking targets and get another type; a new category `negotiation` of the
+    sales actions' type. The preview says which targets stop counting, which events keep their
+    type, which cards change; applying it needs --force."""
+    change = tmp_path / "catalogue.json"
+    change.write_text(
+        json.dumps(
+            {
+                "categories": [
+                    {"code": "customer_visit", "sales_target": False, "default_type": "crm_event"},
+                    {
+                        "code": "negotiation",
+                        "fi": "Neuvottelu",
+                        "en": "Negotiation",
+                        "default_class": "sales",
+                        "default_type": "sales_action",
+                        "allow_selection": False,
+                        "sales_target": True,
+                    },
+                ]
+            }
+        )
+    )
+    visits = run_json(demo_dir, "events", "--category", "customer_visit")
+    targets = json.loads((ROOT / "examples" / "targets.json").read_text())
+    visit_targets = [t for t in targets if t["category"] == "customer_visit"]
+
+    preview = run_json(demo_dir, "catalogue", "apply", str(change), "--dry-run")
+    assert preview["destructive"] is True and preview["applied"] is False
+    impacts = "\n".join(preview["impacts"])
+    assert (
+        f"category customer_visit: {len(visit_targets)} target(s) in force for "
+        f"{len({t['seller'] for t in visit_targets})} seller(s) stop counting"
+    ) in impacts
+    assert (
+        f"category customer_visit: {len(visits)} existing event(s) keep type customer_visit"
+    ) in impacts
+    assert "card added: Neuvottelu (negotiation)" in impacts
+    # Two categories of one type: each card is titled by its category, not twice by the type.
+    assert "card sales_action: title 'Myyntitoimenpiteet' -> 'Myyntitoimenpide'" in impacts
+
+    # Without --force nothing changes; with it, the change is made.
+    refused = run(demo_dir, "catalogue", "apply", str(change))
+    assert refused.returncode == 2 and "give --force to apply it" in refused.stderr
+    assert run_json(demo_dir, "catalogue", "show")["categories"][-1]["code"] != "negotiation"
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dir, copy)
+    forced = run(copy, "catalogue", "apply", str(change), "--force")
+    assert forced.returncode == 0, forced.stderr
+    shown = {c["code"]: c for c in run_json(copy, "catalogue", "show")["categories"]}
+    assert shown["customer_visit"]["sales_target"] is False and "negotiation" in shown

@@ -182,16 +182,33 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
         raise InputError(f"{args.file}: {exc}") from exc
     try:
         with transaction(rt.sessions) as session:
-            changes = apply_catalogue(session, document)
-            if args.dry_run:
+            result = apply_catalogue(session, document, rt.settings.seller_cards)
+            held_back = result.destructive and not args.force
+            if args.dry_run or held_back:
                 session.rollback()
     except BadInput as exc:  # the file's content is what is wrong
         raise InputError(f"{args.file}: {exc.reason}") from exc
+    applied = not (args.dry_run or held_back)
     if args.json:
-        emit_json({"dry_run": args.dry_run, "changes": changes})
+        emit_json(
+            {
+                "dry_run": args.dry_run,
+                "applied": applied and bool(result.changes),
+                "destructive": result.destructive,
+                "changes": result.changes,
+                "impacts": result.impacts,
+            }
+        )
     else:
-        for change in changes or ["no changes"]:
+        for change in result.changes or ["no changes"]:
             print(change)
+        for impact in result.impacts:
+            print(f"  impact: {impact}")
+    if held_back and not args.dry_run:
+        raise InputError(
+            f"{args.file}: not applied: the change takes something away (see the impact above); "
+            "give --force to apply it"
+        )
     return 0
 
 
@@ -316,7 +333,16 @@ def register(sub: Any, add: AddCommand) -> None:
     )
     apply.add_argument("file", nargs="?", metavar="FILE", help="the settings, as JSON")
     apply.add_argument(
-        "--dry-run", action="store_true", help="list what would change, change nothing"
+        "--dry-run",
+        action="store_true",
+        help="list what would change and its impact (targets that stop counting, events that "
+        "keep their class or type, cards that change), change nothing",
+    )
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a change that takes something away (targets that stop counting, existing "
+        "events left with a class or type new events no longer get)",
     )
     apply.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
