@@ -61,4 +61,5 @@ SOURCE_DEFAULT_CATEGORY: dict[str, str] = {
     "call": "crm_event",
     "email": "crm_event",
     "visit": "customer_visit",
+    "meeting": "crm_event",
 }

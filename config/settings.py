@@ -81,6 +81,9 @@ class Settings:
     #: ``link_state`` internal, and left out of cards, tallies, targets and statistics unless
     #: this is on. Every process (workers, the HTTP service, the command line) must agree.
     count_internal_calls: bool = False
+    #: The category of a meeting (an iCalendar invitation sent to the CRM address): ``auto``
+    #: (customer_visit when the location names the customer, else crm_event) or a category.
+    meeting_category: str = "auto"
     max_email_bytes: int = 40 * 1024 * 1024
     max_attachment_bytes: int = 25 * 1024 * 1024
     #: Caps on an email's MIME structure, checked before it is parsed.

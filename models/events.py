@@ -155,18 +155,25 @@ def counts(session: Session, event: CrmEvent) -> bool:
     return event.link_state != "internal" or counts_internal_calls(session)
 
 
+#: Kinds whose key's ``source_system`` is fixed (``email``, ``calendar``) so that one email or
+#: meeting through two gateways is one event: their sender is the gateway (``details``).
+DELIVERED_KINDS = ("email", "meeting")
+
+
 def sent_by(system: str) -> Any:
-    """Events that ``system`` sent: a call's or a visit's ``source_system``; for an email, the
-    gateway or mailbox that delivered it (its key's ``source_system`` is ``email`` for every
-    gateway, so that one email through two gateways is one event)."""
+    """Events that ``system`` sent: a call's or a visit's ``source_system``; for an email or a
+    meeting invitation, the gateway or mailbox that delivered it (see :data:`DELIVERED_KINDS`)."""
     return or_(
-        and_(CrmEvent.source_kind != "email", CrmEvent.source_system == system),
-        and_(CrmEvent.source_kind == "email", CrmEvent.details["gateway"].as_string() == system),
+        and_(CrmEvent.source_kind.not_in(DELIVERED_KINDS), CrmEvent.source_system == system),
+        and_(
+            CrmEvent.source_kind.in_(DELIVERED_KINDS),
+            CrmEvent.details["gateway"].as_string() == system,
+        ),
     )
 
 
 def source_of(event: CrmEvent) -> str:
     """The system that sent ``event`` (:func:`sent_by`)."""
-    if event.source_kind == "email":
+    if event.source_kind in DELIVERED_KINDS:
         return str((event.details or {}).get("gateway") or event.source_system)
     return event.source_system

@@ -252,7 +252,7 @@ def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
 
 
 #: What ``source_kind`` may be; a ``source`` of one of these is most likely meant as a kind.
-EVENT_KINDS = ("call", "email", "visit")
+EVENT_KINDS = ("call", "email", "visit", "meeting")
 
 
 def filters_from(values: dict[str, Any]) -> EventFilters:

@@ -42,6 +42,7 @@ from tasks.ingest.email_parse import (
     parse_email,
     raw_hash,
 )
+from tasks.ingest.meeting import find_invitation, ingest_meeting, might_hold_invitation
 from tasks.leads import apply_lead_rule
 from tasks.match import (
     customer_by_number,
@@ -98,6 +99,12 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     message["received_at"] = aware(
         message.get("received_at"), settings.zone, parsed.notes, "received_at"
     )
+    if not parsed.structure_refused and might_hold_invitation(raw):
+        # A calendar invitation (a negotiation booked by a seller) is a meeting, not a memo;
+        # calendar systems mark theirs Auto-Submitted, which is no auto-reply here.
+        invitation = find_invitation(raw, settings.zone)
+        if invitation is not None:
+            return ingest_meeting(session, ctx, message, payload, parsed, invitation, raw, digest)
     if parsed.auto_reply:
         raise BadInput(parsed.auto_reply, {"headers": [parsed.auto_reply]})
     if message.get("mail_from") == "":

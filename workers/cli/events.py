@@ -273,7 +273,7 @@ def register(sub: Any, add: AddCommand) -> None:
         ("--category", "CATEGORY", f"the category (kategoria): {by_name}"),
         ("--property", "PROPERTY", f"a property (ominaisuus): {by_name}"),
         ("--source", "SYSTEM", "the system that sent them: pbx-hki, field-app, an email gateway"),
-        ("--source-kind", "KIND", "the kind of event: call, email or visit"),
+        ("--source-kind", "KIND", "the kind of event: call, email, visit or meeting"),
         ("--text", "WORDS", "words in the subject or text"),
         ("--thread", "KEY", "an email thread's key (thread_key in --json)"),
     ):
