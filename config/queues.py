@@ -14,6 +14,7 @@ VISIT_TASK = "crm.ingest.visit"
 PARTY_TASK = "crm.ingest.party"
 TARGET_TASK = "crm.ingest.target"
 DOCUMENT_TASK = "crm.ingest.document"
+WORK_TASK_TASK = "crm.ingest.task"
 #: The task that takes ``crm.batch/1`` messages.
 BATCH_TASK = "crm.ingest.batch"
 REFRESH_SELLER_TASK = "crm.refresh.seller"
@@ -41,6 +42,8 @@ TASK_QUEUES: dict[str, str] = {
     TARGET_TASK: PARTY_QUEUE,
     # Documents added to a stored event carry bytes, as emails do: the same queue.
     DOCUMENT_TASK: EMAIL_QUEUE,
+    # Work tasks are small and come from the ERP or a field app, like master data.
+    WORK_TASK_TASK: PARTY_QUEUE,
     # Batches (backfills, bursts) have a queue of their own: a year of CDRs being imported
     # never holds up today's calls.
     BATCH_TASK: BULK_QUEUE,
@@ -60,4 +63,5 @@ INGEST_TASKS: dict[str, str] = {
     "party": PARTY_TASK,
     "target": TARGET_TASK,
     "document": DOCUMENT_TASK,
+    "task": WORK_TASK_TASK,
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, and_, or_
@@ -132,6 +132,36 @@ class FollowUp(Base):
     closed_by_event_id: Mapped[int | None] = mapped_column(
         ForeignKey("crm_event.id", ondelete="SET NULL")
     )
+
+
+class WorkTask(Base):
+    """A work task on an event: something someone must do about it (send the offer, call back),
+    by a due date, done or not yet. Set by a ``crm.task/1`` message, the command line or the
+    API; closed by hand."""
+
+    __tablename__ = "work_task"
+    __table_args__ = (
+        # A sender's own id for its task: a later message with it changes the same task.
+        UniqueConstraint("source_system", "source_id"),
+        Index("ix_work_task_assignee_id_state_due_date", "assignee_id", "state", "due_date"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("crm_event.id", ondelete="CASCADE"), index=True
+    )
+    assignee_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"))
+    title: Mapped[str] = mapped_column(String(500))
+    due_date: Mapped[date | None]
+    #: open | done
+    state: Mapped[str] = mapped_column(String(10), default="open")
+    #: Who set it: ``cli:<user>``, ``api:<token name>`` or a message's ``source_system``.
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]
+    done_by: Mapped[str | None] = mapped_column(String(200))
+    source_system: Mapped[str | None] = mapped_column(String(100))
+    source_id: Mapped[str | None] = mapped_column(String(200))
 
 
 def counted(session: Session) -> tuple[Any, ...]:

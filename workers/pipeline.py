@@ -30,6 +30,7 @@ from config.queues import (
     TARGET_TASK,
     TASK_QUEUES,
     VISIT_TASK,
+    WORK_TASK_TASK,
 )
 from models.db import snapshot, transaction
 from models.events import CrmEvent
@@ -56,6 +57,7 @@ from tasks.telephony.recordings import (
     pending_entry,
     store_recording,
 )
+from tasks.work import ingest_task
 from workers.base import CrmTask, request_refresh
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,12 @@ def ingest_visit_task(self: CrmTask, message: Any) -> str:
 def ingest_document_task(self: CrmTask, message: Any) -> str:
     """crm.ingest.document: documents added to a stored event (queue crm.ingest.email)."""
     return self.run_ingest(ingest_document, message)
+
+
+@shared_task(name=WORK_TASK_TASK, base=CrmTask, bind=True)
+def ingest_work_task(self: CrmTask, message: Any) -> str:
+    """crm.ingest.task: a work task on a stored event (queue crm.ingest.party)."""
+    return self.run_ingest(ingest_task, message)
 
 
 @shared_task(name=TARGET_TASK, base=CrmTask, bind=True)

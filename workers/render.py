@@ -29,6 +29,26 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(t)
 
 
+def tasks_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """Work tasks: overdue ones marked."""
+    table(
+        title,
+        ["id", "due", "task", "assignee", "event", "customer", "state"],
+        [
+            [
+                r["id"],
+                (r["due"] or "–") + (" (myöhässä / overdue)" if r["overdue"] else ""),
+                brief(r["title"], 120),
+                r["assignee"] or "–",
+                f"{r['event_id']}: {brief(r['event_subject'], 60)}",
+                r["customer_number"] or "–",
+                r["state"],
+            ]
+            for r in rows
+        ],
+    )
+
+
 def events_table(title: str, events: list[dict[str, Any]]) -> None:
     table(
         title,

@@ -24,6 +24,10 @@ MESSAGES: dict[str, str] = {
     "Celery task crm.ingest.document (queue crm.ingest.email). The event is named as its "
     "sender knows it: a call or a visit by its source_system and id, an email by its "
     "Message-ID. See docs/messages.md.",
+    "crm.task/1": "A work task on an event that is already stored (send the offer, call back), "
+    "for a staff member, by a date; sent to the Celery task crm.ingest.task (queue "
+    "crm.ingest.party). A later message with the same source_system and task_id changes the "
+    "task or marks it done. See docs/messages.md.",
     "crm.target/1": "A weekly or monthly sales target (a count of events) for one seller in one "
     "category, valid from a date until a later target of the same kind replaces "
     "it. Pushed by the ERP to the Celery task crm.ingest.target (queue "
@@ -111,6 +115,23 @@ FIELDS: dict[str, dict[str, str]] = {
         "messages); not used for an email.",
         "note": "Why the documents were added; kept with each document.",
         "source_system": "The system that sends the documents, for example erp.",
+    },
+    "crm.task/1": {
+        "assignee": "Who is to do it: a staff member's username, email address or extension; "
+        "default: the event's seller.",
+        "done": "true: the task is done (closing it); false: open (opening it again).",
+        "due": "The day it is due; missing: no due date.",
+        "event": "The event the task is about.",
+        "event.id": "The call's call_id, the visit's visit_id or the email's Message-ID "
+        "(with or without its angle brackets).",
+        "event.kind": "call, email or visit.",
+        "event.source_system": "The system that sent the call or the visit (the one in its "
+        "messages); not used for an email.",
+        "source_system": "The system that sends the task, for example erp; with task_id, the "
+        "task's identity.",
+        "task_id": "The sender's own id for the task: a later message with it changes the "
+        "same task; missing: every message is a new task.",
+        "title": "What is to be done.",
     },
     "crm.target/1": {
         "category": "Category code with sales_target, in the default catalogue "

@@ -12,7 +12,7 @@ from typing import Any
 
 from marshmallow import Schema
 
-from models.schemas import call, document, email, party, target, visit
+from models.schemas import call, document, email, party, target, task, visit
 from models.schemas.common import load_message
 
 
@@ -71,4 +71,5 @@ MESSAGE_KINDS: dict[str, MessageKind] = {
         document.DocumentMessageSchema,
         document.load_document_message,
     ),
+    "task": MessageKind("task", task.SCHEMA, task.TaskMessageSchema, task.load_task_message),
 }

@@ -10,49 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.events import CrmEvent
 from models.schemas.common import load_message, shared_schema
 from models.schemas.document import SCHEMA, DocumentMessageSchema
 from tasks.attach import attach
 from tasks.context import StageContext
-from tasks.errors import BadInput
-from tasks.ingest.email import EMAIL_SOURCE_SYSTEM
+from tasks.references import referenced_event
 from tasks.store import StageResult, record_inbound, upsert_key
 
 
 def ingest_document(session: Session, ctx: StageContext, payload: Any) -> StageResult:
     message = load_message(shared_schema(DocumentMessageSchema), payload, SCHEMA)
-    reference = message["event"]
-    kind = reference["kind"]
-    if kind == "email":
-        system, source_id = EMAIL_SOURCE_SYSTEM, reference["id"].strip().strip("<>").strip()
-        named = f"the email {source_id!r}"
-    else:
-        system, source_id = reference["source_system"], reference["id"]
-        named = f"the {kind} {source_id!r} of {system}"
-    event = session.scalar(
-        select(CrmEvent).where(
-            CrmEvent.source_system == system,
-            CrmEvent.source_kind == kind,
-            CrmEvent.source_id == source_id,
-        )
-    )
-    if event is None:
-        reason = (
-            f"no event for {named}: documents are added to stored events; replay this "
-            "message once the event is stored"
-        )
-        raise BadInput(reason, {"event": [reason]})
+    event = referenced_event(session, message["event"], "documents")
     inbound = record_inbound(
         session,
         idempotency_key=upsert_key("document", ctx, payload),
         schema=SCHEMA,
         source_kind="document",
         source_system=message["source_system"],
-        source_id=f"{kind}:{system}:{source_id}",
+        source_id=f"{event.source_kind}:{event.source_system}:{event.source_id}",
         # The ledger keeps what was sent, not the files themselves (they are the documents).
         payload={
             **payload,

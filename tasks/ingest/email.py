@@ -51,6 +51,7 @@ from tasks.match import (
     match_addresses,
 )
 from tasks.periods import aware
+from tasks.references import EMAIL_KEY_SYSTEM
 from tasks.relink import recheck_open_event
 from tasks.store import (
     StageResult,
@@ -71,7 +72,7 @@ CUSTOMER_NUMBER = re.compile(
 )
 
 #: Emails are one event per Message-ID whichever gateway or mailbox delivered them.
-EMAIL_SOURCE_SYSTEM = "email"
+EMAIL_SOURCE_SYSTEM = EMAIL_KEY_SYSTEM
 
 #: Attachments that a browser would render as a page: stored sanitised, never as sent.
 HTML_TYPES = {"text/html", "application/xhtml+xml"}

@@ -218,3 +218,20 @@ def test_the_seller_view_on_a_phone(browser: Browser, screens: Screens) -> None:
     page.goto(f"{screens.base}/board")  # the language is remembered
     expect(page.locator("h1")).to_contain_text("Board")
     page.context.close()
+
+
+def test_the_seller_s_overdue_tasks_are_shown_above_the_cards(
+    browser: Browser, screens: Screens
+) -> None:
+    event = screens.cli_json("events", "--seller", "anna")[0]["id"]
+    overdue = (date.today().toordinal() - 2, "Soita Matille takaisin")
+    due = date.fromordinal(overdue[0]).isoformat()
+    added = screens.cli("task", "add", str(event), "--title", overdue[1], "--due", due)
+    assert added.returncode == 0, added.stderr
+    page = signed_in(browser, screens, screens.tokens["anna-screen"], "/sellers/anna")
+    task = page.locator("section.tasks li.task", has_text=overdue[1])
+    expect(task).to_be_visible()
+    expect(task).to_have_class(re.compile(r"\boverdue\b"))
+    expect(task.locator(".due")).to_contain_text("myöhässä")
+    shot(page, "seller-view-tasks")
+    page.context.close()

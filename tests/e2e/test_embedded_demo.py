@@ -295,3 +295,23 @@ def test_a_catalogue_change_says_what_it_does_to_the_sample_world(
     assert forced.returncode == 0, forced.stderr
     shown = {c["code"]: c for c in run_json(copy, "catalogue", "show")["categories"]}
     assert shown["customer_visit"]["sales_target"] is False and "negotiation" in shown
+
+
+def test_a_work_task_by_hand_shows_on_the_seller_view_until_done(demo_dir: Path) -> None:
+    event = run_json(demo_dir, "events", "--seller", "anna")[0]["id"]
+    yesterday = (datetime.now().date() - timedelta(days=1)).isoformat()
+    added = run(
+        demo_dir, "task", "add", str(event), "--title", "Lähetä tarjous", "--due", yesterday
+    )
+    assert added.returncode == 0, added.stderr
+    [task] = [t for t in run_json(demo_dir, "task", "list") if t["title"] == "Lähetä tarjous"]
+    assert (task["assignee"], task["event_id"], task["overdue"]) == ("anna", event, True)
+    view = run(demo_dir, "seller-view", "anna").stdout
+    assert "Lähetä tarjous" in view and "myöhässä / overdue" in view
+
+    assert run(demo_dir, "task", "done", str(task["id"])).returncode == 0
+    assert "Lähetä tarjous" not in run(demo_dir, "seller-view", "anna").stdout
+    [done] = run_json(demo_dir, "task", "list", "--state", "done")
+    assert (done["id"], done["state"], done["done_by"][:3]) == (task["id"], "done", "cli")
+    refused = run(demo_dir, "task", "add", str(event), "--title", "x", "--assignee", "nobody")
+    assert refused.returncode == 1 and "no staff member 'nobody'" in refused.stderr

@@ -35,6 +35,7 @@ from tasks.ingest.email import ingest_email
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
 from tasks.targets import ingest_target
+from tasks.work import ingest_task
 from tests.conftest import TemporaryDatabase, load_example, migrated
 from workers.app import create_app
 
@@ -45,6 +46,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "party": ingest_party,
     "target": ingest_target,
     "document": ingest_document,
+    "task": ingest_task,
 }
 
 #: What a message may end as: an event outcome, or a rejection with its reason.

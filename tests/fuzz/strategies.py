@@ -448,6 +448,30 @@ def valid_document(names: Names) -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def valid_task(names: Names) -> st.SearchStrategy[dict[str, Any]]:
+    """Work tasks on the sample world's events (stored or not), made or changed by task_id."""
+    return st.fixed_dictionaries(
+        {
+            "schema": st.just("crm.task/1"),
+            "source_system": st.just("erp"),
+            "event": st.fixed_dictionaries(
+                {
+                    "kind": st.just("call"),
+                    "source_system": st.just("pbx-hki"),
+                    "id": st.sampled_from(["c-2026-11-23-0001", "c-2026-11-24-0042"]),
+                }
+            ),
+            "title": st.text(min_size=1, max_size=40),
+        },
+        optional={
+            "task_id": _maybe(st.sampled_from(["t-1", "t-2"])),
+            "assignee": _maybe(st.sampled_from(names.staff) | st.text(max_size=10)),
+            "due": _maybe(st.dates().map(lambda day: day.isoformat())),
+            "done": st.booleans(),
+        },
+    )
+
+
 def valid_email_message(
     raw: st.SearchStrategy[bytes], names: Names
 ) -> st.SearchStrategy[dict[str, Any]]:
@@ -543,5 +567,6 @@ def messages(
         "target": valid_target(names),
         "email": valid_email_message(raw_email, names),
         "document": valid_document(names),
+        "task": valid_task(names),
     }[kind]
     return st.one_of(valid, mutated(valid), mutated(valid), json_values).map(json_round_trip)

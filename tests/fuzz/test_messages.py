@@ -59,6 +59,7 @@ FOUND: dict[str, list[Any]] = {
     ],
     "email": [],
     "document": [],
+    "task": [],
 }
 
 
@@ -79,6 +80,7 @@ test_party_messages = fuzz_kind("party", 60)
 test_target_messages = fuzz_kind("target", 50)
 test_email_messages = fuzz_kind("email", 40)
 test_document_messages = fuzz_kind("document", 40)
+test_task_messages = fuzz_kind("task", 40)
 
 
 @pytest.mark.parametrize(

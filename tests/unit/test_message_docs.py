@@ -25,6 +25,7 @@ from models.schemas.documented import file_name, json_schema, rendered
 from models.schemas.kinds import MESSAGE_KINDS
 from models.schemas.party import PARTY_SCHEMAS
 from models.schemas.target import TargetMessageSchema, load_target_message
+from models.schemas.task import TaskMessageSchema, load_task_message
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 MESSAGES_MD = (DOCS / "messages.md").read_text(encoding="utf-8")
@@ -38,6 +39,7 @@ LOADERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "crm.party": load_party_message,
     "crm.target": load_target_message,
     "crm.document": load_document_message,
+    "crm.task": load_task_message,
 }
 JSON_SCHEMAS = {
     "crm.call-1.schema.json": CallMessageSchema,
@@ -45,6 +47,7 @@ JSON_SCHEMAS = {
     "crm.visit-1.schema.json": VisitMessageSchema,
     "crm.target-1.schema.json": TargetMessageSchema,
     "crm.document-1.schema.json": DocumentMessageSchema,
+    "crm.task-1.schema.json": TaskMessageSchema,
 }
 
 

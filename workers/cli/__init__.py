@@ -26,6 +26,7 @@ from workers.cli import (
     service,
     targets,
     telephony,
+    work,
 )
 from workers.cli.common import (
     CommandError,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         messages,
         events,
         documents,
+        work,
         targets,
         parties,
         telephony,

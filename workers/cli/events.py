@@ -102,12 +102,17 @@ def cmd_seller_view(args: argparse.Namespace, rt: Runtime) -> int:
             raise CommandError(f"no staff member {args.username!r}")
         moment = view_moment(args.period, zone_of(staff))
         cards = seller_cards(session, staff, now=moment, cards=rt.settings.seller_cards)
+        from tasks.work import seller_tasks
+
+        due = seller_tasks(session, staff, moment.astimezone(zone_of(staff)).date())
     if args.json:
         emit_json(cards)
     else:
-        from workers.render import seller_view
+        from workers.render import seller_view, tasks_table
 
         seller_view(staff.username, staff.name, cards)
+        if due:
+            tasks_table("Tehtävät / tasks overdue or due within a week", due)
     return 0
 
 

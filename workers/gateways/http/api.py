@@ -38,6 +38,7 @@ from tasks.history import customer_history
 from tasks.periods import validate_period, view_moment
 from tasks.search import MAX_LIMIT, filters_from, search_events
 from tasks.views import events_json, seller_cards, staff_by_username, targets_progress, zone_of
+from tasks.work import task_rows
 from workers.gateways.http.auth import identify, require
 from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
@@ -51,6 +52,7 @@ PLURALS = {
     "targets": "target",
     "emails": "email",
     "documents": "document",
+    "tasks": "task",
 }
 #: Messages in one post; a larger batch is split by the sender.
 MAX_BATCH = 1000
@@ -314,6 +316,21 @@ async def get_targets_progress(request: Request) -> JSONResponse:
     return JSONResponse(await run_in_threadpool(load))
 
 
+async def get_tasks(request: Request) -> JSONResponse:
+    await principal_for(request, "read")
+    service = service_of(request)
+    assignee = request.query_params.get("assignee")
+    state = request.query_params.get("state") or "open"
+    if state not in ("open", "done", "all"):
+        raise Problem(400, f"state is open, done or all, not {state[:20]!r}")
+
+    def load() -> list[dict[str, Any]]:
+        with service.sessions() as session:
+            return task_rows(session, assignee=assignee, state=state)
+
+    return JSONResponse(await run_in_threadpool(load))
+
+
 ROUTES = [
     *(Route(f"/v1/{plural}", producer(kind), methods=["POST"]) for plural, kind in PLURALS.items()),
     Route("/v1/events", list_events, methods=["GET"]),
@@ -322,4 +339,5 @@ ROUTES = [
     Route("/v1/customers/{number:str}/history", get_history, methods=["GET"]),
     Route("/v1/sellers/{username:str}/view", get_seller_view, methods=["GET"]),
     Route("/v1/targets/progress", get_targets_progress, methods=["GET"]),
+    Route("/v1/tasks", get_tasks, methods=["GET"]),
 ]

@@ -389,6 +389,30 @@ def build_spec() -> APISpec:
         },
     )
     spec.path(
+        path="/v1/tasks",
+        operations={
+            "get": {
+                "tags": ["readers"],
+                "summary": "Work tasks, overdue first",
+                "description": "As crm-events task list --json: each task with its event, "
+                "assignee, due day, state and whether it is overdue.",
+                "security": READ,
+                "parameters": [
+                    {"name": "assignee", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["open", "done", "all"]},
+                    },
+                ],
+                "responses": {
+                    "200": _json("The tasks.", {"type": "array", "items": {"type": "object"}}),
+                    **STANDARD,
+                },
+            }
+        },
+    )
+    spec.path(
         path="/v1/stream/sellers/{username}",
         operations={
             "get": {

@@ -41,6 +41,7 @@ from tasks.views import (
     target_categories,
     zone_of,
 )
+from tasks.work import seller_tasks
 from workers.gateways.http.api import moment_of
 from workers.gateways.http.auth import check_csrf, identify
 from workers.gateways.http.limits import Problem, read_body
@@ -103,8 +104,9 @@ class Formats:
         moment = datetime.fromisoformat(value) if isinstance(value, str) else value
         return format_datetime(moment, "short", tzinfo=self.zone, locale=self.locale)
 
-    def day(self, value: date | datetime) -> str:
-        return format_date(value, "medium", locale=self.locale)
+    def day(self, value: str | date | datetime) -> str:
+        day = date.fromisoformat(value) if isinstance(value, str) else value
+        return format_date(day, "medium", locale=self.locale)
 
     def number(self, value: float | int | None) -> str:
         return "–" if value is None else format_decimal(value, locale=self.locale)
@@ -188,7 +190,9 @@ def seller_view_data(service: Any, username: str, period: str | None) -> dict[st
             ).all()
         )
         manager = session.get(Staff, staff.manager_id) if staff.manager_id else None
+        tasks = seller_tasks(session, staff, moment.astimezone(zone).date())
         return {
+            "tasks": tasks,
             "staff": {"username": staff.username, "name": staff.name, "role": staff.role},
             "manager": manager.username if manager else None,
             "zone": zone,
