@@ -34,6 +34,23 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(cfg, "heads")
 
 
+def schema_behind(engine: Engine) -> str | None:
+    """What is wrong when the database's schema is not this release's (never migrated, or
+    migrated by an older release), else None: a worker or a command on an old schema fails
+    at its first new table, far from the cause."""
+    from alembic.script import ScriptDirectory
+
+    wanted = set(ScriptDirectory.from_config(alembic_config(engine)).get_heads())
+    with engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+    if current == wanted:
+        return None
+    if not current:
+        return "the database has no schema yet"
+    have, need = ", ".join(sorted(current)), ", ".join(sorted(wanted))
+    return f"the database schema is at {have}; this release needs {need}"
+
+
 def schema_drift(engine: Engine) -> list[object]:
     """Differences between the models and the migrated schema (empty when they agree)."""
     with engine.connect() as connection:

@@ -191,3 +191,28 @@ def test_a_target_set_again_leaves_a_trace_and_reports_go_to_managers(tmp_path: 
     refused = crm_events(tmp_path, "report", "targets", "--kind", "weekly", "--manager", "anna")
     assert refused.returncode == 1 and refused.stdout == ""
     assert "anna is a seller, not a manager; reports go to the managers: helena" in refused.stderr
+
+
+def test_an_old_schema_says_to_run_init_db(tmp_path: Path) -> None:
+    """An upgrade without init-db: commands and the worker say what to do, not which table
+    is missing."""
+    from alembic import command
+
+    from config.settings import Settings
+    from models.db import create_db_engine
+    from models.migrate import alembic_config
+
+    engine = create_db_engine(Settings.embedded(tmp_path))
+    cfg = alembic_config(engine)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0009_target_changes")
+    engine.dispose()
+    said = "the database schema is at 0009_target_changes; this release needs 0010_work_tasks"
+    for args in (["task", "list"], ["worker"]):
+        old = crm_events(tmp_path, *args)
+        assert old.returncode == 2, old.stderr
+        assert said in old.stderr and "run crm-events init-db" in old.stderr
+    assert crm_events(tmp_path, "init-db").returncode == 0
+    listed = crm_events(tmp_path, "task", "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []

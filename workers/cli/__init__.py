@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schema_behind(runtime: Runtime, exc: Exception) -> str | None:
+    """For a database error: whether the schema is older than this release (an upgrade
+    without init-db), the usual cause of a missing table or column."""
+    if not type(exc).__module__.startswith("sqlalchemy"):
+        return None
+    try:
+        from models.migrate import schema_behind
+
+        return schema_behind(runtime.engine)
+    except Exception:  # the database itself is the problem: the error says so already
+        return None
+
+
 #: Commands whose unknown options are Celery's (``crm-events worker -Q crm.refresh -c 4``).
 PASSTHROUGH_COMMANDS = ("worker", "beat", "flower")
 
@@ -116,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_signing_error(exc):
             # A key, certificate or trusted store of CRM_SIGNING_* that cannot be used.
             print(f"crm-events: message signing: {exc}", file=sys.stderr)
+            return 2
+        behind = _schema_behind(runtime, exc)
+        if behind:
+            print(f"crm-events: {behind}: run crm-events init-db", file=sys.stderr)
             return 2
         # A failure of the system (a server gone, a bug): one line for the user, and where it
         # happened for whoever runs it again with CRM_LOG_LEVEL=DEBUG.

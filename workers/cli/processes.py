@@ -31,7 +31,23 @@ def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+def require_current_schema(rt: Runtime) -> None:
+    """Refuse to start on a schema this release does not know (an upgrade without init-db);
+    a database that does not answer yet is the worker's to wait for, as at any other time."""
+    from sqlalchemy.exc import OperationalError
+
+    from models.migrate import schema_behind
+
+    try:
+        behind = schema_behind(rt.engine)
+    except OperationalError:
+        return
+    if behind:
+        raise InputError(f"{behind}: run crm-events init-db first (docs/operations.md, Upgrading)")
+
+
 def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
+    require_current_schema(rt)
     argv = ["worker", *args.celery_args]
     if not any(
         a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in args.celery_args

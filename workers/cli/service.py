@@ -10,8 +10,10 @@ from workers.cli.common import AddCommand, Runtime, emit_json
 
 
 def cmd_serve(args: argparse.Namespace, rt: Runtime) -> int:
+    from workers.cli.processes import require_current_schema
     from workers.gateways.http import serve
 
+    require_current_schema(rt)
     return serve(rt.settings, args.host, args.port)
 
 
