@@ -53,7 +53,7 @@ class CrmEvent(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     source_system: Mapped[str] = mapped_column(String(100))
-    #: call | email | visit
+    #: call | email | visit | meeting
     source_kind: Mapped[str] = mapped_column(String(20))
     source_id: Mapped[str] = mapped_column(String(500))
 
@@ -84,6 +84,12 @@ class CrmEvent(Base):
     ended_at: Mapped[datetime | None]
     duration_s: Mapped[int | None]
     thread_key: Mapped[str | None] = mapped_column(String(500), index=True)
+    #: The ERP's project the event belongs to (Lemonsoft's CRM event carries it), and the offer
+    #: it concerns: given by the messages, searched by number.
+    project_number: Mapped[str | None] = mapped_column(String(40), index=True)
+    project_name: Mapped[str | None] = mapped_column(String(200))
+    offer_number: Mapped[str | None] = mapped_column(String(40), index=True)
+    offer_url: Mapped[str | None] = mapped_column(String(1000))
     cancelled: Mapped[bool] = mapped_column(default=False)
     #: Source-specific facts that do not deserve a column (raw numbers, merged call state).
     details: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)

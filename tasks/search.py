@@ -45,6 +45,8 @@ class EventFilters:
     until: date | None = None
     text: str | None = None
     thread: str | None = None
+    project: str | None = None
+    offer: str | None = None
     unlinked: bool = False
 
     @classmethod
@@ -113,6 +115,8 @@ def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
         (filters.category, CrmEvent.category_code),
         (filters.source_kind, CrmEvent.source_kind),
         (filters.thread, CrmEvent.thread_key),
+        (filters.project, CrmEvent.project_number),
+        (filters.offer, CrmEvent.offer_number),
     ):
         if value:
             query = query.where(column == value)

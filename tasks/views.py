@@ -121,6 +121,11 @@ def events_json(
                 "body": e.body,
                 # Where a visit took place (crm.visit/1 location); null for calls and emails.
                 "location": (e.details or {}).get("location"),
+                # The ERP's project and offer, when the messages named them.
+                "project_number": e.project_number,
+                "project_name": e.project_name,
+                "offer_number": e.offer_number,
+                "offer_url": e.offer_url,
                 "status": e.status,
                 "cancelled": e.cancelled,
                 "thread_key": e.thread_key,

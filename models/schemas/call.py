@@ -6,7 +6,15 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import RAISE, Base64Bytes, Code, CodeList, MessageSchema, Text, Time
+from models.schemas.common import (
+    RAISE,
+    Base64Bytes,
+    Code,
+    CodeList,
+    ErpReferencesSchema,
+    Text,
+    Time,
+)
 
 SCHEMA = "crm.call/1"
 
@@ -37,7 +45,7 @@ class RecordingSchema(Schema):
             raise ValidationError("give exactly one of url and content_b64")
 
 
-class CallMessageSchema(MessageSchema):
+class CallMessageSchema(ErpReferencesSchema):
     schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
     call_id = Text(required=True, max_length=200)
     # Unknown provider statuses are kept raw: never a reason to drop the call.

@@ -123,6 +123,20 @@ class MessageSchema(Schema):
     source_system = Text(required=True, max_length=100)
 
 
+class ErpReferencesSchema(MessageSchema):
+    """The ERP's project an event belongs to and the offer it concerns (optional, v1 additive):
+    calls, visits and emails carry them alike."""
+
+    project_number = Text(max_length=40, allow_none=True)
+    project_name = Text(max_length=200, allow_none=True)
+    offer_number = Text(max_length=40, allow_none=True)
+    offer_url = fields.Url(schemes={"http", "https"}, allow_none=True)
+
+
+#: The event columns of :class:`ErpReferencesSchema`.
+ERP_REFERENCES = ("project_number", "project_name", "offer_number", "offer_url")
+
+
 class AttachmentSchema(Schema):
     class Meta:
         unknown = RAISE

@@ -43,6 +43,11 @@ MESSAGES: dict[str, str] = {
 #: Of each field, by schema name and field path.
 FIELDS: dict[str, dict[str, str]] = {
     "crm.call/1": {
+        "offer_number": "The number of the offer the event concerns (in the ERP).",
+        "offer_url": "A link to the offer (http or https).",
+        "project_name": "The name of the ERP's project the event belongs to.",
+        "project_number": "The number of the ERP's project the event belongs to; "
+        "the latest non-empty value of the call's updates is kept.",
         "agent": "The staff member who handled the call: username, extension or email address.",
         "call_id": "The provider's id of the call, unique within source_system.",
         "category": "Category code, for example sales_action.",
@@ -70,6 +75,11 @@ FIELDS: dict[str, dict[str, str]] = {
         "type": "Type code; used only where the category allows selection.",
     },
     "crm.email/1": {
+        "offer_number": "The number of the offer the event concerns (in the ERP).",
+        "offer_url": "A link to the offer (http or https).",
+        "project_name": "The name of the ERP's project the event belongs to.",
+        "project_number": "The number of the ERP's project the event belongs to; "
+        "the first copy's values are kept.",
         "mail_from": "The envelope sender (SMTP MAIL FROM).",
         "raw_b64": "The complete raw message (headers, body, attachments) in standard "
         "base64 with padding, without line breaks.",
@@ -151,6 +161,11 @@ FIELDS: dict[str, dict[str, str]] = {
         "to have in each period.",
     },
     "crm.visit/1": {
+        "offer_number": "The number of the offer the event concerns (in the ERP).",
+        "offer_url": "A link to the offer (http or https).",
+        "project_name": "The name of the ERP's project the event belongs to.",
+        "project_number": "The number of the ERP's project the event belongs to; "
+        "the latest message's values are the visit's.",
         "attachments": "Photos and files, stored as documents of the event.",
         "attachments[].content_b64": "The file in standard base64 with padding, "
         "without line breaks.",

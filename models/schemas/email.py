@@ -6,12 +6,12 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import Base64Bytes, MessageSchema, Text, Time
+from models.schemas.common import Base64Bytes, ErpReferencesSchema, Text, Time
 
 SCHEMA = "crm.email/1"
 
 
-class EmailMessageSchema(MessageSchema):
+class EmailMessageSchema(ErpReferencesSchema):
     schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
     raw_b64 = Base64Bytes(allow_none=True, allow_empty=False)
     #: SHA-256 of a raw message our own SMTP gateway already stored as a document.

@@ -7,12 +7,19 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from models.schemas.common import AttachmentSchema, Code, CodeList, MessageSchema, Text, Time
+from models.schemas.common import (
+    AttachmentSchema,
+    Code,
+    CodeList,
+    ErpReferencesSchema,
+    Text,
+    Time,
+)
 
 SCHEMA = "crm.visit/1"
 
 
-class VisitMessageSchema(MessageSchema):
+class VisitMessageSchema(ErpReferencesSchema):
     schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
     visit_id = Text(required=True, max_length=200)
     seller = Text(required=True, max_length=320)

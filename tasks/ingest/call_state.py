@@ -24,6 +24,7 @@ from models.events import CrmEvent, FollowUp
 from models.ledger import InboundMessage
 from models.parties import Staff
 from models.schemas.call import STATUS_RANK
+from models.schemas.common import ERP_REFERENCES
 from tasks.classify import Classification, ClassificationRequest, classify
 from tasks.context import StageContext
 from tasks.match import (
@@ -63,6 +64,7 @@ MERGED_FIELDS = (
     "class",
     "type",
     "customer_number",
+    *ERP_REFERENCES,
 )
 #: Times: like the merged fields, and a time without an offset never replaces one with an offset.
 TIME_FIELDS = ("started_at", "answered_at", "ended_at")
@@ -350,6 +352,7 @@ def derive_call(
             "class_code": classification.class_code,
             "type_code": classification.type_code,
             "classification_note": classification.note,
+            **{name: state.get(name) for name in ERP_REFERENCES},
         },
         link={
             "customer_id": match.customer_id,

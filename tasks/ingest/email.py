@@ -28,7 +28,7 @@ from models.documents import DocumentBlob
 from models.events import CrmEvent
 from models.mail import EmailSenderWindow
 from models.parties import Staff
-from models.schemas.common import load_message, shared_schema
+from models.schemas.common import ERP_REFERENCES, load_message, shared_schema
 from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
 from tasks.classify import ClassificationRequest, classify
@@ -474,7 +474,9 @@ def compose_email(
         "subject": subject[:2000],
         "body": body,
         "direction": "outbound" if sender_staff is not None and original is None else "inbound",
-        "status": "received",
+        # A memo that arrived is done (Valmis), as the seed's CRM events default to.
+        "status": "done",
+        **{name: message.get(name) for name in ERP_REFERENCES},
         "thread_key": thread_key(session, candidates, own_ids),
         "category_code": classification.category,
         "class_code": classification.class_code,

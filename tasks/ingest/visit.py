@@ -23,7 +23,7 @@ from models.documents import EventDocument
 from models.events import CrmEvent, EventParticipant
 from models.ledger import InboundMessage
 from models.parties import Contact, ContactEmail, Customer
-from models.schemas.common import load_message, shared_schema
+from models.schemas.common import ERP_REFERENCES, load_message, shared_schema
 from models.schemas.visit import SCHEMA, VisitMessageSchema
 from tasks.attach import attach
 from tasks.classify import ClassificationRequest, classify
@@ -114,6 +114,8 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     event.subject = message.get("subject") or "Customer visit"
     event.body = message.get("memo") or ""
     event.status = "cancelled" if message["cancelled"] else "done"
+    for name in ERP_REFERENCES:  # the latest message is the visit's record
+        setattr(event, name, message.get(name))
     event.cancelled = message["cancelled"]
     event.category_code = classification.category
     event.class_code = classification.class_code

@@ -208,7 +208,10 @@ def test_an_old_schema_says_to_run_init_db(tmp_path: Path) -> None:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "0009_target_changes")
     engine.dispose()
-    said = "the database schema is at 0009_target_changes; this release needs 0010_work_tasks"
+    from alembic.script import ScriptDirectory
+
+    [head] = ScriptDirectory.from_config(cfg).get_heads()
+    said = f"the database schema is at 0009_target_changes; this release needs {head}"
     for args in (["task", "list"], ["worker"]):
         old = crm_events(tmp_path, *args)
         assert old.returncode == 2, old.stderr

@@ -281,6 +281,8 @@ def register(sub: Any, add: AddCommand) -> None:
         ("--source-kind", "KIND", "the kind of event: call, email, visit or meeting"),
         ("--text", "WORDS", "words in the subject or text"),
         ("--thread", "KEY", "an email thread's key (thread_key in --json)"),
+        ("--project", "NUMBER", "the ERP's project number the events belong to"),
+        ("--offer", "NUMBER", "the offer number the events concern"),
     ):
         p.add_argument(
             flag,

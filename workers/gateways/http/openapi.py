@@ -62,8 +62,10 @@ class DocumentSchema(Schema):
 
 class EventSchema(Schema):
     id = fields.Integer(required=True)
-    source = fields.String(metadata={"description": "The source system."})
-    source_kind = fields.String(metadata={"description": "call, email or visit."})
+    source = fields.String(
+        metadata={"description": "The system that sent it; for an email, its gateway."}
+    )
+    source_kind = fields.String(metadata={"description": "call, email, visit or meeting."})
     source_id = fields.String()
     category = fields.String()
     class_ = fields.String(data_key="class")
@@ -78,6 +80,12 @@ class EventSchema(Schema):
     occurred_at = fields.String(metadata={"format": "date-time"})
     ended_at = fields.String(allow_none=True, metadata={"format": "date-time"})
     duration_s = fields.Integer(allow_none=True)
+    project_number = fields.String(allow_none=True, metadata={"description": "The ERP's project."})
+    project_name = fields.String(allow_none=True)
+    offer_number = fields.String(
+        allow_none=True, metadata={"description": "The offer it concerns."}
+    )
+    offer_url = fields.String(allow_none=True)
     direction = fields.String(allow_none=True)
     subject = fields.String(allow_none=True)
     body = fields.String(allow_none=True)
@@ -249,7 +257,10 @@ def build_spec() -> APISpec:
         ("type", "Type code (tyyppi)."),
         ("category", "Category code (kategoria)."),
         ("property", "Property code (ominaisuus)."),
-        ("source_kind", "call, email or visit."),
+        ("source", "The system that sent them (for an email, its gateway)."),
+        ("source_kind", "call, email, visit or meeting."),
+        ("project", "The ERP's project number."),
+        ("offer", "The offer number."),
         ("since", "From this day (YYYY-MM-DD), in the configured zone."),
         ("until", "To this day, inclusive."),
         ("text", "Words in the subject or the text."),

@@ -66,10 +66,12 @@ WORDS: dict[str, tuple[str, str]] = {
     "received": ("vastaanotettu", "received"),
     "done": ("valmis", "done"),
     "cancelled": ("peruttu", "cancelled"),
+    "scheduled": ("sovittu", "scheduled"),
     # where an event came from, how it is linked
     "call": ("puhelu", "call"),
     "email": ("sähköposti", "email"),
     "visit": ("käynti", "visit"),
+    "meeting": ("neuvottelu", "meeting"),
     "linked": ("kohdistettu", "linked"),
     "unlinked": ("kohdistamaton", "unlinked"),
     "ambiguous": ("monitulkintainen", "ambiguous"),
