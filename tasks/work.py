@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.settings import Settings
 from models.base import utcnow
 from models.events import CrmEvent, WorkTask
 from models.parties import Customer, Staff
@@ -26,13 +27,12 @@ DUE_SOON = timedelta(days=7)
 STATES = ("open", "done")
 
 
-def _assignee(session: Session, ctx: StageContext | None, reference: str | None) -> Staff | None:
+def _assignee(session: Session, settings: Settings, reference: str | None) -> Staff | None:
+    """The staff member a task is for: username, email address or extension, as messages
+    name staff everywhere (``tasks.match.find_staff``)."""
     if reference is None:
         return None
-    if ctx is not None:
-        staff = find_staff(session, reference, ctx.settings)
-    else:
-        staff = session.scalar(select(Staff).where(Staff.username == reference))
+    staff = find_staff(session, reference, settings)
     if staff is None:
         raise BadInput(f"no staff member {reference!r} to assign the task to")
     return staff
@@ -46,7 +46,7 @@ def add_task(
     assignee: str | None = None,
     due: date | None = None,
     created_by: str,
-    ctx: StageContext | None = None,
+    settings: Settings,
 ) -> WorkTask:
     """A new open task on the event; for its seller unless ``assignee`` names another."""
     event = session.get(CrmEvent, event_id)
@@ -54,7 +54,7 @@ def add_task(
         raise BadInput(f"no event {event_id}")
     if not title.strip():
         raise BadInput("a task needs a title: what is to be done")
-    staff = _assignee(session, ctx, assignee)
+    staff = _assignee(session, settings, assignee)
     task = WorkTask(
         event_id=event.id,
         assignee_id=staff.id if staff else event.seller_id,
@@ -168,12 +168,12 @@ def ingest_task(session: Session, ctx: StageContext, payload: Any) -> StageResul
             assignee=message.get("assignee"),
             due=message.get("due"),
             created_by=message["source_system"],
-            ctx=ctx,
+            settings=ctx.settings,
         )
         task.source_system = message["source_system"]
         task.source_id = message.get("task_id")
     else:
-        staff = _assignee(session, ctx, message.get("assignee"))
+        staff = _assignee(session, ctx.settings, message.get("assignee"))
         task.event_id = event.id
         task.title = message["title"].strip()[:500]
         task.assignee_id = staff.id if staff else event.seller_id

@@ -54,6 +54,9 @@ MEETING_SOURCE_SYSTEM = "calendar"
 MEETING_METHODS = ("REQUEST", "CANCEL", "PUBLISH")
 CALENDAR_TYPES = ("text/calendar", "application/ics")
 #: Company forms left out when a location is compared with the customer's name.
+#: What may announce a calendar in a raw mail: searched in place, never a lowered copy of a
+#: mail of up to CRM_MAX_EMAIL_BYTES on every email's path.
+CALENDAR_MARKS = re.compile(rb"calendar|application/ics|\.ics|message/rfc822", re.IGNORECASE)
 #: What reading a malformed calendar raises (icalendar, dates out of range).
 UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 COMPANY_FORMS = re.compile(r"\b(oyj|oy|ab|ky|ay|tmi|ltd|inc|gmbh)\b\.?", re.IGNORECASE)
@@ -80,10 +83,7 @@ class Invitation:
 def might_hold_invitation(raw: bytes) -> bool:
     """A cheap look before the MIME tree is walked: most mail has no calendar at all (a
     forwarded mail may hide one in an encoded attachment)."""
-    lowered = raw.lower()
-    return any(
-        mark in lowered for mark in (b"calendar", b"application/ics", b".ics", b"message/rfc822")
-    )
+    return CALENDAR_MARKS.search(raw) is not None
 
 
 def find_invitation(raw: bytes, zone: Any, depth: int = 0) -> Invitation | None:
@@ -273,6 +273,8 @@ def ingest_meeting(
     )
     others = [a for a in addresses if a != seller and a not in settings.crm_addresses]
     view = {"seller": seller, "customer_number": None, "contacts": others, "attendees": []}
+    # Read by apply_visit_parties into the match note, once, as for visits.
+    event.details = {**event.details, "time_notes": invitation.notes}
     parties = apply_visit_parties(session, settings, event, view)
     rule_category, why = meeting_category(
         settings.meeting_category, invitation.location, parties.customer
@@ -306,8 +308,6 @@ def ingest_meeting(
         "updated_by_message": inbound_id,
         "time_notes": invitation.notes,
     }
-    if parties.notes or invitation.notes:
-        event.match_note = "; ".join(filter(None, [event.match_note, *invitation.notes]))
     event.updated_at = utcnow()
     session.flush()
     set_properties(session, event, classification.properties)

@@ -313,5 +313,14 @@ def test_a_work_task_by_hand_shows_on_the_seller_view_until_done(demo_dir: Path)
     assert "Lähetä tarjous" not in run(demo_dir, "seller-view", "anna").stdout
     [done] = run_json(demo_dir, "task", "list", "--state", "done")
     assert (done["id"], done["state"], done["done_by"][:3]) == (task["id"], "done", "cli")
+    # Staff named as messages name them: here by email address.
+    by_address = run(
+        demo_dir, "task", "add", str(event), "--title", "Soita", "--assignee",
+        "mikko.nieminen@myyntitalo.fi",
+    )  # fmt: skip
+    assert by_address.returncode == 0, by_address.stderr
+    assert [t["title"] for t in run_json(demo_dir, "task", "list", "--assignee", "mikko")] == [
+        "Soita"
+    ]
     refused = run(demo_dir, "task", "add", str(event), "--title", "x", "--assignee", "nobody")
     assert refused.returncode == 1 and "no staff member 'nobody'" in refused.stderr

@@ -98,7 +98,7 @@ def test_the_seller_view_lists_overdue_and_soon_due_tasks(
         ("no date", None),
         ("done already", date(2026, 11, 21)),
     ):
-        add_task(world, call.event_id, title, due=due, created_by="cli:test")
+        add_task(world, call.event_id, title, due=due, created_by="cli:test", settings=ctx.settings)
     done = world.scalar(select(WorkTask).where(WorkTask.title == "done already"))
     assert done is not None
     set_done(world, done.id, True, "cli:test")

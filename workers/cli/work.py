@@ -22,6 +22,7 @@ def cmd_task_add(args: argparse.Namespace, rt: Runtime) -> int:
             assignee=args.assignee,
             due=args.due,
             created_by=cli_user(),
+            settings=rt.settings,
         )
         shown = f"task {task.id} on event {args.event}" + (f", due {args.due}" if args.due else "")
     print(shown, file=sys.stderr)
@@ -74,7 +75,11 @@ def register(sub: Any, add: AddCommand) -> None:
     p.set_defaults(handler=cmd_task_add)
     p.add_argument("event", type=count, metavar="EVENT", help="the event's id")
     p.add_argument("--title", required=True, help="what is to be done")
-    p.add_argument("--assignee", metavar="USERNAME", help="who is to do it (default: the seller)")
+    p.add_argument(
+        "--assignee",
+        metavar="STAFF",
+        help="who is to do it: username, email address or extension (default: the seller)",
+    )
     p.add_argument("--due", type=iso_date, metavar="DATE", help="the day it is due (2026-12-10)")
     for name, handler, text in (
         ("done", cmd_task_done, "mark a task done (close it by hand)"),
