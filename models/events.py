@@ -90,6 +90,9 @@ class CrmEvent(Base):
     project_name: Mapped[str | None] = mapped_column(String(200))
     offer_number: Mapped[str | None] = mapped_column(String(40), index=True)
     offer_url: Mapped[str | None] = mapped_column(String(1000))
+    #: The CRM status (Lemonsoft's "tila"), one of ``models.schemas.common.STATES``: done
+    #: (valmis) unless a message says otherwise. A call's ``status`` is its telephony status.
+    state: Mapped[str] = mapped_column(String(20), default="done", server_default="done")
     cancelled: Mapped[bool] = mapped_column(default=False)
     #: Source-specific facts that do not deserve a column (raw numbers, merged call state).
     details: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)

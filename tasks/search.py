@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.events import CrmEvent, EventPropertyLink, sent_by
 from models.parties import Customer, Staff
+from models.schemas.common import STATES
 from tasks.errors import BadInput
 
 #: The largest page one request may ask for.
@@ -47,6 +48,7 @@ class EventFilters:
     thread: str | None = None
     project: str | None = None
     offer: str | None = None
+    state: str | None = None
     unlinked: bool = False
 
     @classmethod
@@ -117,6 +119,7 @@ def events_query(filters: EventFilters, zone: ZoneInfo) -> Select[Any]:
         (filters.thread, CrmEvent.thread_key),
         (filters.project, CrmEvent.project_number),
         (filters.offer, CrmEvent.offer_number),
+        (filters.state, CrmEvent.state),
     ):
         if value:
             query = query.where(column == value)
@@ -252,6 +255,13 @@ def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
             f"no system {filters.source!r} sent any event: --source is the sending system "
             f"(pbx-hki, field-app, the email gateway); for the kind of event: --source-kind {kind}"
         )
+    if filters.state:
+        key = filters.state.strip().casefold()
+        state = next((c for c, fi in STATES.items() if key in (c, fi)), None)
+        if state is None:
+            known = ", ".join(f"{c} ({fi})" for c, fi in STATES.items())
+            raise BadInput(f"no state {filters.state!r}: the state is one of {known}")
+        codes["state"] = state
     return replace(filters, **codes)
 
 

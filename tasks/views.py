@@ -127,6 +127,8 @@ def events_json(
                 "offer_number": e.offer_number,
                 "offer_url": e.offer_url,
                 "status": e.status,
+                # The CRM status (valmis, kesken, sovittu, peruttu); status is the source's own.
+                "state": e.state,
                 "cancelled": e.cancelled,
                 "thread_key": e.thread_key,
                 "documents": documents[e.id],
@@ -427,6 +429,7 @@ def seller_cards(
                 CrmEvent.occurred_at,
                 CrmEvent.subject,
                 CrmEvent.status,
+                CrmEvent.state,
                 CrmEvent.category_code,
             )
             .where(*mine, in_periods)
@@ -453,6 +456,7 @@ def seller_cards(
                 "occurred_at": e.occurred_at.astimezone(zone).isoformat(),
                 "subject": e.subject,
                 "status": e.status,
+                "state": e.state,
                 "category": e.category_code,
                 "in_week": week_start <= e.occurred_at < week_end,
                 "in_month": month_start <= e.occurred_at < month_end,

@@ -52,7 +52,7 @@ def tasks_table(title: str, rows: list[dict[str, Any]]) -> None:
 def events_table(title: str, events: list[dict[str, Any]]) -> None:
     table(
         title,
-        ["id", "when", "category", "class", "customer", "contact", "seller", "subject", "status"],
+        ["id", "when", "category", "class", "customer", "contact", "seller", "subject", "state"],
         [
             [
                 e["id"],
@@ -63,11 +63,17 @@ def events_table(title: str, events: list[dict[str, Any]]) -> None:
                 e["contact"],
                 e["seller"],
                 subject_cell(e),
-                e["status"],
+                status_words(e),
             ]
             for e in events
         ],
     )
+
+
+def status_words(event: dict[str, Any]) -> str:
+    """An event's CRM status, and its source's status where that differs (a call's)."""
+    state, status = event["state"], event.get("status")
+    return f"{state} · {status}" if status and status != state else str(state)
 
 
 def subject_cell(event: dict[str, Any]) -> str:
@@ -113,7 +119,7 @@ def seller_view(username: str, name: str, cards: list[dict[str, Any]]) -> None:
             [
                 e["occurred_at"][:16].replace("T", " "),
                 (e["subject"] or "")[:60],
-                e["status"],
+                status_words(e),
                 "✓" if e["in_week"] else "",
                 "✓" if e["in_month"] else "",
             ]

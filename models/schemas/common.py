@@ -123,14 +123,24 @@ class MessageSchema(Schema):
     source_system = Text(required=True, max_length=100)
 
 
+#: The CRM statuses of an event (Lemonsoft's "tila") and their Finnish names. A call or an
+#: email is open or done; a visit or a meeting may also be scheduled, or cancelled (then it
+#: does not count). Done unless a message says otherwise.
+STATES = {"open": "kesken", "scheduled": "sovittu", "done": "valmis", "cancelled": "peruttu"}
+#: The states a call or an email may be given.
+DELIVERED_STATES = ("open", "done")
+
+
 class ErpReferencesSchema(MessageSchema):
     """The ERP's project an event belongs to and the offer it concerns (optional, v1 additive):
-    calls, visits and emails carry them alike."""
+    calls, visits and emails carry them alike; and the CRM status, open or done (a visit's
+    schema widens it)."""
 
     project_number = Text(max_length=40, allow_none=True)
     project_name = Text(max_length=200, allow_none=True)
     offer_number = Text(max_length=40, allow_none=True)
     offer_url = fields.Url(schemes={"http", "https"}, allow_none=True)
+    state = fields.String(validate=validate.OneOf(DELIVERED_STATES), allow_none=True)
 
 
 #: The event columns of :class:`ErpReferencesSchema`.

@@ -48,6 +48,8 @@ FIELDS: dict[str, dict[str, str]] = {
         "project_name": "The name of the ERP's project the event belongs to.",
         "project_number": "The number of the ERP's project the event belongs to; "
         "the latest non-empty value of the call's updates is kept.",
+        "state": "The CRM status (tila): open (kesken) or done (valmis); default done. "
+        "The latest non-empty value of the call's updates is kept; status is the telephony's.",
         "agent": "The staff member who handled the call: username, extension or email address.",
         "call_id": "The provider's id of the call, unique within source_system.",
         "category": "Category code, for example sales_action.",
@@ -80,6 +82,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "project_name": "The name of the ERP's project the event belongs to.",
         "project_number": "The number of the ERP's project the event belongs to; "
         "the first copy's values are kept.",
+        "state": "The CRM status (tila): open (kesken) or done (valmis); default done.",
         "mail_from": "The envelope sender (SMTP MAIL FROM).",
         "raw_b64": "The complete raw message (headers, body, attachments) in standard "
         "base64 with padding, without line breaks.",
@@ -166,6 +169,8 @@ FIELDS: dict[str, dict[str, str]] = {
         "project_name": "The name of the ERP's project the event belongs to.",
         "project_number": "The number of the ERP's project the event belongs to; "
         "the latest message's values are the visit's.",
+        "state": "The CRM status (tila): open (kesken), scheduled (sovittu), done (valmis) or "
+        "cancelled (peruttu, the same as cancelled: true); default done.",
         "attachments": "Photos and files, stored as documents of the event.",
         "attachments[].content_b64": "The file in standard base64 with padding, "
         "without line breaks.",

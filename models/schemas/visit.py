@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from models.schemas.common import (
+    STATES,
     AttachmentSchema,
     Code,
     CodeList,
@@ -35,6 +36,9 @@ class VisitMessageSchema(ErpReferencesSchema):
     attendees = fields.List(Text(max_length=320), load_default=list)
     attachments = fields.List(fields.Nested(AttachmentSchema), load_default=list)
     cancelled = fields.Boolean(load_default=False)
+    #: Any CRM status: a visit may be booked (scheduled) or open as well as done; cancelled is
+    #: the same as ``cancelled: true``.
+    state = fields.String(validate=validate.OneOf(STATES), allow_none=True)
     #: When the app last changed the visit: an update older than the one applied is ignored.
     updated_at = Time(allow_none=True)
     category = Code()

@@ -65,6 +65,7 @@ MERGED_FIELDS = (
     "type",
     "customer_number",
     *ERP_REFERENCES,
+    "state",
 )
 #: Times: like the merged fields, and a time without an offset never replaces one with an offset.
 TIME_FIELDS = ("started_at", "answered_at", "ended_at")
@@ -353,6 +354,7 @@ def derive_call(
             "type_code": classification.type_code,
             "classification_note": classification.note,
             **{name: state.get(name) for name in ERP_REFERENCES},
+            "state": state.get("state") or "done",
         },
         link={
             "customer_id": match.customer_id,

@@ -474,8 +474,10 @@ def compose_email(
         "subject": subject[:2000],
         "body": body,
         "direction": "outbound" if sender_staff is not None and original is None else "inbound",
-        # A memo that arrived is done (Valmis), as the seed's CRM events default to.
-        "status": "done",
+        # A memo that arrived is done (valmis), as the seed's CRM events default to, unless its
+        # envelope says open; a mail has no status of its own beside that.
+        "status": message.get("state") or "done",
+        "state": message.get("state") or "done",
         **{name: message.get(name) for name in ERP_REFERENCES},
         "thread_key": thread_key(session, candidates, own_ids),
         "category_code": classification.category,

@@ -291,6 +291,7 @@ def ingest_meeting(
     event.subject = invitation.summary or "Meeting"
     event.body = invitation.description
     event.status = "cancelled" if invitation.cancelled else "scheduled"
+    event.state = event.status
     event.cancelled = invitation.cancelled
     event.category_code = classification.category
     event.class_code = classification.class_code

@@ -113,10 +113,13 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     event.duration_s = int((ended - started).total_seconds()) if ended else None
     event.subject = message.get("subject") or "Customer visit"
     event.body = message.get("memo") or ""
-    event.status = "cancelled" if message["cancelled"] else "done"
+    # A visit is cancelled by either field; otherwise in the state its latest message gives.
+    cancelled = message["cancelled"] or message.get("state") == "cancelled"
+    # A visit has no status of its own beside the CRM status: the two are the same.
+    event.state = event.status = "cancelled" if cancelled else message.get("state") or "done"
     for name in ERP_REFERENCES:  # the latest message is the visit's record
         setattr(event, name, message.get(name))
-    event.cancelled = message["cancelled"]
+    event.cancelled = cancelled
     event.category_code = classification.category
     event.class_code = classification.class_code
     event.type_code = classification.type_code

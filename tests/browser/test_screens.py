@@ -72,7 +72,7 @@ def test_signing_in_shows_the_sellers_cards_as_the_command_line_counts_them(
     context.close()
 
 
-def post_visit(screens: Screens, subject: str) -> None:
+def post_visit(screens: Screens, subject: str, **fields: Any) -> None:
     visit = {
         "schema": "crm.visit/1",
         "source_system": "field-app",
@@ -81,6 +81,7 @@ def post_visit(screens: Screens, subject: str) -> None:
         "customer_number": "10001",
         "started_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "subject": subject,
+        **fields,
     }
     request = urllib.request.Request(
         f"{screens.base}/v1/visits",
@@ -102,8 +103,9 @@ def test_a_visit_posted_through_the_api_appears_in_its_card_without_a_reload(
     before = int(card.locator(".count-week").inner_text())
     page.evaluate("window.__sameDocument = true")  # gone if the page were reloaded
     subject = f"Live-käynti {uuid.uuid4().hex[:6]}"
-    post_visit(screens, subject)
+    post_visit(screens, subject, state="scheduled")  # booked, not yet done: "sovittu"
     expect(card.locator("li.event .subject", has_text=subject)).to_be_visible(timeout=30_000)
+    expect(card.locator("li.event", has_text=subject).locator(".status")).to_have_text("sovittu")
     expect(card.locator(".count-week")).to_have_text(str(before + 1))
     assert page.evaluate("window.__sameDocument") is True
     expect(page.locator("#live-status")).to_contain_text("Päivitetty")

@@ -359,6 +359,17 @@ def test_pages_neither_skip_nor_repeat_while_events_are_stored(
         "GET", "/v1/events?class=Myynti&limit=1", headers=auth(tokens["read"])
     )
     assert status == 200
+    # The CRM status by code or by its Finnish name: every event here is done (valmis).
+    status, answer = service.request(
+        "GET", "/v1/events?state=Valmis&limit=3", headers=auth(tokens["read"])
+    )
+    assert status == 200 and [e["state"] for e in answer["events"]] == ["done"] * 3
+    status, answer = service.request("GET", "/v1/events?state=open", headers=auth(tokens["read"]))
+    assert (status, answer["events"]) == (200, [])
+    status, answer = service.request(
+        "GET", "/v1/events?state=finished", headers=auth(tokens["read"])
+    )
+    assert status == 400 and "no state 'finished'" in json.dumps(answer)
 
 
 # -- operations -----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def mixed_calls() -> list[Any]:
         {**callback("b-props", at(24, 8)), "properties": ["commercial", "bogus"]},
         {**callback("b-cat", at(24, 8)), "category": "sales_action", "call_id": "b-cat"},
         {**callback("b-erp", at(24, 8)), "project_number": "P-2027-14", "offer_number": "T-118"},
+        {**callback("b-open", at(24, 8)), "state": "open"},
         {**callback("b-nocat", at(24, 8)), "category": "nonsense"},
         ringing,
         {**ringing, "status": "answered", "sequence": 2, "answered_at": at(24, 9)},
@@ -199,7 +200,7 @@ def test_a_backfill_stores_what_the_call_stage_would(
     assert sorted(by_stage) == ["?", "b-existing", "b-rec"]
     assert set_based == one_by_one
     events = set_based["events"]
-    assert len(events) == 17
+    assert len(events) == 18
     follow_ups = {f[0]: (f[1], f[2]) for f in set_based["follow_ups"]}
     assert follow_ups["b-m1"] == ("closed", "b-cb-early")
     assert follow_ups["b-m2"] == ("closed", "b-props")
@@ -210,6 +211,7 @@ def test_a_backfill_stores_what_the_call_stage_would(
         "P-2027-14",
         "T-118",
     )
+    assert (events["b-open"]["state"], events["b-multi"]["state"]) == ("open", "done")
     assert events["b-shared"]["link_state"] == "ambiguous"
     assert events["b-custno"]["customer_id"] is not None
     assert ("b-props", "commercial") in set_based["properties"]

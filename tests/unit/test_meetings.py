@@ -75,8 +75,9 @@ def test_an_outlook_invitation_is_a_customer_visit_of_its_organizer(
     # The location names the customer: a customer visit, at 13:00 Helsinki time (FLE zone).
     assert event.category_code == "customer_visit"
     assert event.occurred_at == datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
-    assert (event.duration_s, event.status, event.subject) == (
+    assert (event.duration_s, event.status, event.state, event.subject) == (
         3600,
+        "scheduled",
         "scheduled",
         "Huoltosopimusneuvottelu",
     )
@@ -128,7 +129,7 @@ def test_a_google_invitation_moves_with_its_sequence_and_is_cancelled(
     cancel = google_changed(2, "20261203T090000Z", "20261203T100000Z", method="CANCEL")
     assert ingest_email(world, fresh(ctx), mail(cancel)).detail == "meeting cancelled"
     world.refresh(event)
-    assert (event.cancelled, event.status) == (True, "cancelled")
+    assert (event.cancelled, event.status, event.state) == (True, "cancelled", "cancelled")
     assert tallies(world, mikko.id) == {}
     assert len(world.scalars(select(CrmEvent).where(CrmEvent.source_kind == "meeting")).all()) == 1
 

@@ -52,7 +52,7 @@ def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
     if args.json:
         emit_json(history)
         return 0
-    from workers.render import console, table
+    from workers.render import console, status_words, table
 
     console.print(
         f"[bold]{history['customer_number']} {history['name']}[/bold]"
@@ -77,7 +77,13 @@ def cmd_history(args: argparse.Namespace, rt: Runtime) -> int:
         head.append(e["category"] + (" (cancelled)" if e["cancelled"] else "") + "  ")
         head.append(e["subject"] or "", "bold")
         console.print(head)
-        facts = [f"staff: {', '.join(e['staff']) or '–'}"]
+        facts = [status_words(e), f"staff: {', '.join(e['staff']) or '–'}"]
+        if e["project_number"] or e["project_name"]:
+            project = " ".join(p for p in (e["project_number"], e["project_name"]) if p)
+            facts.append(f"project: {project}")
+        if e["offer_number"] or e["offer_url"]:
+            offer = " ".join(p for p in (e["offer_number"], e["offer_url"]) if p)
+            facts.append(f"offer: {offer}")
         if e["contacts"]:
             facts.append(f"contacts: {', '.join(e['contacts'])}")
         files = [d["filename"] for d in e["documents"] if d["role"] != "raw_message"]
@@ -283,6 +289,7 @@ def register(sub: Any, add: AddCommand) -> None:
         ("--thread", "KEY", "an email thread's key (thread_key in --json)"),
         ("--project", "NUMBER", "the ERP's project number the events belong to"),
         ("--offer", "NUMBER", "the offer number the events concern"),
+        ("--state", "STATE", "the CRM status (tila): open, scheduled, done or cancelled"),
     ):
         p.add_argument(
             flag,

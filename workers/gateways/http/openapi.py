@@ -86,6 +86,9 @@ class EventSchema(Schema):
         allow_none=True, metadata={"description": "The offer it concerns."}
     )
     offer_url = fields.String(allow_none=True)
+    state = fields.String(
+        metadata={"description": "The CRM status (tila): open, scheduled, done or cancelled."}
+    )
     direction = fields.String(allow_none=True)
     subject = fields.String(allow_none=True)
     body = fields.String(allow_none=True)
@@ -261,6 +264,7 @@ def build_spec() -> APISpec:
         ("source_kind", "call, email, visit or meeting."),
         ("project", "The ERP's project number."),
         ("offer", "The offer number."),
+        ("state", "The CRM status: open, scheduled, done, cancelled (or kesken, sovittu...)."),
         ("since", "From this day (YYYY-MM-DD), in the configured zone."),
         ("until", "To this day, inclusive."),
         ("text", "Words in the subject or the text."),

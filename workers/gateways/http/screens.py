@@ -55,7 +55,7 @@ TREND_WEEKS = 8
 
 #: Words for the codes a screen shows: (Finnish, English).
 WORDS: dict[str, tuple[str, str]] = {
-    # statuses of calls, mails and visits
+    # statuses of calls, mails and visits, and the CRM statuses (models.schemas.common.STATES)
     "ringing": ("soi", "ringing"),
     "answered": ("vastattu", "answered"),
     "completed": ("päättynyt", "completed"),
@@ -67,6 +67,7 @@ WORDS: dict[str, tuple[str, str]] = {
     "done": ("valmis", "done"),
     "cancelled": ("peruttu", "cancelled"),
     "scheduled": ("sovittu", "scheduled"),
+    "open": ("kesken", "open"),
     # where an event came from, how it is linked
     "call": ("puhelu", "call"),
     "email": ("sähköposti", "email"),
