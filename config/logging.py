@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
-
 from config.settings import Settings
 
 #: The fields a record may claim, in the order they are shown.
@@ -61,6 +59,10 @@ class TextFormatter(logging.Formatter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_json:
+        from pythonjsonlogger.json import (
+            JsonFormatter,  # only where asked for: a command starts sooner
+        )
+
         handler.setFormatter(
             JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -90,7 +90,7 @@ class CrmEvent(Base):
     project_name: Mapped[str | None] = mapped_column(String(200))
     offer_number: Mapped[str | None] = mapped_column(String(40), index=True)
     offer_url: Mapped[str | None] = mapped_column(String(1000))
-    #: The CRM status (Lemonsoft's "tila"), one of ``models.schemas.common.STATES``: done
+    #: The CRM status (Lemonsoft's "tila"), one of :data:`STATES`: done
     #: (valmis) unless a message says otherwise. A call's ``status`` is its telephony status.
     state: Mapped[str] = mapped_column(String(20), default="done", server_default="done")
     cancelled: Mapped[bool] = mapped_column(default=False)
@@ -171,6 +171,15 @@ class WorkTask(Base):
     done_by: Mapped[str | None] = mapped_column(String(200))
     source_system: Mapped[str | None] = mapped_column(String(100))
     source_id: Mapped[str | None] = mapped_column(String(200))
+
+
+#: The columns of the ERP's project and offer (``models.schemas.common.ErpReferencesSchema``).
+ERP_REFERENCES = ("project_number", "project_name", "offer_number", "offer_url")
+
+#: The CRM statuses of an event (Lemonsoft's "tila") and their Finnish names. A call or an
+#: email is open or done; a visit or a meeting may also be scheduled, or cancelled (then it
+#: does not count). Done unless a message says otherwise.
+STATES = {"open": "kesken", "scheduled": "sovittu", "done": "valmis", "cancelled": "peruttu"}
 
 
 def counted(session: Session) -> tuple[Any, ...]:

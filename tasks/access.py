@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from models.access import SCOPES, ApiToken, ServiceKey
 from models.base import utcnow
 from models.db import upsert_insert
+from models.invalid import BadInput
 from models.parties import Staff
-from tasks.errors import BadInput
 
 #: What each scope may do. ``admin`` may do everything.
 GRANTS = {

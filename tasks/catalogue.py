@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.events import CrmEvent
+from models.invalid import BadInput
 from models.schemas.catalogue import load_catalogue_document
 from models.targets import Target
-from tasks.errors import BadInput
 from tasks.views import CardDefinition, card_definitions
 
 #: One of the code-and-names models (a type variable, so helpers keep the concrete class).

@@ -12,10 +12,10 @@ import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 
-from models.schemas.common import MessageInvalid
-
-#: Bad input. Stage code raises it for anything wrong with the message itself.
-BadInput = MessageInvalid
+# Bad input (BadInput): stage code raises it for anything wrong with the message itself. It is
+# models.invalid's, where code that reads only (the command line's listings) takes it from
+# without loading the broker's and Redis's errors.
+from models.invalid import BadInput, MessageInvalid
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     # Lost connections, lock timeouts, "database is locked", serialisation failures.

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.db import is_postgresql, upsert_insert
 from models.events import CrmEvent, counted
+from models.invalid import BadInput
 from models.parties import Staff
 from models.targets import ReconcileRun, Tally
 from tasks.context import StageContext
-from tasks.errors import BadInput
 from tasks.store import (
     DEFERRED_TALLIES,
     TALLY_LOCK_NAMESPACE,

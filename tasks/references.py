@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.events import CrmEvent
-from tasks.errors import BadInput
+from models.invalid import BadInput
 
 #: The key ``source_system`` of every email event (one email through two gateways is one event).
 EMAIL_KEY_SYSTEM = "email"

@@ -21,10 +21,9 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from models.catalogue import Category, EventClass, EventProperty, EventType
-from models.events import CrmEvent, EventPropertyLink, sent_by
+from models.events import STATES, CrmEvent, EventPropertyLink, sent_by
+from models.invalid import BadInput
 from models.parties import Customer, Staff
-from models.schemas.common import STATES
-from tasks.errors import BadInput
 
 #: The largest page one request may ask for.
 MAX_LIMIT = 1000

@@ -13,11 +13,9 @@ from sqlalchemy.orm import Session
 from config.settings import Settings
 from models.base import utcnow
 from models.events import CrmEvent, WorkTask
+from models.invalid import BadInput
 from models.parties import Customer, Staff
-from models.schemas.common import load_message, shared_schema
-from models.schemas.task import SCHEMA, TaskMessageSchema
 from tasks.context import StageContext
-from tasks.errors import BadInput
 from tasks.match import find_staff
 from tasks.references import referenced_event
 from tasks.store import StageResult, record_inbound, upsert_key
@@ -137,6 +135,11 @@ def seller_tasks(
 
 def ingest_task(session: Session, ctx: StageContext, payload: Any) -> StageResult:
     """``crm.task/1``: a task on a stored event, made or changed (by ``task_id``)."""
+    # The schema is imported here, not with the module: the command line's listings read
+    # through this module and start sooner without marshmallow (docs/design.md).
+    from models.schemas.common import load_message, shared_schema
+    from models.schemas.task import SCHEMA, TaskMessageSchema
+
     message = load_message(shared_schema(TaskMessageSchema), payload, SCHEMA)
     event = referenced_event(session, message["event"], "tasks")
     inbound = record_inbound(

@@ -18,17 +18,6 @@ from models.schemas.common import (
 
 SCHEMA = "crm.call/1"
 
-#: Known statuses and their order: a call's status only moves forward along this rank.
-STATUS_RANK: dict[str, int] = {
-    "ringing": 1,
-    "answered": 2,
-    "completed": 3,
-    "missed": 3,
-    "busy": 3,
-    "failed": 3,
-    "voicemail": 3,
-}
-
 
 class RecordingSchema(Schema):
     class Meta:

@@ -12,14 +12,7 @@ from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-
-class MessageInvalid(Exception):
-    """A message failed validation: bad input, recorded with its field errors, never retried."""
-
-    def __init__(self, reason: str, errors: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.errors = errors or {}
+from models.invalid import MessageInvalid
 
 
 class Base64Bytes(fields.Field):
@@ -123,11 +116,7 @@ class MessageSchema(Schema):
     source_system = Text(required=True, max_length=100)
 
 
-#: The CRM statuses of an event (Lemonsoft's "tila") and their Finnish names. A call or an
-#: email is open or done; a visit or a meeting may also be scheduled, or cancelled (then it
-#: does not count). Done unless a message says otherwise.
-STATES = {"open": "kesken", "scheduled": "sovittu", "done": "valmis", "cancelled": "peruttu"}
-#: The states a call or an email may be given.
+#: The states a call or an email may be given (a visit may have any of ``STATES``).
 DELIVERED_STATES = ("open", "done")
 
 
@@ -141,10 +130,6 @@ class ErpReferencesSchema(MessageSchema):
     offer_number = Text(max_length=40, allow_none=True)
     offer_url = fields.Url(schemes={"http", "https"}, allow_none=True)
     state = fields.String(validate=validate.OneOf(DELIVERED_STATES), allow_none=True)
-
-
-#: The event columns of :class:`ErpReferencesSchema`.
-ERP_REFERENCES = ("project_number", "project_name", "offer_number", "offer_url")
 
 
 class AttachmentSchema(Schema):

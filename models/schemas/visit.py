@@ -7,8 +7,8 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
+from models.events import STATES
 from models.schemas.common import (
-    STATES,
     AttachmentSchema,
     Code,
     CodeList,

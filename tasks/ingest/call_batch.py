@@ -37,11 +37,11 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.db import is_postgresql, prepared_upsert, table_of
 from models.events import CrmEvent, FollowUp, counts
+from models.invalid import BadInput
 from models.ledger import InboundMessage
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.context import StageContext
-from tasks.errors import BadInput
 from tasks.ingest.call_state import (
     MISSED_CALL,
     CallLookups,

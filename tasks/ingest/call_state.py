@@ -20,11 +20,9 @@ from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
 from models.db import is_postgresql, table_of
-from models.events import CrmEvent, FollowUp
+from models.events import ERP_REFERENCES, CrmEvent, FollowUp
 from models.ledger import InboundMessage
 from models.parties import Staff
-from models.schemas.call import STATUS_RANK
-from models.schemas.common import ERP_REFERENCES
 from tasks.classify import Classification, ClassificationRequest, classify
 from tasks.context import StageContext
 from tasks.match import (
@@ -43,6 +41,17 @@ from tasks.store import (
     responsible_seller_id,
     set_properties,
 )
+
+#: Known statuses and their order: a call's status only moves forward along this rank.
+STATUS_RANK: dict[str, int] = {
+    "ringing": 1,
+    "answered": 2,
+    "completed": 3,
+    "missed": 3,
+    "busy": 3,
+    "failed": 3,
+    "voicemail": 3,
+}
 
 #: A missed inbound call from a known customer opens a follow-up for the seller.
 MISSED_STATUSES = frozenset({"missed", "busy", "voicemail", "failed"})

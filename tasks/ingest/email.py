@@ -25,15 +25,15 @@ from config.settings import Settings
 from models.base import utcnow
 from models.db import prepared_upsert
 from models.documents import DocumentBlob
-from models.events import CrmEvent
+from models.events import ERP_REFERENCES, CrmEvent
+from models.invalid import BadInput
 from models.mail import EmailSenderWindow
 from models.parties import Staff
-from models.schemas.common import ERP_REFERENCES, load_message, shared_schema
+from models.schemas.common import load_message, shared_schema
 from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
-from tasks.errors import BadInput
 from tasks.ingest.email_parse import (
     Attachment,
     ParsedEmail,

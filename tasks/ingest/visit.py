@@ -20,11 +20,9 @@ from sqlalchemy.orm import Session
 from config.settings import Settings
 from models.base import utcnow
 from models.documents import EventDocument
-from models.events import CrmEvent, EventParticipant
+from models.events import ERP_REFERENCES, CrmEvent, EventParticipant
 from models.ledger import InboundMessage
 from models.parties import Contact, ContactEmail, Customer
-from models.schemas.common import ERP_REFERENCES, load_message, shared_schema
-from models.schemas.visit import SCHEMA, VisitMessageSchema
 from tasks.attach import attach
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
@@ -46,6 +44,11 @@ from tasks.store import (
 
 
 def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResult:
+    # The schema is imported here, not with the module: the command line's listings read
+    # through this module and start sooner without marshmallow (docs/design.md).
+    from models.schemas.common import load_message, shared_schema
+    from models.schemas.visit import SCHEMA, VisitMessageSchema
+
     message = load_message(shared_schema(VisitMessageSchema), payload, SCHEMA)
     settings = ctx.settings
     ledger_payload = {

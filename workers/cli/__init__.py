@@ -96,10 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # --help ends here, before anything heavy loads
     # Imported once a command runs: the command line starts without the database layer, the
-    # worker or Celery, so that --help and a mistyped command answer at once. Bad input is the
-    # message schemas' error (tasks.errors names it BadInput, beside the broker's errors,
-    # which a listing need not load).
-    from models.schemas.common import MessageInvalid as BadInput
+    # worker or Celery, so that --help and a mistyped command answer at once. Bad input is
+    # models.invalid's (tasks.errors names it BadInput, beside the broker's errors, which a
+    # listing need not load; nor need it load the message schemas).
+    from models.invalid import MessageInvalid as BadInput
 
     if args.command in PASSTHROUGH_COMMANDS:
         args.celery_args = extra

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from config.settings import Settings
 from models.db import create_db_engine, create_session_factory
-from tasks.errors import BadInput
+from models.invalid import BadInput
 from workers.gateways.http import api, openapi, operations, pages, screens, stream, webhooks
 from workers.gateways.http.auth import Sessions
 from workers.gateways.http.limits import DeadlineProtocol, Problem

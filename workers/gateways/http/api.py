@@ -29,11 +29,11 @@ from models.base import utcnow
 from models.db import snapshot
 from models.documents import DocumentBlob, EventDocument
 from models.events import CrmEvent, EventParticipant, FollowUp
+from models.invalid import BadInput
 from models.parties import Customer, Staff
 from models.schemas.common import MessageInvalid
 from models.schemas.kinds import MESSAGE_KINDS
 from tasks.attach import blob_chunks, store_blob
-from tasks.errors import BadInput
 from tasks.history import customer_history
 from tasks.periods import validate_period, view_moment
 from tasks.search import MAX_LIMIT, filters_from, search_events
