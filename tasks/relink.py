@@ -1,13 +1,15 @@
 """Re-link: link the events a change of master data now explains, automatically or by hand.
 
 When a contact or customer gains (or loses) a phone number, an address or a domain, or a
-customer that a visit named appears, the unlinked and ambiguous events recorded with that key
-(``event_party_key``, filled by the call, email and visit stages) are derived again by their
-stage's own rules: a call is folded again from its updates, a visit matched again from its
-latest message, an email matched again by its outside addresses with the seller re-derived by
-the attribution rule (the staff member who handled it, else the customer's responsible seller
-when active). Their counts move from the keys before to the keys after, in the same
-transaction. Events linked by hand are never changed automatically. See docs/master-data.md.
+customer that a visit or a meeting named appears, the unlinked and ambiguous events recorded
+with that key (``event_party_key``, filled by the call, email, visit and meeting stages) are
+derived again by their stage's own rules: a call is folded again from its updates, a visit
+matched again from its latest message, a meeting from its invitation's attendees (its category
+following, ``CRM_MEETING_CATEGORY``), an email matched again by its outside addresses with the
+seller re-derived by the attribution rule (the staff member who handled it, else the customer's
+responsible seller when active). Their counts move from the keys before to the keys after, in
+the same transaction. Events linked by hand are never changed automatically. See
+docs/master-data.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from models.events import CrmEvent, EventParticipant
 from models.parties import EventPartyKey
 from tasks.context import StageContext
 from tasks.ingest.call_state import refold_call
+from tasks.ingest.meeting import relink_meeting
 from tasks.ingest.visit import relink_visit
 from tasks.leads import apply_lead_rule
 from tasks.match import PartyMatch, customer_by_number, find_staff, match_addresses, match_phone
@@ -176,6 +179,8 @@ def rederive_link(session: Session, ctx: StageContext, event: CrmEvent) -> bool:
         return True
     if event.source_kind == "visit":
         return relink_visit(session, ctx.settings, event)
+    if event.source_kind == "meeting":
+        return relink_meeting(session, ctx.settings, event)
     match = match_from_keys(session, ctx.settings, event)
     if match is None:
         return False

@@ -28,11 +28,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from config.settings import Settings
 from models.base import utcnow
+from models.events import CrmEvent
 from models.parties import Customer
 from models.schemas.email import SCHEMA as EMAIL_SCHEMA
 from tasks.attach import attach
-from tasks.classify import ClassificationRequest, classify
+from tasks.classify import Classification, ClassificationRequest, classify
 from tasks.context import StageContext
 from tasks.ingest.email_parse import ParsedEmail
 from tasks.ingest.visit import apply_visit_parties
@@ -214,6 +216,58 @@ def meeting_category(setting: str, location: str, customer: Customer | None) -> 
     return "crm_event", "the location is not the customer's"
 
 
+def meeting_view(settings: Settings, seller: str, addresses: list[str]) -> dict[str, Any]:
+    """The visit-shaped message the party matching reads: the seller, the other attendees."""
+    others = [a for a in addresses if a != seller and a not in settings.crm_addresses]
+    return {"seller": seller, "customer_number": None, "contacts": others, "attendees": []}
+
+
+def classify_meeting(
+    session: Session, settings: Settings, location: str, customer: Customer | None
+) -> Classification:
+    rule_category, why = meeting_category(settings.meeting_category, location, customer)
+    return classify(
+        session,
+        ClassificationRequest(source_kind="meeting", rule_category=rule_category, rule_reason=why),
+    )
+
+
+def apply_classification(event: CrmEvent, classification: Classification) -> None:
+    event.category_code = classification.category
+    event.class_code = classification.class_code
+    event.type_code = classification.type_code
+    event.classification_note = classification.note
+
+
+def relink_meeting(session: Session, settings: Settings, event: CrmEvent) -> bool:
+    """Match a meeting again from its invitation's attendees; True when its link changed.
+
+    A contact or customer that appears after the invitation links it as a later invitation
+    would; the category follows (``CRM_MEETING_CATEGORY``: a customer visit once the location
+    names the now known customer). The caller moves the tallies.
+    """
+    details = event.details or {}
+    before = (event.customer_id, event.contact_id, event.link_state, event.seller_id)
+    before_category = event.category_code
+    addresses = [
+        a["address"]
+        for a in details.get("attendees") or []
+        if isinstance(a, dict) and isinstance(a.get("address"), str)
+    ]
+    seller = details.get("seller_reference", details.get("organizer")) or ""
+    parties = apply_visit_parties(
+        session, settings, event, meeting_view(settings, str(seller), addresses)
+    )
+    classification = classify_meeting(
+        session, settings, details.get("location") or "", parties.customer
+    )
+    apply_classification(event, classification)
+    session.flush()
+    set_properties(session, event, classification.properties)
+    after = (event.customer_id, event.contact_id, event.link_state, event.seller_id)
+    return before != after or before_category != event.category_code
+
+
 def ingest_meeting(
     session: Session,
     ctx: StageContext,
@@ -271,18 +325,12 @@ def ingest_meeting(
         ),
         "",
     )
-    others = [a for a in addresses if a != seller and a not in settings.crm_addresses]
-    view = {"seller": seller, "customer_number": None, "contacts": others, "attendees": []}
     # Read by apply_visit_parties into the match note, once, as for visits.
     event.details = {**event.details, "time_notes": invitation.notes}
-    parties = apply_visit_parties(session, settings, event, view)
-    rule_category, why = meeting_category(
-        settings.meeting_category, invitation.location, parties.customer
+    parties = apply_visit_parties(
+        session, settings, event, meeting_view(settings, seller, addresses)
     )
-    classification = classify(
-        session,
-        ClassificationRequest(source_kind="meeting", rule_category=rule_category, rule_reason=why),
-    )
+    classification = classify_meeting(session, settings, invitation.location, parties.customer)
     event.occurred_at = invitation.start
     event.ended_at = invitation.end
     event.duration_s = (
@@ -293,10 +341,7 @@ def ingest_meeting(
     event.status = "cancelled" if invitation.cancelled else "scheduled"
     event.state = event.status
     event.cancelled = invitation.cancelled
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
-    event.classification_note = classification.note
+    apply_classification(event, classification)
     event.details = {
         **event.details,
         "location": invitation.location or None,
@@ -305,6 +350,8 @@ def ingest_meeting(
         "sequence": invitation.sequence,
         "method": invitation.method,
         "organizer": invitation.organizer,
+        # Whom the seller was found by, for the re-link (relink_meeting).
+        "seller_reference": seller,
         "attendees": [{"address": a, "name": n} for a, n in invitation.attendees],
         "updated_by_message": inbound_id,
         "time_notes": invitation.notes,

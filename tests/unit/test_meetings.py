@@ -20,6 +20,8 @@ from models.events import CrmEvent, EventParticipant
 from models.parties import Customer, Staff
 from tasks.context import StageContext
 from tasks.ingest.email import ingest_email
+from tasks.ingest.party import ingest_party
+from tests.master_data import contact
 from tests.unit.test_tallies import tallies
 
 INVITATIONS = Path(__file__).resolve().parents[1] / "data" / "invitations"
@@ -181,3 +183,39 @@ def test_a_calendar_that_cannot_be_read_leaves_an_ordinary_email(
     event = world.get(CrmEvent, result.event_id)
     assert event is not None and event.source_kind == "email"
     assert event.details["gateway"] == "smtp-gateway"
+
+
+def test_a_meeting_with_a_stranger_is_linked_when_they_become_a_contact(
+    world: Session, ctx: StageContext
+) -> None:
+    """Invited before the ERP knew them: the meeting waits unlinked, and the contact's arrival
+    links it, a customer visit now that the location is the known customer's."""
+    raw = GOOGLE.replace(b"sanna.heikkinen@jsah", b"uusi.ostaja@jsah").replace(
+        b"LOCATION:Google Meet", "LOCATION:Järvi-Suomen Sähkö Oy, Kuopio".encode()
+    )
+    assert ingest_email(world, ctx, mail(raw)).outcome == "stored"
+    event = meeting(world, GOOGLE_UID)
+    mikko = world.scalar(select(Staff).where(Staff.username == "mikko"))
+    assert mikko is not None
+    assert (event.link_state, event.customer_id, event.category_code) == (
+        "unlinked",
+        None,
+        "crm_event",
+    )
+    assert tallies(world, mikko.id)[("crm_event", "2026-W48")] == 1
+
+    result = ingest_party(
+        world, fresh(ctx), contact("10002", "Uusi Ostaja", emails=["uusi.ostaja@jsahko.fi"])
+    )
+    assert f"re-linked 1 event(s): {event.id}" in result.detail
+    world.refresh(event)
+    customer = world.get(Customer, event.customer_id)
+    assert customer is not None and customer.customer_number == "10002"
+    assert (event.link_state, event.seller_id, event.category_code) == (
+        "linked",
+        mikko.id,
+        "customer_visit",
+    )
+    moved = tallies(world, mikko.id)
+    assert moved[("customer_visit", "2026-W48")] == 1
+    assert moved.get(("crm_event", "2026-W48"), 0) == 0
