@@ -2,9 +2,10 @@
 
 Starts a worker and beat as child processes, publishes the bundled examples (parties, calls with
 several status updates, Twilio status callbacks and Asterisk CDRs, forwarded emails with
-attachments, visits with memos, and a few bad messages), waits until every one is processed,
-and prints the seller views and target progress. The samples' times are moved by whole days so
-that the latest of them is today's: the seller views' week and month are the current ones.
+attachments, a calendar invitation, visits with memos, and a few bad messages), waits until
+every one is processed, and prints the seller views and target progress. The samples' times are
+moved by whole days so that the latest of them is today's: the seller views' week and month are
+the current ones.
 Run in a terminal, it then serves the screens (``crm-events serve``) until Ctrl-C, with the
 worker still running; otherwise it says how to see them.
 The data stays under the data directory for the other commands to explore.
@@ -43,12 +44,15 @@ def default_examples() -> Path:
     return Path(sys.prefix) / "share" / "crm-events" / "examples"
 
 
-#: A moment in the samples: an ISO date and time (JSON, CSV), or an RFC 5322 date (mail headers,
-#: Twilio's Timestamp). Plain dates stay: they are also parts of ids (c-2026-11-24-0042).
+#: A moment in the samples: an ISO date and time (JSON, CSV), an RFC 5322 date (mail headers,
+#: Twilio's Timestamp) or an iCalendar one (invitations). Plain dates stay: they are also parts
+#: of ids (c-2026-11-24-0042).
 ISO_MOMENT = re.compile(r"\b(\d{4}-\d{2}-\d{2})([T ]\d{2}:\d{2})")
 RFC_MOMENT = re.compile(
     r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{1,2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}"
 )
+#: An iCalendar date and time (an invitation's DTSTART, DTEND, DTSTAMP), local or UTC.
+ICS_MOMENT = re.compile(r"\b(\d{8})T(\d{6})(Z?)\b")
 SAMPLE_SUFFIXES = (".json", ".eml", ".csv")
 
 
@@ -57,6 +61,7 @@ def sample_moments(text: str) -> list[datetime]:
     found = [datetime.fromisoformat(m[1] + "T" + m[2][1:]) for m in ISO_MOMENT.finditer(text)]
     for match in RFC_MOMENT.finditer(text):
         found.append(email.utils.parsedate_to_datetime(match[0]).replace(tzinfo=None))
+    found += [datetime.strptime(m[1] + m[2], "%Y%m%d%H%M%S") for m in ICS_MOMENT.finditer(text)]
     return found
 
 
@@ -71,7 +76,11 @@ def shifted(text: str, days: int) -> str:
         moment = email.utils.parsedate_to_datetime(match[0]) + timedelta(days=days)
         return email.utils.format_datetime(moment)
 
-    return RFC_MOMENT.sub(rfc, ISO_MOMENT.sub(iso, text))
+    def ics(match: re.Match[str]) -> str:
+        day = datetime.strptime(match[1], "%Y%m%d") + timedelta(days=days)
+        return f"{day:%Y%m%d}T{match[2]}{match[3]}"
+
+    return ICS_MOMENT.sub(ics, RFC_MOMENT.sub(rfc, ISO_MOMENT.sub(iso, text)))
 
 
 def redated_examples(examples: Path, target: Path, zone: ZoneInfo) -> tuple[Path, int]:

@@ -74,7 +74,7 @@ def test_demo_stores_every_sample_once(demo_run: tuple[Path, int]) -> None:
     demo_dir, days = demo_run
     events = run_json(demo_dir, "events")
     by_source = {(e["source_kind"], e["source_id"]) for e in events}
-    assert len(by_source) == len(events) == 12
+    assert len(by_source) == len(events) == 13
     call = next(e for e in events if e["source_id"] == "c-2026-11-23-0001")
     assert (call["status"], call["duration_s"], call["seller"]) == ("completed", 448, "anna")
     # The telephony samples in their systems' own formats, through the adapters.
@@ -92,6 +92,20 @@ def test_demo_stores_every_sample_once(demo_run: tuple[Path, int]) -> None:
     sampled = datetime.fromisoformat("2026-11-20T08:41:03+02:00")  # the forwarded mail's date
     assert forwarded["occurred_at"] == (sampled + timedelta(days=days)).isoformat()
     assert "Laiteluettelo_kevät_2027.pdf" in [d["filename"] for d in forwarded["documents"]]
+    # mikko's Google Calendar invitation: a meeting at its start time, still to be held.
+    [meeting] = [e for e in events if e["source_kind"] == "meeting"]
+    start = datetime.fromisoformat("2026-11-26T08:00:00+00:00") + timedelta(days=days)
+    assert datetime.fromisoformat(meeting["occurred_at"]) == start
+    assert (meeting["seller"], meeting["customer_number"], meeting["contact"]) == (
+        "mikko",
+        "10002",
+        "Sanna Heikkinen",
+    )
+    assert (meeting["category"], meeting["state"], meeting["subject"]) == (
+        "crm_event",
+        "scheduled",
+        "Vuosisopimus 2027",
+    )
 
 
 def test_catalogue_is_the_design_default(demo_dir: Path) -> None:
