@@ -25,7 +25,6 @@ from models.events import CrmEvent, EventParticipant
 from models.parties import EventPartyKey
 from tasks.context import StageContext
 from tasks.ingest.call_state import refold_call
-from tasks.ingest.meeting import relink_meeting
 from tasks.ingest.visit import relink_visit
 from tasks.leads import apply_lead_rule
 from tasks.match import PartyMatch, customer_by_number, find_staff, match_addresses, match_phone
@@ -180,6 +179,9 @@ def rederive_link(session: Session, ctx: StageContext, event: CrmEvent) -> bool:
     if event.source_kind == "visit":
         return relink_visit(session, ctx.settings, event)
     if event.source_kind == "meeting":
+        # Imported here: the meeting stage loads the email schemas, which listings never need.
+        from tasks.ingest.meeting import relink_meeting
+
         return relink_meeting(session, ctx.settings, event)
     match = match_from_keys(session, ctx.settings, event)
     if match is None:
