@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from config.catalogue import SOURCE_DEFAULT_CATEGORY
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.db import table_of
+from models.events import CrmEvent
 
 
 @dataclass
@@ -29,6 +30,13 @@ class Classification:
     @property
     def note(self) -> str:
         return "; ".join(self.notes)
+
+    def apply_to(self, event: CrmEvent) -> None:
+        """Give ``event`` this category, class, type and note (its properties: set_properties)."""
+        event.category_code = self.category
+        event.class_code = self.class_code
+        event.type_code = self.type_code
+        event.classification_note = self.note
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,7 @@ def _classify(session: Session, event: CrmEvent, category: str | None, reason: s
             rule_reason=reason,
         ),
     )
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
+    classification.apply_to(event)
     notes = [classification.note]
     if category is None:
         notes.append(reason)

@@ -182,7 +182,9 @@ def rederive_link(session: Session, ctx: StageContext, event: CrmEvent) -> bool:
         # Imported here: the meeting stage loads the email schemas, which listings never need.
         from tasks.ingest.meeting import relink_meeting
 
-        return relink_meeting(session, ctx.settings, event)
+        category = event.category_code
+        relink_meeting(session, ctx.settings, event)
+        return link_facts(event) != before or event.category_code != category
     match = match_from_keys(session, ctx.settings, event)
     if match is None:
         return False

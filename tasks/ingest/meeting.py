@@ -232,28 +232,20 @@ def classify_meeting(
     )
 
 
-def apply_classification(event: CrmEvent, classification: Classification) -> None:
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
-    event.classification_note = classification.note
-
-
-def relink_meeting(session: Session, settings: Settings, event: CrmEvent) -> bool:
-    """Match a meeting again from its invitation's attendees; True when its link changed.
+def relink_meeting(session: Session, settings: Settings, event: CrmEvent) -> None:
+    """Match a meeting again from its invitation's attendees (``tasks.relink``).
 
     A contact or customer that appears after the invitation links it as a later invitation
     would; the category follows (``CRM_MEETING_CATEGORY``: a customer visit once the location
-    names the now known customer). The caller moves the tallies.
+    names the now known customer). The caller compares and moves the tallies.
     """
     details = event.details or {}
-    before = (event.customer_id, event.contact_id, event.link_state, event.seller_id)
-    before_category = event.category_code
     addresses = [
         a["address"]
         for a in details.get("attendees") or []
         if isinstance(a, dict) and isinstance(a.get("address"), str)
     ]
+    # Meetings stored before seller_reference was kept: their organizer.
     seller = details.get("seller_reference", details.get("organizer")) or ""
     parties = apply_visit_parties(
         session, settings, event, meeting_view(settings, str(seller), addresses)
@@ -261,11 +253,9 @@ def relink_meeting(session: Session, settings: Settings, event: CrmEvent) -> boo
     classification = classify_meeting(
         session, settings, details.get("location") or "", parties.customer
     )
-    apply_classification(event, classification)
+    classification.apply_to(event)
     session.flush()
     set_properties(session, event, classification.properties)
-    after = (event.customer_id, event.contact_id, event.link_state, event.seller_id)
-    return before != after or before_category != event.category_code
 
 
 def ingest_meeting(
@@ -341,7 +331,7 @@ def ingest_meeting(
     event.status = "cancelled" if invitation.cancelled else "scheduled"
     event.state = event.status
     event.cancelled = invitation.cancelled
-    apply_classification(event, classification)
+    classification.apply_to(event)
     event.details = {
         **event.details,
         "location": invitation.location or None,

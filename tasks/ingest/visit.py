@@ -123,10 +123,7 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     for name in ERP_REFERENCES:  # the latest message is the visit's record
         setattr(event, name, message.get(name))
     event.cancelled = cancelled
-    event.category_code = classification.category
-    event.class_code = classification.class_code
-    event.type_code = classification.type_code
-    event.classification_note = classification.note
+    classification.apply_to(event)
     event.details = {
         **event.details,
         "location": message.get("location"),
