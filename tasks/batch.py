@@ -66,7 +66,8 @@ STAGES: dict[str, tuple[str, Stage]] = {
     "target": (TARGET_TASK, ingest_target),
 }
 
-BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]]], NewCalls]
+#: (session, context, the messages with their indexes, called before writing when it leaves any)
+BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]], Callable[[], None]], NewCalls]
 
 #: kind -> its set-based stage for the messages it can take (the rest go message by message).
 BULK_STAGES: dict[str, BulkStage] = {"call": ingest_new_calls}
@@ -100,7 +101,6 @@ def ingest_batch(
     """
     batch = load_batch_message(payload)
     task_name, stage = STAGES[batch["kind"]]
-    _one_batch_at_a_time(session)
     result = BatchResult("done")
     # Counts move once, at the end, in key order: the tally rows of a busy seller are then
     # held for the commit only, not for the whole batch while other batches wait on them.
@@ -110,6 +110,9 @@ def ingest_batch(
         pending = list(enumerate(batch["messages"]))
         if (bulk := BULK_STAGES.get(batch["kind"])) is not None:
             pending = _run_bulk(session, ctx, bulk, pending, task_name, result, fatal)
+        if pending:
+            # Taken again if the set-based stage took it: rolling its savepoint back let it go.
+            _one_batch_at_a_time(session)
         for index, message in pending:
             message_id = item_id(ctx.task_id, index)
             item = StageContext(ctx.settings, message_id, task_name)
@@ -139,7 +142,7 @@ def _run_bulk(
     """Run the set-based stage in a savepoint; the messages it left, or all when it gave up."""
     try:
         with session.begin_nested():
-            taken = bulk(session, ctx, pending)
+            taken = bulk(session, ctx, pending, lambda: _one_batch_at_a_time(session))
             record_deliveries(
                 session,
                 (
@@ -248,14 +251,20 @@ BATCH_LOCK_NAMESPACE = 0x424154
 
 
 def _one_batch_at_a_time(session: Session) -> None:
-    """Wait until no other batch is writing, and hold that until this one commits.
+    """Wait until no other batch is going message by message, and hold that until this commits.
 
     Each message of a batch takes the locks its stage takes (a customer's follow-ups, the party
     keys of an unlinked event) and holds them until the batch commits. Two batches taking them in
     their messages' order would wait on each other, deadlock, and run again and again; one at a
-    time they cannot, and a single message waiting on a batch waits for one batch only. A backfill
-    thus keeps one pool process busy and leaves the others to today's messages. SQLite runs one
-    writing transaction at a time anyway.
+    time they cannot, and a single message waiting on a batch waits for one batch only. It is
+    taken before any of those locks: before the set-based stage writes when it leaves messages,
+    else before the first message goes alone.
+
+    Batches that the set-based stage takes whole do not take it: that stage takes its locks
+    class by class (ledger and event keys in the batch's order, party keys, customers, then
+    tallies, each sorted), so two of them wait on each other at most, and a backfill's batches
+    write side by side, one per pool process. SQLite runs one writing transaction at a time
+    anyway.
     """
     if is_postgresql(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:ns, 0)"), {"ns": BATCH_LOCK_NAMESPACE})

@@ -24,10 +24,11 @@ instead: ``CallsRaced`` rolls back this stage's savepoint (``tasks.batch``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import BigInteger, String, Table, any_, bindparam, func, select, text, update
@@ -97,9 +98,16 @@ class _Call:
 
 
 def ingest_new_calls(
-    session: Session, ctx: StageContext, messages: Sequence[tuple[int, Any]]
+    session: Session,
+    ctx: StageContext,
+    messages: Sequence[tuple[int, Any]],
+    before_leaving: Callable[[], None] = lambda: None,
 ) -> NewCalls:
-    """Store the new calls among ``messages`` (index, message) set-based; see the docstring."""
+    """Store the new calls among ``messages`` (index, message) set-based; see the docstring.
+
+    What the stage leaves is known before it writes: ``before_leaving`` is called then, when it
+    leaves any message, so that the batch takes what its message-by-message part needs first.
+    """
     result = NewCalls()
     calls = _group(messages, result)
     _leave_existing(session, calls, result)
@@ -109,20 +117,16 @@ def ingest_new_calls(
         call.derived = derive_call(lookups, ctx, state, [])
         if _may_become_a_lead(ctx, call.derived):
             _leave(calls, call, result)
+    if result.left:
+        before_leaving()
     if not calls:
         return result
     ordered = list(calls.values())  # in the batch's order, as the call stage stores them
+    # The ledger first, as the call stage writes: a call stage storing one of these calls
+    # meanwhile then waits on the batch, or the batch on it, never each on the other.
     inbound_ids = _insert_ledger(session, ordered)
     _insert_events(session, ordered)
-    session.execute(
-        _LINK_INBOUND,
-        [
-            {"inbound_id": inbound_ids[index], "event": call.event.id}
-            for call in ordered
-            if call.event is not None
-            for index, _payload in call.updates
-        ],
-    )
+    _link_ledger(session, ordered, inbound_ids)
     _insert_links(session, ctx, ordered, lookups)
     _follow_ups(session, ordered, lookups)
     zones: dict[int, ZoneInfo] = {}
@@ -261,6 +265,35 @@ def _insert_ledger(session: Session, calls: Sequence[_Call]) -> dict[int, int]:
     return dict(zip(indexes, ids, strict=True))
 
 
+def _link_ledger(session: Session, calls: Sequence[_Call], inbound_ids: dict[int, int]) -> None:
+    """Each ledger row names its call's event: on PostgreSQL one statement over two arrays."""
+    pairs = [
+        (inbound_ids[index], call.event.id)
+        for call in calls
+        if call.event is not None
+        for index, _payload in call.updates
+    ]
+    if is_postgresql(session):
+        session.execute(
+            _LINK_INBOUND_PG,
+            {"ids": [ledger for ledger, _ in pairs], "events": [event for _, event in pairs]},
+        )
+    else:
+        session.execute(_LINK_INBOUND, [{"inbound_id": i, "event": e} for i, e in pairs])
+
+
+_LINK_INBOUND = (
+    update(table_of(InboundMessage))
+    .where(table_of(InboundMessage).c.id == bindparam("inbound_id"))
+    .values(event_id=bindparam("event"))
+)
+_LINK_INBOUND_PG = text(
+    "UPDATE inbound_message SET event_id = link.event_id"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:events AS bigint[])) AS link(id, event_id)"
+    " WHERE inbound_message.id = link.id"
+)
+
+
 def _insert_new(
     session: Session, table: Table, rows: list[dict[str, Any]], unique: tuple[str, ...]
 ) -> list[int] | None:
@@ -351,19 +384,15 @@ def _insert_events(session: Session, calls: Sequence[_Call]) -> None:
     ids = _insert_new(session, table_of(CrmEvent), rows, _EVENT_KEY)
     if ids is None:
         raise CallsRaced("a call of the batch was stored meanwhile")
+    blank = dict.fromkeys(column.key for column in CrmEvent.__table__.columns)
     for call, row, event_id in zip(calls, rows, ids, strict=True):
         row["id"] = event_id
-        state: dict[str, Any] = {column.key: None for column in CrmEvent.__table__.columns}
+        state = blank.copy()
         for key, value in row.items():
             state[key] = value.astimezone(UTC) if isinstance(value, datetime) else value
-        call.event = CrmEvent(**state)  # transient: never flushed
-
-
-_LINK_INBOUND = (
-    update(table_of(InboundMessage))
-    .where(table_of(InboundMessage).c.id == bindparam("inbound_id"))
-    .values(event_id=bindparam("event"))
-)
+        # Read as the stored event is read (counts, follow-ups), never written: its columns'
+        # values without an ORM instance, which cost more to build than the row to insert.
+        call.event = cast(CrmEvent, SimpleNamespace(**state))
 
 
 def _insert_links(

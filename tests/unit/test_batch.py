@@ -100,8 +100,8 @@ def test_a_message_that_breaks_rolls_back_alone(
             raise ZeroDivisionError("a bug")
         return result
 
-    def bulk_breaks(session: Session, context: StageContext, messages: Any) -> Any:
-        bulk(session, context, messages)  # writes every event
+    def bulk_breaks(session: Session, context: StageContext, messages: Any, leaving: Any) -> Any:
+        bulk(session, context, messages, leaving)  # writes every event
         raise KeyError("a bug in the set-based stage")
 
     monkeypatch.setitem(batch_stage.STAGES, "call", (task_name, breaks_on_bt_b))

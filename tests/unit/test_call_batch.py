@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
@@ -18,6 +18,7 @@ from models.targets import Tally
 from tasks import batch as batch_stage
 from tasks.batch import ingest_batch
 from tasks.context import StageContext
+from tasks.ingest import call_batch
 from tasks.ingest.call import ingest_call
 from tasks.maintenance import delete_event, reconcile
 from tests.unit.test_call_followups import callback, missed
@@ -253,6 +254,46 @@ def test_an_update_accepted_meanwhile_sends_the_batch_message_by_message(
     assert dict(result.outcomes) == {"stored": 1, "duplicate": 1}
     anna = world.scalar(select(Staff.id).where(Staff.username == "anna"))
     assert world.scalar(select(CrmEvent.seller_id).where(CrmEvent.source_id == "b-race-1")) == anna
+
+
+def batch_lock_free(engine: Engine) -> bool:
+    """Whether another batch could take the lock of batches going message by message now."""
+    with engine.connect() as probe:
+        free = probe.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:ns, 0)"),
+            {"ns": batch_stage.BATCH_LOCK_NAMESPACE},
+        )
+        probe.rollback()
+    return bool(free)
+
+
+def test_batches_the_set_based_stage_takes_whole_write_side_by_side(
+    world: Session, ctx: StageContext, engine: Engine
+) -> None:
+    """A batch of new calls leaves the batch lock free while it is uncommitted: a backfill's
+    batches write side by side. One that leaves a message to the call stage holds it, taken
+    before it wrote anything, as does one that the set-based stage gave up on."""
+    result = run_batch(world, ctx, [missed("b-side-1", at(24, 8)), callback("b-side-2", at(24, 9))])
+    assert dict(result.outcomes) == {"stored": 2}
+    assert batch_lock_free(engine)
+
+    result = run_batch(world, ctx, [callback("b-side-3", at(24, 10)), {"colour": "red"}])
+    assert dict(result.outcomes) == {"stored": 1, "rejected": 1}
+    assert not batch_lock_free(engine)
+
+
+def test_a_batch_the_set_based_stage_gave_up_on_goes_one_batch_at_a_time(
+    world: Session, ctx: StageContext, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update committed by another worker after the set-based stage looked (its ledger row
+    appears only when the batch inserts its own) sends the batch message by message, under the
+    batch lock, although its savepoint's rollback let go of everything taken in it."""
+    messages = [callback("b-raced-1", at(24, 8)), callback("b-raced-2", at(24, 9))]
+    ingest_call(world, ctx, messages[1])
+    monkeypatch.setattr(call_batch, "_leave_existing", lambda session, calls, result: None)
+    result = run_batch(world, ctx, messages)
+    assert dict(result.outcomes) == {"stored": 1, "duplicate": 1}
+    assert not batch_lock_free(engine)
 
 
 def test_follow_ups_are_settled_by_the_batch_itself(
