@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import BigInteger, String, Table, any_, bindparam, func, select, text, update
+from sqlalchemy import BigInteger, Table, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
@@ -221,14 +221,13 @@ _EARLIER = (
     )
     .distinct()
 )
-_EARLIER_PG = (
-    select(_LEDGER.c.source_id)
-    .where(
-        _LEDGER.c.source_kind == "call",
-        _LEDGER.c.source_system == bindparam("system"),
-        _LEDGER.c.source_id == any_(bindparam("ids", type_=ARRAY(String))),
-    )
-    .distinct()
+# One index probe per id, whatever the planner believes of the table: a backfill into a new
+# database outruns ANALYZE, and with a ledger "too small to matter" an ``= ANY`` list became a
+# filter over every call of the system, once per batch (0.1 ms per event at 10,000 rows).
+_EARLIER_PG = text(
+    "SELECT ids.id FROM unnest(CAST(:ids AS varchar[])) AS ids(id)"
+    " CROSS JOIN LATERAL (SELECT 1 FROM inbound_message AS m WHERE m.source_kind = 'call'"
+    " AND m.source_system = :system AND m.source_id = ids.id LIMIT 1) AS found"
 )
 
 

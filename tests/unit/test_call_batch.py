@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from models.db import table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.ledger import Delivery, InboundMessage, RejectedMessage
 from models.parties import EventPartyKey, Staff
@@ -346,3 +347,37 @@ def test_a_late_update_of_a_deleted_call_gets_all_its_updates(
         "tarjous lähetetty",
         2,
     )
+
+
+def test_earlier_updates_are_found_by_index_probes_whatever_the_statistics(world: Session) -> None:
+    """A backfill into a new database outruns ANALYZE: the planner, told the ledger holds almost
+    nothing, must still look each call id up in the index, not filter every call of the system
+    (that made each batch read the whole ledger)."""
+    world.execute(text("ANALYZE inbound_message"))  # rolled back with the test
+    world.execute(
+        table_of(InboundMessage).insert(),
+        [
+            {
+                "idempotency_key": f"call:stale-{n}",
+                "schema": "crm.call/1",
+                "source_kind": "call",
+                "source_system": "pbx-stale",
+                "source_id": f"stale-{n}",
+                "payload": {},
+            }
+            for n in range(3000)
+        ],
+    )
+    ids = ["stale-7", "stale-2999", "never-seen"]
+    found = world.scalars(call_batch._EARLIER_PG, {"system": "pbx-stale", "ids": ids}).all()
+    assert sorted(found) == ["stale-2999", "stale-7"]
+    [[plan]] = world.execute(
+        text("EXPLAIN (FORMAT JSON) " + str(call_batch._EARLIER_PG)),
+        {"system": "pbx-stale", "ids": ids},
+    ).all()
+    conditions = [node.get("Index Cond", "") for node in plan_nodes(plan[0]["Plan"])]
+    assert any("source_id" in condition for condition in conditions), plan
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
