@@ -5,6 +5,7 @@ Nothing is created at import time; every process calls :func:`create_app` with i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -14,6 +15,7 @@ from config.queues import PARTY_QUEUE, QUEUES, TASK_QUEUES
 from config.settings import Settings
 from workers.base import soft_time_limit
 from workers.beat import BEAT_SCHEDULE
+from workers.exposure import POOL_ARGUMENTS_FILTER
 
 #: The module that defines every task (imported by each process that builds the app).
 TASK_MODULES = ("workers.pipeline",)
@@ -50,7 +52,9 @@ def named_queue(name: str) -> Queue:
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("crm_events", set_as_current=True)
+    # Messages show their kind, source and ids, never their contents (workers/exposure.py).
+    app = Celery("crm_events", set_as_current=True, amqp="workers.exposure:SummarisingAMQP")
+    logging.getLogger("celery.pool").addFilter(POOL_ARGUMENTS_FILTER)
     app.conf.update(
         broker_url=settings.effective_broker_url,
         # The embedded broker is kombu's filesystem transport with atomic writes (broker_fs);

@@ -68,6 +68,9 @@ def soft_time_limit(hard_s: int) -> int:
 class CrmTask(Task):
     """Base class of every crm.* task."""
 
+    #: Its arguments are shown summarised, never as they are (workers/exposure.py).
+    Request = "workers.exposure:SummarisedRequest"
+
     acks_late = True
     reject_on_worker_lost = True
     # Over the hard time limit, the message goes back to its queue rather than being

@@ -118,6 +118,47 @@ def test_flower_switches_the_task_events_on(live: LiveSystem, flower: Flower) ->
         assert time.monotonic() < deadline, f"not in Flower's task list: {delivery.task_id}"
 
 
+@pytest.mark.parametrize("protocol", [2, 1])
+def test_flower_lists_a_message_by_kind_source_and_id_whoever_sent_it(
+    live: LiveSystem, flower: Flower, protocol: int
+) -> None:
+    """A producer that is not ours puts the whole message in its ``argsrepr`` header (Celery's
+    protocol 2 does), or the worker makes one from the body (protocol 1): Flower shows the
+    worker's summary all the same, never the number, the note or the agent."""
+    from celery import Celery
+
+    from tests.messages import outbound_call
+    from workers.publish import wait_for
+
+    sender = Celery("foreign", broker=live.settings.broker_url, set_as_current=False)
+    sender.conf.update(task_protocol=protocol, task_serializer="json")
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            call_id = f"flower-{uuid.uuid4()}"
+            message = outbound_call(
+                call_id, "2001-03-05T10:00:00+02:00", note="Liisa soitti huoltosopimuksesta"
+            )
+            task_id = str(uuid.uuid4())
+            sender.send_task(
+                "crm.ingest.call", args=[message], task_id=task_id, queue="crm.ingest.call"
+            )
+            assert task_id in wait_for(live.sessions, [task_id], 60), live.tail()
+            status, body = get(flower.port, "/api/tasks?limit=1000", f"{USER}:{PASSWORD}")
+            assert status == 200, body
+            task = json.loads(body).get(task_id)
+            if task is not None and task.get("args"):
+                break
+            assert time.monotonic() < deadline, f"not in Flower's task list: {task_id}"
+    finally:
+        sender.close()
+    assert task["args"] == f"(crm.call/1 from pbx-hki: call_id {call_id})", task
+    assert task["kwargs"] == "{}", task
+    shown = json.dumps(task)
+    for personal in ("765 4321", "huoltosopimuksesta", "anna"):
+        assert personal not in shown, personal
+
+
 def test_metrics_and_healthcheck_need_no_credentials(flower: Flower) -> None:
     """What docs/security.md says: /metrics (Prometheus) and /healthcheck are open in
     Flower 2.2, whatever the basic auth; /metrics names workers and task names and counts,

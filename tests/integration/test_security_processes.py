@@ -9,7 +9,9 @@ output.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import http.client
 import json
 import re
 import smtplib
@@ -375,3 +377,62 @@ def test_gateways_sign_and_no_secret_is_ever_logged(secure: SecureSystem, live: 
         if secret in text
     ]
     assert not leaks, leaks
+
+
+def flower_tasks(port: int) -> dict[str, Any]:
+    credentials = base64.b64encode(f"admin:{FLOWER_PASSWORD}".encode()).decode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "GET", "/api/tasks?limit=1000", headers={"Authorization": f"Basic {credentials}"}
+        )
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 200, body
+    tasks: dict[str, Any] = json.loads(body)
+    return tasks
+
+
+def test_flower_and_the_debug_log_show_an_email_by_kind_and_source_only(
+    secure: SecureSystem,
+) -> None:
+    """A processed email appears in Flower's task list and the worker's DEBUG log as
+    "crm.email/1 from …" and its size: no address, name, subject or text of it, in any form."""
+    port = free_port()
+    flower = secure.start("flower", "flower", f"--port={port}", "--address=127.0.0.1")
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # Flower asks for task events once it runs: the next email is listed
+            assert flower.poll() is None, (secure.folder / "flower.log").read_text()
+            raw = (ROOT / "examples/emails/bcc-offer-with-pdf.eml").read_bytes()
+            raw = raw.replace(b"<offer-2026-118@", f"<offer-{uuid.uuid4().hex}@".encode())
+            path = secure.folder / f"{uuid.uuid4().hex}.eml"
+            path.write_bytes(raw)
+            result = secure.cli("publish", "email", str(path), "--wait", "60", "--json")
+            assert result.returncode == 0, result.stderr + secure.worker_log()
+            (row,) = json.loads(result.stdout)
+            assert row["outcome"] == "stored", row
+            try:
+                task = flower_tasks(port).get(row["task_id"])
+            except OSError:
+                task = None  # not listening yet
+            if task is not None and task.get("args"):
+                break
+            assert time.monotonic() < deadline, "the email is not in Flower's task list"
+    finally:
+        stop_process(flower)
+    assert task["args"].startswith("(crm.email/1 from "), task
+    assert "raw_b64 of " in task["args"], task
+    shown = json.dumps(task) + (secure.folder / "worker.log").read_text(errors="replace")
+    body = base64.b64encode(raw).decode()
+    for personal in (
+        "matti.virtanen",
+        "Matti Virtanen",
+        "Virtanen",
+        "anna.lahtinen@",
+        "huoltosopimus",
+        body[200:260],
+    ):
+        assert personal not in shown, personal
