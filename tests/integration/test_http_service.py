@@ -11,6 +11,7 @@ import email.policy
 import json
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -60,6 +61,7 @@ def tokens(world: LiveSystem) -> dict[str, str]:
         done = world.cli("token", "create", name, "--scope", scope, "--json")
         assert done.returncode == 0, done.stderr
         made[scope] = json.loads(done.stdout)["token"]
+        made[f"{scope}-name"] = name
     revoked = f"http-revoked-{uuid.uuid4().hex[:6]}"
     done = world.cli("token", "create", revoked, "--scope", "admin", "--json")
     made["revoked"] = json.loads(done.stdout)["token"]
@@ -298,6 +300,15 @@ def test_a_document_downloads_byte_for_byte_with_a_safe_name(
     assert plain.isascii() and "\\" not in plain and ";" not in plain and ".." not in plain
     assert disposition.endswith("%C3%B6.pdf")  # the exact name, percent-encoded (RFC 5987)
     assert "x-evil" not in headers
+    # Who downloaded which document is logged, by ids: not the name, which may name a person.
+    logged = (
+        f"document {document['id']} (sha256 {document['sha256'][:12]}…) of event {event['id']}"
+        f" downloaded by token {tokens['read-name']!r} (staff -)"
+    )
+    deadline = time.monotonic() + 30
+    while logged not in service.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, service.log.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
     status, one = service.request("GET", f"/v1/events/{event['id']}", headers=auth(tokens["read"]))
     assert status == 200 and one["id"] == event["id"] and "follow_ups" in one
     status, _, _ = service.exchange(
@@ -496,8 +507,9 @@ def test_requests_are_logged_without_their_secrets_or_a_traceback(
     text = service.log.read_text()
     assert '"GET /login" 303' in text and '"POST /v1/calls" 400' in text
     assert "Traceback" not in text
-    for token in tokens.values():
-        assert token not in text
+    for key, token in tokens.items():
+        if not key.endswith("-name"):  # a token's name is no secret: the download log has it
+            assert token not in text
 
 
 # -- the screens: who may see them, and nothing a sender wrote runs in them -----------------------

@@ -15,6 +15,7 @@ its sanitised name.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import quote
 
@@ -43,6 +44,9 @@ from workers.gateways.http.auth import identify, require
 from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
 from workers.publish import email_message_from_raw
+
+#: Every document served, with the token that asked for it (docs/security.md).
+downloads = logging.getLogger("crm.http.downloads")
 
 #: The path of each kind: ``/v1/calls`` takes ``crm.call/1``.
 PLURALS = {
@@ -213,7 +217,7 @@ def content_disposition(filename: str) -> str:
 
 
 async def get_document(request: Request) -> Response:
-    await principal_for(request, "read")
+    principal = await principal_for(request, "read")
     service = service_of(request)
     event_id = request.path_params["event_id"]
     document_id = request.path_params["document_id"]
@@ -234,6 +238,15 @@ async def get_document(request: Request) -> Response:
     if found is None:
         raise Problem(404, f"event {event_id} has no stored document {document_id}")
     document, blob = found
+    # Who read whose document, for a person's access request or an audit: by ids, not names.
+    downloads.info(
+        "document %s (sha256 %s…) of event %s downloaded by token %r (staff %s)",
+        document.id,
+        blob.sha256[:12],
+        event_id,
+        principal.name,
+        principal.staff or "-",
+    )
     headers = {
         "Content-Disposition": content_disposition(document.filename),
         "X-Content-Type-Options": "nosniff",
