@@ -21,6 +21,7 @@ REFRESH_SELLER_TASK = "crm.refresh.seller"
 REFRESH_SWEEP_TASK = "crm.refresh.sweep"
 TARGET_REPORT_TASK = "crm.reports.targets"
 RECONCILE_TASK = "crm.maintenance.reconcile"
+RETENTION_TASK = "crm.maintenance.retention"
 
 CALL_QUEUE = "crm.ingest.call"
 EMAIL_QUEUE = "crm.ingest.email"
@@ -51,6 +52,7 @@ TASK_QUEUES: dict[str, str] = {
     REFRESH_SWEEP_TASK: REFRESH_QUEUE,
     TARGET_REPORT_TASK: REPORTS_QUEUE,
     RECONCILE_TASK: MAINTENANCE_QUEUE,
+    RETENTION_TASK: MAINTENANCE_QUEUE,
 }
 
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(TASK_QUEUES.values()))

@@ -107,6 +107,15 @@ class Settings:
     #: as a failed message of kind ``poison``, so it cannot loop forever.
     max_deliveries: int = 5
     worker_concurrency: int = 2
+    #: Retention, in days (None: kept for ever), enforced nightly by ``crm.maintenance.retention``
+    #: (tasks/retention.py): call recordings, raw emails, the attachments of emails and visits,
+    #: the payloads of rejected and failed messages, the ledger's payloads of emails and parties.
+    retain_recordings_days: int | None = None
+    retain_raw_emails_days: int | None = None
+    retain_attachments_days: int | None = None
+    retain_rejected_days: int | None = 90
+    retain_failed_days: int | None = 90
+    retain_ledger_days: int | None = None
     log_level: str = "INFO"
     log_json: bool = False
     #: Outgoing mail for the managers' reports.
@@ -221,6 +230,13 @@ def _parse_bool(raw: str) -> bool:
 
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_days(raw: str) -> int | None:
+    """A number of days to keep something, or ``off`` (kept for ever)."""
+    if raw.strip().lower() in {"off", "never", ""}:
+        return None
+    return _parse_positive_int(raw)
 
 
 def _parse_positive_int(raw: str) -> int:
@@ -405,6 +421,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "retry_backoff_max_s": _parse_positive_int,
     "max_deliveries": _parse_positive_int,
     "worker_concurrency": _parse_positive_int,
+    "retain_recordings_days": _parse_days,
+    "retain_raw_emails_days": _parse_days,
+    "retain_attachments_days": _parse_days,
+    "retain_rejected_days": _parse_days,
+    "retain_failed_days": _parse_days,
+    "retain_ledger_days": _parse_days,
     "log_level": _parse_choice("DEBUG", "INFO", "WARNING", "ERROR"),
     "log_json": _parse_bool,
     "task_events": _parse_choice("on-demand", "always"),

@@ -1,4 +1,5 @@
-"""The beat schedule: managers' target reports, the refresh sweep and the nightly reconcile.
+"""The beat schedule: managers' target reports, the refresh sweep, the nightly reconcile and
+retention.
 
 The report entries tick every 15 minutes and ``crm.reports.targets`` sends only what is due in
 each manager's own time zone (Monday 07:00 and the 1st at 07:00 by default, configurable with
@@ -14,7 +15,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from config.queues import RECONCILE_TASK, REFRESH_SWEEP_TASK, TARGET_REPORT_TASK
+from config.queues import RECONCILE_TASK, REFRESH_SWEEP_TASK, RETENTION_TASK, TARGET_REPORT_TASK
 
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "weekly-target-reports": {
@@ -34,5 +35,9 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "nightly-reconcile": {
         "task": RECONCILE_TASK,
         "schedule": crontab(minute=30, hour=3),
+    },
+    "nightly-retention": {
+        "task": RETENTION_TASK,
+        "schedule": crontab(minute=0, hour=4),
     },
 }

@@ -26,6 +26,7 @@ from config.queues import (
     RECONCILE_TASK,
     REFRESH_SELLER_TASK,
     REFRESH_SWEEP_TASK,
+    RETENTION_TASK,
     TARGET_REPORT_TASK,
     TARGET_TASK,
     TASK_QUEUES,
@@ -44,6 +45,7 @@ from tasks.ingest.visit import ingest_visit
 from tasks.maintenance import reconcile
 from tasks.refresh import publish_notification, refresh_seller, sellers_to_sweep
 from tasks.reports import send_due_reports
+from tasks.retention import apply_retention, remove_files
 from tasks.store import StageResult, clear_refresh_request, record_delivery
 from tasks.targets import ingest_target
 from tasks.telephony.recordings import (
@@ -223,6 +225,29 @@ def reconcile_task(self: CrmTask) -> str:
     if failure:
         return failure.outcome
     return f"checked {run.keys_checked} keys, drift {run.drift}"
+
+
+@shared_task(name=RETENTION_TASK, base=CrmTask, bind=True)
+def retention_task(self: CrmTask) -> str:
+    """crm.maintenance.retention: nightly, delete what is older than its retention setting.
+
+    The deletions and the run's report (the delivery's detail) commit together; the document
+    files of the filesystem store are removed after that commit.
+    """
+    with self.run_stage({}) as failure, transaction(self.sessions) as session:
+        report = apply_retention(session, self.settings)
+        record_delivery(
+            session,
+            task_id=self.request.id,
+            task_name=self.name,
+            outcome="done",
+            detail=report.summary,
+        )
+    if failure:
+        return failure.outcome
+    remove_files(report.files)
+    log.info("%s", report.summary)
+    return report.summary
 
 
 # -- call recordings --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -135,3 +136,48 @@ def test_replay_refuses_ambiguous_or_unknown_requests(live: LiveSystem) -> None:
     assert kind_alone.returncode == 2 and "--kind goes with --all" in kind_alone.stderr
     missing = live.cli("replay", "failed:999999")
     assert missing.returncode == 1 and "no failed:999999" in missing.stderr
+
+
+def test_retention_runs_nightly_and_a_payload_it_deleted_is_not_replayed(
+    live: LiveSystem,
+) -> None:
+    """A rejection older than CRM_RETAIN_REJECTED_DAYS (90 by default) loses its payload to
+    the nightly task, run by the real worker, which reports what it deleted; the row stays
+    listed, and replaying it is refused with the reason."""
+    from config.queues import RETENTION_TASK, TASK_QUEUES
+    from models.ledger import RejectedMessage
+
+    task_id = str(uuid.uuid4())
+    live.app.send_task(
+        "crm.ingest.party",
+        args=[{**staff_message("ret-bad"), "role": "emperor"}],
+        task_id=task_id,
+        queue="crm.ingest.party",
+    )
+    row = live.rejected(task_id)
+    with transaction(live.sessions) as session:
+        session.execute(
+            update(RejectedMessage)
+            .where(RejectedMessage.id == row.id)
+            .values(rejected_at=utcnow() - timedelta(days=91))
+        )
+    dry = live.cli("retention", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = {k["kind"]: k["deleted"] for k in json.loads(dry.stdout)["kinds"]}
+    assert planned["rejected_payloads"] >= 1
+
+    nightly = str(uuid.uuid4())
+    live.app.send_task(RETENTION_TASK, task_id=nightly, queue=TASK_QUEUES[RETENTION_TASK])
+    done = wait_for(live.sessions, [nightly], 60)
+    assert nightly in done, live.tail()
+    assert done[nightly].outcome == "done"
+    assert "retention deleted: " in done[nightly].detail
+    assert "rejected_payloads " in done[nightly].detail
+
+    with live.sessions() as session:
+        kept = session.get(RejectedMessage, row.id)
+        assert kept is not None and kept.reason == row.reason
+        assert kept.payload["payload"] == "deleted by retention"
+    refused = live.cli("replay", f"rejected:{row.id}")
+    assert refused.returncode != 0
+    assert "payload was deleted" in refused.stderr and "after 90 days" in refused.stderr

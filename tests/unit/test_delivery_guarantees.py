@@ -51,6 +51,7 @@ def app(settings: Settings) -> Any:
             {"kind": "weekly", "period": None, "manager": None},
         ),
         ("crm.maintenance.reconcile", (), {}, {}),
+        ("crm.maintenance.retention", (), {}, {}),
     ],
 )
 def test_recorded_arguments_replay_as_the_same_call(

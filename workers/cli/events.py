@@ -1,5 +1,5 @@
 """Reading and keeping the events: ``events``, ``history``, ``seller-view``, ``stats``,
-``catalogue``, ``reconcile``, ``delete-event``."""
+``catalogue``, ``reconcile``, ``retention``, ``delete-event``."""
 
 from __future__ import annotations
 
@@ -223,6 +223,34 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace, rt: Runtime) -> int:
+    from models.db import transaction
+    from tasks.retention import apply_retention, remove_files
+
+    with transaction(rt.sessions) as session:
+        report = apply_retention(session, rt.settings, dry_run=args.dry_run)
+    remove_files(report.files)
+    if args.json:
+        emit_json(report.as_json())
+        return 0
+    from workers.render import table
+
+    table(
+        report.summary,
+        ["kind", "kept for", "deleted" if not args.dry_run else "would go", "bytes freed"],
+        [
+            [
+                k.kind,
+                f"{k.days} days" if k.days is not None else "ever",
+                k.deleted if k.days is not None else "",
+                k.bytes_freed if k.days is not None else "",
+            ]
+            for k in report.kinds
+        ],
+    )
+    return 0
+
+
 def cmd_reconcile(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import snapshot
     from tasks.maintenance import reconcile
@@ -365,6 +393,15 @@ def register(sub: Any, add: AddCommand) -> None:
         cmd_reconcile,
         "recompute every tally from the events and report drift",
         json_flag=True,
+    )
+    p = add(
+        "retention",
+        cmd_retention,
+        "delete now what is older than its retention setting (CRM_RETAIN_*_DAYS)",
+        json_flag=True,
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be deleted, delete nothing"
     )
     p = add(
         "delete-event",

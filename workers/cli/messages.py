@@ -185,6 +185,7 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     from models.db import transaction
     from models.ledger import FailedMessage, RejectedMessage
     from tasks.ledger import whole_payload
+    from tasks.retention import is_deleted_payload
     from workers.app import named_queue
 
     kind, _, number = ledger_id.partition(":")
@@ -207,6 +208,12 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
                 f"{ledger_id} was refused undecoded ({row.reason[:200]}): it is not a message"
                 " that can be sent again; its body is kept base64-encoded in the row"
                 " (`crm-events rejected --json`)"
+            )
+        if is_deleted_payload(row.payload):
+            raise CommandError(
+                f"{ledger_id} cannot be replayed: its payload was deleted on"
+                f" {row.payload.get('on')} after {row.payload.get('days')} days"
+                " (retention, CRM_RETAIN_REJECTED_DAYS / CRM_RETAIN_FAILED_DAYS)"
             )
         try:
             payload = whole_payload(session, rt.settings, row.payload)
