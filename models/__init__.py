@@ -17,6 +17,7 @@ from models.parties import (
     PartyPhone,
     Staff,
 )
+from models.privacy import ErasedIdentifier, Erasure
 from models.targets import (
     ReconcileRun,
     RefreshRequest,
@@ -38,6 +39,8 @@ __all__ = [
     "Delivery",
     "DocumentBlob",
     "EmailSenderWindow",
+    "ErasedIdentifier",
+    "Erasure",
     "EventClass",
     "EventDocument",
     "EventParticipant",

@@ -204,7 +204,7 @@ def _run_one(
                 task_id=ctx.task_id,
                 reason=json_safe(exc.reason),
                 errors=json_safe(exc.errors),
-                payload=kept_payload(session, ctx.settings, message),
+                payload=kept_payload(session, ctx.settings, exc.kept(message)),
             )
         )
         record_delivery(

@@ -255,7 +255,7 @@ class CrmTask(Task):
         except Retry:
             raise
         except BadInput as exc:
-            self.recorded(partial(self.record_rejection, message, exc.reason, exc.errors))
+            self.recorded(partial(self.record_rejection, exc.kept(message), exc.reason, exc.errors))
             failure.outcome = "rejected"
         except retriable as exc:
             self.retry_or_record(message, exc)

@@ -18,6 +18,7 @@ from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.attach import attach
 from tasks.context import StageContext
+from tasks.erasure import refuse_erased
 from tasks.ingest.call_state import apply_call_state, call_updates, fold_updates
 from tasks.leads import apply_lead_rule
 from tasks.relink import recheck_open_event
@@ -43,6 +44,8 @@ class CallStageResult(StageResult):
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
     schema = shared_schema(CallMessageSchema)
     message = load_message(schema, payload, SCHEMA)
+    # A late update naming an erased person's number is refused, kept without it.
+    refuse_erased(session, ctx.settings, payload, phones=[message.get("from_"), message.get("to")])
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)
     inbound_id = record_inbound(

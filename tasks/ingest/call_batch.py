@@ -43,6 +43,7 @@ from models.ledger import InboundMessage
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.context import StageContext
+from tasks.erasure import erased_numbers
 from tasks.ingest.call_state import (
     MISSED_CALL,
     CallLookups,
@@ -111,6 +112,7 @@ def ingest_new_calls(
     result = NewCalls()
     calls = _group(messages, result)
     _leave_existing(session, calls, result)
+    _leave_erased(session, ctx, calls, result)
     lookups = CallLookups(session, ctx.settings)
     for call in list(calls.values()):
         state = fold_updates([payload for _index, payload in call.updates])
@@ -185,6 +187,25 @@ def _leave(calls: dict[tuple[str, str], _Call], call: _Call, result: NewCalls) -
     result.left.extend(index for index, _payload in call.updates)
     result.left.extend(call.duplicates)
     result.left.sort()
+
+
+def _leave_erased(
+    session: Session, ctx: StageContext, calls: dict[tuple[str, str], _Call], result: NewCalls
+) -> None:
+    """Calls naming an erased person's number are the call stage's, which refuses them."""
+    numbers = {
+        value
+        for call in calls.values()
+        for _index, payload in call.updates
+        for value in (payload.get("from"), payload.get("to"))
+        if isinstance(value, str)
+    }
+    erased = erased_numbers(session, ctx.settings, numbers)
+    if not erased:
+        return
+    for call in list(calls.values()):
+        if any(p.get("from") in erased or p.get("to") in erased for _i, p in call.updates):
+            _leave(calls, call, result)
 
 
 def _leave_existing(

@@ -20,6 +20,7 @@ from config.settings import Settings
 from models.parties import Contact, ContactEmail, Customer, CustomerDomain, PartyPhone, Staff
 from models.schemas.party import SCHEMA, load_party_message
 from tasks.context import StageContext
+from tasks.erasure import refuse_erased
 from tasks.maintenance import recount_seller
 from tasks.match import forget_internal_numbers, normalise_phone
 from tasks.relink import relink_for_keys
@@ -161,6 +162,9 @@ def upsert_staff(session: Session, settings: Settings, message: dict[str, Any]) 
 
 
 def upsert_customer(session: Session, settings: Settings, message: dict[str, Any]) -> PartyChange:
+    refuse_erased(
+        session, settings, message, phones=message["phones"], customer=message["customer_number"]
+    )
     keys: set[PartyKey] = set()
     customer = ensure_customer(session, message["customer_number"], keys)
     customer.name = message["name"]
@@ -193,6 +197,14 @@ def upsert_customer(session: Session, settings: Settings, message: dict[str, Any
 
 
 def upsert_contact(session: Session, settings: Settings, message: dict[str, Any]) -> PartyChange:
+    refuse_erased(
+        session,
+        settings,
+        message,
+        phones=message["phones"],
+        emails=[message.get("email"), *message["emails"]],
+        contact=(message["customer_number"], message["name"]),
+    )
     keys: set[PartyKey] = set()
     customer = ensure_customer(session, message["customer_number"], keys)
     email = (message.get("email") or "").lower() or None

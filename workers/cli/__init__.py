@@ -22,6 +22,7 @@ from workers.cli import (
     events,
     messages,
     parties,
+    privacy,
     processes,
     service,
     targets,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         work,
         targets,
         parties,
+        privacy,
         telephony,
         bulk,
     ):
