@@ -332,9 +332,10 @@ def digest(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _their_events(session: Session, person: Person) -> list[int]:
-    """Calls, emails and invitations in which the person is the other party."""
-    conditions = []
+def naming_conditions(person: Person) -> list[Any]:
+    """Conditions on events that concern the person: linked to one of their contacts, or
+    under one of their numbers or addresses (the events' party keys)."""
+    conditions: list[Any] = []
     if person.contacts:
         conditions.append(CrmEvent.contact_id.in_([c.id for c in person.contacts]))
     keys = [("phone", p) for p in person.phones] + [("email", e) for e in person.emails]
@@ -351,6 +352,12 @@ def _their_events(session: Session, person: Person) -> list[int]:
                 )
             )
         )
+    return conditions
+
+
+def _their_events(session: Session, person: Person) -> list[int]:
+    """Calls, emails and invitations in which the person is the other party."""
+    conditions = naming_conditions(person)
     if not conditions:
         return []
     return list(

@@ -36,6 +36,7 @@ from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
 from tasks.ledger import kept_payload
 from tests.conftest import ROOT, TemporaryDatabase, load_example, migrated
+from tests.messages import outbound_call
 from tests.processes import service_env
 from workers.publish import email_message_from_raw
 
@@ -136,6 +137,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "started_at": "2026-11-24T12:00:00+02:00",
             },
         )
+        liisa = outbound_call("c-liisa", "2026-11-25T10:00:00+02:00", note="Liisa soitti")
+        liisa["recording"] = {
+            "content_b64": base64.b64encode(b"RIFF\x00\x00WAVEfmt Liisa's call").decode(),
+            "filename": "c-liisa.wav",
+            "media_type": "audio/wav",
+        }
+        ingest_call(session, world.ctx(), liisa)
         raw = (ROOT / "examples/emails/bcc-offer-with-pdf.eml").read_bytes()
         ingest_email(session, world.ctx(), email_message_from_raw(raw, settings))
         ingest_visit(session, world.ctx(), load_example("visits/visit-with-memo.json"))
@@ -183,7 +191,8 @@ def test_an_erased_contact_is_nowhere_and_the_counts_stay(world: World) -> None:
     assert figures(world) == counts_before
     events = world.json("events", "--customer", "10001")
     contacts = {e["contact"] for e in events if e["contact"]}
-    assert contacts and all(re.fullmatch(r"erased contact #\d+", c) for c in contacts)
+    assert any(re.fullmatch(r"erased contact #\d+", c) for c in contacts), contacts
+    assert "Matti Virtanen" not in contacts
     with world.sessions() as session:
         stubs = session.scalars(
             select(EventDocument).where(EventDocument.note.contains("erasure"))
@@ -234,3 +243,29 @@ def test_an_unknown_caller_erased_by_number_leaves_triage_without_it(world: Worl
     assert holding(world.dump(), STRANGER) == []
     triage_after = world.json("triage")
     assert len(triage_after) == len(triage_before)  # the event stays, unlinked
+
+
+def test_a_person_s_data_is_exported_to_one_folder(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Liisa Korhonen of 10001 asks what is held about her: her contact record, her call (with
+    its recording's bytes) and the messages that name her, with a README of the files."""
+    out = tmp_path_factory.mktemp("export") / "liisa"
+    done = world.json("export", "person", "--contact", "10001", "Liisa Korhonen", "--out", str(out))
+    assert done["events"] >= 1 and done["documents"] >= 1 and done["messages"] >= 1
+    assert {"README.txt", "person.json", "events.json", "messages.json"} <= set(done["files"])
+    person = json.loads((out / "person.json").read_text())
+    [contact] = person["contacts"]
+    assert contact["name"] == "Liisa Korhonen" and contact["customer_number"] == "10001"
+    events = json.loads((out / "events.json").read_text())
+    [call] = [e for e in events if e["source_id"] == "c-liisa"]
+    assert call["contact"] == "Liisa Korhonen"
+    recordings = list((out / "documents").glob(f"{call['id']}-*-c-liisa.wav"))
+    assert [r.read_bytes() for r in recordings] == [b"RIFF\x00\x00WAVEfmt Liisa's call"]
+    messages = json.loads((out / "messages.json").read_text())
+    assert any(
+        m["kind"] == "received" and m["message"].get("call_id") == "c-liisa" for m in messages
+    )
+    assert "events.json" in (out / "README.txt").read_text()
+    again = world.cli("export", "person", "--number", "+358 44 765 4321", "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -1,4 +1,5 @@
-"""Personal data: ``erase contact|customer|number|address``, ``erase release``."""
+"""Personal data: ``erase contact|customer|number|address``, ``erase release``,
+``export person``."""
 
 from __future__ import annotations
 
@@ -39,6 +40,36 @@ def cmd_erase(args: argparse.Namespace, rt: Runtime) -> int:
         else f"erasure #{report.erasure_id} ({', '.join(report.data_kinds)}) by {by}"
     )
     table(title, ["table or store", "rows"], [[k, n] for k, n in sorted(report.counts.items())])
+    return 0
+
+
+def cmd_export_person(args: argparse.Namespace, rt: Runtime) -> int:
+    from pathlib import Path
+
+    from tasks.access_request import export_person
+    from tasks.erasure import ErasureError, find_person
+
+    if args.contact:
+        subject, values = "contact", list(args.contact)
+    elif args.number:
+        subject, values = "number", [args.number]
+    else:
+        subject, values = "address", [args.address]
+    try:
+        with rt.sessions() as session:
+            person = find_person(session, rt.settings, subject, values)
+            export = export_person(session, rt.settings, person, Path(args.out))
+    except ErasureError as exc:
+        raise InputError(str(exc)) from exc
+    except FileExistsError as exc:
+        raise InputError(f"{exc}: give a new or empty folder") from exc
+    if args.json:
+        emit_json(export.as_json())
+        return 0
+    print(
+        f"{args.out}: {export.events} event(s), {export.messages} message(s),"
+        f" {export.documents} document(s); README.txt says what each file is"
+    )
     return 0
 
 
@@ -97,5 +128,24 @@ def register(sub: Any, add: AddCommand) -> None:
     )
     p.set_defaults(handler=cmd_erase)
     p.add_argument("erasure", type=int, metavar="N")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    export = sub.add_parser(
+        "export",
+        help="a subject access request (GDPR article 15): everything held about a person",
+    ).add_subparsers(dest="export_command", required=True)
+    p = export.add_parser(
+        "person",
+        help="write everything held about a person to a folder: JSON and their documents",
+        description="Their contact records, the events that name them, the messages that name "
+        "them and the documents of those events, as JSON files and the documents' bytes in "
+        "one folder, with a README.txt saying what each file is.",
+    )
+    p.set_defaults(handler=cmd_export_person)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--contact", nargs=2, metavar=("CUSTOMER_NUMBER", "NAME"))
+    who.add_argument("--number", metavar="PHONE")
+    who.add_argument("--address", metavar="EMAIL")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     del add
