@@ -34,6 +34,7 @@ from models.schemas.email import SCHEMA, EmailMessageSchema
 from tasks.attach import attach, read_blob
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
+from tasks.erasure import refuse_erased
 from tasks.ingest.email_parse import (
     Attachment,
     ParsedEmail,
@@ -91,12 +92,33 @@ def parse_limits(settings: Settings) -> ParseLimits:
     return ParseLimits(max_parts=settings.email_max_parts, max_depth=settings.email_max_depth)
 
 
+def addresses_of(parsed: ParsedEmail) -> list[str]:
+    """Every address of an email's headers, a forwarded original's included."""
+    found: list[str] = []
+    for email in (parsed, parsed.forwarded, *parsed.other_messages):
+        if email is None:
+            continue
+        pairs = [*email.to, *email.cc, *([email.from_] if email.from_ else [])]
+        found += [address for _name, address in pairs if address]
+    return found
+
+
 def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResult:
     message = load_message(shared_schema(EmailMessageSchema), payload, SCHEMA)
     settings = ctx.settings
     raw = _raw_bytes(session, settings, message)
     digest = raw_hash(raw)
     parsed = parse_email(raw, settings.zone, parse_limits(settings))
+    # An email from or to an erased person is refused; its bytes are not kept with the refusal.
+    refuse_erased(
+        session,
+        settings,
+        {
+            **{k: v for k, v in payload.items() if k != "raw_b64"},
+            "raw_b64": "<not kept: the email names an erased person>",
+        },
+        emails=[message.get("mail_from"), *(message.get("rcpt_to") or []), *addresses_of(parsed)],
+    )
     message["received_at"] = aware(
         message.get("received_at"), settings.zone, parsed.notes, "received_at"
     )

@@ -221,6 +221,14 @@ def test_an_erased_contact_is_nowhere_and_the_counts_stay(world: World) -> None:
             queue_of=lambda name: name,
         )
         assert dict(result.outcomes) == {"rejected": 1}
+    # So is a later email to them, kept without its bytes.
+    raw = (ROOT / "examples/emails/bcc-offer-with-pdf.eml").read_bytes()
+    raw = raw.replace(b"<offer-2026-118@", b"<offer-2026-118-again@")
+    email_message = email_message_from_raw(raw, world.settings)
+    with pytest.raises(ErasedPerson) as mailed, transaction(world.sessions) as session:
+        ingest_email(session, world.ctx(), email_message)
+    assert holding(json.dumps(mailed.value.kept(email_message)), MATTI) == []
+    assert mailed.value.kept(email_message)["raw_b64"].startswith("<not kept")
     # Re-importing the contact is refused too, until the erasure is released.
     contact = next(m for m in load_example("parties.json") if m.get("name") == "Matti Virtanen")
     # (As the worker runs a stage: its transaction rolls back, the rejection keeps the rest.)
