@@ -54,7 +54,6 @@ from models.parties import Contact, ContactEmail, Customer, EventPartyKey, Lead,
 from models.privacy import ErasedIdentifier, Erasure
 from tasks.access import service_key
 from tasks.attach import read_blob
-from tasks.ledger import kept_by_reference, kept_payload, whole_payload
 from tasks.match import normalise_phone
 
 SUBJECTS = ("contact", "customer", "number", "address")
@@ -278,6 +277,7 @@ def erase(
     report = ErasureReport(dry_run, person.subject, person.data_kinds)
     if not found and not person.contacts:
         raise ErasureError("nothing identifies the person: no name, address or number")
+    known = identifiers(person)  # before the contacts are renamed
     theirs = _their_events(session, person)
     _master_data(session, person, report)
     _documents(session, settings, theirs, found, report)
@@ -296,7 +296,7 @@ def erase(
     session.flush()
     report.erasure_id = erasure.id
     key = service_key(session, "erasure").encode()
-    for kind, value in identifiers(person):
+    for kind, value in known:
         session.add(ErasedIdentifier(erasure_id=erasure.id, kind=kind, digest=digest(key, value)))
     session.flush()
     return report
@@ -508,6 +508,10 @@ def _payloads_by_reference(
     session: Session, settings: Settings, found: list[Pattern], report: ErasureReport
 ) -> None:
     """Rejected and failed payloads kept in the document store, rewritten without the person."""
+    # Here, not with the module: the stages that refuse erased people are read by listings,
+    # which load no marshmallow (tasks.ledger does).
+    from tasks.ledger import kept_by_reference, kept_payload, whole_payload
+
     released: set[str] = set()
     rows: list[RejectedMessage | FailedMessage] = [
         *session.scalars(select(RejectedMessage).order_by(RejectedMessage.id)),
@@ -628,7 +632,7 @@ def refuse_erased(
     *,
     phones: list[Any] = (),  # type: ignore[assignment]
     emails: list[Any] = (),  # type: ignore[assignment]
-    contact: tuple[str, str] | None = None,
+    contacts: list[tuple[str, str]] = (),  # type: ignore[assignment]
     customer: str | None = None,
 ) -> None:
     """Raise :class:`ErasedPerson` when the message names an erased person."""
@@ -638,8 +642,7 @@ def refuse_erased(
         if isinstance(raw, str) and (e164 := normalise_phone(raw, settings.phone_region))
     ]
     candidates += [("email", e.strip().lower()) for e in emails if isinstance(e, str) and e]
-    if contact is not None:
-        candidates.append(("contact", contact_identity(*contact)))
+    candidates += [("contact", contact_identity(*contact)) for contact in contacts]
     if customer is not None:
         candidates.append(("customer", customer.strip()))
     found = erased_identifiers(session, candidates)
@@ -659,7 +662,9 @@ def refuse_erased(
             person.phones.append(value)
         elif kind == "email":
             person.emails.append(value)
-    if contact is not None:
-        person.names.append(contact[1])
+    erased_contacts = {value for kind, value, _erasure in found if kind == "contact"}
+    person.names += [
+        name for number, name in contacts if contact_identity(number, name) in erased_contacts
+    ]
     refused.kept_instead = scrub_value(message, patterns(person))
     raise refused

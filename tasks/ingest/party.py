@@ -203,7 +203,7 @@ def upsert_contact(session: Session, settings: Settings, message: dict[str, Any]
         message,
         phones=message["phones"],
         emails=[message.get("email"), *message["emails"]],
-        contact=(message["customer_number"], message["name"]),
+        contacts=[(message["customer_number"], message["name"])],
     )
     keys: set[PartyKey] = set()
     customer = ensure_customer(session, message["customer_number"], keys)

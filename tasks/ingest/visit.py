@@ -26,6 +26,7 @@ from models.parties import Contact, ContactEmail, Customer
 from tasks.attach import attach
 from tasks.classify import ClassificationRequest, classify
 from tasks.context import StageContext
+from tasks.erasure import refuse_erased
 from tasks.match import customer_by_number, find_staff
 from tasks.periods import aware
 from tasks.store import (
@@ -51,6 +52,19 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
 
     message = load_message(shared_schema(VisitMessageSchema), payload, SCHEMA)
     settings = ctx.settings
+    # A visit naming an erased person (a contact reference, an attendee) is refused.
+    references = [*message["contacts"], *message["attendees"]]
+    refuse_erased(
+        session,
+        settings,
+        {**payload, "attachments": "<not kept: the visit names an erased person>"},
+        emails=[r for r in references if "@" in r],
+        contacts=[
+            (message["customer_number"], r)
+            for r in message["contacts"]
+            if "@" not in r and message.get("customer_number")
+        ],
+    )
     ledger_payload = {
         **payload,
         "attachments": [

@@ -229,12 +229,19 @@ def test_an_erased_contact_is_nowhere_and_the_counts_stay(world: World) -> None:
         ingest_email(session, world.ctx(), email_message)
     assert holding(json.dumps(mailed.value.kept(email_message)), MATTI) == []
     assert mailed.value.kept(email_message)["raw_b64"].startswith("<not kept")
+    # And a visit naming them among its contacts.
+    visit = {**load_example("visits/visit-with-memo.json"), "visit_id": "v-after-erasure"}
+    with pytest.raises(ErasedPerson), transaction(world.sessions) as session:
+        ingest_visit(session, world.ctx(), visit)
     # Re-importing the contact is refused too, until the erasure is released.
     contact = next(m for m in load_example("parties.json") if m.get("name") == "Matti Virtanen")
     # (As the worker runs a stage: its transaction rolls back, the rejection keeps the rest.)
     with pytest.raises(ErasedPerson) as again, transaction(world.sessions) as session:
         ingest_party(session, world.ctx(), contact)
     assert holding(json.dumps(again.value.kept(contact)), MATTI) == []
+    by_name = {**contact, "email": None, "emails": [], "phones": []}  # the name alone
+    with pytest.raises(ErasedPerson), transaction(world.sessions) as session:
+        ingest_party(session, world.ctx(), by_name)
     assert holding(world.dump(), MATTI) == []
 
     world.json("erase", "release", str(done["erasure"]))
