@@ -111,6 +111,8 @@ class ErasureReport:
     subject: str
     data_kinds: list[str]
     counts: Counter[str] = field(default_factory=Counter)
+    #: Each document deleted: its id, event and role (not its name, which may name them).
+    documents: list[dict[str, Any]] = field(default_factory=list)
     erasure_id: int | None = None
     #: Files of the filesystem store to remove once the transaction has committed.
     files: list[Path] = field(default_factory=list)
@@ -122,6 +124,7 @@ class ErasureReport:
             "subject": self.subject,
             "data_kinds": self.data_kinds,
             "counts": dict(sorted(self.counts.items())),
+            "documents": self.documents,
         }
 
 
@@ -408,7 +411,8 @@ def _master_data(session: Session, person: Person, report: ErasureReport) -> Non
         ),
     ]
     for table, statement in statements:
-        report.counts[table] += session.execute(statement).rowcount or 0  # type: ignore[attr-defined]
+        if deleted := session.execute(statement).rowcount:  # type: ignore[attr-defined]
+            report.counts[table] += deleted
     for address in person.emails:
         for contact in session.scalars(select(Contact).where(Contact.email == address)):
             contact.email = None
@@ -458,6 +462,9 @@ def _documents(
     hashes = {d.sha256 for d in going if d.sha256 is not None}
     day = utcnow().date().isoformat()
     for document in going:
+        report.documents.append(
+            {"document": document.id, "event": document.event_id, "role": document.role}
+        )
         document.sha256 = None
         document.filename = f"erased-{document.role}-{document.id}"
         document.note = f"deleted on {day}: erasure of personal data"

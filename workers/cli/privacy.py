@@ -40,6 +40,12 @@ def cmd_erase(args: argparse.Namespace, rt: Runtime) -> int:
         else f"erasure #{report.erasure_id} ({', '.join(report.data_kinds)}) by {by}"
     )
     table(title, ["table or store", "rows"], [[k, n] for k, n in sorted(report.counts.items())])
+    if report.documents:
+        table(
+            "documents deleted" if not args.dry_run else "documents that would be deleted",
+            ["document", "event", "role"],
+            [[d["document"], d["event"], d["role"]] for d in report.documents],
+        )
     return 0
 
 
