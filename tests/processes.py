@@ -3,10 +3,12 @@ stop of anything we run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +28,27 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         CRM_LOG_LEVEL="INFO",
     )
     return env | extra
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``crm-events ARGS`` as a user runs it, in this environment."""
+    from tests.conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def cli_json(env: dict[str, str], *args: str) -> Any:
+    """``crm-events ARGS --json``, which must succeed: the JSON it printed."""
+    done = run_cli(env, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ Screenshots of every screen go to ``var/test-artifacts/screens/`` (look at them)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from tests.conftest import ROOT
-from tests.processes import stop_process
+from tests.processes import cli_json, run_cli, stop_process
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "var" / "test-artifacts" / "screens"
@@ -50,19 +49,10 @@ class Screens:
         return f"http://127.0.0.1:{self.port}"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        return run_cli(self.env, *args)
 
     def cli_json(self, *args: str) -> Any:
-        done = self.cli(*args, "--json")
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        return cli_json(self.env, *args)
 
 
 def start(env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen[bytes]:

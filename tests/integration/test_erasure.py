@@ -13,7 +13,6 @@ import base64
 import json
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from tasks.ingest.visit import ingest_visit
 from tasks.ledger import kept_payload
 from tests.conftest import ROOT, TemporaryDatabase, load_example, migrated
 from tests.messages import outbound_call
-from tests.processes import service_env
+from tests.processes import cli_json, run_cli, service_env
 from workers.publish import email_message_from_raw
 
 pytestmark = pytest.mark.integration
@@ -64,19 +63,10 @@ class World:
     env: dict[str, str]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        return run_cli(self.env, *args)
 
     def json(self, *args: str) -> Any:
-        done = self.cli(*args, "--json")
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        return cli_json(self.env, *args)
 
     def ctx(self) -> StageContext:
         return StageContext(self.settings, str(uuid.uuid4()), "test")
