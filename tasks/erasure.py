@@ -60,7 +60,8 @@ SUBJECTS = ("contact", "customer", "number", "address")
 #: What a match is replaced with, by kind of data.
 REPLACEMENTS = {"name": "[erased name]", "email": "[erased address]", "phone": "[erased number]"}
 #: Tables never searched: secrets, the erasures themselves, the catalogue's codes, the blobs
-#: (searched as documents), the staff (the person erased is never one of ours).
+#: (searched as documents), the staff (the person erased is never one of ours), the numbers and
+#: addresses (deleted whole by the master-data step).
 SKIPPED_TABLES = frozenset(
     {
         "alembic_version",
@@ -70,6 +71,9 @@ SKIPPED_TABLES = frozenset(
         "erased_identifier",
         "document_blob",
         "staff",
+        # Numbers and addresses are deleted whole above; a staff member's stay theirs.
+        "party_phone",
+        "contact_email",
         "category",
         "event_class",
         "event_type",
@@ -383,7 +387,8 @@ def _master_data(session: Session, person: Person, report: ErasureReport) -> Non
         report.counts["customer"] += 1
     session.flush()
     ids = [c.id for c in person.contacts]
-    owned: list[Any] = [PartyPhone.e164.in_(person.phones)]
+    # A staff member's number is ours, not the person's: never deleted here.
+    owned: list[Any] = [PartyPhone.e164.in_(person.phones) & PartyPhone.staff_id.is_(None)]
     if ids:
         owned.append(PartyPhone.contact_id.in_(ids))
     if person.customer is not None:
@@ -414,8 +419,12 @@ def _master_data(session: Session, person: Person, report: ErasureReport) -> Non
         if deleted := session.execute(statement).rowcount:  # type: ignore[attr-defined]
             report.counts[table] += deleted
     for address in person.emails:
-        for contact in session.scalars(select(Contact).where(Contact.email == address)):
+        for contact in session.scalars(
+            select(Contact).where(or_(Contact.email == address, Contact.contact_key == address))
+        ):
             contact.email = None
+            if contact.contact_key == address:  # the contact's natural key was the address
+                contact.contact_key = f"erased:{contact.id}"
             report.counts["contact"] += 1
     leads = session.scalars(
         select(Lead).where(

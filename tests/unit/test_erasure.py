@@ -67,3 +67,26 @@ def test_the_embedded_database_is_searched_too(
     for form in ("Matti Virtanen", "matti.virtanen@", "040 123 4567", "+358401234567"):
         assert form.lower() not in dump.lower(), form
     assert session.execute(text("SELECT count(*) FROM crm_event")).scalar_one() == 1
+
+
+def test_an_erased_address_leaves_its_contact_and_the_staff_s_numbers(
+    sqlite_world: tuple[Session, StageContext],
+) -> None:
+    """erase address takes the address (and the contact's key made of it), not the contact's
+    name; erase number never takes a staff member's number."""
+    session, ctx = sqlite_world
+    person = find_person(session, ctx.settings, "address", ["Liisa.Korhonen@pohjolankone.fi"])
+    erase(session, ctx.settings, person, by="test")
+    name, email, key = session.execute(
+        text("SELECT name, email, contact_key FROM contact WHERE name = 'Liisa Korhonen'")
+    ).one()
+    assert (name, email) == ("Liisa Korhonen", None) and key.startswith("erased:")
+    dump = "\n".join(session.connection().connection.iterdump())
+    assert "liisa.korhonen@" not in dump.lower()
+
+    anna = find_person(session, ctx.settings, "number", ["+358 50 111 2222"])
+    erase(session, ctx.settings, anna, by="test")
+    annas = session.execute(
+        text("SELECT count(*) FROM party_phone WHERE e164 = '+358501112222' AND staff_id > 0")
+    ).scalar_one()
+    assert annas == 1
