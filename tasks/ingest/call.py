@@ -44,8 +44,6 @@ class CallStageResult(StageResult):
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
     schema = shared_schema(CallMessageSchema)
     message = load_message(schema, payload, SCHEMA)
-    # A late update naming an erased person's number is refused, kept without it.
-    refuse_erased(session, ctx.settings, payload, phones=[message.get("from_"), message.get("to")])
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)
     inbound_id = record_inbound(
@@ -77,6 +75,12 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     before = tally_keys(session, event)
     state = fold_updates(call_updates(session, event))
     derived = apply_call_state(session, ctx, event, state, [], new=created)
+    if derived.link["link_state"] == "unlinked":
+        # An erased person's number is unknown by now: a late update or a new call naming it
+        # is refused (the transaction rolls back), kept without it. Known numbers cost nothing.
+        refuse_erased(
+            session, ctx.settings, payload, phones=[message.get("from_"), message.get("to")]
+        )
     # The party counts as unknown only if it is still unknown under its keys' locks (taken with
     # the keys); then the lead rule, which may make the call its party's lead.
     recheck_open_event(session, ctx, event)
