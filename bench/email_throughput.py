@@ -46,6 +46,7 @@ sys.path[:] = [
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -280,6 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-db", type=int, default=4, help="Redis database index (flushed!)")
     parser.add_argument("--keep", action="store_true", help="keep the database and worker logs")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (run.py)")
     return parser.parse_args(argv)
 
 
@@ -364,6 +366,22 @@ def main(argv: list[str] | None = None) -> int:
         f"  {'total':32s} {total * 1000 / emails:6.1f} ms: {os.cpu_count()} cores give at most"
         f" {os.cpu_count() * emails / total:.0f} emails/s at this cost"
     )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "stage_rate": median_stage,
+                    "e2e_rate": median_e2e,
+                    "noop_rate": median_noop,
+                    "emails": args.e2e_emails,
+                    "repeats": args.repeats,
+                    "cpu_ms": total * 1000 / emails,
+                    "email_bytes": len(sample),
+                    "memory": rows,
+                    "load": helpers.load_average(),
+                }
+            )
+        )
     for row in rows:
         mb = 1_000_000
         growth = row["peak"] - row["before"]
