@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Text, cast, or_, select
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -26,7 +26,7 @@ from models.events import CrmEvent
 from models.ledger import FailedMessage, InboundMessage, RejectedMessage
 from models.parties import ContactEmail, Customer, PartyPhone
 from tasks.attach import read_blob, sanitise_filename
-from tasks.erasure import Pattern, Person, names_any, naming_conditions, patterns
+from tasks.erasure import Pattern, Person, events_naming, names_any, patterns
 from tasks.ledger import json_safe
 from tasks.views import events_json
 
@@ -137,18 +137,7 @@ def _person(session: Session, person: Person) -> dict[str, Any]:
 
 
 def _events(session: Session, person: Person, found: list[Pattern]) -> list[CrmEvent]:
-    conditions = naming_conditions(person)
-    texts = [CrmEvent.subject, CrmEvent.body, CrmEvent.match_note, CrmEvent.details]
-    if found and is_postgresql(session):
-        alternatives = "|".join(p.sql for p in found)
-        conditions.append(or_(*(cast(c, Text).op("~*")(alternatives) for c in texts)))
-    chosen = (
-        set(session.scalars(select(CrmEvent.id).where(or_(*conditions)))) if conditions else set()
-    )
-    if found and not is_postgresql(session):
-        for event_id, *values in session.execute(select(CrmEvent.id, *texts)):
-            if names_any(json.dumps(values, ensure_ascii=False, default=str), found):
-                chosen.add(event_id)
+    chosen = events_naming(session, person, found)
     return list(
         session.scalars(
             select(CrmEvent).where(CrmEvent.id.in_(chosen)).order_by(CrmEvent.occurred_at)

@@ -10,9 +10,9 @@ in any case. Then, in one transaction:
    link, so counts, tallies and reports do not change), its addresses and numbers are deleted,
    as are the events' party keys and the leads under those numbers and addresses;
 2. the documents that are theirs go: the raw emails, recordings and attachments of the calls,
-   emails and meeting invitations in which they are the other party, and any other text document
-   (an email, a memo, a calendar file) that names them. Each stays listed on its event as a stub
-   with a note; the bytes go once nothing refers to them;
+   emails and meeting invitations in which they are the other party, and the text documents (an
+   email, a memo, a calendar file) of events naming them that name them too. Each stays listed
+   on its event as a stub with a note; the bytes go once nothing refers to them;
 3. every text and JSON column of every table (subjects, bodies, notes, the ledger's payloads,
    rejected and failed messages, seller views, delivery details) is searched with the patterns
    and each match replaced with ``[erased name]``, ``[erased address]`` or ``[erased number]``;
@@ -31,6 +31,7 @@ import email
 import email.policy
 import hashlib
 import hmac
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -285,9 +286,11 @@ def erase(
     if not found and not person.contacts:
         raise ErasureError("nothing identifies the person: no name, address or number")
     known = identifiers(person)  # before the contacts are renamed
+    # Before the master data goes: the events are found by their contact and party keys too.
     theirs = _their_events(session, person)
+    naming = events_naming(session, person, found)
     _master_data(session, person, report)
-    _documents(session, settings, theirs, found, report)
+    _documents(session, settings, theirs, naming, found, report)
     _payloads_by_reference(session, settings, found, report)
     for table in Base.metadata.sorted_tables:
         if table.name not in SKIPPED_TABLES:
@@ -360,6 +363,24 @@ def naming_conditions(person: Person) -> list[Any]:
             )
         )
     return conditions
+
+
+def events_naming(session: Session, person: Person, found: list[Pattern]) -> set[int]:
+    """The events that concern the person (``naming_conditions``) or name them in their
+    subject, body, notes or details."""
+    conditions = naming_conditions(person)
+    texts = [CrmEvent.subject, CrmEvent.body, CrmEvent.match_note, CrmEvent.details]
+    if found and is_postgresql(session):
+        alternatives = "|".join(p.sql for p in found)
+        conditions.append(or_(*(cast(c, Text).op("~*")(alternatives) for c in texts)))
+    chosen = (
+        set(session.scalars(select(CrmEvent.id).where(or_(*conditions)))) if conditions else set()
+    )
+    if found and not is_postgresql(session):
+        for event_id, *values in session.execute(select(CrmEvent.id, *texts)):
+            if names_any(json.dumps(values, ensure_ascii=False, default=str), found):
+                chosen.add(event_id)
+    return chosen
 
 
 def _their_events(session: Session, person: Person) -> list[int]:
@@ -444,10 +465,13 @@ def _documents(
     session: Session,
     settings: Settings,
     theirs: list[int],
+    naming: set[int],
     found: list[Pattern],
     report: ErasureReport,
 ) -> None:
-    """Stub the documents that are theirs or name them; delete bytes nothing refers to."""
+    """Stub the documents that are theirs, and the text documents of the events naming them
+    that name them too; delete bytes nothing refers to. Only those events' documents are read:
+    the whole store is not (it may hold years of raw emails)."""
     going: list[EventDocument] = []
     if theirs:
         going += session.scalars(
@@ -456,9 +480,10 @@ def _documents(
             )
         ).all()
     taken = {d.id for d in going}
+    others = sorted(naming - set(theirs))
     for document in session.scalars(
         select(EventDocument)
-        .where(EventDocument.sha256.is_not(None))
+        .where(EventDocument.event_id.in_(others), EventDocument.sha256.is_not(None))
         .where(or_(*(EventDocument.media_type.startswith(t) for t in TEXT_TYPES)))
         .order_by(EventDocument.id)
     ):

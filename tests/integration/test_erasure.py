@@ -16,6 +16,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -137,6 +138,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         raw = (ROOT / "examples/emails/bcc-offer-with-pdf.eml").read_bytes()
         ingest_email(session, world.ctx(), email_message_from_raw(raw, settings))
         ingest_visit(session, world.ctx(), load_example("visits/visit-with-memo.json"))
+        # Someone else's email naming him, with a note that names him too: not his, but it goes.
+        note = EmailMessage()
+        note["From"] = "Anna Lahtinen <anna.lahtinen@myyntitalo.fi>"
+        note["To"] = "Liisa Korhonen <liisa.korhonen@pohjolankone.fi>"
+        note["Bcc"] = "crm@myyntitalo.fi"
+        note["Subject"] = "Soittopyyntö"
+        note["Message-ID"] = "<soittopyynto-1@myyntitalo.fi>"
+        note["Date"] = "Wed, 25 Nov 2026 12:00:00 +0200"
+        note.set_content("Hei Liisa, Matti Virtanen pyysi soittamaan numeroon 040-123 4567.")
+        note.add_attachment(
+            b"Muistio: Matti Virtanen, +358 40 123 4567",
+            maintype="text",
+            subtype="plain",
+            filename="muistio.txt",
+        )
+        ingest_email(session, world.ctx(), email_message_from_raw(note.as_bytes(), settings))
         bad = {**calls[0], "call_id": "c-bad", "status": 7}
         session.add(
             RejectedMessage(
