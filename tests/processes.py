@@ -30,7 +30,9 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """``crm-events ARGS`` as a user runs it, in this environment."""
     from tests.conftest import ROOT
 
@@ -39,7 +41,7 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
     )
 

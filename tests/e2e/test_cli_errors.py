@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.processes import run_cli
 
 
 def crm_events(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
     env["CRM_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    return run_cli(env, *args)
 
 
 @pytest.fixture(scope="module")

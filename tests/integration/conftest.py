@@ -21,7 +21,7 @@ from config.settings import Settings
 from models.db import create_session_factory
 from models.ledger import Delivery, RejectedMessage
 from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
-from tests.processes import service_env, stop_process, wait_for_worker
+from tests.processes import run_cli, service_env, stop_process, wait_for_worker
 from tests.smtp_sink import SmtpSink
 from workers.app import create_app
 from workers.publish import wait_for
@@ -65,14 +65,7 @@ class LiveSystem:
         return row
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-        )
+        return run_cli(self.env, *args, timeout=timeout)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

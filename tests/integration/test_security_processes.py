@@ -39,7 +39,7 @@ from config.settings import Settings
 from models.ledger import RejectedMessage
 from tests.conftest import ROOT, claim_first_free
 from tests.integration.conftest import LiveSystem
-from tests.processes import free_port, stop_process
+from tests.processes import free_port, run_cli, stop_process
 from workers.app import create_app
 from workers.gateways.http.webhooks import twilio_signature
 from workers.publish import wait_for
@@ -124,14 +124,7 @@ class SecureSystem:
     def cli(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
-            env=env or self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        result = run_cli(env or self.env, *args)
         self.outputs.append(result.stdout + result.stderr)
         return result
 

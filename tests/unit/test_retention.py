@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session
 
 from models.documents import DocumentBlob, EventDocument
 from models.ledger import FailedMessage, InboundMessage, RejectedMessage
-from tasks.attach import attach, read_blob
+from tasks.attach import attach, read_blob, remove_files
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ledger import kept_payload
-from tasks.retention import apply_retention, is_deleted_payload, remove_files
+from tasks.retention import apply_retention, is_deleted_payload
 from tests.messages import outbound_call
 
 NOW = datetime(2026, 12, 6, 4, 0, tzinfo=UTC)
