@@ -7,6 +7,7 @@ sniffed from the bytes; documents over the size cap become stubs with the reason
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import filetype
-from sqlalchemy import func, insert, select
+from sqlalchemy import Text, cast, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from models.db import prepared_upsert, table_of
 from models.documents import DocumentBlob, EventDocument
+from models.ledger import FailedMessage, RejectedMessage
+
+log = logging.getLogger(__name__)
 
 MAX_FILENAME = 200
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029/\\:*?\"<>|]+")
@@ -249,3 +253,58 @@ def attach(
         }
         session.execute(_DOCUMENT_INSERT, row)
     return StoredDocument(digest, name, media_type, size, role, note)
+
+
+def delete_unreferenced_blobs(
+    session: Session,
+    settings: Settings,
+    digests: set[str],
+    *,
+    ignoring_documents: set[int] = frozenset(),  # type: ignore[assignment]
+    ignoring_rows: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+    dry_run: bool = False,
+) -> tuple[dict[str, int], list[Path]]:
+    """Delete the stored bytes that no document and no kept rejected or failed message refers
+    to (a payload kept by reference names its SHA-256); documents and (model name, id) rows in
+    ``ignoring_*`` are about to let go of theirs. Returns the size freed per hash, and the files
+    of the filesystem store to remove once the caller has committed (:func:`remove_files`)."""
+    freed: dict[str, int] = {}
+    files: list[Path] = []
+    for digest in sorted(digests):
+        if _blob_in_use(session, digest, ignoring_documents, ignoring_rows):
+            continue
+        blob = session.get(DocumentBlob, digest)
+        if blob is None:
+            continue
+        freed[digest] = blob.size
+        if dry_run:
+            continue
+        if blob.stored_in == "filesystem":
+            files.append(settings.effective_document_dir / digest[:2] / digest)
+        session.delete(blob)
+    session.flush()
+    return freed, files
+
+
+def _blob_in_use(
+    session: Session, digest: str, documents: set[int], rows: set[tuple[str, int]]
+) -> bool:
+    holders = session.scalars(select(EventDocument.id).where(EventDocument.sha256 == digest))
+    if set(holders) - documents:
+        return True
+    for model in (RejectedMessage, FailedMessage):
+        named = session.scalars(
+            select(model.id).where(cast(model.payload, Text).contains(digest))
+        ).all()
+        if {(model.__name__, row_id) for row_id in named} - rows:
+            return True
+    return False
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Remove the filesystem store's files of deleted blobs (after the commit)."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s could not be removed: %s", path, exc)

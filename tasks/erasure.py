@@ -46,7 +46,7 @@ from config.settings import Settings
 from models.access import ServiceKey
 from models.base import Base, utcnow
 from models.db import is_postgresql
-from models.documents import DocumentBlob, EventDocument
+from models.documents import EventDocument
 from models.events import CrmEvent
 from models.invalid import BadInput
 from models.ledger import FailedMessage, RejectedMessage
@@ -54,7 +54,7 @@ from models.mail import EmailSenderWindow
 from models.parties import Contact, ContactEmail, Customer, EventPartyKey, Lead, PartyPhone
 from models.privacy import ErasedIdentifier, Erasure
 from tasks.access import service_key
-from tasks.attach import read_blob
+from tasks.attach import delete_unreferenced_blobs, read_blob
 from tasks.match import normalise_phone
 
 SUBJECTS = ("contact", "customer", "number", "address")
@@ -527,22 +527,10 @@ def _readable(data: bytes, media_type: str) -> str:
 
 
 def _free(session: Session, settings: Settings, hashes: set[str], report: ErasureReport) -> None:
-    for sha in sorted(hashes):
-        if session.scalar(select(EventDocument.id).where(EventDocument.sha256 == sha).limit(1)):
-            continue
-        if any(
-            session.scalar(select(model.id).where(cast(model.payload, Text).contains(sha)).limit(1))
-            for model in (RejectedMessage, FailedMessage)
-        ):
-            continue
-        blob = session.get(DocumentBlob, sha)
-        if blob is None:
-            continue
-        if blob.stored_in == "filesystem":
-            report.files.append(settings.effective_document_dir / sha[:2] / sha)
-        session.delete(blob)
-        report.counts["document_blob"] += 1
-    session.flush()
+    freed, files = delete_unreferenced_blobs(session, settings, hashes)
+    report.files += files
+    if freed:
+        report.counts["document_blob"] += len(freed)
 
 
 def _payloads_by_reference(

@@ -26,13 +26,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Text, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from models.base import utcnow
-from models.documents import DocumentBlob, EventDocument
+from models.documents import EventDocument
 from models.ledger import FailedMessage, InboundMessage, RejectedMessage
+from tasks.attach import delete_unreferenced_blobs
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def apply_retention(
     """Delete (or, with ``dry_run``, count) what is older than its setting; see the docstring.
 
     Runs in the caller's transaction; the files in ``report.files`` are the caller's to remove
-    after the commit (:func:`remove_files`), so a rollback leaves every document whole.
+    after the commit (``tasks.attach.remove_files``), so a rollback leaves every document whole.
     """
     now = now or utcnow()
     report = RetentionReport(dry_run, now)
@@ -202,45 +203,13 @@ def _free_blobs(
     session: Session, settings: Settings, report: RetentionReport, going: _Going, dry_run: bool
 ) -> None:
     """Delete the bytes that no document and no kept message refers to any more."""
-    stubbed = {document.id for document, _entry in going.documents}
-    cleared = {(type(row).__name__, row.id) for row, _entry in going.payloads}
-    for digest, entry in sorted(going.hashes.items()):
-        if _still_referred_to(session, digest, stubbed, cleared):
-            continue
-        blob = session.get(DocumentBlob, digest)
-        if blob is None:
-            continue
-        entry.bytes_freed += blob.size
-        if dry_run:
-            continue
-        if blob.stored_in == "filesystem":
-            report.files.append(settings.effective_document_dir / digest[:2] / digest)
-        session.delete(blob)
-    session.flush()
-
-
-def _still_referred_to(
-    session: Session, digest: str, stubbed: set[int], cleared: set[tuple[str, int]]
-) -> bool:
-    """Whether a document this run keeps holds these bytes, or a kept message names them."""
-    documents = session.scalars(
-        select(EventDocument.id).where(EventDocument.sha256 == digest)
-    ).all()
-    if set(documents) - stubbed:
-        return True
-    for model in (RejectedMessage, FailedMessage):
-        rows = session.scalars(
-            select(model.id).where(cast(model.payload, Text).contains(digest))
-        ).all()
-        if {(model.__name__, row_id) for row_id in rows} - cleared:
-            return True
-    return False
-
-
-def remove_files(paths: list[Path]) -> None:
-    """Remove the filesystem store's files of deleted blobs (after the commit)."""
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("retention: %s could not be removed: %s", path, exc)
+    freed, report.files = delete_unreferenced_blobs(
+        session,
+        settings,
+        set(going.hashes),
+        ignoring_documents={document.id for document, _entry in going.documents},
+        ignoring_rows={(type(row).__name__, row.id) for row, _entry in going.payloads},
+        dry_run=dry_run,
+    )
+    for digest, size in freed.items():
+        going.hashes[digest].bytes_freed += size

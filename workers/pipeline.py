@@ -35,6 +35,7 @@ from config.queues import (
 )
 from models.db import snapshot, transaction
 from models.events import CrmEvent
+from tasks.attach import remove_files
 from tasks.batch import BatchResult, ingest_batch
 from tasks.errors import TRANSIENT_ERRORS
 from tasks.ingest.call import CallStageResult, ingest_call
@@ -45,7 +46,7 @@ from tasks.ingest.visit import ingest_visit
 from tasks.maintenance import reconcile
 from tasks.refresh import publish_notification, refresh_seller, sellers_to_sweep
 from tasks.reports import send_due_reports
-from tasks.retention import apply_retention, remove_files
+from tasks.retention import apply_retention
 from tasks.store import StageResult, clear_refresh_request, record_delivery
 from tasks.targets import ingest_target
 from tasks.telephony.recordings import (

@@ -225,7 +225,8 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_retention(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import transaction
-    from tasks.retention import apply_retention, remove_files
+    from tasks.attach import remove_files
+    from tasks.retention import apply_retention
 
     with transaction(rt.sessions) as session:
         report = apply_retention(session, rt.settings, dry_run=args.dry_run)

@@ -12,8 +12,8 @@ from workers.cli.common import AddCommand, CommandError, InputError, Runtime, em
 
 def cmd_erase(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import transaction
+    from tasks.attach import remove_files
     from tasks.erasure import ErasureError, erase, find_person
-    from tasks.retention import remove_files
 
     if args.subject == "release":
         return release(args, rt)
