@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import bindparam, delete, exists, insert, select, text, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from config.settings import Settings
@@ -38,6 +38,9 @@ class StageResult:
     event_id: int | None = None
     detail: str = ""
     sellers_to_refresh: set[int] = field(default_factory=set)
+    #: The sellers whose refresh the change's own transaction claimed (None: not claimed
+    #: there, the task claims them after the commit).
+    refreshes_claimed: set[int] | None = None
 
 
 def canonical_hash(payload: Any) -> str:
@@ -93,6 +96,48 @@ def _inbound_insert(upsert: Any) -> Any:
     )
 
 
+def record_inbound_update(session: Session, **values: Any) -> tuple[int | None, bool]:
+    """:func:`record_inbound` that also says, in the same statement, whether the ledger held an
+    earlier message of the same natural key (kind, system, source id) then.
+
+    A hint, not a lock: another transaction may add one a moment later (``lock_event`` settles
+    that). A stage that finds none can build the event from this message alone.
+    """
+    row = session.execute(
+        prepared_upsert(session, InboundMessage.__table__, _inbound_insert_seeing_earlier),
+        {
+            **values,
+            "event_id": None,
+            "received_at": utcnow(),
+            # The same values again for the look at the ledger: names of their own.
+            "seen_kind": values["source_kind"],
+            "seen_system": values["source_system"],
+            "seen_id": values["source_id"],
+            "seen_key": values["idempotency_key"],
+        },
+    ).first()
+    if row is None:
+        return None, False
+    return row[0], bool(row[1])
+
+
+def _inbound_insert_seeing_earlier(upsert: Any) -> Any:
+    earlier = table_of(InboundMessage).alias("earlier")
+    seen = (
+        exists()
+        .where(
+            earlier.c.source_kind == bindparam("seen_kind"),
+            earlier.c.source_system == bindparam("seen_system"),
+            earlier.c.source_id == bindparam("seen_id"),
+            earlier.c.idempotency_key != bindparam("seen_key"),
+        )
+        .label("earlier")
+    )
+    return upsert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
+        upsert.table.c.id, seen
+    )
+
+
 def link_inbound(session: Session, inbound_id: int, event_id: int) -> None:
     """The ledger row's event, once the stage has it."""
     session.execute(_LINK_INBOUND, {"inbound_id": inbound_id, "event_id": event_id})
@@ -133,6 +178,17 @@ def lock_event(
     if created is not None:
         # Our own uncommitted row: no other transaction can see it, let alone change it.
         return _persistent_event(session, created, values), True
+    event = lock_existing_event(
+        session, source_system=source_system, source_kind=source_kind, source_id=source_id
+    )
+    assert event is not None  # the INSERT met it; events are never deleted
+    return event, False
+
+
+def lock_existing_event(
+    session: Session, *, source_system: str, source_kind: str, source_id: str
+) -> CrmEvent | None:
+    """The event of a natural key, locked for this transaction; None when there is none."""
     query = select(CrmEvent).where(
         CrmEvent.source_system == source_system,
         CrmEvent.source_kind == source_kind,
@@ -140,8 +196,7 @@ def lock_event(
     )
     if is_postgresql(session):
         query = query.with_for_update()
-    event = session.execute(query.execution_options(populate_existing=True)).scalar_one()
-    return event, False
+    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
 
 
 def _event_insert(upsert: Any) -> Any:
@@ -386,11 +441,16 @@ def _delivery_upsert(upsert: Any) -> Any:
     )
 
 
-def claim_refresh(session: Session, seller_id: int, now: datetime | None = None) -> bool:
+def claim_refresh(
+    session: Session, seller_id: int, now: datetime | None = None, *, in_change: bool = False
+) -> bool:
     """Claim the right to enqueue a refresh of ``seller_id``; False when one is already queued.
 
-    Runs in its own small transaction *after* the change committed: a refresh that clears the
-    request before reading the seller's tallies then always sees this change (docs/design.md).
+    Either in a small transaction of its own *after* the change committed, or (``in_change``)
+    at the end of the change's own transaction; either way a refresh that clears the request
+    before reading the seller's tallies sees this change (docs/design.md): in the change's
+    transaction, a request found pending is locked (key share) until the commit, so the
+    refresh's delete of it waits for the change, and a claim is the change's own row.
     """
     now = now or utcnow()
     values = {
@@ -398,11 +458,14 @@ def claim_refresh(session: Session, seller_id: int, now: datetime | None = None)
         "requested_at": now,
         "stale_before": now - STALE_REFRESH_REQUEST,
     }
-    # Most changes find a refresh already requested: a read says so without writing (the
-    # upsert below would lock the row, and its transaction would wait for a WAL flush). The
-    # outcome is the upsert's: a request seen now was seen after this change committed.
-    if session.execute(_FRESH_REQUEST, values).first() is not None:
+    # Most changes find a refresh already requested: a read says so without writing (after the
+    # commit, the upsert below would lock the row, and its transaction wait for a WAL flush).
+    # After the commit, a request seen now was seen after the change committed; in the
+    # change, the request seen is locked so that it cannot be cleared before the commit.
+    fresh = _FRESH_REQUEST_LOCKED if in_change and is_postgresql(session) else _FRESH_REQUEST
+    if session.execute(fresh, values).first() is not None:
         return False
+    # The upsert locks the row it meets, fresh or not (ON CONFLICT DO UPDATE).
     statement = prepared_upsert(session, RefreshRequest.__table__, _claim_upsert)
     return session.execute(statement, values).scalar() is not None
 
@@ -411,6 +474,7 @@ _FRESH_REQUEST = select(table_of(RefreshRequest).c.seller_id).where(
     table_of(RefreshRequest).c.seller_id == bindparam("seller_id"),
     table_of(RefreshRequest).c.requested_at >= bindparam("stale_before"),
 )
+_FRESH_REQUEST_LOCKED = _FRESH_REQUEST.with_for_update(read=True, key_share=True)
 
 
 def _claim_upsert(upsert: Any) -> Any:

@@ -283,6 +283,13 @@ class CrmTask(Task):
                 event_id=result.event_id,
                 detail=result.detail,
             )
+            # Last, so that a refresh pending meanwhile waits for this commit no longer than
+            # it must (tasks.store.claim_refresh).
+            result.refreshes_claimed = {
+                seller_id
+                for seller_id in sorted(result.sellers_to_refresh)
+                if claim_refresh(session, seller_id, in_change=True)
+            }
         if failure:
             return failure.outcome
         sellers = sorted(result.sellers_to_refresh)
@@ -313,13 +320,18 @@ class CrmTask(Task):
             raise self.retry(exc=exc, countdown=self.backoff(), max_retries=RECORD_RETRIES) from exc
 
     def after_commit(self, result: StageResult) -> None:
-        """Request the sellers' refreshes. The change is committed whatever happens here: a
-        refresh that cannot be requested now (broker or database unavailable, the time limit)
-        is left to the refresh sweep, which finds its stale claim (``crm.refresh.sweep``); the
-        counts moved with the change already."""
+        """Request the sellers' refreshes (claimed in the change's transaction, or now). The
+        change is committed whatever happens here: a refresh that cannot be requested now
+        (broker or database unavailable, the time limit) is left to the refresh sweep, which
+        finds its stale claim (``crm.refresh.sweep``); the counts moved with the change
+        already."""
+        claimed = result.refreshes_claimed
         for seller_id in sorted(result.sellers_to_refresh):
             try:
-                request_refresh(self.app, self.sessions, seller_id)
+                if claimed is None:
+                    request_refresh(self.app, self.sessions, seller_id)
+                elif seller_id in claimed:
+                    send_refresh(self.app, self.sessions, seller_id)
             except Exception as exc:
                 log.warning(
                     "%s %s: refresh of seller %s not requested, left to the sweep: %r",
@@ -505,17 +517,23 @@ def request_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -
     with transaction(sessions) as session:
         claimed = claim_refresh(session, seller_id)
     if claimed:
-        try:
-            app.send_task(
-                REFRESH_SELLER_TASK,
-                args=[seller_id],
-                queue=TASK_QUEUES[REFRESH_SELLER_TASK],
-                countdown=REFRESH_COALESCE_S,
-                retry=True,
-                retry_policy=REFRESH_PUBLISH_RETRY,
-            )
-        except Exception:
-            with suppress(Exception), transaction(sessions) as session:
-                expire_refresh_request(session, seller_id)
-            raise
+        send_refresh(app, sessions, seller_id)
     return claimed
+
+
+def send_refresh(app: Any, sessions: sessionmaker[Session], seller_id: int) -> None:
+    """Enqueue the refresh of a claim committed; a claim whose refresh cannot be published is
+    marked stale (best effort) and the error raised."""
+    try:
+        app.send_task(
+            REFRESH_SELLER_TASK,
+            args=[seller_id],
+            queue=TASK_QUEUES[REFRESH_SELLER_TASK],
+            countdown=REFRESH_COALESCE_S,
+            retry=True,
+            retry_policy=REFRESH_PUBLISH_RETRY,
+        )
+    except Exception:
+        with suppress(Exception), transaction(sessions) as session:
+            expire_refresh_request(session, seller_id)
+        raise

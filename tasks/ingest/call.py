@@ -1,7 +1,8 @@
 """Ingest of ``crm.call/1`` call status updates: every update of one call merges into one event.
 
 The update is added to the ledger, the call's event locked (or created), and its state folded
-from every accepted update (``tasks.ingest.call_state``); then the open event's party is checked
+from every accepted update (``tasks.ingest.call_state``); a call's first update, the usual
+case, makes its event whole in one INSERT instead. Then the open event's party is checked
 again under its keys' locks (``tasks.relink``), the unknown-party lead rule applied
 (``tasks.leads``), its recording stored or fetched, and its counts moved.
 """
@@ -14,21 +15,33 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
+from models.events import CrmEvent
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.attach import attach
 from tasks.context import StageContext
 from tasks.erasure import refuse_erased
-from tasks.ingest.call_state import apply_call_state, call_updates, fold_updates
+from tasks.ingest.call_state import (
+    CallLookups,
+    DerivedCall,
+    apply_call_state,
+    call_updates,
+    derive_call,
+    fold_updates,
+    new_call_columns,
+    write_call_relations,
+)
 from tasks.leads import apply_lead_rule
 from tasks.relink import recheck_open_event
 from tasks.store import (
     StageResult,
+    TallyKey,
     canonical_hash,
     link_inbound,
     lock_event,
+    lock_existing_event,
     move_tallies,
-    record_inbound,
+    record_inbound_update,
     tally_keys,
 )
 from tasks.telephony.recordings import link_recordings
@@ -46,35 +59,30 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     message = load_message(schema, payload, SCHEMA)
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)
-    inbound_id = record_inbound(
+    ledger_payload = _ledger_payload(normalised)
+    inbound_id, earlier = record_inbound_update(
         session,
         idempotency_key=f"call:{canonical_hash(normalised)}",
         schema=SCHEMA,
         source_kind="call",
         source_system=message["source_system"],
         source_id=message["call_id"],
-        payload=_ledger_payload(normalised),
+        payload=ledger_payload,
     )
     if inbound_id is None:
         return CallStageResult("duplicate", detail="this update was already accepted")
 
-    # Serialises every update of this call, the very first ones included (see lock_event):
-    # whoever holds the lock folds every update committed before it, plus its own.
-    event, created = lock_event(
+    event, created, before, state, derived = _fold_into_event(
         session,
-        source_system=message["source_system"],
-        source_kind="call",
-        source_id=message["call_id"],
-        defaults={
-            "category_code": "crm_event",
-            "class_code": "events",
-            "type_code": "crm_event",
-            "occurred_at": utcnow(),
+        ctx,
+        {
+            "source_system": message["source_system"],
+            "source_kind": "call",
+            "source_id": message["call_id"],
         },
+        ledger_payload,
+        first=not earlier,
     )
-    before = tally_keys(session, event)
-    state = fold_updates(call_updates(session, event))
-    derived = apply_call_state(session, ctx, event, state, [], new=created)
     if derived.link["link_state"] == "unlinked":
         # An erased person's number is unknown by now: a late update or a new call naming it
         # is refused (the transaction rolls back), kept without it. Known numbers cost nothing.
@@ -109,6 +117,48 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
         sellers_to_refresh=sellers,
         recordings_to_fetch=fetches,
     )
+
+
+def _fold_into_event(
+    session: Session,
+    ctx: StageContext,
+    key: dict[str, str],
+    update: dict[str, Any],
+    *,
+    first: bool,
+) -> tuple[CrmEvent, bool, set[TallyKey], dict[str, Any], DerivedCall]:
+    """The call's event, locked, with ``update`` folded in: (event, created, its tally keys
+    before, the folded state, what the state made of it).
+
+    ``first``: the ledger held no earlier update of the call (as far as it knew).
+    """
+    if first:
+        # The call's first update, the usual case: its event is made from this update alone
+        # and inserted whole. Should another transaction insert it first, the insert waits
+        # for that one and finds its event: the updates are then folded as below.
+        state = fold_updates([update])
+        derived = derive_call(CallLookups(session, ctx.settings), ctx, state, [])
+        event, created = lock_event(session, **key, defaults=new_call_columns(derived))
+        if created:
+            write_call_relations(session, ctx, event, derived, new=True)
+            return event, True, set(), state, derived
+    else:
+        # Serialises every update of this call (see lock_event): whoever holds the lock folds
+        # every update committed before it, plus its own.
+        found = lock_existing_event(session, **key)
+        if found is None:  # its event was deleted: made again, from all of its updates
+            defaults = _PLACEHOLDER | {"occurred_at": utcnow()}
+            event, created = lock_event(session, **key, defaults=defaults)
+        else:
+            event, created = found, False
+    before = set() if created else tally_keys(session, event)
+    state = fold_updates(call_updates(session, event))
+    derived = apply_call_state(session, ctx, event, state, [], new=created)
+    return event, created, before, state, derived
+
+
+#: The columns of an event created before its updates are folded into it.
+_PLACEHOLDER = {"category_code": "crm_event", "class_code": "events", "type_code": "crm_event"}
 
 
 def _ledger_payload(payload: dict[str, Any]) -> dict[str, Any]:

@@ -425,6 +425,27 @@ def apply_call_state(
             setattr(event, name, value)
     event.details = {**event.details, **call_details(derived, event.contact_id)}
     session.flush()
+    write_call_relations(session, ctx, event, derived, new=new)
+    return derived
+
+
+def new_call_columns(derived: DerivedCall) -> dict[str, Any]:
+    """The columns of a call's event made by ``derived`` alone, for an event inserted whole."""
+    columns = dict(derived.columns)
+    if columns["occurred_at"] is None:
+        columns["occurred_at"] = utcnow()
+    return {
+        **columns,
+        **derived.link,
+        "details": call_details(derived, derived.link["contact_id"]),
+    }
+
+
+def write_call_relations(
+    session: Session, ctx: StageContext, event: CrmEvent, derived: DerivedCall, *, new: bool
+) -> None:
+    """What the call's state makes besides the event's row: properties, party keys,
+    participants and follow-ups (``new``: the event was created by this stage, none yet)."""
     set_properties(session, event, derived.properties, new=new)
     # Remembered for the automatic re-link when a contact later gains the number, and for the
     # lead rule (tasks.relink, tasks.leads); our own numbers are never keys.
@@ -438,7 +459,6 @@ def apply_call_state(
     )
     add_participants(session, event, [*derived.staff_ids, event.seller_id], new=new)
     reconcile_follow_ups(session, event, new=new)
-    return derived
 
 
 def _infer_direction(

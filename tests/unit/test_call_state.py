@@ -7,13 +7,15 @@ import random
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from models.events import CrmEvent, FollowUp
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ingest.call_state import fold_updates
+from tasks.maintenance import delete_event
+from tasks.store import record_inbound_update
 from tasks.views import events_json
 
 SWITCHBOARD = "+358 9 111 000"
@@ -292,3 +294,114 @@ def test_fold_status(updates: list[dict[str, Any]], status: str) -> None:
 def test_fold_of_two_unknown_statuses_without_sequence_is_order_independent() -> None:
     updates = [{"status": "x-1", "note": "a"}, {"status": "x-2", "note": "b"}]
     assert fold_updates(updates) == fold_updates(updates[::-1])
+
+
+# -- a call's first update makes its event in one INSERT ------------------------------------------
+
+FIRST_UPDATES = {
+    "answered, closing a follow-up": update(
+        "first",
+        status="completed",
+        direction="inbound",
+        **{"from": MATTI, "to": SWITCHBOARD},
+        agent="201",
+        started_at="2026-11-23T10:00:00+02:00",
+        duration_s=61,
+        note="Tarjous lähetetty.",
+        properties=["advisory"],
+        category="sales_action",
+    ),
+    "missed, opening a follow-up": update(
+        "first",
+        status="missed",
+        direction="inbound",
+        **{"from": MATTI, "to": SWITCHBOARD},
+        started_at="2026-11-23T09:00:00+02:00",
+    ),
+    "unknown number, no direction, an unknown status": update(
+        "first",
+        status="x-parked",
+        **{"from": "+358 40 900 0072", "to": SWITCHBOARD},
+        answered_at="2026-11-23T11:00:00+02:00",
+    ),
+    "internal": update(
+        "first", status="completed", **{"from": "201", "to": "202"}, ended_at="2026-11-23T12:00"
+    ),
+    "outbound with a recording to fetch": update(
+        "first",
+        status="completed",
+        direction="outbound",
+        **{"from": "201", "to": "+358 44 765 4321"},
+        agent="anna",
+        ended_at="2026-11-24T12:05:00",
+        duration_s=300,
+        recording={"url": "http://127.0.0.1:9/rec.wav", "filename": "rec.wav"},
+    ),
+}
+
+
+def everything_of(db: Session, call_id: str) -> dict[str, Any]:
+    """The event as a user sees it and every row the call made beside it."""
+    event = db.scalars(select(CrmEvent).where(CrmEvent.source_id == call_id)).one()
+    seen = stored(db, call_id)
+    # Minus the ids and times of the moment: the rest must be equal.
+    seen["details"] = {
+        **event.details,
+        "recordings": [
+            {**r, "requested_at": bool(r["requested_at"])}
+            for r in event.details.get("recordings", [])
+        ],
+    }
+    seen["documents"] = [{**d, "id": None} for d in seen["documents"]]
+    seen["match_note"], seen["link_state"] = event.match_note, event.link_state
+    seen["rows"] = {
+        table: db.execute(
+            text(f"SELECT {columns} FROM {table} WHERE event_id = :id ORDER BY 1, 2"),
+            {"id": event.id},
+        ).all()
+        for table, columns in {
+            "event_party_key": "kind, value, position",
+            "event_participant": "staff_id, 0",
+            "event_property_link": "property_code, 0",
+            "follow_up": "state, seller_id",
+            "event_document": "role, filename",
+        }.items()
+    }
+    return seen
+
+
+@pytest.mark.parametrize("kind", FIRST_UPDATES)
+def test_a_first_update_inserted_whole_makes_what_the_fold_makes(
+    world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The usual case skips reading the call's updates back: it must make the same event, with
+    the same keys, participants, properties, follow-ups and recordings, as the fold does."""
+    message = FIRST_UPDATES[kind]
+    assert ingest_call(world, ctx, {**message, "call_id": "whole"}).outcome == "stored"
+
+    # The same update again, under another call id, told that the ledger held earlier ones:
+    # the event is created before the fold, which reads the ledger, as any later update does.
+    from tasks.ingest import call as stage
+
+    def seen_earlier(session: Session, **values: Any) -> tuple[int | None, bool]:
+        inbound_id, _ = record_inbound_update(session, **values)
+        return inbound_id, True
+
+    monkeypatch.setattr(stage, "record_inbound_update", seen_earlier)
+    assert ingest_call(world, ctx, {**message, "call_id": "folded"}).outcome == "stored"
+    assert everything_of(world, "whole") == everything_of(world, "folded")
+
+
+def test_a_late_update_of_a_deleted_event_makes_it_again_from_all_of_its_updates(
+    world: Session, ctx: StageContext
+) -> None:
+    first, *later = five_updates("deleted")
+    ingest_call(world, ctx, first)
+    event_id = world.scalar(select(CrmEvent.id).where(CrmEvent.source_id == "deleted"))
+    assert event_id is not None
+    delete_event(world, event_id)
+    for message in later:
+        assert ingest_call(world, ctx, message).outcome == "stored"
+    for message in five_updates("kept"):
+        ingest_call(world, ctx, message)
+    assert stored(world, "deleted") == stored(world, "kept")
