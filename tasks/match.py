@@ -6,7 +6,7 @@ contacts gives one ambiguous match with every candidate, never a copy per contac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -81,6 +81,79 @@ def find_staff(session: Session, reference: str | None, settings: Settings) -> S
     return found
 
 
+def find_staff_many(
+    session: Session, references: Iterable[str | None], settings: Settings
+) -> dict[str, Staff | None]:
+    """``find_staff`` of several references in one query: each reference as given to what
+    ``find_staff`` would find for it (username, email, extension, phone; the lowest id)."""
+    refs = {reference: reference.strip() for reference in references if reference}
+    if not refs:
+        return {}
+    ways: dict[str, tuple[str | None, str | None, str | None]] = {}
+    for reference, ref in refs.items():
+        e164 = normalise_phone(ref, settings.phone_region)
+        ways[reference] = (
+            ref.lower() if "@" in ref else None,
+            ref if ref.isdigit() and len(ref) < 6 else None,
+            e164,
+        )
+    values = {
+        "usernames": sorted(set(refs.values())),
+        "emails": sorted({w[0] for w in ways.values() if w[0]}) or [""],
+        "extensions": sorted({w[1] for w in ways.values() if w[1]}) or [""],
+        "phones": sorted({w[2] for w in ways.values() if w[2]}) or [""],
+    }
+    phones: dict[int, set[str]] = {}
+    staff: dict[int, Staff] = {}
+    for member, e164 in session.execute(_STAFF_MANY, values):
+        staff[member.id] = member
+        if e164:
+            phones.setdefault(member.id, set()).add(e164)
+    found: dict[str, Staff | None] = {}
+    for reference, ref in refs.items():
+        email, extension, e164 = ways[reference]
+        ranked = []
+        for member in staff.values():
+            if member.username == ref:
+                rank = 0
+            elif email and member.email and member.email.lower() == email:
+                rank = 1
+            elif extension and member.extension == extension:
+                rank = 2
+            elif e164 and e164 in phones.get(member.id, ()):
+                rank = 3
+            else:
+                continue
+            ranked.append((rank, member.id, member))
+        found[reference] = min(ranked)[2] if ranked else None
+    kept = [member for member in found.values() if member is not None]
+    session.info.setdefault(_STAFF_SEEN, []).extend(kept)  # as find_staff does
+    return found
+
+
+_STAFF_MANY = (
+    select(Staff, PartyPhone.e164)
+    .outerjoin(
+        PartyPhone,
+        (PartyPhone.staff_id == Staff.id)
+        & PartyPhone.e164.in_(bindparam("phones", expanding=True)),
+    )
+    .where(
+        or_(
+            Staff.username.in_(bindparam("usernames", expanding=True)),
+            func.lower(Staff.email).in_(bindparam("emails", expanding=True)),
+            Staff.extension.in_(bindparam("extensions", expanding=True)),
+            Staff.id.in_(
+                select(PartyPhone.staff_id).where(
+                    PartyPhone.e164.in_(bindparam("phones", expanding=True)),
+                    PartyPhone.staff_id.is_not(None),
+                )
+            ),
+        )
+    )
+)
+
+
 @lru_cache(maxsize=8)
 def _staff_query(by_email: bool, by_extension: bool, by_phone: bool) -> Any:
     """``find_staff``'s query for a reference of this shape, built once: building it cost
@@ -143,8 +216,21 @@ _STAFF_BY_ADDRESS = (
 )
 
 
-def is_internal_number(session: Session, raw: str | None, settings: Settings) -> bool:
-    """Our switchboard, an extension or a staff phone: never a customer, never a lead."""
+#: Reads a number's ``party_phone`` rows (``phone_owners``), for a caller that asks twice.
+PhoneOwners = Callable[[str], Sequence[tuple[Any, ...]]]
+
+
+def is_internal_number(
+    session: Session,
+    raw: str | None,
+    settings: Settings,
+    owners: PhoneOwners | None = None,
+) -> bool:
+    """Our switchboard, an extension or a staff phone: never a customer, never a lead.
+
+    ``owners``: where to read the number's rows of ``party_phone`` (``phone_owners``) instead
+    of asking for its staff phones alone, for a caller that matches the number next.
+    """
     if not raw:
         return False
     e164 = normalise_phone(raw, settings.phone_region)
@@ -155,8 +241,17 @@ def is_internal_number(session: Session, raw: str | None, settings: Settings) ->
         return True
     known: dict[str, bool] = session.info.setdefault(INTERNAL_NUMBERS, {})
     if e164 not in known:
-        known[e164] = session.execute(_STAFF_PHONE, {"e164": e164}).first() is not None
+        if owners is not None:
+            known[e164] = any(row[0] is not None for row in owners(e164))
+        else:
+            known[e164] = session.execute(_STAFF_PHONE, {"e164": e164}).first() is not None
     return known[e164]
+
+
+def phone_owners(session: Session, e164: str) -> list[tuple[Any, ...]]:
+    """Every ``party_phone`` row of the number: (staff, contact, customer, the contact's
+    customer, the contact's name); whether it is a staff phone and whom it matches, at once."""
+    return [tuple(row) for row in session.execute(_PHONE_OWNERS, {"e164": e164})]
 
 
 _STAFF_PHONE = select(table_of(PartyPhone).c.id).where(
@@ -172,13 +267,23 @@ def forget_internal_numbers(session: Session) -> None:
     session.info.pop(INTERNAL_NUMBERS, None)
 
 
-def match_phone(session: Session, raw: str | None, settings: Settings) -> PartyMatch:
+def match_phone(
+    session: Session,
+    raw: str | None,
+    settings: Settings,
+    owners: PhoneOwners | None = None,
+) -> PartyMatch:
+    """Contacts and customers by a phone number (``owners``: as in ``is_internal_number``)."""
     result = PartyMatch()
     e164 = normalise_phone(raw, settings.phone_region)
     if e164 is None:
         result.notes.append(f"number {raw!r} is not a public phone number")
         return result
-    rows = session.execute(_PHONE_MATCH, {"e164": e164}).all()
+    rows: list[tuple[Any, ...]]
+    if owners is not None:
+        rows = [row[1:] for row in owners(e164) if row[0] is None]
+    else:
+        rows = [tuple(row) for row in session.execute(_PHONE_MATCH, {"e164": e164})]
     contacts = sorted({(row[0], row[2], row[3]) for row in rows if row[0] is not None})
     customers = {row[1] for row in rows if row[1] is not None} | {c[1] for c in contacts}
     if len(contacts) == 1:
@@ -209,6 +314,17 @@ _PHONE_MATCH = (
     select(PartyPhone.contact_id, PartyPhone.customer_id, Contact.customer_id, Contact.name)
     .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
     .where(PartyPhone.e164 == bindparam("e164"), PartyPhone.staff_id.is_(None))
+)
+_PHONE_OWNERS = (
+    select(
+        PartyPhone.staff_id,
+        PartyPhone.contact_id,
+        PartyPhone.customer_id,
+        Contact.customer_id,
+        Contact.name,
+    )
+    .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
+    .where(PartyPhone.e164 == bindparam("e164"))
 )
 
 

@@ -29,9 +29,11 @@ from tasks.match import (
     PartyMatch,
     customer_by_number,
     find_staff,
+    find_staff_many,
     is_internal_number,
     match_phone,
     normalise_phone,
+    phone_owners,
 )
 from tasks.periods import aware
 from tasks.store import (
@@ -221,6 +223,7 @@ class CallLookups:
         self.session, self.settings = session, settings
         self._staff: dict[str | None, Staff | None] = {}
         self._phones: dict[str, PartyMatch] = {}
+        self._phone_owners: dict[str, list[tuple[Any, ...]]] = {}
         self._customers: dict[str, int | None] = {}
         self._sellers: dict[int, int | None] = {}
         self._classes: dict[ClassificationRequest, Classification] = {}
@@ -230,12 +233,25 @@ class CallLookups:
             self._staff[reference] = find_staff(self.session, reference, self.settings)
         return self._staff[reference]
 
+    def prefetch_staff(self, *references: str | None) -> None:
+        """Look up these references (those not known yet) in one query."""
+        wanted = {r for r in references if r not in self._staff}
+        if len(wanted) > 1:
+            found = find_staff_many(self.session, [r for r in wanted if r], self.settings)
+            self._staff.update({r: found.get(r) if r else None for r in wanted})
+
     def internal(self, raw: str | None) -> bool:
-        return is_internal_number(self.session, raw, self.settings)  # remembered per session
+        # Remembered per session; a number's rows are read once for this and for ``phone``.
+        return is_internal_number(self.session, raw, self.settings, self._owners)
+
+    def _owners(self, e164: str) -> list[tuple[Any, ...]]:
+        if e164 not in self._phone_owners:
+            self._phone_owners[e164] = phone_owners(self.session, e164)
+        return self._phone_owners[e164]
 
     def phone(self, raw: str) -> PartyMatch:
         if raw not in self._phones:
-            self._phones[raw] = match_phone(self.session, raw, self.settings)
+            self._phones[raw] = match_phone(self.session, raw, self.settings, self._owners)
         found = self._phones[raw]
         return replace(
             found,
@@ -303,6 +319,7 @@ def derive_call(
     # Who is outside (the customer side) and who is inside (staff)?
     external_raw = to_raw if direction == "outbound" else from_raw
     internal_raw = from_raw if direction == "outbound" else to_raw
+    lookups.prefetch_staff(state.get("agent"), internal_raw)
     agent = lookups.staff(state.get("agent"))
     internal_staff = lookups.staff(internal_raw)
     external_staff: Staff | None = None

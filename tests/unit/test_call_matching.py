@@ -13,6 +13,7 @@ from models.parties import Lead
 from tasks.context import StageContext
 from tasks.ingest.call import ingest_call
 from tasks.ingest.party import ingest_party
+from tasks.match import find_staff, find_staff_many
 from tasks.views import events_json
 
 SWITCHBOARD = "+358 9 111 000"
@@ -240,3 +241,36 @@ def test_customer_number_from_the_message_wins(world: Session, ctx: StageContext
         "linked",
         "mikko",
     )
+
+
+def test_staff_looked_up_together_are_those_found_one_by_one(
+    world: Session, ctx: StageContext
+) -> None:
+    """A call asks for its agent and its inside number in one query: the same answers, by the
+    same precedence (username, email, extension, phone; the lowest id), as one at a time."""
+    # Someone whose username is another's extension, and an address in capitals.
+    party(world, ctx, kind="staff", username="202", name="Extension Named", extension="299")
+    party(world, ctx, kind="staff", username="pia", name="Pia P", email="Pia.P@Myyntitalo.fi")
+    references = [
+        "anna",
+        "201",
+        "202",
+        "299",
+        "+358 50 111 2222",
+        "050 333 4444",
+        "0505556666",
+        "ANNA.LAHTINEN@myyntitalo.fi",
+        "pia.p@myyntitalo.fi",
+        " mikko ",
+        SWITCHBOARD,
+        "nobody",
+        "",
+        "999",
+    ]
+    settings = ctx.settings
+    together = find_staff_many(world, references, settings)
+    one_by_one = {r: find_staff(world, r, settings) for r in references if r}
+    assert together == one_by_one
+    assert together["202"] is not None and together["202"].name == "Extension Named"
+    assert together["050 333 4444"] is not None and together["050 333 4444"].username == "mikko"
+    assert together["nobody"] is None
