@@ -405,3 +405,36 @@ def test_a_late_update_of_a_deleted_event_makes_it_again_from_all_of_its_updates
     for message in five_updates("kept"):
         ingest_call(world, ctx, message)
     assert stored(world, "deleted") == stored(world, "kept")
+
+
+def test_a_first_update_that_meets_an_event_inserted_meanwhile_is_folded_and_counted_once(
+    world: Session, ctx: StageContext
+) -> None:
+    """Two first updates of one call at once: each saw no earlier one in the ledger, one
+    inserted the event, the other's insert met it. That one must fold and move the counts as a
+    later update does, not count the call again (here the other's ledger row is made invisible
+    by deleting it, as it was to this update when it looked)."""
+    answered = update(
+        "meanwhile",
+        sequence=2,
+        status="answered",
+        direction="inbound",
+        **{"from": MATTI, "to": SWITCHBOARD},
+        agent="201",
+        started_at="2026-11-23T09:14:05+02:00",
+    )
+    ingest_call(world, ctx, answered)
+    world.execute(text("DELETE FROM inbound_message WHERE source_id = 'meanwhile'"))
+    completed = {**answered, "sequence": 3, "status": "completed", "duration_s": 448}
+    assert ingest_call(world, ctx, completed).outcome == "stored"
+
+    event = world.scalars(select(CrmEvent).where(CrmEvent.source_id == "meanwhile")).one()
+    assert (event.status, event.duration_s) == ("completed", 448)
+    counted = world.execute(
+        text(
+            "SELECT period, count FROM tally WHERE seller_id = :seller AND count <> 0"
+            " ORDER BY period"
+        ),
+        {"seller": event.seller_id},
+    ).all()
+    assert [count for _, count in counted] == [1, 1], counted  # its week and its month, once
