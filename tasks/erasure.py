@@ -34,6 +34,7 @@ import hmac
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -665,8 +666,10 @@ def refuse_erased(
     emails: list[Any] = (),  # type: ignore[assignment]
     contacts: list[tuple[str, str]] = (),  # type: ignore[assignment]
     customer: str | None = None,
+    withheld: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise :class:`ErasedPerson` when the message names an erased person."""
+    """Raise :class:`ErasedPerson` when the message names an erased person; the message is
+    kept with the refusal scrubbed of them, and ``withheld`` fields replaced by these notes."""
     if _erasure_key(session) is None:
         return  # nothing was ever erased here
     candidates = [
@@ -699,5 +702,6 @@ def refuse_erased(
     person.names += [
         name for number, name in contacts if contact_identity(number, name) in erased_contacts
     ]
-    refused.kept_instead = scrub_value(message, patterns(person))
+    kept = {**message, **withheld} if withheld and isinstance(message, dict) else message
+    refused.kept_instead = scrub_value(kept, patterns(person))
     raise refused

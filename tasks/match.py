@@ -16,7 +16,6 @@ from sqlalchemy import BindParameter, Row, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
-from models.db import table_of
 from models.parties import Contact, ContactEmail, Customer, CustomerDomain, PartyPhone, Staff
 
 
@@ -228,8 +227,8 @@ def is_internal_number(
 ) -> bool:
     """Our switchboard, an extension or a staff phone: never a customer, never a lead.
 
-    ``owners``: where to read the number's rows of ``party_phone`` (``phone_owners``) instead
-    of asking for its staff phones alone, for a caller that matches the number next.
+    ``owners``: where to read the number's rows of ``party_phone`` (by default
+    ``phone_owners``), for a caller that remembers them to match the number next.
     """
     if not raw:
         return False
@@ -241,10 +240,8 @@ def is_internal_number(
         return True
     known: dict[str, bool] = session.info.setdefault(INTERNAL_NUMBERS, {})
     if e164 not in known:
-        if owners is not None:
-            known[e164] = any(row[0] is not None for row in owners(e164))
-        else:
-            known[e164] = session.execute(_STAFF_PHONE, {"e164": e164}).first() is not None
+        rows = owners(e164) if owners is not None else phone_owners(session, e164)
+        known[e164] = any(row[0] is not None for row in rows)
     return known[e164]
 
 
@@ -253,10 +250,6 @@ def phone_owners(session: Session, e164: str) -> list[tuple[Any, ...]]:
     customer, the contact's name); whether it is a staff phone and whom it matches, at once."""
     return [tuple(row) for row in session.execute(_PHONE_OWNERS, {"e164": e164})]
 
-
-_STAFF_PHONE = select(table_of(PartyPhone).c.id).where(
-    table_of(PartyPhone).c.e164 == bindparam("e164"), table_of(PartyPhone).c.staff_id.is_not(None)
-)
 
 #: ``session.info`` key of the numbers found to be staff phones or not, in this session; whatever
 #: changes phones forgets them (``forget_internal_numbers``).
@@ -279,11 +272,8 @@ def match_phone(
     if e164 is None:
         result.notes.append(f"number {raw!r} is not a public phone number")
         return result
-    rows: list[tuple[Any, ...]]
-    if owners is not None:
-        rows = [row[1:] for row in owners(e164) if row[0] is None]
-    else:
-        rows = [tuple(row) for row in session.execute(_PHONE_MATCH, {"e164": e164})]
+    found = owners(e164) if owners is not None else phone_owners(session, e164)
+    rows = [row[1:] for row in found if row[0] is None]  # a staff phone matches no customer
     contacts = sorted({(row[0], row[2], row[3]) for row in rows if row[0] is not None})
     customers = {row[1] for row in rows if row[1] is not None} | {c[1] for c in contacts}
     if len(contacts) == 1:
@@ -310,11 +300,6 @@ def match_phone(
     return result
 
 
-_PHONE_MATCH = (
-    select(PartyPhone.contact_id, PartyPhone.customer_id, Contact.customer_id, Contact.name)
-    .outerjoin(Contact, Contact.id == PartyPhone.contact_id)
-    .where(PartyPhone.e164 == bindparam("e164"), PartyPhone.staff_id.is_(None))
-)
 _PHONE_OWNERS = (
     select(
         PartyPhone.staff_id,

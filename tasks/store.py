@@ -39,9 +39,6 @@ class StageResult:
     event_id: int | None = None
     detail: str = ""
     sellers_to_refresh: set[int] = field(default_factory=set)
-    #: The sellers whose refresh the change's own transaction claimed (None: not claimed
-    #: there, the task claims them after the commit).
-    refreshes_claimed: set[int] | None = None
 
 
 def canonical_hash(payload: Any) -> str:
@@ -75,20 +72,32 @@ def record_inbound(
     ``event_id``: the event the message made or updated, when the stage knows it already
     (else ``link_inbound`` sets it).
     """
-    values = {
+    values = _ledger_row(idempotency_key, schema, source_kind, source_system, source_id, payload)
+    inserted: int | None = session.execute(
+        prepared_upsert(session, InboundMessage.__table__, _inbound_insert),
+        values | {"event_id": event_id},
+    ).scalar()
+    return inserted
+
+
+def _ledger_row(
+    idempotency_key: str,
+    schema: str,
+    source_kind: str,
+    source_system: str,
+    source_id: str,
+    payload: dict[str, Any],
+) -> dict[str, Any]:
+    return {
         "idempotency_key": idempotency_key,
         "schema": schema,
         "source_kind": source_kind,
         "source_system": source_system,
         "source_id": source_id,
         "payload": payload,
-        "event_id": event_id,
+        "event_id": None,
         "received_at": utcnow(),
     }
-    inserted: int | None = session.execute(
-        prepared_upsert(session, InboundMessage.__table__, _inbound_insert), values
-    ).scalar()
-    return inserted
 
 
 def _inbound_insert(upsert: Any) -> Any:
@@ -97,24 +106,32 @@ def _inbound_insert(upsert: Any) -> Any:
     )
 
 
-def record_inbound_update(session: Session, **values: Any) -> tuple[int | None, bool]:
+def record_inbound_update(
+    session: Session,
+    *,
+    idempotency_key: str,
+    schema: str,
+    source_kind: str,
+    source_system: str,
+    source_id: str,
+    payload: dict[str, Any],
+) -> tuple[int | None, bool]:
     """:func:`record_inbound` that also says, in the same statement, whether the ledger held an
     earlier message of the same natural key (kind, system, source id) then.
 
     A hint, not a lock: another transaction may add one a moment later (``lock_event`` settles
     that). A stage that finds none can build the event from this message alone.
     """
+    values = _ledger_row(idempotency_key, schema, source_kind, source_system, source_id, payload)
     row = session.execute(
         prepared_upsert(session, InboundMessage.__table__, _inbound_insert_seeing_earlier),
         {
             **values,
-            "event_id": None,
-            "received_at": utcnow(),
             # The same values again for the look at the ledger: names of their own.
-            "seen_kind": values["source_kind"],
-            "seen_system": values["source_system"],
-            "seen_id": values["source_id"],
-            "seen_key": values["idempotency_key"],
+            "seen_kind": source_kind,
+            "seen_system": source_system,
+            "seen_id": source_id,
+            "seen_key": idempotency_key,
         },
     ).first()
     if row is None:
@@ -227,6 +244,10 @@ def _persistent_event(session: Session, event_id: int, values: dict[str, Any]) -
 
 _EVENT_COLUMNS = tuple(column.key for column in CrmEvent.__table__.columns)
 _EVENT_CLASS = manager_of_class(CrmEvent)
+
+
+#: The classification of an event created before the stage classifies it (it always does).
+UNCLASSIFIED = {"category_code": "crm_event", "class_code": "events", "type_code": "crm_event"}
 
 
 def event_column_defaults() -> dict[str, Any]:

@@ -285,18 +285,15 @@ class CrmTask(Task):
             )
             # Last, so that a refresh pending meanwhile waits for this commit no longer than
             # it must (tasks.store.claim_refresh).
-            result.refreshes_claimed = {
-                seller_id
-                for seller_id in sorted(result.sellers_to_refresh)
-                if claim_refresh(session, seller_id, in_change=True)
-            }
+            sellers = sorted(result.sellers_to_refresh)
+            claimed = [s for s in sellers if claim_refresh(session, s, in_change=True)]
         if failure:
             return failure.outcome
-        sellers = sorted(result.sellers_to_refresh)
         add_to_log_context(
             event_id=result.event_id,
             seller=",".join(map(str, sellers)) if sellers else None,
         )
+        self.send_refreshes(claimed)
         self.after_commit(result)
         return result.outcome
 
@@ -319,19 +316,14 @@ class CrmTask(Task):
             )
             raise self.retry(exc=exc, countdown=self.backoff(), max_retries=RECORD_RETRIES) from exc
 
-    def after_commit(self, result: StageResult) -> None:
-        """Request the sellers' refreshes (claimed in the change's transaction, or now). The
-        change is committed whatever happens here: a refresh that cannot be requested now
-        (broker or database unavailable, the time limit) is left to the refresh sweep, which
-        finds its stale claim (``crm.refresh.sweep``); the counts moved with the change
-        already."""
-        claimed = result.refreshes_claimed
-        for seller_id in sorted(result.sellers_to_refresh):
+    def send_refreshes(self, claimed: list[int]) -> None:
+        """Enqueue the refreshes the change's transaction claimed. The change is committed
+        whatever happens here: a refresh that cannot be sent now (broker or database
+        unavailable, the time limit) is left to the refresh sweep, which finds its stale claim
+        (``crm.refresh.sweep``); the counts moved with the change already."""
+        for seller_id in claimed:
             try:
-                if claimed is None:
-                    request_refresh(self.app, self.sessions, seller_id)
-                elif seller_id in claimed:
-                    send_refresh(self.app, self.sessions, seller_id)
+                send_refresh(self.app, self.sessions, seller_id)
             except Exception as exc:
                 log.warning(
                     "%s %s: refresh of seller %s not requested, left to the sweep: %r",
@@ -340,6 +332,9 @@ class CrmTask(Task):
                     seller_id,
                     exc,
                 )
+
+    def after_commit(self, result: StageResult) -> None:
+        """What a task enqueues once its change is committed, besides the refreshes."""
 
     def retry_or_record(self, message: Any, exc: BaseException) -> None:
         if self.request.retries < self.settings.max_retries:

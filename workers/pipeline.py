@@ -70,10 +70,9 @@ log = logging.getLogger(__name__)
 
 
 class CallTask(CrmTask):
-    """The call task: after the commit, also requests the fetch of new recording URLs."""
+    """The call task: after the commit, requests the fetch of new recording URLs."""
 
     def after_commit(self, result: StageResult) -> None:
-        super().after_commit(result)
         if isinstance(result, CallStageResult) and result.recordings_to_fetch:
             enqueue_recording_fetches(self.app, result.recordings_to_fetch)
 
@@ -85,10 +84,9 @@ def ingest_call_task(self: CallTask, message: Any) -> str:
 
 
 class BatchTask(CrmTask):
-    """The batch task: after the commit, also requests the fetch of its calls' recordings."""
+    """The batch task: after the commit, requests the fetch of its calls' recordings."""
 
     def after_commit(self, result: StageResult) -> None:
-        super().after_commit(result)
         if isinstance(result, BatchResult) and result.recordings_to_fetch:
             enqueue_recording_fetches(self.app, result.recordings_to_fetch)
 

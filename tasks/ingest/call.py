@@ -34,6 +34,7 @@ from tasks.ingest.call_state import (
 from tasks.leads import apply_lead_rule
 from tasks.relink import recheck_open_event
 from tasks.store import (
+    UNCLASSIFIED,
     StageResult,
     TallyKey,
     canonical_hash,
@@ -147,7 +148,7 @@ def _fold_into_event(
         # every update committed before it, plus its own.
         found = lock_existing_event(session, **key)
         if found is None:  # its event was deleted: made again, from all of its updates
-            defaults = _PLACEHOLDER | {"occurred_at": utcnow()}
+            defaults = UNCLASSIFIED | {"occurred_at": utcnow()}
             event, created = lock_event(session, **key, defaults=defaults)
         else:
             event, created = found, False
@@ -155,10 +156,6 @@ def _fold_into_event(
     state = fold_updates(call_updates(session, event))
     derived = apply_call_state(session, ctx, event, state, [], new=created)
     return event, created, before, state, derived
-
-
-#: The columns of an event created before its updates are folded into it.
-_PLACEHOLDER = {"category_code": "crm_event", "class_code": "events", "type_code": "crm_event"}
 
 
 def _ledger_payload(payload: dict[str, Any]) -> dict[str, Any]:

@@ -113,11 +113,9 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     refuse_erased(
         session,
         settings,
-        {
-            **{k: v for k, v in payload.items() if k != "raw_b64"},
-            "raw_b64": "<not kept: the email names an erased person>",
-        },
+        payload,
         emails=[message.get("mail_from"), *(message.get("rcpt_to") or []), *addresses_of(parsed)],
+        withheld={"raw_b64": "<not kept: the email names an erased person>"},
     )
     message["received_at"] = aware(
         message.get("received_at"), settings.zone, parsed.notes, "received_at"

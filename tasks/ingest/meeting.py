@@ -40,6 +40,7 @@ from tasks.ingest.email_parse import ParsedEmail
 from tasks.ingest.visit import apply_visit_parties
 from tasks.match import find_staff
 from tasks.store import (
+    UNCLASSIFIED,
     StageResult,
     link_inbound,
     lock_event,
@@ -289,12 +290,7 @@ def ingest_meeting(
         source_system=MEETING_SOURCE_SYSTEM,
         source_kind="meeting",
         source_id=invitation.uid,
-        defaults={
-            "category_code": "crm_event",
-            "class_code": "events",
-            "type_code": "crm_event",
-            "occurred_at": invitation.start,
-        },
+        defaults=UNCLASSIFIED | {"occurred_at": invitation.start},
     )
     link_inbound(session, inbound_id, event.id)
     applied = (event.details or {}).get("sequence")

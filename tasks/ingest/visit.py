@@ -57,13 +57,14 @@ def ingest_visit(session: Session, ctx: StageContext, payload: Any) -> StageResu
     refuse_erased(
         session,
         settings,
-        {**payload, "attachments": "<not kept: the visit names an erased person>"},
+        payload,
         emails=[r for r in references if "@" in r],
         contacts=[
             (message["customer_number"], r)
             for r in message["contacts"]
             if "@" not in r and message.get("customer_number")
         ],
+        withheld={"attachments": "<not kept: the visit names an erased person>"},
     )
     ledger_payload = {
         **payload,

@@ -19,20 +19,13 @@ import pytest
 
 from config import catalogue
 from tests.conftest import ROOT
-from tests.processes import stop_process
+from tests.processes import run_cli, stop_process
 
 
 def run(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
     env["CRM_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_cli(env, *args, timeout=timeout)
 
 
 def run_json(data_dir: Path, *args: str) -> Any:
