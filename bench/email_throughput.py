@@ -10,6 +10,12 @@ Three measurements on a scratch PostgreSQL database and a dedicated Redis databa
   real ``crm-events worker --concurrency 2`` over Redis; the clock runs from the first publish
   until every message has its ``delivery`` row (stored) and the sellers' tallies are refreshed
   (``refresh_request`` empty). Reported as emails/s (median).
+* **batch path**, after each end-to-end run: the same number of such emails as ``crm.batch/1``
+  messages of ``--batch-size`` (50) emails to the same worker, twice: inline (``raw_b64``, a
+  batch message of about 6.5 MB) and by reference (each batch's raw emails stored first in one
+  transaction, as the SMTP gateway stores mail, then the batch of ``raw_ref`` messages; the
+  storing is on the clock). The clock and the wait are those of the end-to-end runs, over the
+  delivery rows of the batches' messages.
 * **no-op baseline**, alternating with the end-to-end runs: N ``bench.noop`` tasks through
   bench/noop_worker.py (the same Celery app and delivery settings, a task that only increments
   a Redis counter): the ceiling the broker and the prefork pool give on this machine now.
@@ -56,6 +62,7 @@ from typing import Any  # noqa: E402
 
 import pipeline as helpers  # noqa: E402  (bench/pipeline.py)
 from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
 from config.settings import Settings  # noqa: E402
 from models.db import create_db_engine, create_session_factory, transaction  # noqa: E402
@@ -118,25 +125,60 @@ def message(raw: bytes) -> dict[str, Any]:
 # -- the world ----------------------------------------------------------------------------------
 
 
-def publish_and_wait(world: Any, messages: list[dict[str, Any]], tag: str, timeout: float) -> float:
-    """Publish, then wait for every delivery row and for the sellers' refreshes; seconds."""
+def publish_and_wait(
+    world: Any,
+    messages: list[dict[str, Any]],
+    tag: str,
+    timeout: float,
+    batch_size: int = 0,
+    by_reference: Settings | None = None,
+) -> float:
+    """Publish, then wait for every delivery row and for the sellers' refreshes; seconds.
+
+    ``batch_size`` > 0: the emails go as ``crm.batch/1`` messages of that many emails each (the
+    batch path), else one ``crm.ingest.email`` message each. ``by_reference``: each batch's raw
+    emails are stored first, as the SMTP gateway stores mail, and the batch refers to them
+    (``raw_ref``); on the clock.
+    """
     prefix = f"bench-email-{tag}-"
-    ids = [f"{prefix}{uuid.uuid4()}" for _ in messages]
+    # A batch's messages have delivery rows of their own, ``<batch id>/<index>``.
+    pattern = prefix + ("%/%" if batch_size else "%")
     poll = text(helpers.POLL_PIPELINE)
     helpers.renew_claim(world)
     with world.engine.connect() as connection:
         started = time.perf_counter()
-        for task_id, payload in zip(ids, messages, strict=True):
-            world.app.send_task(
-                "crm.ingest.email", args=[payload], task_id=task_id, queue="crm.ingest.email"
-            )
+        if batch_size:
+            for start in range(0, len(messages), batch_size):
+                chunk = messages[start : start + batch_size]
+                if by_reference is not None:
+                    chunk = stored_first(world, by_reference, chunk)
+                batch = {
+                    "schema": "crm.batch/1",
+                    "source_system": "bench",
+                    "kind": "email",
+                    "messages": chunk,
+                }
+                world.app.send_task(
+                    "crm.ingest.batch",
+                    args=[batch],
+                    task_id=f"{prefix}{uuid.uuid4()}",
+                    queue="crm.ingest.bulk",
+                )
+        else:
+            for payload in messages:
+                world.app.send_task(
+                    "crm.ingest.email",
+                    args=[payload],
+                    task_id=f"{prefix}{uuid.uuid4()}",
+                    queue="crm.ingest.email",
+                )
         while True:
-            done, requests = connection.execute(poll, {"prefix": prefix + "%"}).one()
+            done, requests = connection.execute(poll, {"prefix": pattern}).one()
             elapsed = time.perf_counter() - started
-            if done >= len(ids) and requests == 0:
+            if done >= len(messages) and requests == 0:
                 break
             if elapsed > timeout:
-                raise helpers.BenchError(f"only {done} of {len(ids)} emails in {timeout} s")
+                raise helpers.BenchError(f"only {done} of {len(messages)} emails in {timeout} s")
             helpers.check_alive(world)
             time.sleep(helpers.POLL_INTERVAL_S)
         outcomes = dict(
@@ -145,10 +187,10 @@ def publish_and_wait(world: Any, messages: list[dict[str, Any]], tag: str, timeo
                     "SELECT outcome, count(*) FROM delivery WHERE task_id LIKE :prefix"
                     " GROUP BY outcome"
                 ),
-                {"prefix": prefix + "%"},
+                {"prefix": pattern},
             ).all()
         )
-    if outcomes != {"stored": len(ids)}:
+    if outcomes != {"stored": len(messages)}:
         raise helpers.BenchError(f"unexpected outcomes: {outcomes}")
     return elapsed
 
@@ -171,10 +213,57 @@ def stage_rate(settings: Settings, count: int, run: str) -> float:
     return count / elapsed
 
 
-def e2e_rate(world: Any, count: int, run: str) -> float:
+def stored_first(
+    world: Any, settings: Settings, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages with their raw emails stored in one transaction, referred to by SHA-256."""
+    referring = []
+    with Session(world.engine.execution_options(isolation_level="READ COMMITTED")) as session:
+        for payload in messages:
+            raw = base64.b64decode(payload["raw_b64"])
+            digest = store_blob(session, settings, raw, "message/rfc822")
+            referring.append(
+                {k: v for k, v in payload.items() if k != "raw_b64"} | {"raw_ref": digest}
+            )
+        session.commit()
+    return referring
+
+
+def e2e_rate(
+    world: Any, count: int, run: str, batch_size: int = 0, by_reference: Settings | None = None
+) -> float:
     attachment = pdf_bytes(70_000, 2)
     messages = [message(typical_email(n, run, attachment)) for n in range(count)]
-    return count / publish_and_wait(world, messages, run, timeout=600)
+    elapsed = publish_and_wait(world, messages, run, 600, batch_size, by_reference)
+    return count / elapsed
+
+
+def measured(
+    world: Any,
+    pipeline: Any,
+    cpu: dict[str, float],
+    count: int,
+    run: str,
+    batch_size: int = 0,
+    by_reference: Settings | None = None,
+) -> float:
+    """One end-to-end run (emails/s); the CPU each part spent on it is added to ``cpu``."""
+    before = helpers.cpu_parts(world, pipeline)
+    rate = e2e_rate(world, count, run, batch_size, by_reference)
+    after = helpers.cpu_parts(world, pipeline)
+    for part, seconds in after.items():
+        cpu[part] = cpu.get(part, 0.0) + seconds - before[part]
+    return rate
+
+
+def print_cpu(cpu: dict[str, float], emails: int) -> None:
+    total, cores = sum(cpu.values()), os.cpu_count() or 1
+    for part, seconds in cpu.items():
+        print(f"  {part:32s} {seconds * 1000 / emails:6.1f} ms  {seconds / total:4.0%}")
+    print(
+        f"  {'total':32s} {total * 1000 / emails:6.1f} ms: {cores} cores give at most"
+        f" {cores * emails / total:.0f} emails/s at this cost"
+    )
 
 
 def status(pid: int) -> dict[str, int]:
@@ -271,6 +360,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2e-emails", type=int, default=600, help="emails per end-to-end run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured emails and tasks first")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=50,
+        help="emails per crm.batch/1 message of the batch-path runs (0: none)",
+    )
     parser.add_argument("--big-mb", type=float, default=25.0, help="size of the big email, MB")
     parser.add_argument(
         "--database-server",
@@ -316,19 +411,37 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 e2e_rate(world, args.warmup, "ew")
                 helpers.run_noop(world, "email", "nw", args.warmup, 600)
+                if args.batch_size:
+                    e2e_rate(world, args.warmup, "bw", args.batch_size)
             end_to_end, noop_rates = [], []
+            batched: dict[str, list[float]] = {"inline": [], "by reference": []}
             cpu: dict[str, float] = {}
+            batch_cpu: dict[str, dict[str, float]] = {how: {} for how in batched}
             for r in range(args.repeats):
-                before = helpers.cpu_parts(world, pipeline)
-                end_to_end.append(e2e_rate(world, args.e2e_emails, f"e{r}"))
-                after = helpers.cpu_parts(world, pipeline)
-                for part, seconds in after.items():
-                    cpu[part] = cpu.get(part, 0.0) + seconds - before[part]
+                end_to_end.append(measured(world, pipeline, cpu, args.e2e_emails, f"e{r}"))
+                for how, rates in batched.items() if args.batch_size else ():
+                    reference = settings if how == "by reference" else None
+                    rates.append(
+                        measured(
+                            world,
+                            pipeline,
+                            batch_cpu[how],
+                            args.e2e_emails,
+                            f"b{r}{how[0]}",
+                            args.batch_size,
+                            reference,
+                        )
+                    )
                 result = helpers.run_noop(world, "email", f"n{r}", args.e2e_emails, 600)
                 noop_rates.append(args.e2e_emails / result.elapsed_s)
                 helpers.log(
-                    f"run {r + 1}: end to end {end_to_end[-1]:.1f} emails/s, no-op"
-                    f" {noop_rates[-1]:.0f} tasks/s, load {helpers.load_average():.1f}"
+                    f"run {r + 1}: end to end {end_to_end[-1]:.1f} emails/s"
+                    + "".join(
+                        f", batches {how} {rates[-1]:.1f} emails/s"
+                        for how, rates in batched.items()
+                        if rates
+                    )
+                    + f", no-op {noop_rates[-1]:.0f} tasks/s, load {helpers.load_average():.1f}"
                 )
             for worker in (pipeline, noop):
                 helpers.stop_worker(worker)
@@ -358,14 +471,16 @@ def main(argv: list[str] | None = None) -> int:
         f" ratio end to end / no-op {median_e2e / median_noop:.2f}"
     )
     emails = args.e2e_emails * args.repeats
-    total = sum(cpu.values())
     print(f"CPU per email end to end (all {emails} emails of the runs above):")
-    for part, seconds in cpu.items():
-        print(f"  {part:32s} {seconds * 1000 / emails:6.1f} ms  {seconds / total:4.0%}")
-    print(
-        f"  {'total':32s} {total * 1000 / emails:6.1f} ms: {os.cpu_count()} cores give at most"
-        f" {os.cpu_count() * emails / total:.0f} emails/s at this cost"
-    )
+    print_cpu(cpu, emails)
+    median_batched = {how: statistics.median(rates) for how, rates in batched.items() if rates}
+    for how, median in median_batched.items():
+        print(
+            f"batch path, emails {how} (crm.batch/1 of {args.batch_size} emails, same worker):"
+            f" median {median:.1f} emails/s over {args.repeats} runs of {args.e2e_emails};"
+            f" {median / GOAL_RATE:.2f} × the goal; CPU per email:"
+        )
+        print_cpu(batch_cpu[how], emails)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -375,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
                     "noop_rate": median_noop,
                     "emails": args.e2e_emails,
                     "repeats": args.repeats,
-                    "cpu_ms": total * 1000 / emails,
+                    "cpu_ms": sum(cpu.values()) * 1000 / emails,
+                    "batch_rate": median_batched.get("inline"),
+                    "batch_ref_rate": median_batched.get("by reference"),
+                    "batch_size": args.batch_size,
                     "email_bytes": len(sample),
                     "memory": rows,
                     "load": helpers.load_average(),

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,25 +85,41 @@ class StoredDocument:
 
 def store_blob(session: Session, settings: Settings, content: bytes, media_type: str) -> str:
     """Store bytes once (idempotent) and return their SHA-256."""
-    digest = hashlib.sha256(content).hexdigest()
     # No look-up first: the upsert is one round trip whether or not the bytes are known (the
     # unique index answers a conflict before the row is built), and a file is written only
     # when it is missing.
+    values = blob_row(settings, content, media_type)
+    session.execute(prepared_upsert(session, DocumentBlob.__table__, _blob_insert), values)
+    return str(values["sha256"])
+
+
+def blob_row(settings: Settings, content: bytes, media_type: str) -> dict[str, Any]:
+    """The document store's row for bytes; in the filesystem store, their file is written."""
+    digest = hashlib.sha256(content).hexdigest()
     in_database = settings.document_store == "database"
     if not in_database:
         _write_file(settings, digest, content)
-    values = {
+    return {
         "sha256": digest,
         "size": len(content),
         "media_type": media_type,
         "stored_in": settings.document_store,
         "content": content if in_database else None,
     }
-    session.execute(prepared_upsert(session, DocumentBlob.__table__, _blob_insert), values)
-    return digest
 
 
-_DOCUMENT_INSERT = insert(table_of(EventDocument))
+def store_blobs(session: Session, rows: Iterable[dict[str, Any]]) -> None:
+    """Many :func:`blob_row` rows in one statement, each once, in their SHA-256's order: two
+    transactions storing the same bytes wait on one another, never each on the other."""
+    unique = {row["sha256"]: row for row in rows}
+    if unique:
+        session.execute(
+            prepared_upsert(session, DocumentBlob.__table__, _blob_insert),
+            [unique[digest] for digest in sorted(unique)],
+        )
+
+
+DOCUMENT_INSERT = insert(table_of(EventDocument))
 
 
 def _blob_insert(upsert: Any) -> Any:
@@ -183,6 +199,64 @@ def blob_chunks(
         yield bytes(part)
 
 
+@dataclass(frozen=True)
+class PlannedDocument:
+    """A document to attach: what it is, the bytes to store (none when refused or stored
+    already) and its ``event_document`` row."""
+
+    document: StoredDocument
+    blob: dict[str, Any] | None
+    row: dict[str, Any]
+
+
+def plan_document(
+    settings: Settings,
+    event_id: int,
+    *,
+    content: bytes | None,
+    filename: str | None,
+    declared_type: str | None,
+    role: str,
+    size: int | None = None,
+    refused_reason: str = "",
+    max_bytes: int | None = None,
+    note: str = "",
+    stored_as: str = "",
+) -> PlannedDocument:
+    """What :func:`attach` writes for a document, without writing it (see there)."""
+    name = sanitise_filename(filename, fallback=role)
+    cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
+    if content is not None and len(content) > cap:
+        refused_reason = f"{len(content)} bytes is over the {cap}-byte attachment cap"
+    blob = None
+    if content is None or refused_reason:
+        digest = None
+        media_type = (declared_type or "application/octet-stream").lower()
+        size = size if size is not None else (len(content) if content is not None else 0)
+        refused = f"not stored: {refused_reason}" if refused_reason else "not stored"
+        note = f"{note}; {refused}" if note else refused
+    else:
+        media_type = sniff_media_type(content, declared_type)
+        if stored_as:
+            digest = stored_as
+        else:
+            blob = blob_row(settings, content, media_type)
+            digest = blob["sha256"]
+        size = len(content)
+    if filename and name != filename:
+        note = (note + "; " if note else "") + f"filename sanitised from {filename[:300]!r}"
+    row = {
+        "event_id": event_id,
+        "sha256": digest,
+        "filename": name,
+        "media_type": media_type,
+        "size": size,
+        "role": role,
+        "note": note,
+    }
+    return PlannedDocument(StoredDocument(digest, name, media_type, size, role, note), blob, row)
+
+
 def attach(
     session: Session,
     settings: Settings,
@@ -208,51 +282,44 @@ def attach(
     ``stored_as``: the content is already in the document store under this SHA-256 (a raw email
     the gateway stored), so it is attached without being sent to the store again.
     """
-    name = sanitise_filename(filename, fallback=role)
-    cap = settings.max_attachment_bytes if max_bytes is None else max_bytes
-    if content is not None and len(content) > cap:
-        refused_reason = f"{len(content)} bytes is over the {cap}-byte attachment cap"
-    if content is None or refused_reason:
-        digest = None
-        media_type = (declared_type or "application/octet-stream").lower()
-        size = size if size is not None else (len(content) if content is not None else 0)
-        refused = f"not stored: {refused_reason}" if refused_reason else "not stored"
-        note = f"{note}; {refused}" if note else refused
-    else:
-        media_type = sniff_media_type(content, declared_type)
-        digest = stored_as or store_blob(session, settings, content, media_type)
-        size = len(content)
-    if filename and name != filename:
-        note = (note + "; " if note else "") + f"filename sanitised from {filename[:300]!r}"
+    planned = plan_document(
+        settings,
+        event_id,
+        content=content,
+        filename=filename,
+        declared_type=declared_type,
+        role=role,
+        size=size,
+        refused_reason=refused_reason,
+        max_bytes=max_bytes,
+        note=note,
+        stored_as=stored_as,
+    )
+    if planned.blob is not None:
+        session.execute(
+            prepared_upsert(session, DocumentBlob.__table__, _blob_insert), planned.blob
+        )
+    document = planned.document
     if attached is not None:
-        existing = (role, name, digest) in attached
-        attached.add((role, name, digest))
+        existing = (role, document.filename, document.sha256) in attached
+        attached.add((role, document.filename, document.sha256))
     else:
         existing = (
             session.scalar(
                 select(EventDocument.id).where(
                     EventDocument.event_id == event_id,
                     EventDocument.role == role,
-                    EventDocument.filename == name,
+                    EventDocument.filename == document.filename,
                     EventDocument.sha256.is_(None)
-                    if digest is None
-                    else EventDocument.sha256 == digest,
+                    if document.sha256 is None
+                    else EventDocument.sha256 == document.sha256,
                 )
             )
             is not None
         )
     if not existing:
-        row = {
-            "event_id": event_id,
-            "sha256": digest,
-            "filename": name,
-            "media_type": media_type,
-            "size": size,
-            "role": role,
-            "note": note,
-        }
-        session.execute(_DOCUMENT_INSERT, row)
-    return StoredDocument(digest, name, media_type, size, role, note)
+        session.execute(DOCUMENT_INSERT, planned.row)
+    return document
 
 
 def delete_unreferenced_blobs(

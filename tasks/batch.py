@@ -1,11 +1,13 @@
 """Batch stage: many messages of one kind in one transaction, each with its own outcome.
 
-The new calls of a call batch are stored set-based first (``tasks.ingest.call_batch``): a few
-statements for the whole batch instead of a dozen per call, with the same events, follow-ups,
-counts and per-message outcomes as below. What that stage leaves (a call stored before, a
-recording, a possible lead, a message that does not validate) runs message by message as
-follows; if it meets a bug, or a concurrent writer took one of its calls first, its savepoint
-is rolled back and every message of the batch runs message by message.
+The new calls of a call batch and the new emails of an email batch are stored set-based first
+(``tasks.ingest.call_batch``, ``tasks.ingest.email_batch``): a few statements for the whole
+batch instead of a dozen or more per message, with the same events, follow-ups, documents,
+counts and per-message outcomes as below. What that stage leaves (a call or email stored
+before, a recording, a possible lead, an invitation, a message that does not validate) runs
+message by message as follows; if it meets a bug, or a concurrent writer took one of its
+messages first, its savepoint is rolled back and every message of the batch runs message by
+message.
 
 A backfill (a year of CDRs, a JSON Lines export) or a burst from a producer arrives as
 ``crm.batch/1`` messages. Each message of a batch runs through its kind's own stage, in a
@@ -37,14 +39,17 @@ from models.schemas.batch import load_batch_message
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ingest.call import CallStageResult, ingest_call
-from tasks.ingest.call_batch import CallsRaced, NewCalls, ingest_new_calls
+from tasks.ingest.call_batch import ingest_new_calls
 from tasks.ingest.email import ingest_email
+from tasks.ingest.email_batch import ingest_new_emails
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
 from tasks.ledger import json_safe, kept_payload
 from tasks.match import forget_internal_numbers
 from tasks.store import (
     DEFERRED_TALLIES,
+    BatchRaced,
+    BulkResult,
     StageResult,
     TallyKey,
     apply_tally_deltas,
@@ -67,10 +72,10 @@ STAGES: dict[str, tuple[str, Stage]] = {
 }
 
 #: (session, context, the messages with their indexes, called before writing when it leaves any)
-BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]], Callable[[], None]], NewCalls]
+BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]], Callable[[], None]], BulkResult]
 
 #: kind -> its set-based stage for the messages it can take (the rest go message by message).
-BULK_STAGES: dict[str, BulkStage] = {"call": ingest_new_calls}
+BULK_STAGES: dict[str, BulkStage] = {"call": ingest_new_calls, "email": ingest_new_emails}
 
 
 def item_id(batch_id: str | None, index: int) -> str:
@@ -152,7 +157,7 @@ def _run_bulk(
             )
     except (*TRANSIENT_ERRORS, *fatal):
         raise  # the whole batch again, later
-    except CallsRaced as exc:
+    except BatchRaced as exc:
         _forget(session)
         log.info("batch %s goes message by message: %s", ctx.task_id, exc)
         return pending

@@ -19,24 +19,21 @@ transaction (``tasks.batch``):
 
 A concurrent writer that took one of the batch's calls or updates first (its row appears
 while the batch inserts its own) makes the batch run every message through the call stage
-instead: ``CallsRaced`` rolls back this stage's savepoint (``tasks.batch``).
+instead: ``BatchRaced`` rolls back this stage's savepoint (``tasks.batch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import BigInteger, Table, any_, bindparam, func, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import is_postgresql, prepared_upsert, table_of
+from models.db import is_postgresql, table_of
 from models.events import CrmEvent, FollowUp, counts
 from models.invalid import BadInput
 from models.ledger import InboundMessage
@@ -59,31 +56,22 @@ from tasks.ingest.call_state import (
 from tasks.leads import LEAD
 from tasks.periods import period_keys
 from tasks.store import (
+    EVENT_KEY,
     PARTICIPANT_INSERT,
     PARTY_KEY_INSERT,
     PROPERTY_INSERT,
+    BatchRaced,
+    BulkResult,
     StageResult,
     TallyKey,
     canonical_hash,
     event_column_defaults,
+    event_view,
+    insert_new,
     lock_party_keys,
     party_keys,
     seller_zone,
 )
-
-
-class CallsRaced(Exception):
-    """Another transaction wrote one of the batch's calls or updates while the batch did."""
-
-
-@dataclass
-class NewCalls:
-    """What the set-based stage did: each message it took has its result; the rest are left."""
-
-    results: dict[int, StageResult] = field(default_factory=dict)
-    left: list[int] = field(default_factory=list)
-    #: The tally moves of the stored events (the batch applies them with its others).
-    deltas: list[tuple[TallyKey, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -103,13 +91,13 @@ def ingest_new_calls(
     ctx: StageContext,
     messages: Sequence[tuple[int, Any]],
     before_leaving: Callable[[], None] = lambda: None,
-) -> NewCalls:
+) -> BulkResult:
     """Store the new calls among ``messages`` (index, message) set-based; see the docstring.
 
     What the stage leaves is known before it writes: ``before_leaving`` is called then, when it
     leaves any message, so that the batch takes what its message-by-message part needs first.
     """
-    result = NewCalls()
+    result = BulkResult()
     calls = _group(messages, result)
     _leave_existing(session, calls, result)
     _leave_erased(session, ctx, calls, result)
@@ -153,7 +141,7 @@ def ingest_new_calls(
     return result
 
 
-def _group(messages: Sequence[tuple[int, Any]], result: NewCalls) -> dict[tuple[str, str], _Call]:
+def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tuple[str, str], _Call]:
     """Validate each message; group the valid ones by call, each update once."""
     schema = shared_schema(CallMessageSchema)
     calls: dict[tuple[str, str], _Call] = {}
@@ -181,7 +169,7 @@ def _group(messages: Sequence[tuple[int, Any]], result: NewCalls) -> dict[tuple[
     return calls
 
 
-def _leave(calls: dict[tuple[str, str], _Call], call: _Call, result: NewCalls) -> None:
+def _leave(calls: dict[tuple[str, str], _Call], call: _Call, result: BulkResult) -> None:
     """The call stage takes this call's messages, in the batch's order."""
     del calls[(call.source_system, call.call_id)]
     result.left.extend(index for index, _payload in call.updates)
@@ -190,7 +178,7 @@ def _leave(calls: dict[tuple[str, str], _Call], call: _Call, result: NewCalls) -
 
 
 def _leave_erased(
-    session: Session, ctx: StageContext, calls: dict[tuple[str, str], _Call], result: NewCalls
+    session: Session, ctx: StageContext, calls: dict[tuple[str, str], _Call], result: BulkResult
 ) -> None:
     """Calls naming an erased person's number are the call stage's, which refuses them."""
     numbers = {
@@ -209,7 +197,7 @@ def _leave_erased(
 
 
 def _leave_existing(
-    session: Session, calls: dict[tuple[str, str], _Call], result: NewCalls
+    session: Session, calls: dict[tuple[str, str], _Call], result: BulkResult
 ) -> None:
     """Calls with updates accepted before are the call stage's: their fold needs those updates.
 
@@ -278,9 +266,9 @@ def _insert_ledger(session: Session, calls: Sequence[_Call]) -> dict[int, int]:
         for call in calls
         for _index, payload in call.updates
     ]
-    ids = _insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",))
+    ids = insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",))
     if ids is None:
-        raise CallsRaced("an update of the batch was accepted meanwhile")
+        raise BatchRaced("an update of the batch was accepted meanwhile")
     indexes = [index for call in calls for index, _payload in call.updates]
     return dict(zip(indexes, ids, strict=True))
 
@@ -314,69 +302,6 @@ _LINK_INBOUND_PG = text(
 )
 
 
-def _insert_new(
-    session: Session, table: Table, rows: list[dict[str, Any]], unique: tuple[str, ...]
-) -> list[int] | None:
-    """Insert rows that must all be new, in one statement; their ids in order, or None when
-    one of them was there already (and then none is known to be inserted or not).
-
-    On PostgreSQL the ids are taken from the table's sequence first and the rows inserted by a
-    prepared ``executemany``: the one multi-row INSERT … RETURNING of a batch is a statement of
-    hundreds of kilobytes, which the driver parsed again for every batch, a fifth of the stage's
-    CPU. SQLite takes the multi-row statement.
-    """
-    if not is_postgresql(session):
-        returning = prepared_upsert(session, table, _RETURNING_INSERTS[unique])
-        found = {
-            tuple(row[1:]): row[0]
-            for row in session.execute(returning, rows).all()  # id, *unique
-        }
-        if len(found) != len(rows):
-            return None
-        return [found[tuple(row[name] for name in unique)] for row in rows]
-    ids = list(session.execute(_NEXT_IDS, {"table": table.name, "n": len(rows)}).scalars().all())
-    for row, row_id in zip(rows, ids, strict=True):
-        row["id"] = row_id
-    session.execute(prepared_upsert(session, table, _PLAIN_INSERTS[unique]), rows)
-    stored = session.execute(
-        select(func.count())
-        .select_from(table)
-        .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))),
-        {"ids": ids},
-    ).scalar_one()
-    return ids if stored == len(rows) else None
-
-
-_NEXT_IDS = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")
-
-
-def _ledger_returning(upsert: Any) -> Any:
-    table = upsert.table
-    return upsert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
-        table.c.id, table.c.idempotency_key
-    )
-
-
-def _ledger_plain(upsert: Any) -> Any:
-    return upsert.on_conflict_do_nothing(index_elements=["idempotency_key"])
-
-
-def _event_returning(upsert: Any) -> Any:
-    table = upsert.table
-    return upsert.on_conflict_do_nothing(index_elements=list(_EVENT_KEY)).returning(
-        table.c.id, table.c.source_system, table.c.source_kind, table.c.source_id
-    )
-
-
-def _event_plain(upsert: Any) -> Any:
-    return upsert.on_conflict_do_nothing(index_elements=list(_EVENT_KEY))
-
-
-_EVENT_KEY = ("source_system", "source_kind", "source_id")
-_RETURNING_INSERTS = {("idempotency_key",): _ledger_returning, _EVENT_KEY: _event_returning}
-_PLAIN_INSERTS = {("idempotency_key",): _ledger_plain, _EVENT_KEY: _event_plain}
-
-
 def _insert_events(session: Session, calls: Sequence[_Call]) -> None:
     """The events, in one statement; each call gets its (detached, as if read) event."""
     now = utcnow()
@@ -401,18 +326,12 @@ def _insert_events(session: Session, calls: Sequence[_Call]) -> None:
                 "details": call_details(derived, derived.link["contact_id"]),
             }
         )
-    ids = _insert_new(session, table_of(CrmEvent), rows, _EVENT_KEY)
+    ids = insert_new(session, table_of(CrmEvent), rows, EVENT_KEY)
     if ids is None:
-        raise CallsRaced("a call of the batch was stored meanwhile")
-    blank = dict.fromkeys(column.key for column in CrmEvent.__table__.columns)
+        raise BatchRaced("a call of the batch was stored meanwhile")
     for call, row, event_id in zip(calls, rows, ids, strict=True):
-        row["id"] = event_id
-        state = blank.copy()
-        for key, value in row.items():
-            state[key] = value.astimezone(UTC) if isinstance(value, datetime) else value
-        # Read as the stored event is read (counts, follow-ups), never written: its columns'
-        # values without an ORM instance, which cost more to build than the row to insert.
-        call.event = cast(CrmEvent, SimpleNamespace(**state))
+        # Read as the stored event is read (counts, follow-ups), never written.
+        call.event = event_view(row | {"id": event_id})
 
 
 def _insert_links(
@@ -468,7 +387,7 @@ def _insert_links(
                 event.contact_id,
                 event.link_state,
             ):
-                raise CallsRaced(f"the party of call {call.call_id} changed meanwhile")
+                raise BatchRaced(f"the party of call {call.call_id} changed meanwhile")
 
 
 def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) -> None:

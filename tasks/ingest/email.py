@@ -10,7 +10,7 @@ bounces and senders over the mail-loop limit are rejected with the reason, never
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -103,9 +103,36 @@ def addresses_of(parsed: ParsedEmail) -> list[str]:
     return found
 
 
-def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResult:
+@dataclass
+class ReadEmail:
+    """An email's message as loaded, its raw bytes, their SHA-256 and what they parse to."""
+
+    message: dict[str, Any]
+    raw: bytes
+    digest: str
+    parsed: ParsedEmail
+
+    @property
+    def message_id(self) -> str:
+        """The event's key: the Message-ID, else the SHA-256 of the raw bytes."""
+        return self.parsed.message_id or f"sha256:{self.digest}"
+
+    @property
+    def sender(self) -> str:
+        """The address the email is from (counted against the sender's window)."""
+        parsed, message = self.parsed, self.message
+        return parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
+
+    def notes(self) -> list[str]:
+        notes = list(self.parsed.notes)
+        if not self.parsed.message_id:
+            notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
+        return notes
+
+
+def read_email(session: Session, settings: Settings, payload: Any) -> ReadEmail:
+    """Load, read and parse an email message; refused when it names an erased person."""
     message = load_message(shared_schema(EmailMessageSchema), payload, SCHEMA)
-    settings = ctx.settings
     raw = _raw_bytes(session, settings, message)
     digest = raw_hash(raw)
     parsed = parse_email(raw, settings.zone, parse_limits(settings))
@@ -120,26 +147,40 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     message["received_at"] = aware(
         message.get("received_at"), settings.zone, parsed.notes, "received_at"
     )
-    if not parsed.structure_refused and might_hold_invitation(raw):
+    return ReadEmail(message, raw, digest, parsed)
+
+
+def may_be_invitation(email: ReadEmail) -> bool:
+    """Whether the email may be a calendar invitation (a meeting, ``tasks.ingest.meeting``)."""
+    return not email.parsed.structure_refused and might_hold_invitation(email.raw)
+
+
+def refuse_automatic(email: ReadEmail) -> None:
+    """Auto-replies, delivery reports and bounces are no memo: refused with the reason."""
+    if email.parsed.auto_reply:
+        raise BadInput(email.parsed.auto_reply, {"headers": [email.parsed.auto_reply]})
+    if email.message.get("mail_from") == "":
+        # RFC 5321 §4.5.5 and RFC 3834: bounces and automatic notices use the null sender.
+        reason = "null envelope sender (<>): a bounce or an automatic notice, not a memo"
+        raise BadInput(reason, {"mail_from": [reason]})
+
+
+def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResult:
+    settings = ctx.settings
+    email = read_email(session, settings, payload)
+    message, raw, digest, parsed = email.message, email.raw, email.digest, email.parsed
+    if may_be_invitation(email):
         # A calendar invitation (a negotiation booked by a seller) is a meeting, not a memo;
         # calendar systems mark theirs Auto-Submitted, which is no auto-reply here.
         invitation = find_invitation(raw, settings.zone)
         if invitation is not None:
             return ingest_meeting(session, ctx, message, payload, parsed, invitation, raw, digest)
-    if parsed.auto_reply:
-        raise BadInput(parsed.auto_reply, {"headers": [parsed.auto_reply]})
-    if message.get("mail_from") == "":
-        # RFC 5321 §4.5.5 and RFC 3834: bounces and automatic notices use the null sender.
-        reason = "null envelope sender (<>): a bounce or an automatic notice, not a memo"
-        raise BadInput(reason, {"mail_from": [reason]})
-    message_id = parsed.message_id or f"sha256:{digest}"
+    refuse_automatic(email)
+    message_id = email.message_id
 
-    notes = list(parsed.notes)
-    if not parsed.message_id:
-        notes.append("no Message-ID: identified by the SHA-256 of the raw bytes")
     # Matched and classified before the event row exists, so that a new event is inserted
     # whole, with no UPDATE after it; a duplicate (rare) has then only spent a few reads.
-    composed = compose_email(session, ctx, parsed, message, notes)
+    composed = compose_email(session, ctx, parsed, message, email.notes())
     event, created = lock_event(
         session,
         source_system=EMAIL_SOURCE_SYSTEM,
@@ -167,9 +208,8 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     # The event is new: what it has is what we attach now.
     attached: set[tuple[str, str, str | None]] = set()
     finish_email(session, ctx, event, composed, attached)
-    # Mail the gateway stored first (raw_ref) is not sent to the document store again.
-    stored_as = digest if message.get("raw_ref") == digest else ""
-    _attach_all(session, settings, event.id, raw, stored_as, parsed, attached)
+    for document in email_documents(settings, email):
+        attach(session, settings, event.id, **document, attached=attached)
     return StageResult(
         "stored",
         event.id,
@@ -178,31 +218,21 @@ def ingest_email(session: Session, ctx: StageContext, payload: Any) -> StageResu
     )
 
 
-def _attach_all(
-    session: Session,
-    settings: Settings,
-    event_id: int,
-    raw: bytes,
-    stored_as: str,
-    parsed: ParsedEmail,
-    attached: set[tuple[str, str, str | None]],
-) -> None:
-    """The raw email (``stored_as``: already stored by the gateway) and every attachment."""
-    attach(
-        session,
-        settings,
-        event_id,
-        content=raw,
-        filename="message.eml",
-        declared_type="message/rfc822",
-        role="raw_message",
+def email_documents(settings: Settings, email: ReadEmail) -> list[dict[str, Any]]:
+    """What a new email's event has attached besides its memo, as ``attach``'s arguments: the
+    raw email, then every attachment (HTML sanitised)."""
+    # Mail the gateway stored first (raw_ref) is not sent to the document store again.
+    stored_as = email.digest if email.message.get("raw_ref") == email.digest else ""
+    raw = {
+        "content": email.raw,
+        "filename": "message.eml",
+        "declared_type": "message/rfc822",
+        "role": "raw_message",
         # Already within max_email_bytes: the source of truth is kept whatever the attachment cap.
-        max_bytes=max(settings.max_email_bytes, settings.max_attachment_bytes),
-        attached=attached,
-        stored_as=stored_as,
-    )
-    for item in _all_attachments(parsed):
-        attach_email_file(session, settings, event_id, item, attached)
+        "max_bytes": max(settings.max_email_bytes, settings.max_attachment_bytes),
+        "stored_as": stored_as,
+    }
+    return [raw, *(email_file(settings, item) for item in _all_attachments(email.parsed))]
 
 
 def _raw_bytes(session: Session, settings: Settings, message: dict[str, Any]) -> bytes:
@@ -260,14 +290,43 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
     limit holds across worker processes. A rejected email rolls its increment back with the
     rest of the transaction: the window counts accepted emails only.
     """
-    limit, window = settings.email_sender_limit, settings.email_sender_window_s
+    limit = settings.email_sender_limit
     if limit <= 0 or not sender:
         return
-    now = utcnow()
-    start = datetime.fromtimestamp(int(now.timestamp()) // window * window, UTC)
+    if count_senders(session, settings, {sender: 1})[sender[:320]] > limit:
+        reason = (
+            f"mail loop suspected: {sender} sent more than {limit} emails to the CRM address"
+            f" within {settings.email_sender_window_s} s"
+        )
+        raise BadInput(reason, {"from": [reason]})
+
+
+def sender_counts(session: Session, settings: Settings, senders: Iterable[str]) -> dict[str, int]:
+    """The emails counted so far in the current window of each sender (who has any)."""
+    window = EmailSenderWindow
+    found = session.execute(
+        select(window.sender, window.count).where(
+            window.window_start == _window_start(settings),
+            window.sender.in_(sorted({s[:320] for s in senders})),
+        )
+    ).all()
+    return {sender: count for sender, count in found}
+
+
+def count_senders(session: Session, settings: Settings, added: dict[str, int]) -> dict[str, int]:
+    """Add emails to their senders' windows (sender -> emails); each sender's count now.
+
+    One upsert, the senders in one order: two transactions counting the same senders wait on
+    one another, never each on the other.
+    """
+    window = settings.email_sender_window_s
+    start = _window_start(settings)
     statement = prepared_upsert(session, EmailSenderWindow.__table__, _window_upsert)
-    values = {"sender": sender[:320], "window_start": start, "count": 1}
-    count = session.execute(statement, values).scalar_one()
+    rows = [
+        {"sender": sender, "window_start": start, "count": count}
+        for sender, count in sorted({s[:320]: n for s, n in added.items()}.items())
+    ]
+    counts = {sender: count for sender, count in session.execute(statement, rows).all()}
     if _windows_cleared.get(window) != start:
         # The first email of a window in this process clears the windows that can never count
         # again (once per process and window, not per email). It counts as done once committed:
@@ -280,12 +339,12 @@ def check_sender_limit(session: Session, settings: Settings, sender: str) -> Non
         sqlalchemy_event.listen(
             session, "after_commit", partial(_cleared, window, start), once=True
         )
-    if count > limit:
-        reason = (
-            f"mail loop suspected: {sender} sent more than {limit} emails to the CRM address"
-            f" within {window} s"
-        )
-        raise BadInput(reason, {"from": [reason]})
+    return counts
+
+
+def _window_start(settings: Settings) -> datetime:
+    window = settings.email_sender_window_s
+    return datetime.fromtimestamp(int(utcnow().timestamp()) // window * window, UTC)
 
 
 def _cleared(window: int, start: datetime, _session: Session) -> None:
@@ -293,9 +352,11 @@ def _cleared(window: int, start: datetime, _session: Session) -> None:
 
 
 def _window_upsert(upsert: Any) -> Any:
+    table = upsert.table
     return upsert.on_conflict_do_update(
-        index_elements=["sender", "window_start"], set_={"count": upsert.table.c.count + 1}
-    ).returning(upsert.table.c.count)
+        index_elements=["sender", "window_start"],
+        set_={"count": table.c.count + upsert.excluded.count},
+    ).returning(table.c.sender, table.c.count)
 
 
 def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:
@@ -305,43 +366,47 @@ def _all_attachments(parsed: ParsedEmail) -> Iterable[Attachment]:
             yield from _all_attachments(inner)
 
 
-def attach_email_file(
-    session: Session,
-    settings: Settings,
-    event_id: int,
-    item: Attachment,
-    attached: set[tuple[str, str, str | None]] | None = None,
-) -> None:
+def email_file(settings: Settings, item: Attachment) -> dict[str, Any]:
+    """An email's attachment as ``attach``'s arguments."""
     content, note = item.content, ""
     if item.content_type in HTML_TYPES and len(content) <= settings.max_attachment_bytes:
         # A browser would run the sender's scripts and fetch tracking pixels: keep the page
         # readable, drop the active parts. The original stays in the raw message.
         content = nh3.clean(decode_text(content, None, [])).encode("utf-8")
         note = "HTML sanitised (scripts, styles and event handlers removed)"
-    attach(
-        session,
-        settings,
-        event_id,
-        content=content,
-        filename=item.filename,
-        declared_type=item.content_type,
-        role="attachment",
-        note=note,
-        attached=attached,
-    )
+    return {
+        "content": content,
+        "filename": item.filename,
+        "declared_type": item.content_type,
+        "role": "attachment",
+        "note": note,
+    }
 
 
-def thread_key(session: Session, candidates: list[str], own_ids: list[str]) -> str | None:
+def thread_key(
+    session: Session,
+    candidates: list[str],
+    own_ids: list[str],
+    earlier: Sequence[tuple[str, str | None]] = (),
+) -> str | None:
     """The conversation's key: that of the earliest referenced email we hold, else the
-    earliest reference, else the email's own Message-ID (RFC 5322 §3.6.4)."""
+    earliest reference, else the email's own Message-ID (RFC 5322 §3.6.4).
+
+    ``earlier``: (Message-ID, thread key) of emails not written yet that count as held (the
+    emails before this one in a batch, ``tasks.ingest.email_batch``).
+    """
     key = None
     if candidates:
-        rows = session.execute(
-            select(CrmEvent.source_id, CrmEvent.thread_key).where(
-                CrmEvent.source_kind == "email",
-                or_(CrmEvent.source_id.in_(candidates), CrmEvent.thread_key.in_(candidates)),
-            )
-        ).all()
+        rows: list[Any] = list(
+            session.execute(
+                select(CrmEvent.source_id, CrmEvent.thread_key).where(
+                    CrmEvent.source_kind == "email",
+                    or_(CrmEvent.source_id.in_(candidates), CrmEvent.thread_key.in_(candidates)),
+                )
+            ).all()
+        )
+        wanted = set(candidates)
+        rows += [row for row in earlier if row[0] in wanted or row[1] in wanted]
         known: dict[str, str] = {}
         for source_id, key_of_row in rows:
             if key_of_row:
@@ -395,11 +460,12 @@ def compose_email(
     parsed: ParsedEmail,
     message: dict[str, Any],
     notes: list[str],
+    earlier: Sequence[tuple[str, str | None]] = (),
 ) -> ComposedEmail:
     """Match and classify an email: the columns of its event and what to write after it.
 
     Reads only: nothing here writes, so an email that turns out to be a duplicate changes
-    nothing.
+    nothing. ``earlier``: see :func:`thread_key`.
     """
     settings = ctx.settings
     sender = parsed.from_[1] if parsed.from_ else (message.get("mail_from") or "").lower()
@@ -499,7 +565,7 @@ def compose_email(
         "status": message.get("state") or "done",
         "state": message.get("state") or "done",
         **{name: message.get(name) for name in ERP_REFERENCES},
-        "thread_key": thread_key(session, candidates, own_ids),
+        "thread_key": thread_key(session, candidates, own_ids, earlier),
         "category_code": classification.category,
         "class_code": classification.class_code,
         "type_code": classification.type_code,

@@ -12,23 +12,31 @@ tallies equal a recomputation from the events, and the workers process a new mes
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import suppress
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from models.ledger import DeliveryAttempt, RejectedMessage
+from models.parties import Staff
+from tasks.store import TALLY_LOCK_NAMESPACE
 from tests.faults.conftest import Services
 from tests.faults.harness import (
     REDELIVERY_S,
     Accounting,
     Message,
     Scenario,
+    Stream,
     account,
     bad_messages,
     build_stream,
+    children,
     probe,
     scenario,
 )
@@ -86,6 +94,66 @@ def test_batches_under_sigkill_are_applied_exactly_once(services: Services) -> N
         result = account(run, stream, timeout=REDELIVERY_S + 60)
         check(result, run)
         assert redelivered(run), "no batch was killed while it ran"
+
+
+@pytest.mark.timeout(240)
+def test_email_batches_killed_before_their_commit_are_applied_exactly_once(
+    services: Services,
+) -> None:
+    """Batches of new emails (stored set-based) whose pool processes are killed after they
+    wrote everything, waiting for the seller's tallies: each runs again, whole, and every email
+    is one event with its documents, counted once."""
+    emails = build_stream(400, seed=23)
+    bad = Message("email", {"schema": "crm.email/1", "source_system": "faults"}, bad=True)
+    stream = Stream(
+        [m for m in emails.messages if m.kind == "email"] + [bad],
+        {key: fields for key, fields in emails.expected.items() if key[0] == "email"},
+    )
+    with scenario(services.pg, services.redis, services.work_dir, "emails", workers=2) as run:
+        with run.engine.connect() as blocker:
+            anna = blocker.scalar(select(Staff.id).where(Staff.username == "anna"))
+            # What a recount takes: every move of Anna's tallies waits for it, uncommitted.
+            blocker.execute(
+                text("SELECT pg_advisory_lock(:ns, :seller)"),
+                {"ns": TALLY_LOCK_NAMESPACE, "seller": anna},
+            )
+            run.publish_batches(stream.messages, size=10)
+            reached = wait_until(lambda: tally_waiters(run) >= 2, 60)
+            assert reached, "no two email batches reached their tallies"
+            for worker in run.workers.running:
+                for child in children(worker.process.pid):
+                    with suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                        run.workers.kills["child"] += 1
+            blocker.execute(
+                text("SELECT pg_advisory_unlock(:ns, :seller)"),
+                {"ns": TALLY_LOCK_NAMESPACE, "seller": anna},
+            )
+        result = account(run, stream, timeout=REDELIVERY_S + 60)
+        check(result, run)
+        assert redelivered(run) >= 2
+
+
+def tally_waiters(run: Scenario) -> int:
+    """Backends waiting for an advisory lock (the batches at their tally moves)."""
+    with run.engine.connect() as connection:
+        return int(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                )
+            )
+            or 0
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not (held := condition()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return held
 
 
 def redelivered(run: Scenario) -> int:
