@@ -17,7 +17,9 @@ transaction (``tasks.batch``):
 - the emails of a sender whose window would go over the mail-loop limit (the stage rejects
   the ones over it, in order);
 - inbound emails from an unknown party while the lead rule may make them leads;
-- emails beyond :data:`BATCH_BYTES` of raw email (the batch's memory stays bounded).
+- the emails after the first :data:`BATCH_BYTES` of raw email (the batch's memory stays
+  bounded); they are stored after this stage's, and their threads joined as for mail that
+  arrives out of order.
 
 When an email left to the stage shares a conversation with one this stage takes, or an email
 would move replies stored before to its thread, or another transaction wrote one of the
@@ -153,10 +155,11 @@ def _read_all(
     """Read and parse each message; what the email stage must judge is left to it."""
     emails: list[_Email] = []
     sizes = _stored_sizes(session, messages)
-    held = 0
+    held, full = 0, False
     for index, payload in messages:
         size = _size(payload, sizes)
-        if size is None or held + size > BATCH_BYTES:
+        full = full or (size is not None and held + size > BATCH_BYTES)
+        if size is None or full:
             result.left.append(index)
             continue
         try:
@@ -266,13 +269,18 @@ def _compose_all(
     # The stored emails a new email of the batch would move to its thread (join_thread): then
     # the stage, whose writes the next emails would read.
     named = sorted({i for email in emails for i in email.thread_ids})
-    stored_threads = set(
-        session.scalars(
-            select(CrmEvent.thread_key)
-            .where(CrmEvent.source_kind == "email", CrmEvent.thread_key.in_(named))
-            .distinct()
+    stored_threads: set[str | None] = set()
+    for start in range(0, len(named), 500):
+        stored_threads.update(
+            session.scalars(
+                select(CrmEvent.thread_key)
+                .where(
+                    CrmEvent.source_kind == "email",
+                    CrmEvent.thread_key.in_(named[start : start + 500]),
+                )
+                .distinct()
+            )
         )
-    )
     earlier: list[list[Any]] = []  # [Message-ID, thread key] of the batch's emails so far
     for email in emails:
         read = email.read
