@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -211,15 +211,7 @@ def lock_event(
     Concurrent first deliveries of one call both reach this point: the unique key makes one
     INSERT win and the other wait for it, and ``FOR UPDATE`` then serialises their merges.
     """
-    now = utcnow()
-    values = {
-        "source_system": source_system,
-        "source_kind": source_kind,
-        "source_id": source_id,
-        "created_at": now,
-        "updated_at": now,
-        **(event_column_defaults() | defaults),
-    }
+    values = new_event_values(source_system, source_kind, source_id, defaults)
     created = session.execute(
         prepared_upsert(session, CrmEvent.__table__, _event_insert), values
     ).scalar()
@@ -231,6 +223,80 @@ def lock_event(
     )
     assert event is not None  # the INSERT met it; events are never deleted
     return event, False
+
+
+def new_event_values(
+    source_system: str, source_kind: str, source_id: str, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """Every column of a new event of this key: the defaults, then ``defaults``."""
+    now = utcnow()
+    return {
+        "source_system": source_system,
+        "source_kind": source_kind,
+        "source_id": source_id,
+        "created_at": now,
+        "updated_at": now,
+        **(event_column_defaults() | defaults),
+    }
+
+
+def insert_event_whole(
+    session: Session,
+    values: dict[str, Any],
+    *,
+    properties: Iterable[str],
+    keys: Sequence[PartyKey],
+    staff: Iterable[int],
+    inbound_id: int,
+) -> CrmEvent | None:
+    """PostgreSQL: a new event with its properties, party keys and participants, and the ledger
+    row ``inbound_id`` linked to it, in one statement; None (and nothing written) when the
+    key's event exists.
+
+    What ``lock_event``, ``set_properties``, ``record_party_keys``, ``add_participants`` and
+    ``link_inbound`` write for a new event in five round trips (the party keys' locks are the
+    caller's). The statement's sub-statements see one snapshot; each relation takes the event's
+    id from the INSERT's RETURNING, so none is written when it inserted nothing.
+    """
+    names = tuple(sorted(values))
+    statement = _WHOLE_EVENT.get(names)
+    if statement is None:
+        columns = CrmEvent.__table__.columns
+        sql = (
+            f"WITH e AS (INSERT INTO crm_event ({', '.join(names)})"
+            f" VALUES ({', '.join(':' + name for name in names)})"
+            " ON CONFLICT (source_system, source_kind, source_id) DO NOTHING RETURNING id),"
+            " p AS (INSERT INTO event_property_link (event_id, property_code)"
+            " SELECT e.id, x.code FROM e, unnest(CAST(:_properties AS varchar[])) AS x(code)),"
+            " k AS (INSERT INTO event_party_key (event_id, kind, value, position)"
+            " SELECT e.id, x.kind, x.value, x.position FROM e,"
+            " unnest(CAST(:_kinds AS varchar[]), CAST(:_values AS varchar[]),"
+            " CAST(:_positions AS integer[])) AS x(kind, value, position)),"
+            " s AS (INSERT INTO event_participant (event_id, staff_id)"
+            " SELECT e.id, x.staff_id FROM e, unnest(CAST(:_staff AS integer[])) AS x(staff_id)),"
+            " l AS (UPDATE inbound_message SET event_id = e.id FROM e"
+            " WHERE inbound_message.id = :_inbound)"
+            " SELECT id FROM e"
+        )
+        typed = [bindparam(name, type_=columns[name].type) for name in names]
+        statement = _WHOLE_EVENT[names] = text(sql).bindparams(*typed)
+    event_id = session.execute(
+        statement,
+        values
+        | {
+            "_properties": sorted(set(properties)),
+            "_kinds": [key.kind for key in keys],
+            "_values": [key.value for key in keys],
+            "_positions": list(range(len(keys))),
+            "_staff": sorted(set(staff)),
+            "_inbound": inbound_id,
+        },
+    ).scalar()
+    return None if event_id is None else _persistent_event(session, event_id, values)
+
+
+#: The statement of :func:`insert_event_whole`, by the event's columns given.
+_WHOLE_EVENT: dict[tuple[str, ...], Any] = {}
 
 
 def lock_existing_event(

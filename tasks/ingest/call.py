@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
+from models.db import is_postgresql
 from models.events import CrmEvent
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
@@ -28,6 +29,7 @@ from tasks.ingest.call_state import (
     call_updates,
     derive_call,
     fold_updates,
+    insert_new_call,
     new_call_columns,
     write_call_relations,
 )
@@ -82,6 +84,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
             "source_id": message["call_id"],
         },
         ledger_payload,
+        inbound_id,
         first=not earlier,
     )
     if derived.link["link_state"] == "unlinked":
@@ -94,7 +97,6 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     # the keys); then the lead rule, which may make the call its party's lead.
     recheck_open_event(session, ctx, event)
     apply_lead_rule(session, ctx, event, requested_category=derived.requested_category, new=created)
-    link_inbound(session, inbound_id, event.id)
 
     recording = message.get("recording")
     if recording and recording.get("content_b64"):
@@ -125,11 +127,13 @@ def _fold_into_event(
     ctx: StageContext,
     key: dict[str, str],
     update: dict[str, Any],
+    inbound_id: int,
     *,
     first: bool,
 ) -> tuple[CrmEvent, bool, set[TallyKey], dict[str, Any], DerivedCall]:
-    """The call's event, locked, with ``update`` folded in: (event, created, its tally keys
-    before, the folded state, what the state made of it).
+    """The call's event, locked, with ``update`` (ledger row ``inbound_id``, linked to the
+    event here) folded in: (event, created, its tally keys before, the folded state, what the
+    state made of it).
 
     ``first``: the ledger held no earlier update of the call (as far as it knew).
     """
@@ -139,10 +143,19 @@ def _fold_into_event(
         # for that one and finds its event: the updates are then folded as below.
         state = fold_updates([update])
         derived = derive_call(CallLookups(session, ctx.settings), ctx, state, [])
-        event, created = lock_event(session, **key, defaults=new_call_columns(derived))
-        if created:
-            write_call_relations(session, ctx, event, derived, new=True)
-            return event, True, set(), state, derived
+        if is_postgresql(session):
+            # One statement for the event, its relations and the ledger's link to it.
+            inserted = insert_new_call(session, ctx, key, derived, inbound_id)
+            if inserted is not None:
+                return inserted, True, set(), state, derived
+            event, created = lock_existing_event(session, **key), False
+            assert event is not None  # the insert met it; events are deleted only by hand
+        else:
+            event, created = lock_event(session, **key, defaults=new_call_columns(derived))
+            if created:
+                write_call_relations(session, ctx, event, derived, new=True)
+                link_inbound(session, inbound_id, event.id)
+                return event, True, set(), state, derived
     else:
         # Serialises every update of this call (see lock_event): whoever holds the lock folds
         # every update committed before it, plus its own.
@@ -152,6 +165,7 @@ def _fold_into_event(
             event, created = lock_event(session, **key, defaults=defaults)
         else:
             event, created = found, False
+    link_inbound(session, inbound_id, event.id)
     before = set() if created else tally_keys(session, event)
     state = fold_updates(call_updates(session, event))
     derived = apply_call_state(session, ctx, event, state, [], new=created)

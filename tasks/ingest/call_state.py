@@ -39,6 +39,10 @@ from tasks.periods import aware
 from tasks.store import (
     add_participants,
     canonical_hash,
+    insert_event_whole,
+    lock_party_keys,
+    new_event_values,
+    party_keys,
     record_party_keys,
     responsible_seller_id,
     set_properties,
@@ -456,6 +460,43 @@ def new_call_columns(derived: DerivedCall) -> dict[str, Any]:
         **derived.link,
         "details": call_details(derived, derived.link["contact_id"]),
     }
+
+
+def insert_new_call(
+    session: Session,
+    ctx: StageContext,
+    key: dict[str, str],
+    derived: DerivedCall,
+    inbound_id: int,
+) -> CrmEvent | None:
+    """PostgreSQL: a call's first update made into its event, inserted whole with what
+    :func:`write_call_relations` writes for a new event and its ledger row linked, in one
+    statement (``insert_event_whole``); then its party keys' locks and its follow-ups, as
+    there. None (nothing written) when the call's event exists."""
+    values = new_event_values(
+        key["source_system"], key["source_kind"], key["source_id"], new_call_columns(derived)
+    )
+    keys = party_keys(
+        session,
+        ctx.settings,
+        phones=[derived.outside_number],
+        customer_numbers=[derived.customer_number],
+    )
+    staff = [s for s in (*derived.staff_ids, values["seller_id"]) if s is not None]
+    event = insert_event_whole(
+        session,
+        values,
+        properties=derived.properties,
+        keys=keys,
+        staff=staff,
+        inbound_id=inbound_id,
+    )
+    if event is None:
+        return None
+    if event.link_state != "linked" and event.linked_by != "hand":
+        lock_party_keys(session, keys)  # as record_party_keys does for an open event
+    reconcile_follow_ups(session, event, new=True)
+    return event
 
 
 def write_call_relations(

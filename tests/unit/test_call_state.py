@@ -365,6 +365,8 @@ def everything_of(db: Session, call_id: str) -> dict[str, Any]:
             "event_property_link": "property_code, 0",
             "follow_up": "state, seller_id",
             "event_document": "role, filename",
+            # The update's ledger row names its event (replay, export, delete-event read it).
+            "inbound_message": "schema, source_kind",
         }.items()
     }
     return seen
