@@ -19,6 +19,10 @@ from typing import Any
 #: Kinds whose messages must be applied in the order given: sent one batch at a time, first.
 ORDERED_KINDS = ("party", "target")
 DEFAULT_BATCH_SIZE = 500
+#: Inline email (``raw_b64``) one batch carries at most: a batch of hundreds of emails inline
+#: would be a broker message of tens of megabytes, copied several times on its way (send large
+#: backfills of email by reference, ``raw_ref``). A larger single email goes in a batch alone.
+BATCH_INLINE_BYTES = 8 * 1024 * 1024
 #: Problems (rejected or failed messages) the summary lists; the JSON has them all.
 SHOWN_PROBLEMS = 20
 
@@ -96,9 +100,8 @@ def run_import(
     with progress_bar(len(items), wait is not None) as bar:
         published: list[Any] = []
         for kind in ordered + parallel:
-            group = by_kind[kind]
-            for start in range(0, len(group), size):
-                batch = _publish(runtime, kind, group[start : start + size], source_system, bar)
+            for chunk in batches_of(by_kind[kind], size):
+                batch = _publish(runtime, kind, chunk, source_system, bar)
                 published.append(batch)
                 if kind in ORDERED_KINDS:
                     # The next version of a party must not overtake this one.
@@ -109,6 +112,23 @@ def run_import(
                     )
         _finish(runtime, report, published, wait, bar)
     return report
+
+
+def batches_of(items: list[Item], size: int) -> Iterable[list[Item]]:
+    """``items`` in batches of at most ``size``, each carrying at most
+    :data:`BATCH_INLINE_BYTES` of inline email (or one email that alone is more)."""
+    chunk: list[Item] = []
+    carried = 0
+    for item in items:
+        inline = item.message.get("raw_b64") if isinstance(item.message, dict) else None
+        weight = len(inline) if isinstance(inline, str) else 0
+        if chunk and (len(chunk) == size or carried + weight > BATCH_INLINE_BYTES):
+            yield chunk
+            chunk, carried = [], 0
+        chunk.append(item)
+        carried += weight
+    if chunk:
+        yield chunk
 
 
 def run_stream(

@@ -1,0 +1,47 @@
+"""`crm-events import messages` cuts its batches by count, and email batches also by the inline
+email they carry, so that no broker message grows to tens of megabytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.cli.bulk import BATCH_INLINE_BYTES, Item, batches_of
+
+MIB = 1024 * 1024
+
+
+def email(n: int, size: int) -> Item:
+    return Item(f"f:{n}", "email", {"schema": "crm.email/1", "raw_b64": "A" * size})
+
+
+def sizes(batches: Any) -> list[int]:
+    return [len(batch) for batch in batches]
+
+
+def test_batches_are_cut_by_count() -> None:
+    calls = [Item(f"f:{n}", "call", {"call_id": str(n)}) for n in range(1200)]
+    batches = list(batches_of(calls, 500))
+    assert sizes(batches) == [500, 500, 200]
+    assert [i for batch in batches for i in batch] == calls
+
+
+def test_email_batches_carry_at_most_eight_mebibytes_inline() -> None:
+    emails = [email(n, MIB) for n in range(20)]
+    batches = list(batches_of(emails, 500))
+    assert BATCH_INLINE_BYTES == 8 * MIB
+    assert sizes(batches) == [8, 8, 4]
+    assert [i for batch in batches for i in batch] == emails
+
+
+def test_an_email_larger_than_a_batch_goes_alone_and_in_its_place() -> None:
+    emails = [email(0, 100), email(1, 9 * MIB), email(2, 100), email(3, 100)]
+    assert [[i.source for i in batch] for batch in batches_of(emails, 500)] == [
+        ["f:0"],
+        ["f:1"],
+        ["f:2", "f:3"],
+    ]
+
+
+def test_emails_by_reference_weigh_nothing() -> None:
+    refs = [Item(f"f:{n}", "email", {"raw_ref": "0" * 64}) for n in range(600)]
+    assert sizes(batches_of(refs, 500)) == [500, 100]
