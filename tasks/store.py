@@ -15,25 +15,21 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
-    BigInteger,
     Table,
-    any_,
     bindparam,
     delete,
     exists,
-    func,
     insert,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from config.settings import Settings
 from models.base import UTCDateTime, utcnow
-from models.db import is_postgresql, prepared_upsert, table_of
+from models.db import insert_rows, is_postgresql, prepared_upsert, table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, counts
 from models.ledger import Delivery, InboundMessage
 from models.parties import Customer, EventPartyKey, Staff
@@ -564,8 +560,18 @@ def record_deliveries(
         }
         for task_id, task_name, outcome, event_id, detail in deliveries
     ]
-    if rows:
+    if not rows:
+        return
+    if is_postgresql(session):
+        insert_rows(session, table_of(Delivery), rows, _DELIVERY_UPSERT_PG)
+    else:
         session.execute(prepared_upsert(session, Delivery.__table__, _delivery_upsert), rows)
+
+
+_DELIVERY_UPSERT_PG = "ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
+    f"{name} = excluded.{name}"
+    for name in ("task_name", "outcome", "event_id", "detail", "finished_at")
+)
 
 
 def _delivery_upsert(upsert: Any) -> Any:
@@ -774,34 +780,26 @@ def insert_new(
     """Insert rows that must all be new, in one statement; their ids in order, or None when
     one of them was there already (and then none is known to be inserted or not).
 
-    On PostgreSQL the ids are taken from the table's sequence first and the rows inserted by a
-    prepared ``executemany``: the one multi-row INSERT … RETURNING of a batch is a statement of
-    hundreds of kilobytes, which the driver parsed again for every batch, a fifth of the stage's
-    CPU. SQLite takes the multi-row statement.
+    On PostgreSQL one ``INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING RETURNING``
+    (``insert_rows``): a short statement however many rows, where the multi-row VALUES of a
+    batch was a statement of hundreds of kilobytes that the driver parsed again for every
+    batch. SQLite takes the multi-row statement.
     """
-    if not is_postgresql(session):
+    if is_postgresql(session):
+        columns = ", ".join(unique)
+        returned = insert_rows(
+            session,
+            table,
+            rows,
+            f"ON CONFLICT ({columns}) DO NOTHING RETURNING id, {columns}",
+        )
+    else:
         returning = prepared_upsert(session, table, _RETURNING_INSERTS[unique])
-        found = {
-            tuple(row[1:]): row[0]
-            for row in session.execute(returning, rows).all()  # id, *unique
-        }
-        if len(found) != len(rows):
-            return None
-        return [found[tuple(row[name] for name in unique)] for row in rows]
-    ids = list(session.execute(_NEXT_IDS, {"table": table.name, "n": len(rows)}).scalars().all())
-    for row, row_id in zip(rows, ids, strict=True):
-        row["id"] = row_id
-    session.execute(prepared_upsert(session, table, _PLAIN_INSERTS[unique]), rows)
-    stored = session.execute(
-        select(func.count())
-        .select_from(table)
-        .where(table.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))),
-        {"ids": ids},
-    ).scalar_one()
-    return ids if stored == len(rows) else None
-
-
-_NEXT_IDS = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")
+        returned = list(session.execute(returning, rows).all())  # id, *unique
+    found = {tuple(row[1:]): row[0] for row in returned}
+    if len(found) != len(rows):
+        return None
+    return [found[tuple(row[name] for name in unique)] for row in rows]
 
 
 def _ledger_returning(upsert: Any) -> Any:
@@ -811,10 +809,6 @@ def _ledger_returning(upsert: Any) -> Any:
     )
 
 
-def _ledger_plain(upsert: Any) -> Any:
-    return upsert.on_conflict_do_nothing(index_elements=["idempotency_key"])
-
-
 def _event_returning(upsert: Any) -> Any:
     table = upsert.table
     return upsert.on_conflict_do_nothing(index_elements=list(EVENT_KEY)).returning(
@@ -822,10 +816,5 @@ def _event_returning(upsert: Any) -> Any:
     )
 
 
-def _event_plain(upsert: Any) -> Any:
-    return upsert.on_conflict_do_nothing(index_elements=list(EVENT_KEY))
-
-
 EVENT_KEY = ("source_system", "source_kind", "source_id")
 _RETURNING_INSERTS = {("idempotency_key",): _ledger_returning, EVENT_KEY: _event_returning}
-_PLAIN_INSERTS = {("idempotency_key",): _ledger_plain, EVENT_KEY: _event_plain}

@@ -33,10 +33,11 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import is_postgresql, table_of
-from models.events import CrmEvent, FollowUp, counts
+from models.db import insert_rows, is_postgresql, table_of
+from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp, counts
 from models.invalid import BadInput
 from models.ledger import InboundMessage
+from models.parties import EventPartyKey
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message, shared_schema
 from tasks.context import StageContext
@@ -57,9 +58,6 @@ from tasks.leads import LEAD
 from tasks.periods import period_keys
 from tasks.store import (
     EVENT_KEY,
-    PARTICIPANT_INSERT,
-    PARTY_KEY_INSERT,
-    PROPERTY_INSERT,
     BatchRaced,
     BulkResult,
     StageResult,
@@ -81,6 +79,8 @@ class _Call:
     source_system: str
     call_id: str
     updates: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    #: index -> the update's canonical hash (its ledger key), taken once.
+    digests: dict[int, str] = field(default_factory=dict)
     duplicates: list[int] = field(default_factory=list)
     derived: DerivedCall | None = None
     event: CrmEvent | None = None
@@ -164,6 +164,7 @@ def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tupl
         else:
             seen.add(digest)
             call.updates.append((index, normalised))
+            call.digests[index] = digest
     for key in slow:
         _leave(calls, calls[key], result)
     return calls
@@ -254,7 +255,7 @@ def _insert_ledger(session: Session, calls: Sequence[_Call]) -> dict[int, int]:
     now = utcnow()
     rows = [
         {
-            "idempotency_key": f"call:{canonical_hash(payload)}",
+            "idempotency_key": f"call:{call.digests[index]}",
             "schema": SCHEMA,
             "source_kind": "call",
             "source_system": call.source_system,
@@ -264,7 +265,7 @@ def _insert_ledger(session: Session, calls: Sequence[_Call]) -> dict[int, int]:
             "received_at": now,
         }
         for call in calls
-        for _index, payload in call.updates
+        for index, payload in call.updates
     ]
     ids = insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",))
     if ids is None:
@@ -365,13 +366,12 @@ def _insert_links(
             open_keys += found
         staff = sorted({s for s in (*derived.staff_ids, event.seller_id) if s is not None})
         participants += [{"event_id": event.id, "staff_id": s} for s in staff]
-    for statement, rows in (
-        (PROPERTY_INSERT, properties),
-        (PARTY_KEY_INSERT, keys),
-        (PARTICIPANT_INSERT, participants),
+    for model, rows in (
+        (EventPropertyLink, properties),
+        (EventPartyKey, keys),
+        (EventParticipant, participants),
     ):
-        if rows:
-            session.execute(statement, rows)
+        insert_rows(session, table_of(model), rows)
     if open_keys:
         lock_party_keys(session, open_keys)
         fresh = CallLookups(session, ctx.settings)
@@ -409,8 +409,9 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         lock_customer(session, customer_id)
     now = utcnow()
     if missed:
-        session.execute(
-            _FOLLOW_UP_INSERT,
+        insert_rows(
+            session,
+            table_of(FollowUp),
             [
                 {
                     "event_id": event.id,
@@ -440,7 +441,6 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         session.execute(_FOLLOW_UP_SETTLE, changed)
 
 
-_FOLLOW_UP_INSERT = table_of(FollowUp).insert()
 _FOLLOW_UP_SETTLE = (
     update(table_of(FollowUp))
     .where(table_of(FollowUp).c.id == bindparam("fid"))

@@ -39,11 +39,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import table_of
+from models.db import insert_rows, table_of
 from models.documents import DocumentBlob
-from models.events import CrmEvent
+from models.events import CrmEvent, EventParticipant, EventPropertyLink
 from models.invalid import BadInput
 from models.ledger import InboundMessage
+from models.parties import EventPartyKey
 from models.schemas.email import SCHEMA
 from tasks.attach import DOCUMENT_INSERT, plan_document, store_blobs
 from tasks.context import StageContext
@@ -65,9 +66,6 @@ from tasks.leads import LEAD
 from tasks.relink import OPEN_STATES, match_from_keys
 from tasks.store import (
     EVENT_KEY,
-    PARTICIPANT_INSERT,
-    PARTY_KEY_INSERT,
-    PROPERTY_INSERT,
     BatchRaced,
     BulkResult,
     StageResult,
@@ -405,13 +403,12 @@ def _insert_links(session: Session, ctx: StageContext, emails: list[_Email]) -> 
         ]
         if event.link_state != "linked":
             open_keys += found
-    for statement, rows in (
-        (PROPERTY_INSERT, properties),
-        (PARTICIPANT_INSERT, participants),
-        (PARTY_KEY_INSERT, keys),
+    for model, rows in (
+        (EventPropertyLink, properties),
+        (EventParticipant, participants),
+        (EventPartyKey, keys),
     ):
-        if rows:
-            session.execute(statement, rows)
+        insert_rows(session, table_of(model), rows)
     if not open_keys:
         return
     lock_party_keys(session, open_keys)

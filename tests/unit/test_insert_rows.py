@@ -1,0 +1,103 @@
+"""``insert_rows``: a batch's rows in one statement, stored exactly as the ORM would store them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import DataError
+from sqlalchemy.orm import Session
+
+from models.db import insert_rows, table_of
+from models.ledger import Delivery, InboundMessage
+from tasks.context import StageContext
+from tasks.store import record_deliveries
+
+WHEN = datetime(2026, 3, 1, 8, 30, 15, 123456, tzinfo=UTC)
+
+
+def ledger_rows(prefix: str) -> list[dict[str, object]]:
+    return [
+        {
+            "idempotency_key": f"{prefix}:{n}",
+            "schema": "crm.call/1",
+            "source_kind": "call",
+            "source_system": "pbx",
+            "source_id": f"call-{n}",
+            "payload": {"from": "+358401234567", "note": 'Äänipuhelu ✓ "lainaus"', "n": n},
+            "event_id": None,
+            "received_at": WHEN + timedelta(seconds=n),
+        }
+        for n in range(3)
+    ]
+
+
+def stored(session: Session, prefix: str) -> list[dict[str, object]]:
+    found = session.scalars(
+        select(InboundMessage)
+        .where(InboundMessage.idempotency_key.startswith(f"{prefix}:"))
+        .order_by(InboundMessage.idempotency_key)
+    ).all()
+    return [
+        {
+            "idempotency_key": m.idempotency_key,
+            "schema": m.schema,
+            "source_kind": m.source_kind,
+            "source_system": m.source_system,
+            "source_id": m.source_id,
+            "payload": m.payload,
+            "event_id": m.event_id,
+            "received_at": m.received_at,
+        }
+        for m in found
+    ]
+
+
+def test_rows_read_back_as_given_on_postgresql(db: Session) -> None:
+    rows = ledger_rows("pg")
+    insert_rows(db, table_of(InboundMessage), rows)
+    db.expire_all()
+    assert stored(db, "pg") == rows
+
+
+def test_rows_read_back_as_given_on_sqlite(sqlite_world: tuple[Session, StageContext]) -> None:
+    session, _ctx = sqlite_world
+    rows = ledger_rows("lite")
+    insert_rows(session, table_of(InboundMessage), rows)
+    session.expire_all()
+    assert stored(session, "lite") == rows
+
+
+def test_a_value_too_long_for_its_column_is_refused_not_cut(db: Session) -> None:
+    """The arrays go as text: a cast to varchar(200) would cut the key silently."""
+    rows = ledger_rows("long")
+    rows[1]["idempotency_key"] = "long:" + "k" * 300
+    with pytest.raises(DataError), db.begin_nested():
+        insert_rows(db, table_of(InboundMessage), rows)
+    assert stored(db, "long") == []
+
+
+def test_a_later_outcome_of_the_same_message_replaces_the_earlier(db: Session) -> None:
+    """The batch's deliveries go through ``insert_rows`` with their ON CONFLICT clause."""
+    record_deliveries(db, [("b/0", "crm.ingest.call", "failed", None, "bug: x")])
+    record_deliveries(
+        db,
+        [
+            ("b/0", "crm.ingest.call", "stored", None, "created"),
+            ("b/1", "crm.ingest.call", "duplicate", None, ""),
+        ],
+    )
+    found = {
+        d.task_id: (d.outcome, d.detail)
+        for d in db.scalars(select(Delivery).where(Delivery.task_id.startswith("b/")))
+    }
+    assert found == {"b/0": ("stored", "created"), "b/1": ("duplicate", "")}
+
+
+def test_an_on_conflict_clause_is_refused_on_sqlite(
+    sqlite_world: tuple[Session, StageContext],
+) -> None:
+    session, _ctx = sqlite_world
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        insert_rows(session, table_of(InboundMessage), ledger_rows("x"), "ON CONFLICT DO NOTHING")
