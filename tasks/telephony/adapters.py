@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import email.utils
+import functools
 import hashlib
 import io
 import re
@@ -257,10 +258,17 @@ def _is_extension(value: str) -> bool:
 def _is_ours(value: str, context: CdrContext) -> bool:
     if _is_extension(value):
         return True
-    own = {_e164(n, context.phone_region) for n in context.own_numbers} - {None}
-    return _e164(value, context.phone_region) in own
+    region = context.phone_region
+    return _e164(value, region) in _own_e164(context.own_numbers, region)
 
 
+@functools.lru_cache(maxsize=64)
+def _own_e164(own_numbers: tuple[str, ...], region: str) -> frozenset[str | None]:
+    return frozenset(_e164(n, region) for n in own_numbers) - {None}
+
+
+# A CDR file names the same callers and trunks row after row: each is parsed once.
+@functools.lru_cache(maxsize=8192)
 def _e164(raw: str, region: str) -> str | None:
     try:
         number = phonenumbers.parse(raw, region)
