@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ class Figures:
     outcomes: str
     worker_cpu_ms: float
     db_cpu_ms: float
+    import_cpu_ms: float
+    redis_cpu_ms: float
     bare_n: int
     bare_s: float
     bare_cpu_ms: float
@@ -73,6 +76,10 @@ class Figures:
     @property
     def import_rate(self) -> float:
         return self.rows / self.import_s
+
+    @property
+    def total_cpu_ms(self) -> float:
+        return self.worker_cpu_ms + self.db_cpu_ms + self.import_cpu_ms + self.redis_cpu_ms
 
     @property
     def bare_rate(self) -> float:
@@ -125,9 +132,11 @@ def master_csv(rows: int, run_id: str, seed: int = 1) -> str:
 
 def run_import(
     world: pipeline.World, env: dict[str, str], path: Path, batch_size: int, timeout: float
-) -> tuple[float, str]:
-    """``crm-events import cdr`` with ``--wait``: its wall time and its outcome counts."""
+) -> tuple[float, str, float]:
+    """``crm-events import cdr`` with ``--wait``: its wall time, its outcome counts and its CPU
+    seconds (reading, translating and publishing the file, then waiting)."""
     pipeline.renew_claim(world)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(
         [
@@ -148,6 +157,8 @@ def run_import(
         timeout=timeout + 120,
     )
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     if done.returncode != 0:
         raise pipeline.BenchError(
             f"crm-events import cdr exited with {done.returncode}:\n{done.stdout[-2000:]}"
@@ -156,7 +167,7 @@ def run_import(
     found = SUMMARY.search(done.stdout)
     if not found:
         raise pipeline.BenchError(f"no summary from crm-events import cdr:\n{done.stdout}")
-    return elapsed, found.group(3)
+    return elapsed, found.group(3), cpu
 
 
 PG_BASELINE_TABLE = """
@@ -246,10 +257,12 @@ def measure(args: argparse.Namespace) -> Figures:
         path.write_text(master_csv(args.rows, run_id))
         load = pipeline.load_average()
         cpu_before, db_before = pipeline.cpu_seconds(worker), pipeline.database_cpu_seconds(world)
+        redis_before = pipeline.redis_cpu_seconds()
         pipeline.log(f"importing {args.rows} rows")
-        import_s, outcomes = run_import(world, env, path, args.batch_size, args.timeout)
+        import_s, outcomes, import_cpu = run_import(world, env, path, args.batch_size, args.timeout)
         worker_cpu = pipeline.cpu_seconds(worker) - cpu_before
         db_cpu = pipeline.database_cpu_seconds(world) - db_before
+        redis_cpu = pipeline.redis_cpu_seconds() - redis_before
         pipeline.log(f"import done in {import_s:.1f} s: {outcomes}")
 
         bare_cpu_before = pipeline.cpu_seconds(bare)
@@ -272,6 +285,8 @@ def measure(args: argparse.Namespace) -> Figures:
             outcomes=outcomes,
             worker_cpu_ms=worker_cpu * 1000 / args.rows,
             db_cpu_ms=db_cpu * 1000 / args.rows,
+            import_cpu_ms=import_cpu * 1000 / args.rows,
+            redis_cpu_ms=redis_cpu * 1000 / args.rows,
             bare_n=args.bare,
             bare_s=result.elapsed_s,
             bare_cpu_ms=bare_cpu * 1000 / args.bare,
@@ -284,14 +299,17 @@ def measure(args: argparse.Namespace) -> Figures:
 
 
 def report(f: Figures) -> None:
+    cores = os.cpu_count() or 1
     print()
     print(
         f"import cdr: {f.rows} rows in {f.import_s:.1f} s = {f.import_rate:.0f} events/s "
         f"(batches of {f.batch_size}; load average {f.load:.1f} at the start): {f.outcomes}"
     )
     print(
-        f"  worker CPU {f.worker_cpu_ms:.2f} ms per event, PostgreSQL backends "
-        f"{f.db_cpu_ms:.2f} ms per event"
+        f"  CPU per event: worker {f.worker_cpu_ms:.2f} ms, PostgreSQL backends "
+        f"{f.db_cpu_ms:.2f} ms, the import command {f.import_cpu_ms:.2f} ms, Redis "
+        f"{f.redis_cpu_ms:.2f} ms; {f.total_cpu_ms:.2f} ms in all: at most "
+        f"{cores * 1000 / f.total_cpu_ms:,.0f} events/s on this machine's {cores} cores"
     )
     print(
         f"bare Celery: {f.bare_n} no-op tasks in {f.bare_s:.1f} s = {f.bare_rate:.0f} tasks/s "

@@ -422,7 +422,7 @@ def cpu_parts(world: World, worker: Worker) -> dict[str, float]:
         "worker main process (consumer)": process_cpu_seconds([worker.process.pid]),
         "worker pool processes (tasks)": process_cpu_seconds(descendants(worker.process.pid)),
         "PostgreSQL backends": process_cpu_seconds(_pids_whose_command(world.database_name)),
-        "Redis server": process_cpu_seconds(_pids_whose_command("redis-server")),
+        "Redis server": redis_cpu_seconds(),
         "bench process (publisher)": process_cpu_seconds([os.getpid()]),
     }
 
@@ -430,6 +430,11 @@ def cpu_parts(world: World, worker: Worker) -> dict[str, float]:
 def database_cpu_seconds(world: World) -> float:
     """CPU seconds so far of the PostgreSQL backends serving the scratch database."""
     return process_cpu_seconds(_pids_whose_command(world.database_name))
+
+
+def redis_cpu_seconds() -> float:
+    """CPU seconds so far of the Redis server (the broker), whoever it served."""
+    return process_cpu_seconds(_pids_whose_command("redis-server"))
 
 
 def load_average() -> float:
