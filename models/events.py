@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, and_, or_
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, and_, or_, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, JsonValue, utcnow
@@ -126,6 +126,16 @@ class FollowUp(Base):
     """An open task for a seller, e.g. to call back a customer whose call was missed."""
 
     __tablename__ = "follow_up"
+    __table_args__ = (
+        # A customer's open follow-ups, read by every call that may close one: without it, all
+        # of a busy customer's follow-ups of the past were read for each (tasks.ingest.call_state).
+        Index(
+            "ix_follow_up_open_customer",
+            "customer_id",
+            postgresql_where=text("state = 'open'"),
+            sqlite_where=text("state = 'open'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     event_id: Mapped[int] = mapped_column(
@@ -139,7 +149,7 @@ class FollowUp(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None]
     closed_by_event_id: Mapped[int | None] = mapped_column(
-        ForeignKey("crm_event.id", ondelete="SET NULL")
+        ForeignKey("crm_event.id", ondelete="SET NULL"), index=True
     )
 
 

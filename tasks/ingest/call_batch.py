@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import BindParameter, bindparam, select, text, true, union, update
+from sqlalchemy.orm import Session, aliased
 
-from models.base import utcnow
+from models.base import UTCDateTime, utcnow
 from models.db import insert_rows, is_postgresql, table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp, counts
 from models.invalid import BadInput
@@ -429,7 +429,8 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         )
     # Closed by a call after the earliest new one that reached the customer (none: no bound).
     earliest = min((e.occurred_at for e in closers), default=None)
-    rows = session.execute(_SETTLED, {"customers": customers, "after": earliest}).all()
+    settled = _SETTLED_PG if is_postgresql(session) else _SETTLED
+    rows = session.execute(settled, {"customers": customers, "after": earliest}).all()
     changed = []
     for follow_up_id, state, closed_by, closer in rows:
         if closer is None:
@@ -452,10 +453,18 @@ _FOLLOW_UP_SETTLE = (
 )
 
 
-def _settled_query() -> Any:
-    """The follow-ups that new calls may settle, each with its closer as it should be now."""
+def _settled_query(postgresql: bool) -> Any:
+    """The follow-ups that new calls may settle, each with its closer as it should be now:
+    the customers' open ones, and those closed by one of their calls after ``after``.
+
+    Both by index (the open follow-ups of a customer; the customer's calls since ``after``,
+    few while a backfill runs in time order, and what each closed), never all the follow-ups
+    of a busy customer's past, which a year's backfill read again with every batch. On
+    PostgreSQL what each later call closed is a LATERAL probe of the index: a backfill outruns
+    ANALYZE, and a planner that believes a customer has a few follow-ups hashes all of them.
+    """
     follow_up = FollowUp
-    closed_by = select(CrmEvent.occurred_at).where(CrmEvent.id == follow_up.closed_by_event_id)
+    customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
     closer = (
         select(CrmEvent.id)
         .where(
@@ -469,15 +478,44 @@ def _settled_query() -> Any:
         .correlate(follow_up, MISSED_CALL)
         .scalar_subquery()
     )
+    is_open, was_closed = aliased(FollowUp, name="open_one"), aliased(FollowUp, name="closed_one")
+    later = aliased(CrmEvent, name="later_call")
+    later_calls = (
+        later.customer_id.in_(customers),
+        later.occurred_at > bindparam("after", type_=UTCDateTime()),
+    )
+    if postgresql:
+        # Kept a subquery (OFFSET 0) and the customer tested outside it: pulled up, or with
+        # the customer in it, it became the hash join or a bitmap of all their follow-ups again.
+        closed_by_later = (
+            select(was_closed.id, was_closed.customer_id)
+            .where(was_closed.closed_by_event_id == later.id)
+            .offset(0)
+            .lateral("closed_by_later")
+        )
+        closed = (
+            select(closed_by_later.c.id)
+            .select_from(later)
+            .join(closed_by_later, true())
+            .where(*later_calls, closed_by_later.c.customer_id.in_(customers))
+        )
+    else:
+        closed = (
+            select(was_closed.id)
+            .join(later, later.id == was_closed.closed_by_event_id)
+            .where(*later_calls, was_closed.customer_id.in_(customers))
+        )
+    candidates = union(
+        select(is_open.id).where(is_open.customer_id.in_(customers), is_open.state == "open"),
+        closed,
+    )
     return (
         select(follow_up.id, follow_up.state, follow_up.closed_by_event_id, closer)
         .join(MISSED_CALL, MISSED_CALL.id == follow_up.event_id)
-        .where(
-            follow_up.customer_id.in_(bindparam("customers", expanding=True)),
-            (follow_up.state == "open") | (closed_by.scalar_subquery() > bindparam("after")),
-        )
+        .where(follow_up.id.in_(candidates))
         .order_by(follow_up.id)
     )
 
 
-_SETTLED = _settled_query()
+_SETTLED = _settled_query(postgresql=False)
+_SETTLED_PG = _settled_query(postgresql=True)
