@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BindParameter, bindparam, exists, or_, select, text
+from sqlalchemy import BindParameter, bindparam, exists, or_, select, text, true, union
 from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
@@ -610,7 +610,7 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
         lock_customer(session, customer_id)
     affected = list(
         session.scalars(
-            _AFFECTED_BY_CLOSER if closer else _AFFECTED,
+            _affected_statement(session, closer),
             {"customers": customers, "event_id": event.id, "occurred_at": event.occurred_at},
         )
     )
@@ -633,46 +633,76 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
         _settle(session, follow_up)
 
 
-def _affected_query(closer: bool) -> Any:
+def _affected_query(closer: bool, postgresql: bool) -> Any:
     """The follow-ups a call may open, close or withdraw: open ones of its customers, its own,
     those it closed; and for a call that reached the customer, those closed by a later call.
 
     A callback that arrives late but happened before the one that closed a follow-up becomes the
-    one that closed it. The customer's calls after this one are few while calls arrive in order
-    (live, or a CDR file): those are read by the index, and each candidate's missed call by its
-    key, never all of a busy customer's calls. Built once (``reconcile_follow_ups``).
+    one that closed it. Each part is read by an index: a customer's open follow-ups (a partial
+    index), the call's own, those it closed, and the customer's calls after this one (few while
+    calls arrive in order, live or from a CDR file) with what each closed; never all of a busy
+    customer's follow-ups of the past (0.12 -> 0.87 ms per call with 12,000 of them). On
+    PostgreSQL what each later call closed is a LATERAL probe, as in ``tasks.ingest.call_batch``.
+    Built once per dialect (``reconcile_follow_ups``).
     """
     event_id: BindParameter[int] = bindparam("event_id")
     occurred_at = bindparam("occurred_at", type_=UTCDateTime())
     customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
-    wanted = [
-        FollowUp.state == "open",
-        FollowUp.event_id == event_id,
-        FollowUp.closed_by_event_id == event_id,
+    is_open, own, closed_by_it = (
+        aliased(FollowUp, name="open_one"),
+        aliased(FollowUp, name="own_one"),
+        aliased(FollowUp, name="closed_by_it"),
+    )
+    parts: list[Any] = [
+        select(is_open.id).where(is_open.customer_id.in_(customers), is_open.state == "open"),
+        select(own.id).where(own.event_id == event_id),
+        # Their customers are among ``customers`` (``involved``): no test of it to AND in.
+        select(closed_by_it.id).where(closed_by_it.closed_by_event_id == event_id),
     ]
     if closer:
-        wanted.append(
-            FollowUp.closed_by_event_id.in_(
-                select(CrmEvent.id).where(
-                    CrmEvent.customer_id.in_(customers), CrmEvent.occurred_at > occurred_at
-                )
-            )
-            & exists().where(
-                MISSED_CALL.id == FollowUp.event_id,
-                MISSED_CALL.occurred_at < occurred_at,
-            )
+        later = aliased(CrmEvent, name="later_call")
+        was_closed = aliased(FollowUp, name="closed_one")
+        missed_before = exists().where(
+            MISSED_CALL.id == was_closed.event_id, MISSED_CALL.occurred_at < occurred_at
         )
+        later_calls = (later.customer_id.in_(customers), later.occurred_at > occurred_at)
+        if postgresql:
+            # Kept a subquery (OFFSET 0), the customer tested outside it: see call_batch.
+            closed_by_later = (
+                select(was_closed.id, was_closed.customer_id)
+                .where(was_closed.closed_by_event_id == later.id, missed_before)
+                .offset(0)
+                .lateral("closed_by_later")
+            )
+            parts.append(
+                select(closed_by_later.c.id)
+                .select_from(later)
+                .join(closed_by_later, true())
+                .where(*later_calls, closed_by_later.c.customer_id.in_(customers))
+            )
+        else:
+            parts.append(
+                select(was_closed.id)
+                .join(later, later.id == was_closed.closed_by_event_id)
+                .where(*later_calls, was_closed.customer_id.in_(customers), missed_before)
+            )
     return (
         select(FollowUp)
-        .where(FollowUp.customer_id.in_(customers) | (FollowUp.event_id == event_id))
-        .where(or_(*wanted))
+        .where(FollowUp.id.in_(union(*parts)))
         .order_by(FollowUp.id)
         .execution_options(populate_existing=True)
     )
 
 
-_AFFECTED = _affected_query(closer=False)
-_AFFECTED_BY_CLOSER = _affected_query(closer=True)
+_AFFECTED = _affected_query(closer=False, postgresql=False)
+_AFFECTED_BY_CLOSER = _affected_query(closer=True, postgresql=False)
+_AFFECTED_BY_CLOSER_PG = _affected_query(closer=True, postgresql=True)
+
+
+def _affected_statement(session: Session, closer: bool) -> Any:
+    if not closer:
+        return _AFFECTED
+    return _AFFECTED_BY_CLOSER_PG if is_postgresql(session) else _AFFECTED_BY_CLOSER
 
 
 def _settle(session: Session, follow_up: FollowUp) -> None:

@@ -20,7 +20,7 @@ from models.targets import Tally
 from tasks import batch as batch_stage
 from tasks.batch import ingest_batch
 from tasks.context import StageContext
-from tasks.ingest import call_batch
+from tasks.ingest import call_batch, call_state
 from tasks.ingest.call import ingest_call
 from tasks.maintenance import delete_event, reconcile
 from tests.unit.test_call_followups import callback, missed
@@ -384,13 +384,9 @@ def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
 
 
-def test_the_follow_ups_a_batch_settles_are_found_by_index_whatever_the_statistics(
-    world: Session, ctx: StageContext
-) -> None:
-    """A busy customer's year of missed calls, each closed by a callback, must not be read
-    again by every batch of a backfill: only the open follow-ups and those closed by the
-    customer's calls since the batch's earliest, each by an index, even when the planner was
-    told (a backfill outruns ANALYZE) that the customer has hardly any follow-ups."""
+def busy_customer(world: Session, ctx: StageContext) -> int:
+    """A customer with a year's worth of missed calls, each closed by a callback, and a
+    planner told (a backfill outruns ANALYZE) that there are hardly any follow-ups."""
     world.execute(text("ANALYZE follow_up"))  # rolled back with the test
     ingest_call(world, ctx, missed("busy-m", at(1, 9)))
     ingest_call(world, ctx, callback("busy-cb", at(1, 10)))
@@ -416,12 +412,45 @@ def test_the_follow_ups_a_batch_settles_are_found_by_index_whatever_the_statisti
         {"closer": closer},
     )
     customer = world.scalars(select(CrmEvent.customer_id).where(CrmEvent.id == template)).one()
-    params = {"customers": [customer], "after": datetime(2026, 11, 20, tzinfo=UTC)}
-    assert world.execute(call_batch._SETTLED_PG, params).all() == []
-    compiled = call_batch._SETTLED_PG.params(**params).compile(
+    assert customer is not None
+    return customer
+
+
+def indexes_read(world: Session, statement: Any, params: dict[str, Any]) -> set[str]:
+    compiled = statement.params(**params).compile(
         dialect=world.get_bind().dialect, compile_kwargs={"literal_binds": True}
     )
     [[plan]] = world.execute(text("EXPLAIN (FORMAT JSON) " + str(compiled))).all()
-    indexes = {node.get("Index Name") for node in plan_nodes(plan[0]["Plan"])}
-    assert "ix_follow_up_customer_id" not in indexes, plan
-    assert "ix_follow_up_open_customer" in indexes, plan
+    return {node["Index Name"] for node in plan_nodes(plan[0]["Plan"]) if "Index Name" in node}
+
+
+def test_the_follow_ups_a_batch_settles_are_found_by_index_whatever_the_statistics(
+    world: Session, ctx: StageContext
+) -> None:
+    """A busy customer's past follow-ups must not be read again by every batch of a backfill:
+    only the open ones and those closed by the customer's calls since the batch's earliest,
+    each by an index."""
+    customer = busy_customer(world, ctx)
+    params = {"customers": [customer], "after": datetime(2026, 11, 20, tzinfo=UTC)}
+    assert world.execute(call_batch._SETTLED_PG, params).all() == []
+    indexes = indexes_read(world, call_batch._SETTLED_PG, params)
+    assert "ix_follow_up_customer_id" not in indexes
+    assert "ix_follow_up_open_customer" in indexes
+
+
+def test_a_call_reads_the_follow_ups_it_may_settle_by_index_whatever_the_statistics(
+    world: Session, ctx: StageContext
+) -> None:
+    """Nor by every call of the customer that arrives live: the same parts, by the same
+    indexes, and the call's own follow-up and those it closed by theirs."""
+    customer = busy_customer(world, ctx)
+    params = {
+        "customers": [customer],
+        "event_id": -1,
+        "occurred_at": datetime(2026, 11, 20, tzinfo=UTC),
+    }
+    statement = call_state._AFFECTED_BY_CLOSER_PG
+    assert world.scalars(statement, params).all() == []
+    indexes = indexes_read(world, statement, params)
+    assert "ix_follow_up_customer_id" not in indexes
+    assert {"ix_follow_up_open_customer", "ix_follow_up_closed_by_event_id"} <= indexes
