@@ -46,7 +46,7 @@ from config.settings import Settings
 from models.base import utcnow
 from models.db import create_db_engine, create_session_factory, snapshot, transaction
 from models.events import CrmEvent
-from models.ledger import Delivery, FailedMessage, RejectedMessage
+from models.ledger import FailedMessage, RejectedMessage
 from models.migrate import install_default_catalogue, upgrade
 from models.targets import RefreshRequest
 from tasks.maintenance import reconcile
@@ -55,7 +55,7 @@ from tests.master_data import email_message
 from tests.messages import outbound_call
 from tests.processes import free_port, service_env
 from workers.app import create_app
-from workers.publish import wait_for
+from workers.publish import Outcome, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -727,10 +727,10 @@ class Scenario:
         """What beat sends every minute: re-send the seller refreshes whose claim went stale."""
         self.app.send_task("crm.refresh.sweep", queue=TASK_QUEUES["crm.refresh.sweep"])
 
-    def outcomes(self) -> dict[str, Delivery]:
+    def outcomes(self) -> dict[str, Outcome]:
         return wait_for(self.sessions, self.sent.task_ids, 0)
 
-    def wait_all(self, timeout: float, supervise: bool = False) -> dict[str, Delivery]:
+    def wait_all(self, timeout: float, supervise: bool = False) -> dict[str, Outcome]:
         """Outcomes of every task id, waiting up to ``timeout``; with ``supervise`` a worker
         main process that exited by itself is started again meanwhile."""
         deadline = time.monotonic() + timeout

@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.queues import INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
 from models.db import create_session_factory
-from models.ledger import Delivery, RejectedMessage
+from models.ledger import RejectedMessage
 from tests.conftest import CLAIM_KEY, ROOT, TemporaryDatabase, migrated
 from tests.processes import run_cli, service_env, stop_process, wait_for_worker
 from tests.smtp_sink import SmtpSink
 from workers.app import create_app
-from workers.publish import wait_for
+from workers.publish import Outcome, wait_for
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LiveSystem:
     log: Path
     env: dict[str, str]
 
-    def publish(self, kind: str, messages: list[Any], timeout: float = 60) -> list[Delivery]:
+    def publish(self, kind: str, messages: list[Any], timeout: float = 60) -> list[Outcome]:
         """Publish ingest messages and wait until every one has an outcome."""
         task_name = INGEST_TASKS[kind]
         ids = []

@@ -21,6 +21,7 @@ from models.targets import RefreshRequest, Tally
 from tasks.periods import period_keys
 from tasks.views import seller_cards, zone_of
 from tests.integration.conftest import LiveSystem
+from workers.publish import Outcome
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +111,7 @@ def fresh_within_a_second(
         time.sleep(0.02)
 
 
-def stored_at(delivery: Delivery) -> datetime:
+def stored_at(delivery: Outcome) -> datetime:
     assert delivery.outcome == "stored", delivery.detail
     return delivery.finished_at
 

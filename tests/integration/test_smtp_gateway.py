@@ -25,12 +25,12 @@ import pytest
 from sqlalchemy import select
 
 from models.events import CrmEvent
-from models.ledger import Delivery, InboundMessage
+from models.ledger import InboundMessage
 from tasks.views import events_json
 from tests.conftest import EXAMPLES, ROOT, load_example
 from tests.integration.conftest import LiveSystem
 from tests.processes import free_port
-from workers.publish import wait_for
+from workers.publish import Outcome, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def queued_task(reply: str) -> str:
     return match[1]
 
 
-def outcome(live: LiveSystem, reply: str) -> Delivery:
+def outcome(live: LiveSystem, reply: str) -> Outcome:
     task_id = queued_task(reply)
     done = wait_for(live.sessions, [task_id], 60)
     assert task_id in done, f"not processed; worker log:\n{live.tail()}"
