@@ -480,7 +480,7 @@ def delivery_info_queue(delivery_info: dict[str, Any] | None) -> str | None:
 @worker_ready.connect
 def check_broker_when_ready(sender: Any = None, **_: Any) -> None:
     """Warn at worker start-up when the Redis broker could lose messages (docs/operations.md)."""
-    from workers.healthcheck import warn_about_broker
+    from workers.broker_check import warn_about_broker
 
     settings = getattr(getattr(sender, "app", None), "conf", {}).get("crm_settings")
     if isinstance(settings, Settings):

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from config.settings import ConfigError, Settings, load_settings
 from workers.base import count_delivery, payload_of
+from workers.broker_check import broker_durability_problems, warn_about_broker
 from workers.cli.messages import replay_arguments
-from workers.healthcheck import broker_durability_problems, warn_about_broker
 
 
 def test_max_deliveries_defaults_to_five_and_is_validated() -> None:
@@ -88,7 +88,7 @@ def test_the_worker_check_reads_the_real_broker(
             actual[name.decode() if isinstance(name, bytes) else str(name)] = (
                 value.decode() if isinstance(value, bytes) else str(value)
             )
-    with caplog.at_level(logging.WARNING, logger="workers.healthcheck"):
+    with caplog.at_level(logging.WARNING, logger="workers.broker_check"):
         problems = warn_about_broker(Settings(broker_url=redis_database))
     assert problems == broker_durability_problems(actual)
     assert [r.getMessage() for r in caplog.records] == [
