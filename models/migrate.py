@@ -10,11 +10,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from config import catalogue as defaults
 from models.base import Base
 from models.catalogue import Category, EventClass, EventProperty, EventType
+from models.db import transaction
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -122,3 +123,11 @@ def install_default_catalogue(session: Session) -> list[str]:
             added.append(f"category:{cat.code}")
     session.flush()
     return added
+
+
+def init_database(engine: Engine, sessions: sessionmaker[Session]) -> list[str]:
+    """``crm-events init-db``: the schema at head and the default catalogue's missing rows
+    (returned). Safe to run again: a current database gains nothing."""
+    upgrade(engine)
+    with transaction(sessions) as session:
+        return install_default_catalogue(session)

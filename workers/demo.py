@@ -203,7 +203,7 @@ def serve_screens(rt: Any, logs: Path) -> None:
 
 
 def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True) -> int:
-    from workers.cli.processes import cmd_init_db
+    from models.migrate import init_database
     from workers.render import brief, console, progress, seller_view, table
 
     settings = rt.settings
@@ -220,10 +220,8 @@ def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True)
     if not settings.embedded_broker:
         console.print(f"broker: {settings.effective_broker_url.split('@')[-1]}")
 
-    class _Args:
-        json = False
-
-    cmd_init_db(_Args(), rt)  # type: ignore[arg-type]
+    added = init_database(rt.engine, rt.sessions)
+    print(f"schema at head; catalogue rows added: {len(added)}", file=sys.stderr)
     logs = settings.data_dir / "log"
     worker = _start(
         ["worker", "--concurrency", str(settings.worker_concurrency)], logs / "worker.log"

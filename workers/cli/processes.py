@@ -13,12 +13,9 @@ from workers.cli.common import AddCommand, InputError, Runtime, emit_json, run_c
 
 
 def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
-    from models.db import transaction
-    from models.migrate import install_default_catalogue, upgrade
+    from models.migrate import init_database
 
-    upgrade(rt.engine)
-    with transaction(rt.sessions) as session:
-        added = install_default_catalogue(session)
+    added = init_database(rt.engine, rt.sessions)
     if args.json:
         emit_json(
             {
