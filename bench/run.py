@@ -57,9 +57,7 @@ def rows(
 
     drift = (p.get("drift") or 0) + b["drift"] + f["drift"]
     cores = os.cpu_count() or 1
-    total_import_cpu = (
-        b["worker_cpu_ms"] + b["db_cpu_ms"] + b["import_cpu_ms"] + b.get("redis_cpu_ms", 0.0)
-    )
+    total_import_cpu = b["worker_cpu_ms"] + b["db_cpu_ms"] + b["import_cpu_ms"] + b["redis_cpu_ms"]
     empty, history, month = f["empty"], f["history"], f["month"]
     latency = max((empty["latency"], month["latency"]), key=lambda x: x["stored_p95_ms"])
     visible = max(empty["latency"]["visible_p95_ms"], month["latency"]["visible_p95_ms"])

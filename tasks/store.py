@@ -568,16 +568,16 @@ def record_deliveries(
         session.execute(prepared_upsert(session, Delivery.__table__, _delivery_upsert), rows)
 
 
+#: What a later outcome of the same message replaces.
+_DELIVERY_UPDATED = ("task_name", "outcome", "event_id", "detail", "finished_at")
 _DELIVERY_UPSERT_PG = "ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
-    f"{name} = excluded.{name}"
-    for name in ("task_name", "outcome", "event_id", "detail", "finished_at")
+    f"{name} = excluded.{name}" for name in _DELIVERY_UPDATED
 )
 
 
 def _delivery_upsert(upsert: Any) -> Any:
-    columns = ("task_name", "outcome", "event_id", "detail", "finished_at")
     return upsert.on_conflict_do_update(
-        index_elements=["task_id"], set_={name: upsert.excluded[name] for name in columns}
+        index_elements=["task_id"], set_={name: upsert.excluded[name] for name in _DELIVERY_UPDATED}
     )
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import BindParameter, bindparam, select, text, true, union, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import BindParameter, bindparam, select, text, union, update
+from sqlalchemy.orm import Session
 
 from models.base import UTCDateTime, utcnow
 from models.db import insert_rows, is_postgresql, table_of
@@ -47,10 +47,12 @@ from tasks.ingest.call_state import (
     CallLookups,
     DerivedCall,
     call_details,
+    closed_by_later_calls,
     derive_call,
     fold_updates,
     is_missed_inbound,
     lock_customer,
+    open_follow_ups,
     reaches_customer,
     reaches_customer_sql,
 )
@@ -455,13 +457,9 @@ _FOLLOW_UP_SETTLE = (
 
 def _settled_query(postgresql: bool) -> Any:
     """The follow-ups that new calls may settle, each with its closer as it should be now:
-    the customers' open ones, and those closed by one of their calls after ``after``.
-
-    Both by index (the open follow-ups of a customer; the customer's calls since ``after``,
-    few while a backfill runs in time order, and what each closed), never all the follow-ups
-    of a busy customer's past, which a year's backfill read again with every batch. On
-    PostgreSQL what each later call closed is a LATERAL probe of the index: a backfill outruns
-    ANALYZE, and a planner that believes a customer has a few follow-ups hashes all of them.
+    the customers' open ones, and those closed by one of their calls after ``after``, each
+    part by index as for one call (``tasks.ingest.call_state``), never all the follow-ups of a
+    busy customer's past, which a year's backfill read again with every batch.
     """
     follow_up = FollowUp
     customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
@@ -478,36 +476,10 @@ def _settled_query(postgresql: bool) -> Any:
         .correlate(follow_up, MISSED_CALL)
         .scalar_subquery()
     )
-    is_open, was_closed = aliased(FollowUp, name="open_one"), aliased(FollowUp, name="closed_one")
-    later = aliased(CrmEvent, name="later_call")
-    later_calls = (
-        later.customer_id.in_(customers),
-        later.occurred_at > bindparam("after", type_=UTCDateTime()),
-    )
-    if postgresql:
-        # Kept a subquery (OFFSET 0) and the customer tested outside it: pulled up, or with
-        # the customer in it, it became the hash join or a bitmap of all their follow-ups again.
-        closed_by_later = (
-            select(was_closed.id, was_closed.customer_id)
-            .where(was_closed.closed_by_event_id == later.id)
-            .offset(0)
-            .lateral("closed_by_later")
-        )
-        closed = (
-            select(closed_by_later.c.id)
-            .select_from(later)
-            .join(closed_by_later, true())
-            .where(*later_calls, closed_by_later.c.customer_id.in_(customers))
-        )
-    else:
-        closed = (
-            select(was_closed.id)
-            .join(later, later.id == was_closed.closed_by_event_id)
-            .where(*later_calls, was_closed.customer_id.in_(customers))
-        )
+    after = bindparam("after", type_=UTCDateTime())
     candidates = union(
-        select(is_open.id).where(is_open.customer_id.in_(customers), is_open.state == "open"),
-        closed,
+        open_follow_ups(customers),
+        closed_by_later_calls(customers, after, postgresql=postgresql),
     )
     return (
         select(follow_up.id, follow_up.state, follow_up.closed_by_event_id, closer)
