@@ -84,13 +84,19 @@ def shifted(text: str, days: int) -> str:
 
 
 def redated_examples(examples: Path, target: Path, zone: ZoneInfo) -> tuple[Path, int]:
-    """A copy of the samples whose latest moment falls on today, at or before now."""
+    """A copy of the samples moved by whole days (their clock times kept) so that the latest
+    moment falls within the day before now, at or before it; or, where that day is in the
+    previous week (the first hours of a Monday), later today: the seller view and the board
+    then show the samples in the current week whenever the demo runs."""
     files = [p for p in sorted(examples.rglob("*")) if p.suffix in SAMPLE_SUFFIXES]
     # Latin-1 keeps every byte of a mail as it is through the text round trip.
     texts = {path: path.read_bytes().decode("latin-1") for path in files}
     moments = [moment for text in texts.values() for moment in sample_moments(text)]
     now = datetime.now(zone).replace(tzinfo=None)
     days = int((now - max(moments)) / timedelta(days=1)) if moments else 0
+    week_start = now.date() - timedelta(days=now.weekday())
+    if moments and (max(moments) + timedelta(days=days)).date() < week_start:
+        days += 1
     shutil.rmtree(target, ignore_errors=True)
     for path in sorted(examples.rglob("*")):
         destination = target / path.relative_to(examples)
