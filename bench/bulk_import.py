@@ -12,6 +12,9 @@ the last year), and measures, end to end:
 * bare: ``--bare`` no-op tasks through ``bench/bare_worker.py`` (Celery itself, the same
   delivery settings: JSON, late acks, prefetch 1, concurrency 2): what one message per event
   would allow at best;
+* a late file: ``--late`` rows of another PBX's file of the same year, imported after the
+  first (its calls fall among the stored ones, as a second site's or an earlier month's file
+  does): events/s against the first file's, which ought to be about the same;
 * PostgreSQL: the same number of rows inserted by one client with ``executemany`` into a table
   of the call's main columns (one transaction): what the database takes batched, with nothing of
   the pipeline around it.
@@ -72,6 +75,9 @@ class Figures:
     pg_s: float
     events_stored: int
     drift: int
+    late_rows: int = 0
+    late_s: float = 0.0
+    late_stored: int = 0
 
     @property
     def import_rate(self) -> float:
@@ -88,6 +94,10 @@ class Figures:
     @property
     def pg_rate(self) -> float:
         return self.rows / self.pg_s
+
+    @property
+    def late_rate(self) -> float:
+        return self.late_rows / self.late_s if self.late_s else 0.0
 
 
 def master_csv(rows: int, run_id: str, seed: int = 1) -> str:
@@ -264,6 +274,15 @@ def measure(args: argparse.Namespace) -> Figures:
         db_cpu = pipeline.database_cpu_seconds(world) - db_before
         redis_cpu = pipeline.redis_cpu_seconds() - redis_before
         pipeline.log(f"import done in {import_s:.1f} s: {outcomes}")
+        late_s = 0.0
+        if args.late:
+            late = world.tmp / "Master-late.csv"
+            late.write_text(master_csv(args.late, f"l{run_id}", seed=2))
+            pipeline.log(f"importing a late file of {args.late} rows of the same year")
+            late_s, late_outcomes, _cpu = run_import(
+                world, env, late, args.batch_size, args.timeout
+            )
+            pipeline.log(f"late import done in {late_s:.1f} s: {late_outcomes}")
 
         bare_cpu_before = pipeline.cpu_seconds(bare)
         result = pipeline.run_bare(world, run_id, "b", args.bare, args.timeout)
@@ -276,6 +295,13 @@ def measure(args: argparse.Namespace) -> Figures:
                     "AND source_id LIKE :p"
                 ),
                 {"p": f"{run_id}.%"},
+            ).scalar_one()
+            late_stored = connection.execute(
+                text(
+                    "SELECT count(*) FROM crm_event WHERE source_kind = 'call' "
+                    "AND source_id LIKE :p"
+                ),
+                {"p": f"l{run_id}.%"},
             ).scalar_one()
         return Figures(
             rows=args.rows,
@@ -293,6 +319,9 @@ def measure(args: argparse.Namespace) -> Figures:
             pg_s=pg_s,
             events_stored=stored,
             drift=pipeline.tally_drift(world),
+            late_rows=args.late,
+            late_s=late_s,
+            late_stored=late_stored,
         )
     finally:
         pipeline.destroy_world(world, args.keep)
@@ -311,6 +340,12 @@ def report(f: Figures) -> None:
         f"{f.redis_cpu_ms:.2f} ms; {f.total_cpu_ms:.2f} ms in all: at most "
         f"{cores * 1000 / f.total_cpu_ms:,.0f} events/s on this machine's {cores} cores"
     )
+    if f.late_rows:
+        print(
+            f"a late file of the same year: {f.late_rows} rows in {f.late_s:.1f} s = "
+            f"{f.late_rate:.0f} events/s ({f.late_rate / f.import_rate:.2f} x the first file's)"
+            + ("" if f.late_stored == f.late_rows else "  WARNING: not exactly one per row")
+        )
     print(
         f"bare Celery: {f.bare_n} no-op tasks in {f.bare_s:.1f} s = {f.bare_rate:.0f} tasks/s "
         f"(worker CPU {f.bare_cpu_ms:.2f} ms per task)"
@@ -341,6 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=500, help="rows per crm.batch/1")
     parser.add_argument("--bare", type=int, default=10_000, help="bare no-op tasks (baseline)")
     parser.add_argument("--warmup", type=int, default=1000, help="unmeasured rows first")
+    parser.add_argument(
+        "--late", type=int, default=20_000, help="rows of a late file of the same year (0: none)"
+    )
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database index (flushed!)")
     parser.add_argument(
         "--redis",
@@ -359,8 +397,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the import")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.bare < 1 or args.warmup < 0 or not 1 <= args.batch_size <= 1000:
-        parser.error("--rows and --bare positive, --warmup not negative, --batch-size 1..1000")
+    if args.rows < 1 or args.bare < 1 or min(args.warmup, args.late) < 0:
+        parser.error("--rows and --bare positive, --warmup and --late not negative")
+    if not 1 <= args.batch_size <= 1000:
+        parser.error("--batch-size 1..1000")
     return args
 
 
@@ -379,9 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             "import_rate": figures.import_rate,
             "bare_rate": figures.bare_rate,
             "pg_rate": figures.pg_rate,
+            "late_rate": figures.late_rate,
         }
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-    return 0 if figures.events_stored == figures.rows and figures.drift == 0 else 1
+    exact = figures.events_stored == figures.rows and figures.late_stored == figures.late_rows
+    return 0 if exact and figures.drift == 0 else 1
 
 
 if __name__ == "__main__":

@@ -26,15 +26,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import BindParameter, bindparam, select, text, union, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BindParameter,
+    Integer,
+    all_,
+    and_,
+    bindparam,
+    case,
+    column,
+    func,
+    literal,
+    select,
+    text,
+    true,
+    union,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
 from models.db import insert_rows, is_postgresql, table_of
-from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp, counts
+from models.events import (
+    CrmEvent,
+    EventParticipant,
+    EventPropertyLink,
+    FollowUp,
+    counts,
+    reaches_customer_sql,
+)
 from models.invalid import BadInput
 from models.ledger import InboundMessage
 from models.parties import EventPartyKey
@@ -47,14 +71,13 @@ from tasks.ingest.call_state import (
     CallLookups,
     DerivedCall,
     call_details,
-    closed_by_later_calls,
     derive_call,
     fold_updates,
     is_missed_inbound,
     lock_customer,
+    next_reaching_call,
     open_follow_ups,
     reaches_customer,
-    reaches_customer_sql,
 )
 from tasks.leads import LEAD
 from tasks.periods import period_keys
@@ -429,10 +452,16 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
                 if event.customer_id is not None
             ],
         )
-    # Closed by a call after the earliest new one that reached the customer (none: no bound).
-    earliest = min((e.occurred_at for e in closers), default=None)
+    if is_postgresql(session):
+        ids = session.scalars(_CANDIDATES_PG, {"customers": customers, **_probes(closers)}).all()
+    else:
+        # Closed by a call after the earliest new one that reached the customer (none: none).
+        earliest = min((e.occurred_at for e in closers), default=None)
+        ids = session.scalars(_CANDIDATES, {"customers": customers, "after": earliest}).all()
+    # A statement of its own: the planner then knows how few they are, where statistics that
+    # a backfill outran made it hash the whole event table to join them to their calls.
     settled = _SETTLED_PG if is_postgresql(session) else _SETTLED
-    rows = session.execute(settled, {"customers": customers, "after": earliest}).all()
+    rows = session.execute(settled, {"ids": sorted(set(ids))}).all() if ids else []
     changed = []
     for follow_up_id, state, closed_by, closer in rows:
         if closer is None:
@@ -455,38 +484,151 @@ _FOLLOW_UP_SETTLE = (
 )
 
 
+def _probes(closers: Sequence[CrmEvent]) -> dict[str, list[Any]]:
+    """Where to look for the follow-ups that the new calls that reached their customer may now
+    close (``_closed_by_next_calls``): for each customer, each such call's time and the next
+    one's (the last: ``_NO_END``); and the new calls, which closed nothing yet."""
+    times: dict[int, set[Any]] = {}
+    for event in closers:
+        assert event.customer_id is not None
+        times.setdefault(event.customer_id, set()).add(event.occurred_at)
+    probes: dict[str, list[Any]] = {"probe_customer": [], "probe_after": [], "probe_until": []}
+    for customer_id, moments in sorted(times.items()):
+        ordered = sorted(moments)
+        probes["probe_customer"] += [customer_id] * len(ordered)
+        probes["probe_after"] += ordered
+        probes["probe_until"] += [*ordered[1:], _NO_END]
+    probes["new_ids"] = [event.id for event in closers]
+    return probes
+
+
+#: The upper end of a customer's last probe: no call is later.
+_NO_END = datetime.max.replace(tzinfo=UTC)
+
+
+def _closed_by_next_calls() -> Any:
+    """PostgreSQL: the follow-ups closed by the next call that reached the customer (of those
+    stored before this batch) after each new one that did (``next_reaching_call``): of the
+    closed ones, the only ones that a new call can now close.
+
+    Each probe reads the customer's calls up to the next new one only: where none of theirs
+    lies between two new calls, the later one's probe finds the same next call. So a probe
+    never walks the batch's own later calls of a busy customer, and a batch of calls that
+    arrive late (a second PBX's file of the same year) reads no more of the customer's past
+    than one in order.
+    """
+    probe = (
+        func.unnest(
+            bindparam("probe_customer", type_=ARRAY(Integer)),
+            bindparam("probe_after", type_=ARRAY(UTCDateTime())),
+            bindparam("probe_until", type_=ARRAY(UTCDateTime())),
+        )
+        .table_valued(
+            column("customer_id", Integer),
+            column("after", UTCDateTime()),
+            column("until", UTCDateTime()),
+        )
+        .render_derived(name="probe")
+    )
+    new_ids = bindparam("new_ids", type_=ARRAY(Integer))
+    next_call = next_reaching_call(
+        probe.c.customer_id,
+        probe.c.after,
+        until=probe.c.until,
+        other_than=lambda later: later.id != all_(new_ids),
+    ).lateral("next_one")
+    was_closed = aliased(FollowUp, name="closed_by_next")
+    # Each next call's by index, in a subquery of its own (OFFSET 0): a planner told that there
+    # are hardly any follow-ups otherwise chose to scan them all for each next call. Those
+    # missed after the new call are settled again for nothing (as they were): testing their
+    # times here let it join the missed calls first.
+    closed = (
+        select(was_closed.id)
+        .where(was_closed.closed_by_event_id == next_call.c.id)
+        .offset(0)
+        .lateral("closed_by_it")
+    )
+    return select(closed.c.id).select_from(probe).join(next_call, true()).join(closed, true())
+
+
+def _closed_by_later_calls(customers: Any, after: Any) -> Any:
+    """SQLite (no arrays to probe with): the customers' follow-ups closed by one of their calls
+    after ``after``, the earliest new call that reached its customer. More than
+    ``_closed_by_next_calls`` reads where calls arrive late, the same follow-ups settled."""
+    later = aliased(CrmEvent, name="later_call")
+    was_closed = aliased(FollowUp, name="closed_one")
+    return (
+        select(was_closed.id)
+        .join(later, was_closed.closed_by_event_id == later.id)
+        .where(
+            later.customer_id.in_(customers),
+            later.occurred_at > after,
+            was_closed.customer_id.in_(customers),
+        )
+    )
+
+
+def _candidates(postgresql: bool) -> Any:
+    """The ids of the follow-ups that new calls may settle: the customers' open ones, and those
+    that a new call may now close (``_closed_by_next_calls``), each part by index as for one
+    call (``tasks.ingest.call_state``), never all the follow-ups of a busy customer's past,
+    which a year's backfill would read again with every batch."""
+    customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
+    return union(
+        open_follow_ups(customers),
+        _closed_by_next_calls()
+        if postgresql
+        else _closed_by_later_calls(customers, bindparam("after", type_=UTCDateTime())),
+    )
+
+
+_CANDIDATES = _candidates(postgresql=False)
+_CANDIDATES_PG = _candidates(postgresql=True)
+
+
 def _settled_query(postgresql: bool) -> Any:
-    """The follow-ups that new calls may settle, each with its closer as it should be now:
-    the customers' open ones, and those closed by one of their calls after ``after``, each
-    part by index as for one call (``tasks.ingest.call_state``), never all the follow-ups of a
-    busy customer's past, which a year's backfill read again with every batch.
+    """Follow-ups by id, each with its closer as it should be now: the first call after the
+    missed one that reached the customer (``next_reaching_call``).
+
+    New calls can only move a closer earlier: where the follow-up's closer still reaches its
+    customer after the missed call, the search ends at it, and reads the calls between the
+    two, not all the customer's calls since (a year of them for a call missed in January).
+    On PostgreSQL each follow-up is read by itself (a LATERAL subquery): a planner whose
+    statistics a backfill outran otherwise hashed the whole event table to find their calls.
     """
     follow_up = FollowUp
-    customers: BindParameter[list[int]] = bindparam("customers", expanding=True)
+    current = aliased(CrmEvent, name="current_closer")
+    still_closes = and_(
+        current.customer_id == follow_up.customer_id,
+        current.occurred_at > MISSED_CALL.occurred_at,
+        reaches_customer_sql(current),
+    )
     closer = (
-        select(CrmEvent.id)
-        .where(
-            CrmEvent.customer_id == follow_up.customer_id,
-            CrmEvent.id != MISSED_CALL.id,
-            CrmEvent.occurred_at > MISSED_CALL.occurred_at,
-            reaches_customer_sql(CrmEvent),
+        next_reaching_call(
+            follow_up.customer_id,
+            MISSED_CALL.occurred_at,
+            until=case((still_closes, current.occurred_at), else_=literal(_NO_END, UTCDateTime())),
+            other_than=lambda later: later.id != MISSED_CALL.id,
         )
-        .order_by(CrmEvent.occurred_at, CrmEvent.id)
-        .limit(1)
-        .correlate(follow_up, MISSED_CALL)
+        .correlate(follow_up, MISSED_CALL, current)
         .scalar_subquery()
     )
-    after = bindparam("after", type_=UTCDateTime())
-    candidates = union(
-        open_follow_ups(customers),
-        closed_by_later_calls(customers, after, postgresql=postgresql),
-    )
-    return (
-        select(follow_up.id, follow_up.state, follow_up.closed_by_event_id, closer)
+    settled = (
+        select(follow_up.id, follow_up.state, follow_up.closed_by_event_id, closer.label("closer"))
         .join(MISSED_CALL, MISSED_CALL.id == follow_up.event_id)
-        .where(follow_up.id.in_(candidates))
-        .order_by(follow_up.id)
+        .outerjoin(current, current.id == follow_up.closed_by_event_id)
     )
+    if not postgresql:
+        return settled.where(follow_up.id.in_(bindparam("ids", expanding=True))).order_by(
+            follow_up.id
+        )
+    wanted = (
+        func.unnest(bindparam("ids", type_=ARRAY(Integer)))
+        .table_valued(column("id", Integer))
+        .render_derived(name="wanted")
+    )
+    one = settled.where(follow_up.id == wanted.c.id).offset(0).lateral("settled")
+    return select(one).select_from(wanted).join(one, true()).order_by(one.c.id)
 
 
 _SETTLED = _settled_query(postgresql=False)

@@ -15,12 +15,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BindParameter, bindparam, exists, or_, select, text, true, union
+from sqlalchemy import BindParameter, bindparam, exists, or_, select, text, union
 from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
 from models.db import is_postgresql, table_of
-from models.events import ERP_REFERENCES, CrmEvent, FollowUp
+from models.events import (
+    ANSWERED_STATUSES,
+    ERP_REFERENCES,
+    CrmEvent,
+    FollowUp,
+    reaches_customer_sql,
+)
 from models.ledger import InboundMessage
 from models.parties import Staff
 from tasks.classify import Classification, ClassificationRequest, classify
@@ -61,8 +67,6 @@ STATUS_RANK: dict[str, int] = {
 
 #: A missed inbound call from a known customer opens a follow-up for the seller.
 MISSED_STATUSES = frozenset({"missed", "busy", "voicemail", "failed"})
-#: An inbound call in one of these statuses reached us: it closes earlier follow-ups.
-ANSWERED_STATUSES = frozenset({"answered", "completed"})
 #: Among terminal statuses of equal sequence, the more informative one wins: someone talked
 #: beats a voicemail beats a plain miss. This also makes an answered leg of a call outrank the
 #: legs that rang unanswered.
@@ -566,13 +570,6 @@ def reaches_customer(event: CrmEvent) -> bool:
     )
 
 
-def reaches_customer_sql(table: Any) -> Any:
-    return (table.source_kind == "call") & or_(
-        table.direction == "outbound",
-        (table.direction == "inbound") & table.status.in_(ANSWERED_STATUSES),
-    )
-
-
 #: The missed call of a follow-up, beside the call being reconciled (built once: costly).
 MISSED_CALL = aliased(CrmEvent, name="missed_call")
 
@@ -610,8 +607,13 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
         lock_customer(session, customer_id)
     affected = list(
         session.scalars(
-            _affected_statement(session, closer),
-            {"customers": customers, "event_id": event.id, "occurred_at": event.occurred_at},
+            _AFFECTED_BY_CLOSER if closer else _AFFECTED,
+            {
+                "customers": customers,
+                "customer_id": event.customer_id,
+                "event_id": event.id,
+                "occurred_at": event.occurred_at,
+            },
         )
     )
     own = next((f for f in affected if f.event_id == event.id), None)
@@ -639,58 +641,48 @@ def open_follow_ups(customers: Any) -> Any:
     return select(is_open.id).where(is_open.customer_id.in_(customers), is_open.state == "open")
 
 
-def closed_by_later_calls(
-    customers: Any, after: Any, *, postgresql: bool, missed_before: Any = None
-) -> Any:
-    """The ids of the customers' follow-ups closed by one of their calls after ``after`` (and,
-    with ``missed_before``, for a call missed before it), read by index from those calls: few
-    while calls arrive in order, live or from a CDR file.
+def next_reaching_call(customer_id: Any, after: Any, *, until: Any = None, other_than: Any) -> Any:
+    """The customer's first call after ``after`` (and not after ``until``) that reached them,
+    but for those ``other_than`` rules out (a clause built on the ``next_call`` it is given).
 
-    On PostgreSQL what each such call closed is a LATERAL probe, kept a subquery (OFFSET 0) with
-    the customer tested outside it: a backfill outruns ANALYZE, and a planner told a customer has
-    a few follow-ups pulled it up into a hash join, or ANDed a bitmap of all of them in.
+    A follow-up is closed by the first call after its missed one that reached the customer. Of
+    the follow-ups missed before ``after``, only those closed by this call can have been closed
+    later than ``after``: a call at ``after`` that reached the customer closes them now instead.
+    Read by ``ix_crm_event_reaching_call`` from ``after`` on, up to the first such call: a
+    call that arrives late (a second PBX's file of the same year, a month imported after the
+    next) reads no more of a busy customer's later calls than one that arrives in order.
     """
-    later = aliased(CrmEvent, name="later_call")
-    was_closed = aliased(FollowUp, name="closed_one")
-    closed_by_it = was_closed.closed_by_event_id == later.id
-    missed = (
-        []
-        if missed_before is None
-        else [
-            exists().where(
-                MISSED_CALL.id == was_closed.event_id, MISSED_CALL.occurred_at < missed_before
-            )
-        ]
-    )
-    later_calls = (later.customer_id.in_(customers), later.occurred_at > after)
-    if not postgresql:
-        return (
-            select(was_closed.id)
-            .join(later, closed_by_it)
-            .where(*later_calls, was_closed.customer_id.in_(customers), *missed)
-        )
-    closed = (
-        select(was_closed.id, was_closed.customer_id)
-        .where(closed_by_it, *missed)
-        .offset(0)
-        .lateral("closed_by_later")
-    )
+    later = aliased(CrmEvent, name="next_call")
+    bounds = [later.customer_id == customer_id, later.occurred_at > after]
+    if until is not None:
+        bounds.append(later.occurred_at <= until)
     return (
-        select(closed.c.id)
-        .select_from(later)
-        .join(closed, true())
-        .where(*later_calls, closed.c.customer_id.in_(customers))
+        select(later.id)
+        .where(*bounds, reaches_customer_sql(later), other_than(later))
+        .order_by(later.occurred_at, later.id)
+        .limit(1)
     )
 
 
-def _affected_query(closer: bool, postgresql: bool) -> Any:
+def missed_before(follow_up: Any, moment: Any) -> Any:
+    """The follow-up's call was missed before ``moment``."""
+    return (
+        exists()
+        .where(MISSED_CALL.id == follow_up.event_id, MISSED_CALL.occurred_at < moment)
+        .correlate_except(MISSED_CALL)
+    )
+
+
+def _affected_query(closer: bool) -> Any:
     """The follow-ups a call may open, close or withdraw: open ones of its customers, its own,
-    those it closed; and for a call that reached the customer, those closed by a later call.
+    those it closed; and for a call that reached the customer, those its customer's next such
+    call closed after a call missed before this one (``next_reaching_call``).
 
     A callback that arrives late but happened before the one that closed a follow-up becomes the
     one that closed it. Each part is read by an index, never all of a busy customer's past
-    follow-ups (with 12,000 of them that read cost 0.87 ms per call; by index 0.34 ms, and
-    0.12 ms with none). Built once per dialect (``reconcile_follow_ups``).
+    follow-ups nor all their later calls: a busy customer's call, in order or months late,
+    reads as fast as one of a customer with none (docs/telephony.md). Built once
+    (``reconcile_follow_ups``).
     """
     event_id: BindParameter[int] = bindparam("event_id")
     occurred_at = bindparam("occurred_at", type_=UTCDateTime())
@@ -703,9 +695,13 @@ def _affected_query(closer: bool, postgresql: bool) -> Any:
         select(closed_by_it.id).where(closed_by_it.closed_by_event_id == event_id),
     ]
     if closer:
+        next_call = next_reaching_call(
+            bindparam("customer_id"), occurred_at, other_than=lambda later: later.id != event_id
+        ).scalar_subquery()
+        was_closed = aliased(FollowUp, name="closed_by_next")
         parts.append(
-            closed_by_later_calls(
-                customers, occurred_at, postgresql=postgresql, missed_before=occurred_at
+            select(was_closed.id).where(
+                was_closed.closed_by_event_id == next_call, missed_before(was_closed, occurred_at)
             )
         )
     return (
@@ -716,15 +712,8 @@ def _affected_query(closer: bool, postgresql: bool) -> Any:
     )
 
 
-_AFFECTED = _affected_query(closer=False, postgresql=False)
-_AFFECTED_BY_CLOSER = _affected_query(closer=True, postgresql=False)
-_AFFECTED_BY_CLOSER_PG = _affected_query(closer=True, postgresql=True)
-
-
-def _affected_statement(session: Session, closer: bool) -> Any:
-    if not closer:
-        return _AFFECTED
-    return _AFFECTED_BY_CLOSER_PG if is_postgresql(session) else _AFFECTED_BY_CLOSER
+_AFFECTED = _affected_query(closer=False)
+_AFFECTED_BY_CLOSER = _affected_query(closer=True)
 
 
 def _settle(session: Session, follow_up: FollowUp) -> None:
@@ -746,16 +735,10 @@ def _settle(session: Session, follow_up: FollowUp) -> None:
         )
 
 
-_FIRST_CLOSER = (
-    select(table_of(CrmEvent).c.id)
-    .where(
-        table_of(CrmEvent).c.customer_id == bindparam("customer_id"),
-        table_of(CrmEvent).c.id != bindparam("missed"),
-        table_of(CrmEvent).c.occurred_at > bindparam("at", type_=UTCDateTime()),
-        reaches_customer_sql(table_of(CrmEvent).c),
-    )
-    .order_by(table_of(CrmEvent).c.occurred_at, table_of(CrmEvent).c.id)
-    .limit(1)
+_FIRST_CLOSER = next_reaching_call(
+    bindparam("customer_id"),
+    bindparam("at", type_=UTCDateTime()),
+    other_than=lambda later: later.id != bindparam("missed"),
 )
 
 
