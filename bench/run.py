@@ -2,7 +2,8 @@
 
 Runs ``pipeline.py`` (call events one message each, the app's no-op task and a bare Celery
 no-op task, alternating), ``bulk_import.py`` (``crm-events import cdr`` end to end, bare Celery
-and PostgreSQL ``executemany`` as baselines) and ``flat.py`` (call events with a year of history
+and PostgreSQL ``executemany`` as baselines; then a late file of a fifth as many rows of the
+same year) and ``flat.py`` (call events with a year of history
 and with a busy month, and the latency to stored and to visible), each in its own throw-away
 world, and prints a Markdown table with the date and the load averages, ready for
 bench/README.md.
@@ -114,6 +115,14 @@ def rows(
             met(b["import_rate"] >= 5000),
         ),
         (
+            f"a late file of {b['late_rows']:,} rows of the same year, after those",
+            f"{b['late_rate']:.0f} events/s",
+            "flat in history",
+            f"the first file {b['import_rate']:.0f} events/s",
+            f"{b['late_rate'] / b['import_rate']:.2f}",
+            "",
+        ),
+        (
             "CPU per imported event",
             f"worker {b['worker_cpu_ms']:.2f} ms, PostgreSQL {b['db_cpu_ms']:.2f} ms, the import"
             f" command {b['import_cpu_ms']:.2f} ms: {total_import_cpu:.2f} ms in all",
@@ -207,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_n = args.rows or (5000 if args.quick else 100000)
     started, load_before = datetime.now().astimezone(), load_now()
     p = run_script("pipeline.py", ["--events", events, "--repeats", repeats, "--warmup", "50"])
-    b = run_script("bulk_import.py", ["--rows", str(rows_n), "--bare", "5000"])
+    b = run_script(
+        "bulk_import.py", ["--rows", str(rows_n), "--late", str(rows_n // 5), "--bare", "5000"]
+    )
     history, month = ("100000", "10000") if args.quick else ("1000000", "100000")
     f = run_script(
         "flat.py",

@@ -165,7 +165,8 @@ def fold_updates(updates: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "recordings": {},
         "updates": len(updates),
     }
-    for change in sorted(updates, key=update_order):
+    # One update (a CDR row, most of a backfill) needs no order, nor the hash that orders it.
+    for change in sorted(updates, key=update_order) if len(updates) > 1 else updates:
         status = change.get("status")
         if status in STATUS_RANK:
             state["status"] = status
