@@ -83,11 +83,14 @@ def shifted(text: str, days: int) -> str:
     return ICS_MOMENT.sub(ics, RFC_MOMENT.sub(rfc, ISO_MOMENT.sub(iso, text)))
 
 
-def redated_examples(examples: Path, target: Path, zone: ZoneInfo) -> tuple[Path, int]:
+def redated_examples(
+    examples: Path, target: Path, zone: ZoneInfo
+) -> tuple[Path, int, datetime | None]:
     """A copy of the samples moved by whole days (their clock times kept) so that the latest
     moment falls within the day before now, at or before it; or, where that day is in the
     previous week (the first hours of a Monday), later today: the seller view and the board
-    then show the samples in the current week whenever the demo runs."""
+    then show the samples in the current week whenever the demo runs. Returns the copy, the
+    days moved and the latest moment after the move (local time)."""
     files = [p for p in sorted(examples.rglob("*")) if p.suffix in SAMPLE_SUFFIXES]
     # Latin-1 keeps every byte of a mail as it is through the text round trip.
     texts = {path: path.read_bytes().decode("latin-1") for path in files}
@@ -108,7 +111,7 @@ def redated_examples(examples: Path, target: Path, zone: ZoneInfo) -> tuple[Path
         else:
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, destination)
-    return target, days
+    return target, days, max(moments) + timedelta(days=days) if moments else None
 
 
 def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -219,10 +222,11 @@ def run_demo(rt: Any, examples: Path | None, timeout: float, serve: bool = True)
         if not (samples / "parties.json").is_file():
             console.print(f"[red]no sample data in {samples}: give --examples FOLDER[/red]")
             return 2
-        examples, days = redated_examples(
+        examples, days, latest = redated_examples(
             samples, settings.data_dir / "demo-examples", settings.zone
         )
-        console.print(f"the samples' times moved by {days} day(s): the latest is today's")
+        when = f": the latest at {latest:%Y-%m-%d %H:%M}" if latest else ""
+        console.print(f"the samples' times moved by {days} day(s){when}")
     if not settings.embedded_broker:
         console.print(f"broker: {settings.effective_broker_url.split('@')[-1]}")
 

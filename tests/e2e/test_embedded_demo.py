@@ -36,26 +36,31 @@ def run_json(data_dir: Path, *args: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """The demo's data folder, and by how many days it moved the samples' times."""
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, datetime]:
+    """The demo's data folder, by how many days it moved the samples' times, and the latest
+    moment it says they have now."""
     data_dir = tmp_path_factory.mktemp("embedded")
     result = run(data_dir, "demo")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Myyjän näkymä" in result.stdout
     assert "make screens" in result.stdout  # not a terminal: it says how to see the screens
     assert (data_dir / "crm.sqlite3").exists()
-    moved = re.search(r"the samples' times moved by (-?\d+) day", result.stdout)
+    moved = re.search(
+        r"the samples' times moved by (-?\d+) day\(s\): the latest at (\S+ \S+)", result.stdout
+    )
     assert moved, result.stdout[:2000]
-    return data_dir, int(moved[1])
+    return data_dir, int(moved[1]), datetime.fromisoformat(moved[2])
 
 
 @pytest.fixture(scope="module")
-def demo_dir(demo_run: tuple[Path, int]) -> Path:
+def demo_dir(demo_run: tuple[Path, int, datetime]) -> Path:
     return demo_run[0]
 
 
-def test_the_samples_are_dated_so_that_the_latest_is_today(demo_run: tuple[Path, int]) -> None:
-    data_dir = demo_run[0]
+def test_the_samples_are_dated_so_that_the_latest_is_today(
+    demo_run: tuple[Path, int, datetime],
+) -> None:
+    data_dir, _days, said = demo_run
     events = run_json(data_dir, "events")
     zone = ZoneInfo("Europe/Helsinki")  # the demo's zone (CRM_TIME_ZONE's default)
     latest = max(datetime.fromisoformat(e["occurred_at"]) for e in events).astimezone(zone)
@@ -64,12 +69,15 @@ def test_the_samples_are_dated_so_that_the_latest_is_today(demo_run: tuple[Path,
     # Within the day before now; in a Monday's first hours, later today (not last week).
     assert latest.date() >= week_start
     assert (latest <= now and now - latest < timedelta(days=1)) or latest.date() == now.date()
+    # The latest moment the demo names (of any sample: an event's, a header's) is no earlier.
+    assert said.replace(tzinfo=zone) >= latest.replace(second=0, microsecond=0)
+    assert said.date() >= week_start
     this_week = [c["count_week"] for c in run_json(data_dir, "seller-view", "anna")]
     assert sum(this_week) > 0  # the seller view's current week has the samples in it
 
 
-def test_demo_stores_every_sample_once(demo_run: tuple[Path, int]) -> None:
-    demo_dir, days = demo_run
+def test_demo_stores_every_sample_once(demo_run: tuple[Path, int, datetime]) -> None:
+    demo_dir, days, _said = demo_run
     events = run_json(demo_dir, "events")
     by_source = {(e["source_kind"], e["source_id"]) for e in events}
     assert len(by_source) == len(events) == 13
