@@ -195,6 +195,18 @@ CREATE TEMPORARY TABLE bench_call_rows (
 """
 
 
+def stored_calls(world: pipeline.World, run_id: str) -> int:
+    """The call events stored from the rows of the file ``master_csv`` wrote for ``run_id``."""
+    from sqlalchemy import text
+
+    with world.engine.connect() as connection:
+        count: int = connection.execute(
+            text("SELECT count(*) FROM crm_event WHERE source_kind = 'call' AND source_id LIKE :p"),
+            {"p": f"{run_id}.%"},
+        ).scalar_one()
+    return count
+
+
 def run_pg_baseline(world: pipeline.World, rows: int) -> float:
     """Seconds one client takes to insert ``rows`` call rows with executemany, committed."""
     from sqlalchemy import create_engine, text
@@ -232,7 +244,7 @@ def run_pg_baseline(world: pipeline.World, rows: int) -> float:
 
 
 def measure(args: argparse.Namespace) -> Figures:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     from config.settings import Settings
 
@@ -288,21 +300,7 @@ def measure(args: argparse.Namespace) -> Figures:
         result = pipeline.run_bare(world, run_id, "b", args.bare, args.timeout)
         bare_cpu = pipeline.cpu_seconds(bare) - bare_cpu_before
         pg_s = run_pg_baseline(world, args.rows)
-        with world.engine.connect() as connection:
-            stored = connection.execute(
-                text(
-                    "SELECT count(*) FROM crm_event WHERE source_kind = 'call' "
-                    "AND source_id LIKE :p"
-                ),
-                {"p": f"{run_id}.%"},
-            ).scalar_one()
-            late_stored = connection.execute(
-                text(
-                    "SELECT count(*) FROM crm_event WHERE source_kind = 'call' "
-                    "AND source_id LIKE :p"
-                ),
-                {"p": f"l{run_id}.%"},
-            ).scalar_one()
+        stored, late_stored = (stored_calls(world, prefix) for prefix in (run_id, f"l{run_id}"))
         return Figures(
             rows=args.rows,
             batch_size=args.batch_size,

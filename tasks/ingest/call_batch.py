@@ -3,8 +3,8 @@
 A CDR backfill or a burst of call updates arrives as ``crm.batch/1`` messages of hundreds of
 calls, nearly all of them new. Each would cost the call stage a dozen statements; here the
 batch's new calls cost a few statements each for the whole batch: one multi-row insert each of
-the ledger rows, the events, their properties, party keys and participants, one read of the
-follow-ups they touch, one tally move. Matching and classification are asked once per distinct
+the ledger rows, the events, their properties, party keys and participants, two reads of the
+follow-ups they touch (which, then each one's closer), one tally move. Matching and classification are asked once per distinct
 number, agent and category (``CallLookups``).
 
 The stored events are the call stage's own: the same fold of the same updates and the same
@@ -422,7 +422,8 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
     is closed by the first later call that reached the customer, else open. The follow-ups
     that can change are those of the customers the new calls concern whose missed call came
     before one of the new calls that reached the customer, and which are open or closed by a
-    call after it; one read settles them all.
+    call after it: one read finds them (``_CANDIDATES_PG``), one reads each one's closer as it
+    should be now (``_SETTLED_PG``), one update writes those that change.
     """
     events = [call.event for call in calls if call.event is not None]
     missed = [e for e in events if is_missed_inbound(e)]
@@ -452,7 +453,8 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
                 if event.customer_id is not None
             ],
         )
-    if is_postgresql(session):
+    postgresql = is_postgresql(session)
+    if postgresql:
         ids = session.scalars(_CANDIDATES_PG, {"customers": customers, **_probes(closers)}).all()
     else:
         # Closed by a call after the earliest new one that reached the customer (none: none).
@@ -460,7 +462,7 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         ids = session.scalars(_CANDIDATES, {"customers": customers, "after": earliest}).all()
     # A statement of its own: the planner then knows how few they are, where statistics that
     # a backfill outran made it hash the whole event table to join them to their calls.
-    settled = _SETTLED_PG if is_postgresql(session) else _SETTLED
+    settled = _SETTLED_PG if postgresql else _SETTLED
     rows = session.execute(settled, {"ids": sorted(set(ids))}).all() if ids else []
     changed = []
     for follow_up_id, state, closed_by, closer in rows:

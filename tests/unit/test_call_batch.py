@@ -25,7 +25,7 @@ from tasks.context import StageContext
 from tasks.ingest import call_batch, call_state
 from tasks.ingest.call import ingest_call
 from tasks.maintenance import delete_event, reconcile
-from tests.unit.test_call_followups import MATTI, callback, missed
+from tests.unit.test_call_followups import MATTI, callback, event_id, missed
 
 QUEUES = {"crm.ingest.call": "crm.ingest.call"}
 HELSINKI = "+02:00"
@@ -434,6 +434,18 @@ def indexes_read(world: Session, statement: Any, params: dict[str, Any]) -> set[
     }
 
 
+def assert_read_by_index(world: Session, statement: Any, params: dict[str, Any]) -> None:
+    """The follow-ups a call may settle are read by their indexes (the customer's open ones,
+    those a call closed, the customer's next call), never all of the customer's."""
+    indexes = indexes_read(world, statement, params)
+    assert "ix_follow_up_customer_id" not in indexes
+    assert {
+        "ix_follow_up_open_customer",
+        "ix_follow_up_closed_by_event_id",
+        "ix_crm_event_reaching_call",
+    } <= indexes
+
+
 def probes(customer: int, *moments: datetime) -> dict[str, Any]:
     """``_CANDIDATES_PG``'s parameters for new calls at ``moments`` that reached ``customer``."""
     calls = [CrmEvent(id=-n, customer_id=customer, occurred_at=m) for n, m in enumerate(moments)]
@@ -451,13 +463,7 @@ def test_the_follow_ups_a_batch_settles_are_found_by_index_whatever_the_statisti
         customer, datetime(2026, 11, 20, tzinfo=UTC), datetime(2026, 11, 21, tzinfo=UTC)
     )
     assert world.scalars(call_batch._CANDIDATES_PG, params).all() == []
-    indexes = indexes_read(world, call_batch._CANDIDATES_PG, params)
-    assert "ix_follow_up_customer_id" not in indexes
-    assert {
-        "ix_follow_up_open_customer",
-        "ix_follow_up_closed_by_event_id",
-        "ix_crm_event_reaching_call",
-    } <= indexes
+    assert_read_by_index(world, call_batch._CANDIDATES_PG, params)
 
     # A call between the missed calls and their callback: it closes all 3,001 of them now.
     params = probes(customer, datetime(2026, 11, 1, 9, 30, tzinfo=ZoneInfo("Europe/Helsinki")))
@@ -511,10 +517,6 @@ def test_calls_that_arrive_late_read_no_more_follow_ups_than_those_in_order(
         .where(FollowUp.event_id == event_id(world, "b-y-m1"))
     )
     assert closed_by == "b-y-early"
-
-
-def event_id(world: Session, call_id: str) -> int | None:
-    return world.scalar(select(CrmEvent.id).where(CrmEvent.source_id == call_id))
 
 
 CUSTOMERS = {  # the number a missed call comes from, the number a callback goes to
@@ -591,10 +593,4 @@ def test_a_call_reads_the_follow_ups_it_may_settle_by_index_whatever_the_statist
     }
     statement = call_state._AFFECTED_BY_CLOSER
     assert world.scalars(statement, params).all() == []
-    indexes = indexes_read(world, statement, params)
-    assert "ix_follow_up_customer_id" not in indexes
-    assert {
-        "ix_follow_up_open_customer",
-        "ix_follow_up_closed_by_event_id",
-        "ix_crm_event_reaching_call",
-    } <= indexes
+    assert_read_by_index(world, statement, params)
