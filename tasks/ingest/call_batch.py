@@ -4,8 +4,8 @@ A CDR backfill or a burst of call updates arrives as ``crm.batch/1`` messages of
 calls, nearly all of them new. Each would cost the call stage a dozen statements; here the
 batch's new calls cost a few statements each for the whole batch: one multi-row insert each of
 the ledger rows, the events, their properties, party keys and participants, two reads of the
-follow-ups they touch (which, then each one's closer), one tally move. Matching and classification are asked once per distinct
-number, agent and category (``CallLookups``).
+follow-ups they touch (which ones, then each one's closer), one tally move. Matching and
+classification are asked once per distinct number, agent and category (``CallLookups``).
 
 The stored events are the call stage's own: the same fold of the same updates and the same
 ``derive_call``, so a call gives the same event, follow-ups and counts whichever way it came.
