@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from time import monotonic
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -15,6 +16,7 @@ from sqlalchemy import (
     TextClause,
     create_engine,
     event,
+    exc,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,18 +24,65 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 
+#: The tasks' pooled connections are pinged before use after a rest this long.
+PING_AFTER_REST_S = 1.0
+_RESTED_SINCE = "crm.rested_since"
 
-def create_db_engine(settings: Settings, **kwargs: Any) -> Engine:
+
+def create_db_engine(
+    settings: Settings, *, ping_after_rest_s: float | None = None, **kwargs: Any
+) -> Engine:
+    """The engine of ``settings``' database.
+
+    On a server, a pooled connection is pinged before every use (SQLAlchemy's pre-ping), or,
+    given ``ping_after_rest_s``, only after it rested that long (``_ping_after_rest``: for code
+    that retries a transaction that meets a lost connection, as every task does).
+    """
     url = settings.effective_database_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    if ping_after_rest_s is None:
+        engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    else:
+        engine = create_engine(url, **kwargs)
+        _ping_after_rest(engine, ping_after_rest_s)
     if engine.dialect.driver == "psycopg":
         _send_bytes_in_binary(engine)
     return engine
+
+
+def _ping_after_rest(engine: Engine, rest_s: float) -> None:
+    """Ping a pooled connection before use only when it rested ``rest_s`` or more.
+
+    SQLAlchemy's ``pool_pre_ping`` pings at every checkout: a round trip per transaction, one
+    in fourteen of a new call's. A connection that went back to the pool a moment ago is as
+    good as the server's last answer on it; one that rested (the database restarted at night,
+    an idle timeout) is pinged, and a dead one is replaced along with every other connection of
+    the pool. A server that goes away while connections are in use fails the statements on
+    them, with a ping or without; one that went away in the moment since a connection's last
+    use fails its next transaction too, where a ping would have replaced it: the caller must
+    retry (a task does: a transient error), and SQLAlchemy has then replaced the pool's
+    connections as above.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RESTED_SINCE] = monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_RESTED_SINCE)
+        if since is None or monotonic() - since < rest_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                raise exc.InvalidatePoolError(str(error)) from error
+            raise
 
 
 def _send_bytes_in_binary(engine: Engine) -> None:

@@ -32,7 +32,13 @@ from config.logging import add_to_log_context, log_context
 from config.queues import REFRESH_SELLER_TASK, TASK_QUEUES
 from config.settings import Settings
 from models.base import utcnow
-from models.db import create_db_engine, create_session_factory, transaction, upsert_insert
+from models.db import (
+    PING_AFTER_REST_S,
+    create_db_engine,
+    create_session_factory,
+    transaction,
+    upsert_insert,
+)
 from models.ledger import Delivery, DeliveryAttempt, FailedMessage, RejectedMessage
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
@@ -50,7 +56,8 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
     """One engine per process and URL, created on first use (never shared across a fork)."""
     key = (os.getpid(), settings.effective_database_url)
     if key not in _engines:
-        engine = create_db_engine(settings)
+        # A task retries a transaction that meets a lost connection: no ping on each one.
+        engine = create_db_engine(settings, ping_after_rest_s=PING_AFTER_REST_S)
         _engines[key] = (engine, create_session_factory(engine, settings.count_internal_calls))
     return _engines[key][1]
 
