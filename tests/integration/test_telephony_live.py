@@ -31,14 +31,24 @@ def loaded(live: LiveSystem) -> LiveSystem:
 def test_import_cdr_publishes_every_row_and_waits(loaded: LiveSystem, tmp_path: Path) -> None:
     csv_file = tmp_path / "Master.csv"
     rows = (EXAMPLES / "calls/asterisk-cdr.csv").read_text().splitlines()
+    # A call record whose caller number no call update can carry (over 64 characters): the
+    # worker rejects it with the reason, as any message; the other rows are stored.
+    too_long = (
+        rows[1]
+        .replace("1764144300.161", "1764144300.999")
+        .replace('"0401234567","202"', '"' + "0" * 70 + '","202"')
+    )
     # Asterisk writes Master.csv without a header; a broken line is reported, not fatal.
-    csv_file.write_text("\n".join([*rows[1:], '"only","two"']) + "\n")
+    csv_file.write_text("\n".join([*rows[1:], '"only","two"', too_long]) + "\n")
     result = loaded.cli(
         "import", "cdr", str(csv_file), "--source-system", "pbx-csv", "--wait", "60", "--json"
     )
     assert result.returncode == 1, result.stderr  # one row could not be imported
     report = json.loads(result.stdout)
-    assert [r["outcome"] for r in report["published"]] == ["stored", "stored"]
+    assert [r["outcome"] for r in report["published"]] == ["stored", "stored", "rejected"]
+    rejected = report["published"][2]
+    assert rejected["source"] == "Master.csv:4" and rejected["call_id"] == "1764144300.999"
+    assert "from" in rejected["detail"] and "64" in rejected["detail"], rejected
     assert report["errors"] == [
         {"source": "Master.csv:3", "line": 3, "error": "2 fields, expected 16-21"}
     ]

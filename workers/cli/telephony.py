@@ -1,8 +1,10 @@
 """``crm-events import cdr FILE.csv``: publish an Asterisk Master.csv as ``crm.call/1`` updates.
 
 Each CDR row becomes one ``crm.call/1`` update (the legs of one call, sharing a ``linkedid``,
-merge into one event), sent in ``crm.batch/1`` batches to ``crm.ingest.batch``. Rows that cannot
-be a call update are reported with their line number and not published; the others are.
+merge into one event), sent in ``crm.batch/1`` batches to ``crm.ingest.batch``. Rows that are not
+call records are reported with their line number and not published; the others are, and the
+worker validates them as it validates every message (a row it cannot take is rejected there,
+with the reason, rather than validated twice).
 Importing the same file again changes nothing: every row is then a duplicate.
 """
 
@@ -34,11 +36,8 @@ def read_cdr_messages(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source label, message) for each usable row as it is read; an error row for every other
     one is added to ``errors``."""
-    from models.schemas.call import SCHEMA, CallMessageSchema
-    from models.schemas.common import MessageInvalid, load_message, shared_schema
     from tasks.telephony.adapters import AdapterError, asterisk_cdr_to_call, read_cdr_csv
 
-    schema = shared_schema(CallMessageSchema)
     for row in read_cdr_csv(text):
         label = f"{source}:{row.line}"
         if row.fields is None:
@@ -46,11 +45,7 @@ def read_cdr_messages(
             continue
         try:
             message = asterisk_cdr_to_call(row.fields, context)
-            load_message(schema, message, SCHEMA)
         except AdapterError as exc:
-            errors.append({"source": label, "line": row.line, "error": exc.reason})
-            continue
-        except MessageInvalid as exc:
             errors.append({"source": label, "line": row.line, "error": exc.reason})
             continue
         yield label, message
