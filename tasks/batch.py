@@ -105,21 +105,45 @@ def ingest_batch(
     exceptions (the worker's time limit) end the whole batch, like a transient error.
     """
     batch = load_batch_message(payload)
-    task_name, stage = STAGES[batch["kind"]]
+    return run_batch(
+        session,
+        ctx,
+        batch["kind"],
+        batch["messages"],
+        lambda index: item_id(ctx.task_id, index),
+        queue_of=queue_of,
+        fatal=fatal,
+    )
+
+
+def run_batch(
+    session: Session,
+    ctx: StageContext,
+    kind: str,
+    messages: list[Any],
+    id_of: Callable[[int], str],
+    *,
+    queue_of: Callable[[str], str | None],
+    fatal: tuple[type[BaseException], ...] = (),
+) -> BatchResult:
+    """Run ``messages`` of one kind as a batch, the message at index i known as ``id_of(i)``
+    (its delivery row, its rejection): a ``crm.batch/1``'s, or call messages that a call task
+    took from its queue (``workers.transport.drain``)."""
+    task_name, stage = STAGES[kind]
     result = BatchResult("done")
     # Counts move once, at the end, in key order: the tally rows of a busy seller are then
     # held for the commit only, not for the whole batch while other batches wait on them.
     deltas: list[tuple[TallyKey, int]] = []
     session.info[DEFERRED_TALLIES] = deltas
     try:
-        pending = list(enumerate(batch["messages"]))
-        if (bulk := BULK_STAGES.get(batch["kind"])) is not None:
-            pending = _run_bulk(session, ctx, bulk, pending, task_name, result, fatal)
+        pending = list(enumerate(messages))
+        if (bulk := BULK_STAGES.get(kind)) is not None:
+            pending = _run_bulk(session, ctx, bulk, pending, task_name, result, fatal, id_of)
         if pending:
             # Taken again if the set-based stage took it: rolling its savepoint back let it go.
             _one_batch_at_a_time(session)
         for index, message in pending:
-            message_id = item_id(ctx.task_id, index)
+            message_id = id_of(index)
             item = StageContext(ctx.settings, message_id, task_name)
             before = deltas[:]
             outcome = _run_one(session, item, stage, message, result, queue_of(task_name), fatal)
@@ -129,7 +153,7 @@ def ingest_batch(
     finally:
         session.info.pop(DEFERRED_TALLIES, None)
     apply_tally_deltas(session, deltas)
-    result.detail = f"{batch['kind']} batch of {len(batch['messages'])}: " + ", ".join(
+    result.detail = f"{kind} batch of {len(messages)}: " + ", ".join(
         f"{outcome} {count}" for outcome, count in sorted(result.outcomes.items())
     )
     return result
@@ -143,6 +167,7 @@ def _run_bulk(
     task_name: str,
     result: BatchResult,
     fatal: tuple[type[BaseException], ...],
+    id_of: Callable[[int], str],
 ) -> list[tuple[int, Any]]:
     """Run the set-based stage in a savepoint; the messages it left, or all when it gave up."""
     try:
@@ -151,7 +176,7 @@ def _run_bulk(
             record_deliveries(
                 session,
                 (
-                    (item_id(ctx.task_id, i), task_name, done.outcome, done.event_id, done.detail)
+                    (id_of(i), task_name, done.outcome, done.event_id, done.detail)
                     for i, done in sorted(taken.results.items())
                 ),
             )
