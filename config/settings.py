@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 PREFIX = "CRM_"
+#: The most call messages a call task takes from its queue (a batch holds at most 1000).
+MAX_CALL_DRAIN = 1000
 
 DEFAULT_FREE_MAIL_DOMAINS = (
     "gmail.com",
@@ -106,6 +108,9 @@ class Settings:
     #: time: killed, out of memory, crashed) is not run again on the next delivery but recorded
     #: as a failed message of kind ``poison``, so it cannot loop forever.
     max_deliveries: int = 5
+    #: A call task takes up to this many call messages queued behind it and stores them with its
+    #: own in one transaction (workers/transport/drain.py); 0: each call message alone.
+    call_drain: int = 100
     worker_concurrency: int = 2
     #: Retention, in days (None: kept for ever), enforced nightly by ``crm.maintenance.retention``
     #: (tasks/retention.py): call recordings, raw emails, the attachments of emails and visits,
@@ -243,6 +248,13 @@ def _parse_positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+def _parse_drain(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= MAX_CALL_DRAIN:
+        raise ValueError(f"expected 0 to {MAX_CALL_DRAIN}, got {raw!r}")
     return value
 
 
@@ -420,6 +432,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_retries": int,
     "retry_backoff_max_s": _parse_positive_int,
     "max_deliveries": _parse_positive_int,
+    "call_drain": _parse_drain,
     "worker_concurrency": _parse_positive_int,
     "retain_recordings_days": _parse_days,
     "retain_raw_emails_days": _parse_days,

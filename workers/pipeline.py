@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from config.logging import add_to_log_context
 from config.queues import (
     BATCH_TASK,
+    CALL_QUEUE,
     CALL_TASK,
     DOCUMENT_TASK,
     EMAIL_TASK,
@@ -36,7 +37,7 @@ from config.queues import (
 from models.db import snapshot, transaction
 from models.events import CrmEvent
 from tasks.attach import remove_files
-from tasks.batch import BatchResult, ingest_batch
+from tasks.batch import BatchResult, ingest_batch, run_batch
 from tasks.errors import TRANSIENT_ERRORS
 from tasks.ingest.call import CallStageResult, ingest_call
 from tasks.ingest.document import ingest_document
@@ -47,7 +48,7 @@ from tasks.maintenance import reconcile
 from tasks.refresh import publish_notification, refresh_seller, sellers_to_sweep
 from tasks.reports import send_due_reports
 from tasks.retention import apply_retention
-from tasks.store import StageResult, clear_refresh_request, record_delivery
+from tasks.store import StageResult, claim_refresh, clear_refresh_request, record_delivery
 from tasks.targets import ingest_target
 from tasks.telephony.recordings import (
     RETRIABLE,
@@ -61,7 +62,10 @@ from tasks.telephony.recordings import (
     store_recording,
 )
 from tasks.work import ingest_task
-from workers.base import CrmTask, request_refresh
+from workers.base import CrmTask, request_refresh, soft_time_limit
+from workers.transport.compression import decompressed_limit
+from workers.transport.drain import Drained, drain_calls, drains, restore_drained_of
+from workers.transport.envelope import Limits
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,75 @@ log = logging.getLogger(__name__)
 
 
 class CallTask(CrmTask):
-    """The call task: after the commit, requests the fetch of new recording URLs."""
+    """The call task: takes the call messages queued behind it, when there are any, and stores
+    them with its own as one batch (``workers.transport.drain``); after the commit, requests the
+    fetch of new recording URLs."""
+
+    def admit_redelivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        # Run again because its process died: what that run had taken from the queue goes back
+        # first, each message marked redelivered (and so counted, and run alone).
+        if drains(self.settings):
+            try:
+                restore_drained_of(self.app, self.request.id)
+            except TRANSIENT_ERRORS as exc:  # left to the visibility timeout, as before
+                log.warning(
+                    "%s %s: drained calls not put back: %r", self.name, self.request.id, exc
+                )
+        return super().admit_redelivery(args, kwargs)
+
+    def drain(self) -> Drained | None:
+        """The call messages queued behind this one (none on a redelivery or a retry)."""
+        settings = self.settings
+        if not drains(settings) or self.request.retries:
+            return None
+        if (self.request.delivery_info or {}).get("redelivered"):
+            return None
+        limits = Limits.of(
+            settings, soft_time_limit(settings.task_time_limit_s), decompressed_limit(settings)
+        )
+        try:
+            return drain_calls(self.app, CALL_QUEUE, self.request.id, settings.call_drain, limits)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("%s %s: queued calls not taken: %r", self.name, self.request.id, exc)
+            return None
+
+    def run_drained(self, message: Any, drained: Drained) -> str:
+        """This message and the drained ones as one batch; the drained acknowledged after the
+        commit, or put back in their queue when it does not come."""
+        ids = [self.request.id, *drained.task_ids]
+        committed = False
+        try:
+            with self.run_stage(message) as failure, transaction(self.sessions) as session:
+                result = run_batch(
+                    session,
+                    self.context(),
+                    "call",
+                    [message, *drained.messages],
+                    ids.__getitem__,
+                    queue_of=TASK_QUEUES.get,
+                    fatal=(SoftTimeLimitExceeded, TimeLimitExceeded),
+                )
+                sellers = sorted(result.sellers_to_refresh)
+                claimed = [s for s in sellers if claim_refresh(session, s, in_change=True)]
+            committed = not failure
+        finally:
+            if not committed:
+                drained.put_back()
+        if failure:
+            return failure.outcome
+        try:
+            drained.ack()
+        except TRANSIENT_ERRORS as exc:
+            # Committed: put back later by the visibility timeout, they find their outcomes.
+            log.warning(
+                "%s %s: drained calls not acknowledged: %r", self.name, self.request.id, exc
+            )
+        add_to_log_context(drained=len(drained.tags))
+        log.info("%s %s: %s", self.name, self.request.id, result.detail)
+        self.send_refreshes(claimed)
+        if result.recordings_to_fetch:
+            enqueue_recording_fetches(self.app, result.recordings_to_fetch)
+        return "done"
 
     def after_commit(self, result: StageResult) -> None:
         if isinstance(result, CallStageResult) and result.recordings_to_fetch:
@@ -79,8 +151,11 @@ class CallTask(CrmTask):
 
 @shared_task(name=CALL_TASK, base=CallTask, bind=True)
 def ingest_call_task(self: CallTask, message: Any) -> str:
-    """crm.ingest.call: one call status update (DESIGN §5)."""
-    return self.run_ingest(ingest_call, message)
+    """crm.ingest.call: one call status update (DESIGN §5), with those queued behind it."""
+    drained = self.drain()
+    if drained is None:
+        return self.run_ingest(ingest_call, message)
+    return self.run_drained(message, drained)
 
 
 class BatchTask(CrmTask):

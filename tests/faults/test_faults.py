@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import suppress
 
 import pytest
+import redis
 from sqlalchemy import func, select, text
 
 from models.ledger import DeliveryAttempt, RejectedMessage
@@ -29,6 +30,7 @@ from tasks.store import TALLY_LOCK_NAMESPACE
 from tests.faults.conftest import Services
 from tests.faults.harness import (
     REDELIVERY_S,
+    VISIBILITY_TIMEOUT_S,
     Accounting,
     Message,
     Scenario,
@@ -41,6 +43,7 @@ from tests.faults.harness import (
     scenario,
 )
 from workers.publish import wait_for
+from workers.transport.drain import RECORD_PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +97,63 @@ def test_batches_under_sigkill_are_applied_exactly_once(services: Services) -> N
         result = account(run, stream, timeout=REDELIVERY_S + 60)
         check(result, run)
         assert redelivered(run), "no batch was killed while it ran"
+
+
+@pytest.mark.timeout(240)
+def test_a_burst_of_calls_is_taken_by_the_first_call_task_each_with_its_own_outcome(
+    services: Services,
+) -> None:
+    """Messages queued while the workers are down: a call task takes the plain calls queued
+    behind it and stores them with its own as one batch; every message still has its own
+    outcome (a bad one rejected alone), and emails and visits between them run as always."""
+    stream = build_stream(120, seed=19)
+    with scenario(services.pg, services.redis, services.work_dir, "burst") as run:
+        run.workers.stop()
+        run.publish(stream.messages)
+        run.workers.start()
+        result = account(run, stream, timeout=120)
+        check(result, run)
+        run.workers.wait_log("call batch of", timeout=0)
+
+
+@pytest.mark.timeout(300)
+def test_calls_taken_from_their_queue_come_back_when_their_process_is_killed(
+    services: Services,
+) -> None:
+    """Pool processes killed while they hold calls taken from the queue: the task, run again,
+    puts those back at once (marked redelivered, so each runs alone and is counted), without
+    waiting for the visibility timeout; every message ends with one outcome."""
+    rng = random.Random(23)
+    stream = build_stream(400, seed=23)
+    with scenario(services.pg, services.redis, services.work_dir, "drainkill") as run:
+        run.workers.stop()
+        run.publish(stream.messages)
+        broker = redis.Redis.from_url(run.settings.broker_url, socket_timeout=5)
+        run.workers.start()
+        deadline = time.monotonic() + 90
+        while not put_back(run) and time.monotonic() < deadline:
+            # While a task holds calls it took, its list of them is in the broker.
+            if broker.keys(f"{RECORD_PREFIX}*"):
+                for worker in run.workers.running:
+                    for pid in children(worker.process.pid):
+                        with suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            run.workers.kills["child"] += 1
+                time.sleep(rng.uniform(0.2, 0.5))
+            else:
+                time.sleep(0.001)
+        broker.close()
+        result = account(run, stream, timeout=VISIBILITY_TIMEOUT_S - 5)
+        check(result, run)
+        assert put_back(run), "no task put back calls it had taken\n" + run.workers.tail()
+
+
+def put_back(run: Scenario) -> bool:
+    """Whether a task run again put back calls that its killed run had taken."""
+    return any(
+        "taken from the queue put back" in path.read_text(errors="replace")
+        for path in run.workers.log_dir.glob("worker-*.log")
+    )
 
 
 @pytest.mark.timeout(240)
