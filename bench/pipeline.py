@@ -850,6 +850,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DATABASE_SERVER),
         help="PostgreSQL server URL for CREATE/DROP DATABASE (env CRM_BENCH_DATABASE_URL)",
     )
+    parser.add_argument(
+        "--call-drain",
+        type=int,
+        default=100,
+        metavar="N",
+        help="CRM_CALL_DRAIN of the pipeline worker (0: every call message alone)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the database and worker logs")
     parser.add_argument(
         "--log-level",
@@ -887,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             world.app = create_noop_app(settings)
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
-            start_worker(world, "pipeline", [crm_events_command(), "worker"], env)
+            pipeline_env = {**env, "CRM_CALL_DRAIN": str(args.call_drain)}
+            start_worker(world, "pipeline", [crm_events_command(), "worker"], pipeline_env)
             start_worker(world, "no-op", noop_command(), env)
             start_worker(world, "bare", bare_command(world.broker_url, args.log_level), env)
             world.bare_app = bare_worker.create_bare_app(world.broker_url)

@@ -1,10 +1,11 @@
 """The throughput goals in one table: each figure, its goal, its same-run baseline, the ratio.
 
 Runs ``pipeline.py`` (call events one message each, the app's no-op task and a bare Celery
-no-op task, alternating), ``bulk_import.py`` (``crm-events import cdr`` end to end, bare Celery
-and PostgreSQL ``executemany`` as baselines; then a late file of a fifth as many rows of the
-same year) and ``flat.py`` (call events with a year of history
-and with a busy month, and the latency to stored and to visible), each in its own throw-away
+no-op task, alternating; then again with each call message alone, ``--call-drain 0``),
+``bulk_import.py`` (``crm-events import cdr`` end to end, bare Celery and PostgreSQL
+``executemany`` as baselines; then a late file of a fifth as many rows of the same year) and
+``flat.py`` (call events with a year of history and with a busy month, and the latency to
+stored and to visible), each in its own throw-away
 world, and prints a Markdown table with the date and the load averages, ready for
 bench/README.md.
 
@@ -49,14 +50,18 @@ def load_now() -> str:
 
 
 def rows(
-    p: dict[str, Any], b: dict[str, Any], f: dict[str, Any], e: dict[str, Any]
+    p: dict[str, Any],
+    p0: dict[str, Any],
+    b: dict[str, Any],
+    f: dict[str, Any],
+    e: dict[str, Any],
 ) -> list[tuple[str, str, str, str, str, str]]:
     """(figure, measured, goal, baseline, ratio, met) for each goal."""
 
     def met(ok: bool) -> str:
         return "yes" if ok else "no"
 
-    drift = (p.get("drift") or 0) + b["drift"] + f["drift"]
+    drift = (p.get("drift") or 0) + (p0.get("drift") or 0) + b["drift"] + f["drift"]
     cores = os.cpu_count() or 1
     total_import_cpu = b["worker_cpu_ms"] + b["db_cpu_ms"] + b["import_cpu_ms"] + b["redis_cpu_ms"]
     empty, history, month = f["empty"], f["history"], f["month"]
@@ -87,6 +92,16 @@ def rows(
             "",
             "",
             met(p["pipeline_db_cpu_ms"] <= 1.5),
+        ),
+        (
+            "the same, each call message alone (`CRM_CALL_DRAIN=0`)",
+            f"{p0['pipeline_rate']:.0f} events/s; worker CPU {p0['pipeline_cpu_ms']:.2f} ms,"
+            f" PostgreSQL {p0['pipeline_db_cpu_ms']:.2f} ms per event",
+            "",
+            f"bare Celery {p0['bare_rate']:.0f} tasks/s, {p0['bare_cpu_ms']:.2f} ms",
+            f"{p0['pipeline_rate'] / p0['bare_rate']:.2f}; CPU"
+            f" {p0['pipeline_cpu_ms'] / p0['bare_cpu_ms']:.1f} × bare",
+            "",
         ),
         (
             "the app's no-op task, worker CPU",
@@ -216,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     rows_n = args.rows or (5000 if args.quick else 100000)
     started, load_before = datetime.now().astimezone(), load_now()
     p = run_script("pipeline.py", ["--events", events, "--repeats", repeats, "--warmup", "50"])
+    p0 = run_script(
+        "pipeline.py",
+        ["--events", events, "--repeats", repeats, "--warmup", "50", "--call-drain", "0"],
+    )
     b = run_script(
         "bulk_import.py", ["--rows", str(rows_n), "--late", str(rows_n // 5), "--bare", "5000"]
     )
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     loads = [
         *p["load"],
+        *p0["load"],
         b["load"],
         *(x for k in ("empty", "history", "month") for x in f[k]["load"]),
         e["load"],
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| figure | measured | goal | baseline (same run) | ratio | met |")
     print("|---|---|---|---|---|---|")
-    for row in rows(p, b, f, e):
+    for row in rows(p, p0, b, f, e):
         print("| " + " | ".join(row) + " |")
     return 0
 
