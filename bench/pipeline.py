@@ -5,7 +5,8 @@ Sets up a throw-away world, runs real worker processes and measures, end to end:
 * pipeline: N ``crm.ingest.call`` messages (distinct calls, "completed", from a known contact,
   agent 201) published to ``crm.ingest.call``; the clock runs from the first publish until every
   message has its row in ``delivery`` *and* ``refresh_request`` is empty (the events are
-  counted and the seller's screens told). Reported as events/s.
+  counted and the seller's screens told). Reported as events/s. A call task takes the calls
+  queued behind it (``--call-drain``, the worker's ``CRM_CALL_DRAIN``; 0: each one alone).
 * no-op: N ``bench.noop`` messages (``bench/noop_worker.py``: the same app, one task that only
   increments a Redis counter) published to ``bench.noop``; the clock runs from the first publish
   until the counter reaches N. Reported as tasks/s.
