@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 PREFIX = "CRM_"
-#: The most call messages a call task takes from its queue (a batch holds at most 1000).
-MAX_CALL_DRAIN = 1000
+#: The most messages a call or email task takes from its queue (a batch holds at most 1000).
+MAX_DRAIN = 1000
 
 DEFAULT_FREE_MAIL_DOMAINS = (
     "gmail.com",
@@ -111,6 +111,8 @@ class Settings:
     #: A call task takes up to this many call messages queued behind it and stores them with its
     #: own in one transaction (workers/transport/drain.py); 0: each call message alone.
     call_drain: int = 100
+    #: The same for email tasks (the emails taken are 8 MiB in all at most).
+    email_drain: int = 50
     worker_concurrency: int = 2
     #: Retention, in days (None: kept for ever), enforced nightly by ``crm.maintenance.retention``
     #: (tasks/retention.py): call recordings, raw emails, the attachments of emails and visits,
@@ -253,8 +255,8 @@ def _parse_positive_int(raw: str) -> int:
 
 def _parse_drain(raw: str) -> int:
     value = int(raw)
-    if not 0 <= value <= MAX_CALL_DRAIN:
-        raise ValueError(f"expected 0 to {MAX_CALL_DRAIN}, got {raw!r}")
+    if not 0 <= value <= MAX_DRAIN:
+        raise ValueError(f"expected 0 to {MAX_DRAIN}, got {raw!r}")
     return value
 
 
@@ -433,6 +435,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "retry_backoff_max_s": _parse_positive_int,
     "max_deliveries": _parse_positive_int,
     "call_drain": _parse_drain,
+    "email_drain": _parse_drain,
     "worker_concurrency": _parse_positive_int,
     "retain_recordings_days": _parse_days,
     "retain_raw_emails_days": _parse_days,

@@ -22,6 +22,7 @@ from config.queues import (
     CALL_QUEUE,
     CALL_TASK,
     DOCUMENT_TASK,
+    EMAIL_QUEUE,
     EMAIL_TASK,
     PARTY_TASK,
     RECONCILE_TASK,
@@ -62,9 +63,9 @@ from tasks.telephony.recordings import (
     store_recording,
 )
 from tasks.work import ingest_task
-from workers.base import CrmTask, request_refresh, soft_time_limit
+from workers.base import CrmTask, Stage, request_refresh, soft_time_limit
 from workers.transport.compression import decompressed_limit
-from workers.transport.drain import Drained, drain_calls, drains, restore_drained_of
+from workers.transport.drain import Drained, drain, drains, restore_drained_of
 from workers.transport.envelope import Limits
 
 log = logging.getLogger(__name__)
@@ -73,27 +74,34 @@ log = logging.getLogger(__name__)
 # -- ingest --------------------------------------------------------------------------------------
 
 
-class CallTask(CrmTask):
-    """The call task: takes the call messages queued behind it, when there are any, and stores
-    them with its own as one batch (``workers.transport.drain``); after the commit, requests the
-    fetch of new recording URLs."""
+class DrainingTask(CrmTask):
+    """An ingest task that takes the messages of its kind queued behind it, when there are any,
+    and stores them with its own as one batch (``workers.transport.drain``)."""
+
+    #: The batch stage's kind, the queue, and the setting of how many it takes at most.
+    kind: str
+    queue: str
+
+    def drain_limit(self) -> int:
+        raise NotImplementedError
 
     def admit_redelivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         # Run again because its process died: what that run had taken from the queue goes back
         # first, each message marked redelivered (and so counted, and run alone).
-        if drains(self.settings):
+        if drains(self.settings, self.drain_limit()):
             try:
-                restore_drained_of(self.app, self.request.id)
+                restore_drained_of(self.app, self.name, self.request.id)
             except TRANSIENT_ERRORS as exc:  # left to the visibility timeout, as before
                 log.warning(
-                    "%s %s: drained calls not put back: %r", self.name, self.request.id, exc
+                    "%s %s: drained messages not put back: %r", self.name, self.request.id, exc
                 )
         return super().admit_redelivery(args, kwargs)
 
     def drain(self) -> Drained | None:
-        """The call messages queued behind this one (none on a redelivery or a retry)."""
+        """The messages queued behind this one (none on a redelivery or a retry)."""
         settings = self.settings
-        if not drains(settings) or self.request.retries:
+        limit = self.drain_limit()
+        if not drains(settings, limit) or self.request.retries:
             return None
         if (self.request.delivery_info or {}).get("redelivered"):
             return None
@@ -101,10 +109,17 @@ class CallTask(CrmTask):
             settings, soft_time_limit(settings.task_time_limit_s), decompressed_limit(settings)
         )
         try:
-            return drain_calls(self.app, CALL_QUEUE, self.request.id, settings.call_drain, limits)
+            return drain(self.app, self.queue, self.name, self.request.id, limit, limits)
         except TRANSIENT_ERRORS as exc:
-            log.warning("%s %s: queued calls not taken: %r", self.name, self.request.id, exc)
+            log.warning("%s %s: queued messages not taken: %r", self.name, self.request.id, exc)
             return None
+
+    def run_with_drained(self, stage: Stage, message: Any) -> str:
+        """Run ``message`` alone through ``stage``, or with the messages queued behind it."""
+        drained = self.drain()
+        if drained is None:
+            return self.run_ingest(stage, message)
+        return self.run_drained(message, drained)
 
     def run_drained(self, message: Any, drained: Drained) -> str:
         """This message and the drained ones as one batch; the drained acknowledged after the
@@ -116,7 +131,7 @@ class CallTask(CrmTask):
                 result = run_batch(
                     session,
                     self.context(),
-                    "call",
+                    self.kind,
                     [message, *drained.messages],
                     ids.__getitem__,
                     queue_of=TASK_QUEUES.get,
@@ -135,7 +150,7 @@ class CallTask(CrmTask):
         except TRANSIENT_ERRORS as exc:
             # Committed: put back later by the visibility timeout, they find their outcomes.
             log.warning(
-                "%s %s: drained calls not acknowledged: %r", self.name, self.request.id, exc
+                "%s %s: drained messages not acknowledged: %r", self.name, self.request.id, exc
             )
         add_to_log_context(drained=len(drained.tags))
         log.info("%s %s: %s", self.name, self.request.id, result.detail)
@@ -143,6 +158,17 @@ class CallTask(CrmTask):
         if result.recordings_to_fetch:
             enqueue_recording_fetches(self.app, result.recordings_to_fetch)
         return "done"
+
+
+class CallTask(DrainingTask):
+    """The call task: takes the calls queued behind it; after the commit, requests the fetch of
+    new recording URLs."""
+
+    kind = "call"
+    queue = CALL_QUEUE
+
+    def drain_limit(self) -> int:
+        return self.settings.call_drain
 
     def after_commit(self, result: StageResult) -> None:
         if isinstance(result, CallStageResult) and result.recordings_to_fetch:
@@ -152,10 +178,17 @@ class CallTask(CrmTask):
 @shared_task(name=CALL_TASK, base=CallTask, bind=True)
 def ingest_call_task(self: CallTask, message: Any) -> str:
     """crm.ingest.call: one call status update (DESIGN §5), with those queued behind it."""
-    drained = self.drain()
-    if drained is None:
-        return self.run_ingest(ingest_call, message)
-    return self.run_drained(message, drained)
+    return self.run_with_drained(ingest_call, message)
+
+
+class EmailTask(DrainingTask):
+    """The email task: takes the emails queued behind it."""
+
+    kind = "email"
+    queue = EMAIL_QUEUE
+
+    def drain_limit(self) -> int:
+        return self.settings.email_drain
 
 
 class BatchTask(CrmTask):
@@ -175,10 +208,11 @@ def ingest_batch_task(self: BatchTask, message: Any) -> str:
     return self.run_ingest(stage, message)
 
 
-@shared_task(name=EMAIL_TASK, base=CrmTask, bind=True)
-def ingest_email_task(self: CrmTask, message: Any) -> str:
-    """crm.ingest.email: one raw email with its envelope (DESIGN §5)."""
-    return self.run_ingest(ingest_email, message)
+@shared_task(name=EMAIL_TASK, base=EmailTask, bind=True)
+def ingest_email_task(self: EmailTask, message: Any) -> str:
+    """crm.ingest.email: one raw email with its envelope (DESIGN §5), with those queued behind
+    it."""
+    return self.run_with_drained(ingest_email, message)
 
 
 @shared_task(name=PARTY_TASK, base=CrmTask, bind=True)

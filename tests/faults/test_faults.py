@@ -100,12 +100,12 @@ def test_batches_under_sigkill_are_applied_exactly_once(services: Services) -> N
 
 
 @pytest.mark.timeout(240)
-def test_a_burst_of_calls_is_taken_by_the_first_call_task_each_with_its_own_outcome(
+def test_a_burst_is_taken_by_the_first_call_and_email_tasks_each_with_its_own_outcome(
     services: Services,
 ) -> None:
-    """Messages queued while the workers are down: a call task takes the plain calls queued
-    behind it and stores them with its own as one batch; every message still has its own
-    outcome (a bad one rejected alone), and emails and visits between them run as always."""
+    """Messages queued while the workers are down: a call task takes the calls queued behind
+    it, an email task the emails, and each stores them with its own as one batch; every message
+    still has its own outcome (a bad one rejected alone), and visits run as always."""
     stream = build_stream(120, seed=19)
     with scenario(services.pg, services.redis, services.work_dir, "burst") as run:
         run.workers.stop()
@@ -114,15 +114,16 @@ def test_a_burst_of_calls_is_taken_by_the_first_call_task_each_with_its_own_outc
         result = account(run, stream, timeout=120)
         check(result, run)
         run.workers.wait_log("call batch of", timeout=0)
+        run.workers.wait_log("email batch of", timeout=0)
 
 
 @pytest.mark.timeout(300)
-def test_calls_taken_from_their_queue_come_back_when_their_process_is_killed(
+def test_messages_taken_from_their_queue_come_back_when_their_process_is_killed(
     services: Services,
 ) -> None:
-    """Pool processes killed while they hold calls taken from the queue: the task, run again,
-    puts those back at once (marked redelivered, so each runs alone and is counted), without
-    waiting for the visibility timeout; every message ends with one outcome."""
+    """Pool processes killed while they hold messages taken from the queue: the task, run
+    again, puts those back at once (marked redelivered, so each runs alone and is counted),
+    without waiting for the visibility timeout; every message ends with one outcome."""
     rng = random.Random(23)
     stream = build_stream(400, seed=23)
     with scenario(services.pg, services.redis, services.work_dir, "drainkill") as run:
@@ -145,11 +146,11 @@ def test_calls_taken_from_their_queue_come_back_when_their_process_is_killed(
         broker.close()
         result = account(run, stream, timeout=VISIBILITY_TIMEOUT_S - 5)
         check(result, run)
-        assert put_back(run), "no task put back calls it had taken\n" + run.workers.tail()
+        assert put_back(run), "no task put back what it had taken\n" + run.workers.tail()
 
 
 def put_back(run: Scenario) -> bool:
-    """Whether a task run again put back calls that its killed run had taken."""
+    """Whether a task run again put back messages that its killed run had taken."""
     return any(
         "taken from the queue put back" in path.read_text(errors="replace")
         for path in run.workers.log_dir.glob("worker-*.log")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from config.queues import CALL_TASK, RECORDING_TASK
 from config.settings import ConfigError, Settings, load_settings
 from workers.base import soft_time_limit
 from workers.transport.broker_redis import RAW_MARK
-from workers.transport.drain import RECORD_PREFIX, drain_calls, drains, restore_drained_of
+from workers.transport.drain import RECORD_PREFIX, drain, drains, restore_drained_of
 from workers.transport.envelope import Limits
 
 
@@ -76,21 +75,24 @@ def unacked(client: redis.Redis, tags: list[str]) -> list[Any]:
 def test_the_drain_size_is_0_to_1000(bad: str) -> None:
     assert load_settings({"CRM_CALL_DRAIN": "0"}).call_drain == 0
     assert load_settings({}).call_drain == 100
-    with pytest.raises(ConfigError, match="CRM_CALL_DRAIN"):
-        load_settings({"CRM_CALL_DRAIN": bad})
+    assert load_settings({}).email_drain == 50
+    for name in ("CRM_CALL_DRAIN", "CRM_EMAIL_DRAIN"):
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: bad})
 
 
 def test_calls_are_drained_with_the_redis_broker_only(settings: Settings) -> None:
-    assert drains(settings)
-    assert not drains(replace(settings, call_drain=0))
-    assert not drains(Settings.embedded(settings.data_dir))
+    assert drains(settings, settings.call_drain)
+    assert drains(settings, settings.email_drain)
+    assert not drains(settings, 0)
+    assert not drains(Settings.embedded(settings.data_dir), 100)
 
 
 def test_a_drain_takes_plain_calls_in_order_up_to_its_limit(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
     ids = [publish(app, queue, args=[call(n)]) for n in range(5)]
-    drained = drain_calls(app, queue, "the-task", 3, limits)
+    drained = drain(app, queue, CALL_TASK, "the-task", 3, limits)
     assert drained is not None
     assert drained.task_ids == ids[:3]
     assert [m["call_id"] for m in drained.messages] == ["c0", "c1", "c2"]
@@ -103,6 +105,19 @@ def test_a_drain_takes_plain_calls_in_order_up_to_its_limit(
     assert unacked(redis_client, drained.tags) == [None] * 3
     assert not redis_client.zscore("unacked_index", drained.tags[0])
     assert not redis_client.exists(RECORD_PREFIX + "the-task")
+
+
+def test_a_drain_takes_at_most_drain_bytes_and_leaves_the_rest_in_order(
+    app: Any, queue: str, redis_client: redis.Redis, limits: Limits
+) -> None:
+    # Three calls of 3.3 MiB each as the broker holds them (a long note, base64-encoded): two
+    # fit in DRAIN_BYTES (8 MiB), the third waits for the next task.
+    big = [{**call(n), "note": "x" * (5 * 512 * 1024)} for n in range(3)]
+    ids = [publish(app, queue, args=[message]) for message in big]
+    drained = drain(app, queue, CALL_TASK, "big-task", 10, limits)
+    assert drained is not None and drained.task_ids == ids[:2]
+    assert [m["headers"]["id"] for m in queued(redis_client, queue)] == ids[2:]
+    drained.ack()
 
 
 @pytest.mark.parametrize(
@@ -131,7 +146,7 @@ def test_a_drain_stops_at_the_first_message_that_is_not_a_plain_call_and_leaves_
         odd = publish(app, queue, **other)
     last = publish(app, queue)
     before = queued(redis_client, queue)[1:]
-    drained = drain_calls(app, queue, "a-task", 10, limits)
+    drained = drain(app, queue, CALL_TASK, "a-task", 10, limits)
     assert drained is not None and drained.task_ids == [first]
     # The rest is back as it was, in its order, at the front: the consumer takes it next.
     after = queued(redis_client, queue)
@@ -146,7 +161,7 @@ def test_a_message_that_is_not_kombus_is_left_for_the_consumer_to_refuse(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
     redis_client.lpush(queue, b'{"body": "not base64 \xff", "headers": ')
-    assert drain_calls(app, queue, "b-task", 10, limits) is None
+    assert drain(app, queue, CALL_TASK, "b-task", 10, limits) is None
     assert redis_client.lrange(queue, 0, -1) == [b'{"body": "not base64 \xff", "headers": ']
     assert not redis_client.exists(RECORD_PREFIX + "b-task")
 
@@ -155,7 +170,7 @@ def test_put_back_marks_them_redelivered_so_each_then_runs_alone(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
     ids = [publish(app, queue) for _ in range(3)]
-    drained = drain_calls(app, queue, "c-task", 10, limits)
+    drained = drain(app, queue, CALL_TASK, "c-task", 10, limits)
     assert drained is not None and drained.task_ids == ids
     drained.put_back()
     back = queued(redis_client, queue)
@@ -163,7 +178,7 @@ def test_put_back_marks_them_redelivered_so_each_then_runs_alone(
     assert all(m["headers"]["redelivered"] for m in back)
     assert unacked(redis_client, drained.tags) == [None] * 3
     # A redelivered message is never drained: the consumer gives it to a task of its own.
-    assert drain_calls(app, queue, "d-task", 10, limits) is None
+    assert drain(app, queue, CALL_TASK, "d-task", 10, limits) is None
     assert len(queued(redis_client, queue)) == 3
 
 
@@ -171,13 +186,13 @@ def test_a_task_run_again_puts_back_what_its_killed_run_had_drained(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
     ids = [publish(app, queue) for _ in range(2)]
-    drained = drain_calls(app, queue, "e-task", 10, limits)
+    drained = drain(app, queue, CALL_TASK, "e-task", 10, limits)
     assert drained is not None and drained.task_ids == ids
     assert queued(redis_client, queue) == []
     # Its process died here; Celery requeues the task, which, run again, puts them back.
-    assert restore_drained_of(app, "e-task") == 2
+    assert restore_drained_of(app, CALL_TASK, "e-task") == 2
     back = queued(redis_client, queue)
     assert sorted(m["headers"]["id"] for m in back) == sorted(ids)
     assert all(m["properties"]["delivery_info"]["redelivered"] for m in back)
     assert not redis_client.exists(RECORD_PREFIX + "e-task")
-    assert restore_drained_of(app, "e-task") == 0  # once only
+    assert restore_drained_of(app, CALL_TASK, "e-task") == 0  # once only

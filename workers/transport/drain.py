@@ -1,17 +1,20 @@
-"""A call task takes the call messages queued behind it: one transaction for a burst.
+"""A call or email task takes the messages of its kind queued behind it: one transaction for a
+burst.
 
-A call message costs a pool process a transaction of a dozen statements; a batch stores its new
-calls with a few statements for all of them (``tasks.ingest.call_batch``). When calls come in a
-burst (a contact centre's busy minute, a PBX catching up after an outage) they wait on the call
-queue while both pool processes are busy. A ``crm.ingest.call`` task then takes up to
-``CRM_CALL_DRAIN`` of them straight from the queue and stores them with its own message as one
-batch, each with its own delivery row under its own task id: stored, duplicate, rejected (a bad
-one is rejected alone) or failed, as if each had run alone.
+A call message costs a pool process a transaction of a dozen statements, an email more; the
+batch stage stores new calls and new emails with a few statements for all of them
+(``tasks.ingest.call_batch``, ``tasks.ingest.email_batch``). When they come in a burst (a
+contact centre's busy minute, a PBX or a mailbox catching up after an outage) they wait on
+their queue while both pool processes are busy. A ``crm.ingest.call`` task then takes up to
+``CRM_CALL_DRAIN`` call messages queued behind it, a ``crm.ingest.email`` task up to
+``CRM_EMAIL_DRAIN`` emails (of :data:`DRAIN_BYTES` in all at most), and stores them with its own
+message as one batch, each with its own delivery row under its own task id: stored, duplicate,
+rejected (a bad one is rejected alone) or failed, as if each had run alone.
 
 Nothing about delivery changes:
 
 - The worker still reserves one message per pool process (prefetch 1); a drain takes only what
-  is queued at that moment, so a call arriving alone is stored alone, without waiting.
+  is queued at that moment, so a message arriving alone is stored alone, without waiting.
 - One Lua script moves the messages from the queue into the broker's unacked hash, in the form
   the worker's own fetch writes (``workers.transport.broker_redis.FETCH_SCRIPT``), and lists
   their tags under the task's id: whatever dies after it, every message is where the visibility
@@ -21,11 +24,12 @@ Nothing about delivery changes:
   runs alone. A task whose pool process was killed is requeued by Celery at once; when it runs
   again (redelivered), it first puts back what it had drained, also marked redelivered: a message
   that kills its process is counted toward ``CRM_MAX_DELIVERIES`` like any other.
-- Only plain call messages are taken: the first message of the queue that is anything else (a
-  recording fetch, another task, a redelivery, an ``eta`` or ``expires``, a message that does not
-  pass the consumer's envelope check, a duplicate task id) ends the drain and goes back to the
-  front of the queue with the ones after it, in their order, for the consumer to handle as
-  always. No drain with signed messages, the embedded broker or a key prefix.
+- Only plain messages of the task's own kind are taken: the first message of the queue that is
+  anything else (a recording fetch or a document, which share the queues, a redelivery, an
+  ``eta`` or ``expires``, a message that does not pass the consumer's envelope check, a
+  duplicate task id) ends the drain and goes back to the front of the queue with the ones after
+  it, in their order, for the consumer to handle as always. No drain with signed messages, the
+  embedded broker or a key prefix.
 """
 
 from __future__ import annotations
@@ -44,22 +48,25 @@ from kombu import Connection
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from config.queues import CALL_TASK
 from config.settings import Settings
 from workers.transport.broker_redis import RAW_MARK, Channel
 from workers.transport.envelope import Limits, Refused, admit
 
 log = logging.getLogger(__name__)
 
-#: Moves up to ARGV[1] messages from the queue (KEYS[3]) into the unacked hash (KEYS[1]) and
-#: its index (KEYS[2]), each under the tag ARGV[4] .. n, scored ARGV[2], as the fetch script
-#: writes them (ARGV[3] is its mark); lists the tags in KEYS[4] (kept ARGV[5] seconds); returns
-#: {tag, message, tag, message, ...}.
+#: Moves up to ARGV[1] messages, of ARGV[6] bytes in all at most, from the queue (KEYS[3]) into
+#: the unacked hash (KEYS[1]) and its index (KEYS[2]), each under the tag ARGV[4] .. n, scored
+#: ARGV[2], as the fetch script writes them (ARGV[3] is its mark); lists the tags in KEYS[4]
+#: (kept ARGV[5] seconds); returns {tag, message, tag, message, ...}.
 DRAIN_SCRIPT = """
 local taken = {}
+local size = 0
 for n = 1, tonumber(ARGV[1]) do
-  local item = redis.call('RPOP', KEYS[3])
+  local item = redis.call('LINDEX', KEYS[3], -1)
   if not item then break end
+  size = size + string.len(item)
+  if size > tonumber(ARGV[6]) then break end
+  redis.call('RPOP', KEYS[3])
   local tag = ARGV[4] .. n
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   redis.call('HSET', KEYS[1], tag, ARGV[3] .. KEYS[3] .. '\\n' .. item)
@@ -95,6 +102,9 @@ return 1
 
 #: The key listing the tags of what a task drained.
 RECORD_PREFIX = "crm.drained."
+#: The most bytes of messages one task takes (as the broker holds them): fifty typical emails
+#: inline, or a few large ones; what is over it waits for the next task.
+DRAIN_BYTES = 8 * 1024 * 1024
 
 _connections: dict[int, Connection] = {}
 
@@ -134,10 +144,10 @@ def _discard() -> None:
             log.debug("closing a failed broker connection", exc_info=True)
 
 
-def drains(settings: Settings) -> bool:
-    """Whether call tasks take the calls queued behind them with these settings."""
+def drains(settings: Settings, limit: int) -> bool:
+    """Whether a task takes up to ``limit`` messages queued behind it with these settings."""
     return (
-        settings.call_drain > 0
+        limit > 0
         and not settings.embedded_broker
         and not settings.signing_enabled
         and settings.effective_broker_url.startswith("redis://")
@@ -146,7 +156,7 @@ def drains(settings: Settings) -> bool:
 
 @dataclass
 class Drained:
-    """The call messages a task took from its queue: their tags, task ids and messages."""
+    """The messages a task took from its queue: their tags, task ids and messages."""
 
     channel: Channel
     queue_key: str
@@ -174,11 +184,14 @@ class Drained:
             with _discarding():
                 restore(self.channel, self.record_key)
         except Exception as exc:
-            log.warning("drained calls left to the visibility timeout: %r", exc)
+            log.warning("drained messages left to the visibility timeout: %r", exc)
 
 
-def drain_calls(app: Any, queue: str, task_id: str, limit: int, limits: Limits) -> Drained | None:
-    """Take up to ``limit`` plain call messages queued on ``queue``; None when there are none."""
+def drain(
+    app: Any, queue: str, task_name: str, task_id: str, limit: int, limits: Limits
+) -> Drained | None:
+    """Take up to ``limit`` plain ``task_name`` messages queued on ``queue`` (at most
+    :data:`DRAIN_BYTES`); None when there are none."""
     channel = _channel(app)
     if channel is None:
         return None
@@ -196,7 +209,7 @@ def drain_calls(app: Any, queue: str, task_id: str, limit: int, limits: Limits) 
     drained = Drained(channel, queue_key, record_key)
     seen = {task_id}
     for position, (tag, item) in enumerate(taken):
-        call = _plain_call(channel, app, item, limits)
+        call = _plain(channel, app, item, task_name, limits)
         if call is None or call[0] in seen:
             with _discarding():
                 _untake(channel, queue_key, record_key, taken[position:])
@@ -223,6 +236,7 @@ def _take(
         RAW_MARK,
         prefix,
         int(app.conf.crm_settings.visibility_timeout_s) * 2,
+        DRAIN_BYTES,
     )
 
 
@@ -242,8 +256,10 @@ def _untake(
     )
 
 
-def _plain_call(channel: Channel, app: Any, item: bytes, limits: Limits) -> tuple[str, Any] | None:
-    """(task id, message) of a plain call message; None for anything else."""
+def _plain(
+    channel: Channel, app: Any, item: bytes, task_name: str, limits: Limits
+) -> tuple[str, Any] | None:
+    """(task id, message) of a plain ``task_name`` message; None for anything else."""
     try:
         payload = loads(item)
         message = channel.Message(payload, channel=channel)
@@ -251,7 +267,7 @@ def _plain_call(channel: Channel, app: Any, item: bytes, limits: Limits) -> tupl
         if (
             message.content_type != "application/json"
             or not isinstance(headers, dict)
-            or headers.get("task") != CALL_TASK
+            or headers.get("task") != task_name
             or headers.get("redelivered")
             or (message.delivery_info or {}).get("redelivered")
             or headers.get("eta") is not None
@@ -285,7 +301,7 @@ def restore(channel: Channel, record_key: str) -> int:
     return restored
 
 
-def restore_drained_of(app: Any, task_id: str) -> int:
+def restore_drained_of(app: Any, task_name: str, task_id: str) -> int:
     """A task run again: put back what its first run drained (its process died holding them)."""
     channel = _channel(app)
     if channel is None:
@@ -294,8 +310,8 @@ def restore_drained_of(app: Any, task_id: str) -> int:
         restored = restore(channel, RECORD_PREFIX + task_id)
     if restored:
         log.warning(
-            "%s %s: %d call message(s) it had taken from the queue put back, marked redelivered",
-            CALL_TASK,
+            "%s %s: %d message(s) it had taken from the queue put back, marked redelivered",
+            task_name,
             task_id,
             restored,
         )
