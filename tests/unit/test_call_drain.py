@@ -129,8 +129,17 @@ def test_a_drain_takes_at_most_drain_bytes_and_leaves_the_rest_in_order(
         {"headers": {"redelivered": True}},
         {"duplicate id": True},
         {"args": 2},
+        {"compression": "zlib"},
     ],
-    ids=["another task", "an eta", "an expiry", "a redelivery", "a task id again", "two args"],
+    ids=[
+        "another task",
+        "an eta",
+        "an expiry",
+        "a redelivery",
+        "a task id again",
+        "two args",
+        "compressed",
+    ],
 )
 def test_a_drain_stops_at_the_first_message_that_is_not_a_plain_call_and_leaves_it_in_place(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits, other: dict[str, Any]

@@ -26,10 +26,10 @@ Nothing about delivery changes:
   that kills its process is counted toward ``CRM_MAX_DELIVERIES`` like any other.
 - Only plain messages of the task's own kind are taken: the first message of the queue that is
   anything else (a recording fetch or a document, which share the queues, a redelivery, an
-  ``eta`` or ``expires``, a message that does not pass the consumer's envelope check, a
-  duplicate task id) ends the drain and goes back to the front of the queue with the ones after
-  it, in their order, for the consumer to handle as always. No drain with signed messages, the
-  embedded broker or a key prefix.
+  ``eta`` or ``expires``, a compressed body, a message that does not pass the consumer's
+  envelope check, a duplicate task id) ends the drain and goes back to the front of the queue
+  with the ones after it, in their order, for the consumer to handle as always. No drain with
+  signed messages, the embedded broker or a key prefix.
 """
 
 from __future__ import annotations
@@ -209,15 +209,15 @@ def drain(
     drained = Drained(channel, queue_key, record_key)
     seen = {task_id}
     for position, (tag, item) in enumerate(taken):
-        call = _plain(channel, app, item, task_name, limits)
-        if call is None or call[0] in seen:
+        plain = _plain(channel, app, item, task_name, limits)
+        if plain is None or plain[0] in seen:
             with _discarding():
                 _untake(channel, queue_key, record_key, taken[position:])
             break
-        seen.add(call[0])
+        seen.add(plain[0])
         drained.tags.append(tag)
-        drained.task_ids.append(call[0])
-        drained.messages.append(call[1])
+        drained.task_ids.append(plain[0])
+        drained.messages.append(plain[1])
     return drained if drained.tags else None
 
 
@@ -273,6 +273,8 @@ def _plain(
             or headers.get("eta") is not None
             or headers.get("expires") is not None
             or headers.get("retries") not in (None, 0)
+            # Decompressed by the consumer only, within its bound (a pool process has none).
+            or "compression" in headers
         ):
             return None
         admit(message, app.tasks, limits, datetime.now(UTC))
