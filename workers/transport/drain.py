@@ -21,9 +21,10 @@ Nothing about delivery changes:
   timeout restores it, marked redelivered.
 - They are acknowledged only after the batch's commit. A batch that does not commit (a lost
   database, the time limit, a bug) puts them back in their queue marked redelivered, so each then
-  runs alone. A task whose pool process was killed is requeued by Celery at once; when it runs
-  again (redelivered), it first puts back what it had drained, also marked redelivered: a message
-  that kills its process is counted toward ``CRM_MAX_DELIVERIES`` like any other.
+  runs alone. A task whose pool process was killed is put back at the end of its queue by
+  Celery at once; when it runs again (redelivered), it first puts back what it had drained, at
+  the front, also marked redelivered: a message that kills its process is counted toward
+  ``CRM_MAX_DELIVERIES`` like any other.
 - Only plain messages of the task's own kind are taken: the first message of the queue that is
   anything else (a recording fetch or a document, which share the queues, a redelivery, an
   ``eta`` or ``expires``, a compressed body, a message that does not pass the consumer's
