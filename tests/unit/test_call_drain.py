@@ -18,7 +18,13 @@ from config.queues import CALL_TASK, RECORDING_TASK
 from config.settings import ConfigError, Settings, load_settings
 from workers.base import soft_time_limit
 from workers.transport.broker_redis import RAW_MARK
-from workers.transport.drain import RECORD_PREFIX, drain, drains, restore_drained_of
+from workers.transport.drain import (
+    RECORD_PREFIX,
+    Drained,
+    drain,
+    drains,
+    restore_drained_of,
+)
 from workers.transport.envelope import Limits
 
 
@@ -175,12 +181,19 @@ def test_a_message_that_is_not_kombus_is_left_for_the_consumer_to_refuse(
     assert not redis_client.exists(RECORD_PREFIX + "b-task")
 
 
+def drained_all(app: Any, queue: str, task_id: str, count: int, limits: Limits) -> Drained:
+    """Publish ``count`` calls and drain them all under ``task_id``."""
+    ids = [publish(app, queue) for _ in range(count)]
+    drained = drain(app, queue, CALL_TASK, task_id, 10, limits)
+    assert drained is not None and drained.task_ids == ids
+    return drained
+
+
 def test_put_back_marks_them_redelivered_so_each_then_runs_alone(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
-    ids = [publish(app, queue) for _ in range(3)]
-    drained = drain(app, queue, CALL_TASK, "c-task", 10, limits)
-    assert drained is not None and drained.task_ids == ids
+    drained = drained_all(app, queue, "c-task", 3, limits)
+    ids = drained.task_ids
     drained.put_back()
     back = queued(redis_client, queue)
     assert sorted(m["headers"]["id"] for m in back) == sorted(ids)
@@ -194,9 +207,7 @@ def test_put_back_marks_them_redelivered_so_each_then_runs_alone(
 def test_a_task_run_again_puts_back_what_its_killed_run_had_drained(
     app: Any, queue: str, redis_client: redis.Redis, limits: Limits
 ) -> None:
-    ids = [publish(app, queue) for _ in range(2)]
-    drained = drain(app, queue, CALL_TASK, "e-task", 10, limits)
-    assert drained is not None and drained.task_ids == ids
+    ids = drained_all(app, queue, "e-task", 2, limits).task_ids
     assert queued(redis_client, queue) == []
     # Its process died here; Celery requeues the task, which, run again, puts them back.
     assert restore_drained_of(app, CALL_TASK, "e-task") == 2
