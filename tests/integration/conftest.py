@@ -126,8 +126,10 @@ def live(
         )
     app = create_app(settings)
     system = LiveSystem(settings, app, engine, create_session_factory(engine), worker, log, env)
-    wait_for_worker(app, worker, system.tail)
     try:
+        # Stopped however the setup ends: a worker left running would take the next
+        # session's messages from this Redis database into a database that is gone.
+        wait_for_worker(app, worker, system.tail)
         yield system
     finally:
         stop_process(worker)
