@@ -3,8 +3,9 @@
 The new calls of a call batch and the new emails of an email batch are stored set-based first
 (``tasks.ingest.call_batch``, ``tasks.ingest.email_batch``): a few statements for the whole
 batch instead of a dozen or more per message, with the same events, follow-ups, documents,
-counts and per-message outcomes as below. What that stage leaves (a call or email stored
-before, a recording, a possible lead, an invitation, a message that does not validate) runs
+counts and per-message outcomes as below; so are, on PostgreSQL, the next updates of linked
+calls stored before. What that stage leaves (an email stored before, a call update it cannot
+merge, a recording, a possible lead, an invitation, a message that does not validate) runs
 message by message as follows; if it meets a bug, or a concurrent writer took one of its
 messages first, its savepoint is rolled back and every message of the batch runs message by
 message.

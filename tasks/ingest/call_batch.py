@@ -13,13 +13,17 @@ What this stage does not take is left to the call stage, message by message, in 
 transaction (``tasks.batch``):
 
 - messages that do not validate (the call stage rejects them, with the reason);
-- calls with updates accepted before (their fold needs the stored updates);
 - calls with a recording (stored or fetched by the call stage);
-- inbound calls from an unknown party while the lead rule may make them leads.
+- inbound calls from an unknown party while the lead rule may make them leads;
+- updates of calls stored before, but on PostgreSQL those whose merge changes nothing but the
+  event's own row and counts (``_merges_alone``): the next update of a linked call, answered,
+  completed, sent again. Their earlier updates are read with the batch's, folded with the new
+  ones, and the event rewritten in one statement for all of them.
 
 A concurrent writer that took one of the batch's calls or updates first (its row appears
-while the batch inserts its own) makes the batch run every message through the call stage
-instead: ``BatchRaced`` rolls back this stage's savepoint (``tasks.batch``).
+while the batch inserts its own), or changed a stored call the batch read before locking it,
+makes the batch run every message through the call stage instead: ``BatchRaced`` rolls back
+this stage's savepoint (``tasks.batch``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from sqlalchemy import (
     Integer,
     all_,
     and_,
+    any_,
     bindparam,
     case,
     column,
@@ -109,6 +114,31 @@ class _Call:
     duplicates: list[int] = field(default_factory=list)
     derived: DerivedCall | None = None
     event: CrmEvent | None = None
+    #: A call stored before that this stage merges (PostgreSQL), as read before writing.
+    stored: _Stored | None = None
+
+
+@dataclass
+class _Stored:
+    """A call stored before: its earlier updates and its event as read, and what they make."""
+
+    #: The earlier updates' ledger rows and payloads, in the ledger's order.
+    ledger_ids: list[int]
+    payloads: list[dict[str, Any]]
+    #: Its event's row as read (every column), and the row the merge makes of it.
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    #: Its event's properties, party keys ((kind, value) -> position) and participants.
+    properties: set[str] = field(default_factory=set)
+    keys: dict[tuple[str, str], int] = field(default_factory=dict)
+    participants: set[int] = field(default_factory=set)
+    is_lead: bool = False
+    #: It reaches its customer now and did not before, or at another time: it may close their
+    #: follow-ups (``_follow_ups``).
+    settles: bool = False
+    #: It reached its customer before and no longer does, or at another time or for another
+    #: customer: the follow-ups it closed are settled again.
+    released: bool = False
 
 
 def ingest_new_calls(
@@ -128,42 +158,66 @@ def ingest_new_calls(
     _leave_erased(session, ctx, calls, result)
     lookups = CallLookups(session, ctx.settings)
     for call in list(calls.values()):
-        state = fold_updates([payload for _index, payload in call.updates])
+        earlier = call.stored.payloads if call.stored is not None else []
+        state = fold_updates([*earlier, *(payload for _index, payload in call.updates)])
         call.derived = derive_call(lookups, ctx, state, [])
-        if _may_become_a_lead(ctx, call.derived):
+        if call.stored is None:
+            if _may_become_a_lead(ctx, call.derived):
+                _leave(calls, call, result)
+        elif not _merges_alone(session, ctx, call, state):
             _leave(calls, call, result)
     if result.left:
         before_leaving()
     if not calls:
         return result
     ordered = list(calls.values())  # in the batch's order, as the call stage stores them
+    new = [call for call in ordered if call.stored is None]
+    merged = [call for call in ordered if call.stored is not None]
     # The ledger first, as the call stage writes: a call stage storing one of these calls
     # meanwhile then waits on the batch, or the batch on it, never each on the other.
     inbound_ids = _insert_ledger(session, ordered)
-    _insert_events(session, ordered)
+    _insert_events(session, new)
+    _merge_stored(session, merged, inbound_ids)
     _link_ledger(session, ordered, inbound_ids)
-    _insert_links(session, ctx, ordered, lookups)
-    _follow_ups(session, ordered, lookups)
+    _insert_links(session, ctx, new, lookups)
+    _add_participants(session, merged)
+    settling = [call.event for call in new]
+    settling += [call.event for call in merged if call.stored and call.stored.settles]
+    released = [event_view(c.stored.before) for c in merged if c.stored and c.stored.released]
+    _follow_ups(session, [e for e in settling if e is not None], lookups, released)
     zones: dict[int, ZoneInfo] = {}
     for call in ordered:
         event = call.event
         assert event is not None
-        sellers = set()
-        if event.seller_id is not None:
-            sellers.add(event.seller_id)
-        if event.seller_id is not None and counts(session, event):
-            if (zone := zones.get(event.seller_id)) is None:
-                zone = zones[event.seller_id] = seller_zone(session, event.seller_id)
-            for period in period_keys(event.occurred_at, zone):
-                result.deltas.append((TallyKey(event.seller_id, event.category_code, period), 1))
+        after = _tally_keys(session, event, zones)
+        if call.stored is None:
+            before: set[TallyKey] = set()
+            sellers = {event.seller_id} if event.seller_id is not None else set()
+        else:
+            before = _tally_keys(session, event_view(call.stored.before), zones)
+            sellers = {key.seller_id for key in before | after}
+        result.deltas += [(key, -1) for key in before - after]
+        result.deltas += [(key, 1) for key in after - before]
         for position, (index, _payload) in enumerate(call.updates):
-            detail = "merged" if position else "created"
+            detail = "merged" if position or call.stored is not None else "created"
             result.results[index] = StageResult("stored", event.id, detail, sellers)
         for index in call.duplicates:
             result.results[index] = StageResult(
                 "duplicate", detail="this update was already accepted"
             )
     return result
+
+
+def _tally_keys(session: Session, event: CrmEvent, zones: dict[int, ZoneInfo]) -> set[TallyKey]:
+    """What ``tally_keys`` gives, each seller's time zone looked up once per batch."""
+    if event.seller_id is None or not counts(session, event):
+        return set()
+    if (zone := zones.get(event.seller_id)) is None:
+        zone = zones[event.seller_id] = seller_zone(session, event.seller_id)
+    return {
+        TallyKey(event.seller_id, event.category_code, period)
+        for period in period_keys(event.occurred_at, zone)
+    }
 
 
 def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tuple[str, str], _Call]:
@@ -225,25 +279,89 @@ def _leave_erased(
 def _leave_existing(
     session: Session, calls: dict[tuple[str, str], _Call], result: BulkResult
 ) -> None:
-    """Calls with updates accepted before are the call stage's: their fold needs those updates.
+    """Calls with updates accepted before: their fold needs those updates.
 
     Asked of the ledger, not of the events: a call whose event was deleted keeps its updates,
-    and a late update makes its event again from all of them.
+    and a late update makes its event again from all of them. On PostgreSQL the updates are
+    read with the call's event (``_read_stored``), and whether the merge is this stage's is
+    decided once they are folded (``_merges_alone``); elsewhere the call stage takes them.
     """
+    if is_postgresql(session):
+        _read_stored(session, calls, result)
+        return
     by_system: dict[str, list[str]] = {}
     for system, call_id in calls:
         by_system.setdefault(system, []).append(call_id)
-    # By the ledger's natural key, its system included (a batch has one, usually); PostgreSQL
-    # takes the ids as one array: a short statement the driver parses once.
-    earlier = _EARLIER_PG if is_postgresql(session) else _EARLIER
     for system, ids in sorted(by_system.items()):
         for start in range(0, len(ids), 1000):
             found = session.execute(
-                earlier, {"system": system, "ids": ids[start : start + 1000]}
+                _EARLIER, {"system": system, "ids": ids[start : start + 1000]}
             ).scalars()
             for call_id in found:
                 if (call := calls.get((system, call_id))) is not None:
                     _leave(calls, call, result)
+
+
+def _read_stored(session: Session, calls: dict[tuple[str, str], _Call], result: BulkResult) -> None:
+    """PostgreSQL: the earlier updates of the batch's calls, by the ledger's natural key, and
+    for the calls that have some their events, properties, party keys, participants and lead
+    status, as they are before the batch writes (read again under the events' locks). An update
+    accepted before is a duplicate; a call whose event was deleted is the call stage's."""
+    by_system: dict[str, list[str]] = {}
+    for system, call_id in calls:
+        by_system.setdefault(system, []).append(call_id)
+    earlier: dict[tuple[str, str], list[tuple[int, str, dict[str, Any]]]] = {}
+    for system, ids in sorted(by_system.items()):
+        for start in range(0, len(ids), 1000):
+            found = session.execute(
+                _EARLIER_PG, {"system": system, "ids": ids[start : start + 1000]}
+            )
+            for call_id, ledger_id, key, payload in found:
+                earlier.setdefault((system, call_id), []).append((ledger_id, key, payload))
+    if not earlier:
+        return
+    events: dict[tuple[str, str], dict[str, Any]] = {}
+    for system, ids in sorted(by_system.items()):
+        wanted = [call_id for call_id in ids if (system, call_id) in earlier]
+        if not wanted:
+            continue
+        for row in session.execute(_STORED_EVENTS, {"system": system, "ids": wanted}).mappings():
+            events[(system, row["source_id"])] = dict(row)
+    for key, updates in earlier.items():
+        call = calls[key]
+        updates.sort(key=lambda row: row[0])
+        known = {idempotency_key for _id, idempotency_key, _payload in updates}
+        accepted = {i for i, _payload in call.updates if f"call:{call.digests[i]}" in known}
+        call.duplicates = sorted({*call.duplicates, *accepted})
+        call.updates = [(i, payload) for i, payload in call.updates if i not in accepted]
+        fresh = call.updates
+        if not fresh:  # every update accepted before: nothing to write
+            del calls[key]
+            for index in call.duplicates:
+                result.results[index] = StageResult(
+                    "duplicate", detail="this update was already accepted"
+                )
+            continue
+        if key not in events:  # deleted: the call stage makes it again from every update
+            _leave(calls, call, result)
+            continue
+        call.stored = _Stored(
+            ledger_ids=[ledger_id for ledger_id, _key, _payload in updates],
+            payloads=[payload for _id, _key, payload in updates],
+            before=events[key],
+        )
+    stored = {call.stored.before["id"]: call.stored for call in calls.values() if call.stored}
+    if not stored:
+        return
+    ids = sorted(stored)
+    for event_id, code in session.execute(_STORED_PROPERTIES, {"ids": ids}):
+        stored[event_id].properties.add(code)
+    for event_id, kind, value, position in session.execute(_STORED_KEYS, {"ids": ids}):
+        stored[event_id].keys[(kind, value)] = position
+    for event_id, staff_id in session.execute(_STORED_PARTICIPANTS, {"ids": ids}):
+        stored[event_id].participants.add(staff_id)
+    for event_id in session.scalars(_STORED_LEADS, {"ids": ids}):
+        stored[event_id].is_lead = True
 
 
 _LEDGER = table_of(InboundMessage)
@@ -258,12 +376,164 @@ _EARLIER = (
 )
 # One index probe per id, whatever the planner believes of the table: a backfill into a new
 # database outruns ANALYZE, and with a ledger "too small to matter" an ``= ANY`` list became a
-# filter over every call of the system, once per batch (0.1 ms per event at 10,000 rows).
+# filter over every call of the system, once per batch (0.1 ms per event at 10,000 rows). The
+# OFFSET 0 keeps each probe a subquery of its own, which the planner cannot join another way.
 _EARLIER_PG = text(
-    "SELECT ids.id FROM unnest(CAST(:ids AS varchar[])) AS ids(id)"
-    " CROSS JOIN LATERAL (SELECT 1 FROM inbound_message AS m WHERE m.source_kind = 'call'"
-    " AND m.source_system = :system AND m.source_id = ids.id LIMIT 1) AS found"
+    "SELECT ids.call_id, found.id, found.idempotency_key, found.payload"
+    " FROM unnest(CAST(:ids AS varchar[])) AS ids(call_id)"
+    " CROSS JOIN LATERAL (SELECT m.id, m.idempotency_key, m.payload FROM inbound_message AS m"
+    " WHERE m.source_kind = 'call' AND m.source_system = :system"
+    " AND m.source_id = ids.call_id OFFSET 0) AS found"
 )
+_EVENTS = table_of(CrmEvent)
+# The events of calls stored before, each by its natural key's index.
+_STORED_EVENTS = text(
+    "SELECT "
+    + ", ".join(f"found.{c.name}" for c in _EVENTS.c)
+    + " FROM unnest(CAST(:ids AS varchar[])) AS ids(id)"
+    " CROSS JOIN LATERAL (SELECT * FROM crm_event AS e WHERE e.source_system = :system"
+    " AND e.source_kind = 'call' AND e.source_id = ids.id OFFSET 0) AS found"
+).columns(*_EVENTS.c)
+_STORED_PROPERTIES = text(
+    "SELECT event_id, property_code FROM event_property_link"
+    " WHERE event_id = ANY(CAST(:ids AS integer[]))"
+)
+_STORED_KEYS = text(
+    "SELECT event_id, kind, value, position FROM event_party_key"
+    " WHERE event_id = ANY(CAST(:ids AS integer[]))"
+)
+_STORED_PARTICIPANTS = text(
+    "SELECT event_id, staff_id FROM event_participant WHERE event_id = ANY(CAST(:ids AS integer[]))"
+)
+_STORED_LEADS = text("SELECT event_id FROM lead WHERE event_id = ANY(CAST(:ids AS integer[]))")
+# Under the events' locks: their rows and their calls' ledger rows as they are now.
+_LOCK_STORED = (
+    select(_EVENTS)
+    .where(_EVENTS.c.id == any_(bindparam("ids", type_=ARRAY(Integer))))
+    .order_by(_EVENTS.c.id)
+    .with_for_update()
+)
+_LEDGER_IDS_PG = text(
+    "SELECT found.id FROM unnest(CAST(:ids AS varchar[])) AS ids(id)"
+    " CROSS JOIN LATERAL (SELECT m.id FROM inbound_message AS m WHERE m.source_kind = 'call'"
+    " AND m.source_system = :system AND m.source_id = ids.id OFFSET 0) AS found"
+)
+
+
+def _merges_alone(session: Session, ctx: StageContext, call: _Call, state: dict[str, Any]) -> bool:
+    """Whether the merge of a stored call's new updates is this stage's to write: it changes
+    the event's own row and counts and adds participants, nothing else. The call stage takes
+    the rest: a link made by hand or an event not linked before or after (the re-link, the lead
+    rule, erasure), a lead, recordings, properties or party keys that change, and a missed
+    call, before or after (its own follow-up). A call that reaches its customer now settles
+    their follow-ups as a new call does where it did not before, or did at another time or for
+    another customer; then the follow-ups it closed are settled again too (``_follow_ups``).
+
+    Sets the row the merge makes (``_Stored.after``), as ``apply_call_state`` writes it.
+    """
+    stored, derived = call.stored, call.derived
+    assert stored is not None and derived is not None
+    before = stored.before
+    if (
+        before["linked_by"] != "auto"
+        or before["link_state"] != "linked"
+        or derived.link["link_state"] != "linked"
+        or stored.is_lead
+        or LEAD in (before["category_code"], derived.columns["category_code"])
+        or state["recordings"]
+        or "recordings" in before["details"]
+        or set(derived.properties) != stored.properties
+    ):
+        return False
+    keys = party_keys(
+        session,
+        ctx.settings,
+        phones=[derived.outside_number],
+        customer_numbers=[derived.customer_number],
+    )
+    if {(k.kind, k.value): position for position, k in enumerate(keys)} != stored.keys:
+        return False
+    after = dict(before)
+    for name, value in derived.columns.items():
+        if name != "occurred_at" or value is not None:
+            after[name] = value
+    after.update(derived.link)
+    after["details"] = {**before["details"], **call_details(derived, after["contact_id"])}
+    old, new = event_view(before), event_view(after)
+    if is_missed_inbound(old) or is_missed_inbound(new):
+        return False
+    reached = reaches_customer(old) and old.customer_id is not None
+    reaches = reaches_customer(new) and new.customer_id is not None
+    moved = reached and not (
+        reaches and (new.customer_id, new.occurred_at) == (old.customer_id, old.occurred_at)
+    )
+    stored.after, stored.settles, stored.released = after, reaches and (moved or not reached), moved
+    return True
+
+
+def _merge_stored(session: Session, calls: Sequence[_Call], inbound_ids: dict[int, int]) -> None:
+    """Lock the stored calls' events, in id order; check that nothing changed them or added to
+    their updates since they were read (else ``BatchRaced``); write the rows the merges make,
+    those that change, in one statement."""
+    stored = {call.stored.before["id"]: call.stored for call in calls if call.stored is not None}
+    if not stored:
+        return
+    ids = sorted(stored)
+    locked = [dict(row) for row in session.execute(_LOCK_STORED, {"ids": ids}).mappings()]
+    if locked != [stored[event_id].before for event_id in ids]:
+        raise BatchRaced("a stored call of the batch changed meanwhile")
+    by_system: dict[str, list[str]] = {}
+    expected: set[int] = set()
+    for call in calls:
+        assert call.stored is not None
+        by_system.setdefault(call.source_system, []).append(call.call_id)
+        expected |= {*call.stored.ledger_ids, *(inbound_ids[i] for i, _payload in call.updates)}
+    now_known: set[int] = set()
+    for system, call_ids in sorted(by_system.items()):
+        now_known |= set(session.scalars(_LEDGER_IDS_PG, {"system": system, "ids": call_ids}))
+    if now_known != expected:
+        raise BatchRaced("an update of a stored call of the batch was accepted meanwhile")
+    changed = []
+    now = utcnow()
+    for call in calls:
+        assert call.stored is not None
+        before, after = call.stored.before, call.stored.after
+        if after != before:
+            after["updated_at"] = now
+            changed.append({f"v_{name}": after[name] for name in _MERGED_COLUMNS})
+        call.event = event_view(after)
+    if changed:
+        session.execute(_UPDATE_MERGED, changed)
+
+
+#: The columns a merge writes (``apply_call_state``): the call's own, its link, its details.
+_MERGED_COLUMNS = tuple(
+    column.key
+    for column in _EVENTS.columns
+    if column.key not in ("source_system", "source_kind", "source_id", "created_at", "linked_by")
+)
+_UPDATE_MERGED = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("v_id", type_=Integer))
+    .values(
+        {
+            name: bindparam(f"v_{name}", type_=_EVENTS.c[name].type)
+            for name in _MERGED_COLUMNS
+            if name != "id"
+        }
+    )
+)
+
+
+def _add_participants(session: Session, calls: Sequence[_Call]) -> None:
+    """The staff members a merge names that are not yet the stored event's participants."""
+    rows = []
+    for call in calls:
+        event, derived, stored = call.event, call.derived, call.stored
+        assert event is not None and derived is not None and stored is not None
+        staff = {s for s in (*derived.staff_ids, event.seller_id) if s is not None}
+        rows += [{"event_id": event.id, "staff_id": s} for s in sorted(staff - stored.participants)]
+    insert_rows(session, table_of(EventParticipant), rows)
 
 
 def _may_become_a_lead(ctx: StageContext, derived: DerivedCall) -> bool:
@@ -415,8 +685,15 @@ def _insert_links(
                 raise BatchRaced(f"the party of call {call.call_id} changed meanwhile")
 
 
-def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) -> None:
-    """Open a follow-up for each missed call, then settle every follow-up the new calls touch.
+def _follow_ups(
+    session: Session,
+    events: Sequence[CrmEvent],
+    lookups: CallLookups,
+    released: Sequence[CrmEvent] = (),
+) -> None:
+    """Open a follow-up for each missed call, then settle every follow-up the new calls touch
+    (``events``: the new calls, and merged ones that may close follow-ups now; ``released``:
+    merged calls, as they were, whose closed follow-ups may need another closer now).
 
     As ``reconcile_follow_ups`` does for one call, under the same customer locks: a follow-up
     is closed by the first later call that reached the customer, else open. The follow-ups
@@ -425,10 +702,11 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
     call after it: one read finds them (``_CANDIDATES_PG``), one reads each one's closer as it
     should be now (``_SETTLED_PG``), one update writes those that change.
     """
-    events = [call.event for call in calls if call.event is not None]
     missed = [e for e in events if is_missed_inbound(e)]
     closers = [e for e in events if e.customer_id is not None and reaches_customer(e)]
-    customers = sorted({e.customer_id for e in (*missed, *closers) if e.customer_id is not None})
+    customers = sorted(
+        {e.customer_id for e in (*missed, *closers, *released) if e.customer_id is not None}
+    )
     if not customers:
         return
     for customer_id in customers:
@@ -460,6 +738,8 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         # Closed by a call after the earliest new one that reached the customer (none: none).
         earliest = min((e.occurred_at for e in closers), default=None)
         ids = session.scalars(_CANDIDATES, {"customers": customers, "after": earliest}).all()
+    if released:  # closed by a merged call that no longer closes them, or maybe not
+        ids = [*ids, *session.scalars(_CLOSED_BY, {"ids": [e.id for e in released]})]
     # A statement of its own: the planner then knows how few they are, where statistics that
     # a backfill outran made it hash the whole event table to join them to their calls.
     settled = _SETTLED_PG if postgresql else _SETTLED
@@ -475,6 +755,9 @@ def _follow_ups(session: Session, calls: Sequence[_Call], lookups: CallLookups) 
         session.execute(_FOLLOW_UP_SETTLE, changed)
 
 
+_CLOSED_BY = select(table_of(FollowUp).c.id).where(
+    table_of(FollowUp).c.closed_by_event_id.in_(bindparam("ids", expanding=True))
+)
 _FOLLOW_UP_SETTLE = (
     update(table_of(FollowUp))
     .where(table_of(FollowUp).c.id == bindparam("fid"))
