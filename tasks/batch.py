@@ -170,32 +170,44 @@ def _run_bulk(
     fatal: tuple[type[BaseException], ...],
     id_of: Callable[[int], str],
 ) -> list[tuple[int, Any]]:
-    """Run the set-based stage in a savepoint; the messages it left, or all when it gave up."""
-    try:
-        with session.begin_nested():
-            taken = bulk(session, ctx, pending, lambda: _one_batch_at_a_time(session))
-            record_deliveries(
-                session,
-                (
-                    (id_of(i), task_name, done.outcome, done.event_id, done.detail)
-                    for i, done in sorted(taken.results.items())
-                ),
+    """Run the set-based stage in a savepoint; the messages it left, or all when it gave up.
+
+    A concurrent writer it met (``BatchRaced``) has committed by then (the insert or the lock
+    that met it waited for that), so the stage runs once more and reads what it wrote: the
+    updates a pool process took from the queue while the other one's batch held the same
+    calls' earlier updates become duplicates and merges instead of a batch message by
+    message. Raced again, or stopped by what the batch itself holds, it gives up.
+    """
+    for attempt in (1, 2):
+        try:
+            with session.begin_nested():
+                taken = bulk(session, ctx, pending, lambda: _one_batch_at_a_time(session))
+                record_deliveries(
+                    session,
+                    (
+                        (id_of(i), task_name, done.outcome, done.event_id, done.detail)
+                        for i, done in sorted(taken.results.items())
+                    ),
+                )
+            break
+        except (*TRANSIENT_ERRORS, *fatal):
+            raise  # the whole batch again, later
+        except BatchRaced as exc:
+            _forget(session)
+            if attempt == 1 and exc.again:
+                log.info("batch %s runs its set-based stage again: %s", ctx.task_id, exc)
+                continue
+            log.info("batch %s goes message by message: %s", ctx.task_id, exc)
+            return pending
+        except Exception as exc:
+            _forget(session)
+            log.error(
+                "batch %s: the set-based stage failed, message by message instead: %r",
+                ctx.task_id,
+                exc,
+                exc_info=exc,
             )
-    except (*TRANSIENT_ERRORS, *fatal):
-        raise  # the whole batch again, later
-    except BatchRaced as exc:
-        _forget(session)
-        log.info("batch %s goes message by message: %s", ctx.task_id, exc)
-        return pending
-    except Exception as exc:
-        _forget(session)
-        log.error(
-            "batch %s: the set-based stage failed, message by message instead: %r",
-            ctx.task_id,
-            exc,
-            exc_info=exc,
-        )
-        return pending
+            return pending
     deferred = session.info[DEFERRED_TALLIES]
     deferred.extend(taken.deltas)
     for done in taken.results.values():

@@ -64,7 +64,14 @@ class BulkResult:
 
 class BatchRaced(Exception):
     """Another transaction wrote what a batch's set-based stage was writing, or changed what it
-    had read: the batch goes message by message instead (``tasks.batch``)."""
+    had read: the stage runs once more, then the batch goes message by message (``tasks.batch``).
+
+    ``again=False``: what the batch holds makes the stage give up whatever it reads (the batch
+    goes message by message at once)."""
+
+    def __init__(self, message: str, *, again: bool = True) -> None:
+        super().__init__(message)
+        self.again = again
 
 
 def canonical_hash(payload: Any) -> str:

@@ -22,8 +22,9 @@ transaction (``tasks.batch``):
 
 A concurrent writer that took one of the batch's calls or updates first (its row appears
 while the batch inserts its own), or changed a stored call the batch read before locking it,
-makes the batch run every message through the call stage instead: ``BatchRaced`` rolls back
-this stage's savepoint (``tasks.batch``).
+rolls this stage's savepoint back (``BatchRaced``): the stage runs once more, reading what the
+writer committed, and if it races again every message goes through the call stage
+(``tasks.batch``).
 """
 
 from __future__ import annotations

@@ -293,7 +293,9 @@ def _compose_all(
         key = columns["thread_key"]
         moved = {i for i in composed.own_ids if i and i != key}
         if moved & stored_threads:
-            raise BatchRaced(f"email {read.message_id} joins replies stored before to its thread")
+            raise BatchRaced(
+                f"email {read.message_id} joins replies stored before to its thread", again=False
+            )
         for row in earlier:  # join_thread, among the batch's emails
             if row[1] in moved:
                 row[1] = key
@@ -307,7 +309,9 @@ def _compose_all(
     # would then be keyed otherwise than in the batch's order.
     taken = {i for email in emails if email.composed is not None for i in email.thread_ids}
     if any(email.thread_ids & taken for email in left):
-        raise BatchRaced("an email left to the email stage shares a thread with the batch's")
+        raise BatchRaced(
+            "an email left to the email stage shares a thread with the batch's", again=False
+        )
 
 
 def _may_become_a_lead(ctx: StageContext, columns: dict[str, Any]) -> bool:

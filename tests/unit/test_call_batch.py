@@ -470,6 +470,37 @@ def test_a_stored_call_changed_after_the_batch_read_it_sends_the_batch_message_b
     )
 
 
+def test_a_batch_that_met_a_writer_runs_its_set_based_stage_once_more(
+    world: Session, ctx: StageContext, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer a batch met has committed when the batch notices: the set-based stage runs
+    again, reads what it wrote, and takes the batch whole (no batch lock, no message alone)."""
+    first = {**callback("b-again", at(24, 8)), "status": "answered", "sequence": 1}
+    ingest_call(world, ctx, first)
+    ingest_call(world, ctx, {**first, "note": "soitetaan takaisin", "sequence": 2})
+    read, reads = call_batch._read_stored, []
+
+    def read_before_the_other_once(session: Session, calls: Any, result: Any) -> None:
+        read(session, calls, result)
+        reads.append(1)
+        if len(reads) == 1:
+            stored = calls[("pbx-test", "b-again")].stored
+            del stored.ledger_ids[-1], stored.payloads[-1]
+
+    monkeypatch.setattr(call_batch, "_read_stored", read_before_the_other_once)
+    result = run_batch(world, ctx, [{**first, "status": "completed", "sequence": 3}])
+    assert len(reads) == 2
+    assert dict(result.outcomes) == {"stored": 1}
+    assert batch_lock_free(engine)
+    event = world.scalars(select(CrmEvent).where(CrmEvent.source_id == "b-again")).one()
+    world.refresh(event)
+    assert (event.status, event.body, event.details["updates"]) == (
+        "completed",
+        "soitetaan takaisin",
+        3,
+    )
+
+
 def test_earlier_updates_are_found_by_index_probes_whatever_the_statistics(world: Session) -> None:
     """A backfill into a new database outruns ANALYZE: the planner, told the ledger holds almost
     nothing, must still look each call id up in the index, not filter every call of the system
