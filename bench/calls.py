@@ -1,4 +1,4 @@
-"""Call status updates per second, end to end through a real worker, against a no-op task.
+"""Call status updates per second, end to end through a real worker, against bare Celery tasks.
 
 Measures, in the same run and on the same broker, database and settings:
 
@@ -10,13 +10,17 @@ Measures, in the same run and on the same broker, database and settings:
   Reported as updates/s.
 * no-op: N×4 ``bench.noop`` tasks (bench/noop_worker.py: the same Celery app and delivery
   settings, a task that only increments a Redis counter). Reported as tasks/s.
+* bare: N×4 bare Celery tasks (bench/bare_worker.py: Celery itself, the same delivery
+  settings), the baseline of the throughput goal.
 
-Runs alternate; the medians and their ratio are printed, and every run is checked: exactly N
-events, all completed, every update stored or a duplicate. The throw-away world (a scratch
-PostgreSQL database, a Redis database index, ``crm-events worker --concurrency 2`` and the no-op
-worker) comes from bench/pipeline.py's helpers.
+Runs alternate; the medians, the ratios and the CPU per message (the worker's processes, and
+PostgreSQL's backends for the calls) are printed, and every run is checked: exactly N events,
+all completed, every update stored or a duplicate; then the tallies against a recount. The
+throw-away world (a scratch PostgreSQL database, a Redis database index, ``crm-events worker
+--concurrency 2``, the no-op and the bare worker) comes from bench/pipeline.py's helpers.
 
     .venv/bin/python bench/calls.py --calls 500 --repeats 3
+    .venv/bin/python bench/calls.py --json figures.json   # also the medians as JSON
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path[:] = [
 ]
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +60,9 @@ class Run:
     elapsed_s: float
     stored_s: float | None = None
     detail: str = ""
+    cpu_ms: float = 0.0  # the worker's CPU per message
+    db_cpu_ms: float | None = None  # PostgreSQL's, for the calls
+    load: float = 0.0  # the 1-minute load average at the run's start
 
     @property
     def rate(self) -> float:
@@ -166,6 +174,25 @@ def run_noop(world: Any, run_id: str, tag: str, n: int, timeout: float) -> Run:
     return Run("no-op", n, result.elapsed_s)
 
 
+def run_bare(world: Any, run_id: str, tag: str, n: int, timeout: float) -> Run:
+    result = helpers.run_bare(world, run_id, tag, n, timeout)
+    return Run("bare", n, result.elapsed_s)
+
+
+def measured(world: Any, label: str, run: Any, *args: Any) -> Run:
+    """``run(world, *args)``, with its worker's CPU per message (and PostgreSQL's)."""
+    worker = next(w for w in world.workers if w.label == label)
+    load = helpers.load_average()
+    cpu_before, db_before = helpers.cpu_seconds(worker), helpers.database_cpu_seconds(world)
+    result: Run = run(world, *args)
+    result.cpu_ms = (helpers.cpu_seconds(worker) - cpu_before) * 1000 / result.n
+    if result.kind == "calls":
+        db_cpu = helpers.database_cpu_seconds(world) - db_before
+        result.db_cpu_ms = db_cpu * 1000 / result.n
+    result.load = load
+    return result
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per run (4 updates each)")
@@ -187,6 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="of the workers; INFO also reports the task times",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--json", metavar="FILE", help="also write the medians to FILE as JSON")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
         parser.error("--calls and --repeats must be positive")
@@ -216,37 +244,71 @@ def main(argv: list[str] | None = None) -> int:
             world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
             helpers.start_worker(world, "pipeline", [helpers.crm_events_command(), "worker"], env)
             helpers.start_worker(world, "no-op", helpers.noop_command(), env)
+            bare = helpers.bare_command(world.broker_url, args.log_level)
+            helpers.start_worker(world, "bare", bare, env)
+            world.bare_app = helpers.bare_worker.create_bare_app(world.broker_url)
             helpers.wait_ready(world)
             helpers.load_parties(world, env)
             if args.warmup:
                 run_calls(world, run_id, "w", args.warmup, args.timeout)
                 run_noop(world, run_id, "w", args.warmup * UPDATES_PER_CALL, args.timeout)
+                run_bare(world, run_id, "w", args.warmup * UPDATES_PER_CALL, args.timeout)
             runs: list[Run] = []
+            n = args.calls * UPDATES_PER_CALL
             for i in range(1, args.repeats + 1):
-                calls = run_calls(world, run_id, f"c{i}", args.calls, args.timeout)
-                noop_run = run_noop(world, run_id, f"n{i}", calls.n, args.timeout)
-                for run in (calls, noop_run):
+                for run in (
+                    measured(
+                        world, "pipeline", run_calls, run_id, f"c{i}", args.calls, args.timeout
+                    ),
+                    measured(world, "no-op", run_noop, run_id, f"n{i}", n, args.timeout),
+                    measured(world, "bare", run_bare, run_id, f"b{i}", n, args.timeout),
+                ):
                     unit = "updates" if run.kind == "calls" else "tasks"
                     extra = f", all stored at {run.stored_s:.2f} s" if run.stored_s else ""
-                    extra += run.detail
+                    extra += f"; worker CPU {run.cpu_ms:.2f} ms per message"
+                    if run.db_cpu_ms is not None:
+                        extra += f", PostgreSQL {run.db_cpu_ms:.2f} ms"
+                    extra += run.detail + f"; load {run.load:.2f}"
                     print(
                         f"run {i}/{args.repeats} {run.kind:6} {run.n} {unit} in "
                         f"{run.elapsed_s:6.2f} s = {run.rate:6.0f} {unit}/s{extra}",
                         flush=True,
                     )
                     runs.append(run)
-            calls_rate = statistics.median(r.rate for r in runs if r.kind == "calls")
-            noop_rate = statistics.median(r.rate for r in runs if r.kind == "no-op")
+
+            def median(kind: str, figure: str = "rate") -> float:
+                return statistics.median(getattr(r, figure) for r in runs if r.kind == kind)
+
+            figures = {
+                "calls": args.calls,
+                "updates": n,
+                "repeats": args.repeats,
+                "calls_rate": median("calls"),
+                "noop_rate": median("no-op"),
+                "bare_rate": median("bare"),
+                "calls_cpu_ms": median("calls", "cpu_ms"),
+                "calls_db_cpu_ms": median("calls", "db_cpu_ms"),
+                "noop_cpu_ms": median("no-op", "cpu_ms"),
+                "bare_cpu_ms": median("bare", "cpu_ms"),
+                "loads": [r.load for r in runs if r.kind == "calls"],
+                "drift": helpers.tally_drift(world),
+            }
             print()
+            print(f"median of {args.repeats} run(s) of {args.calls} calls ({n} updates):")
             print(
-                f"median of {args.repeats} run(s) of {args.calls} calls "
-                f"({args.calls * UPDATES_PER_CALL} updates):"
+                f"  call updates {figures['calls_rate']:.0f}/s, the app's no-op tasks "
+                f"{figures['noop_rate']:.0f}/s, bare Celery tasks {figures['bare_rate']:.0f}/s; "
+                f"ratio to bare {figures['calls_rate'] / figures['bare_rate']:.2f}"
             )
             print(
-                f"  call updates {calls_rate:.0f}/s, no-op tasks {noop_rate:.0f}/s, "
-                f"ratio {calls_rate / noop_rate:.2f}"
+                f"  worker CPU per update {figures['calls_cpu_ms']:.2f} ms (bare Celery "
+                f"{figures['bare_cpu_ms']:.2f} ms per task), PostgreSQL "
+                f"{figures['calls_db_cpu_ms']:.2f} ms; tally drift {figures['drift']}"
             )
-            return 0
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump(figures, handle, indent=2)
+            return 0 if figures["drift"] == 0 else 1
         except helpers.BenchError as exc:
             helpers.log(f"bench failed: {exc}")
             return 1

@@ -2,6 +2,7 @@
 
 Runs ``pipeline.py`` (call events one message each, the app's no-op task and a bare Celery
 no-op task, alternating; then again with each call message alone, ``--call-drain 0``),
+``calls.py`` (four updates per call, round by round, as a PBX sends them, against bare Celery),
 ``bulk_import.py`` (``crm-events import cdr`` end to end, bare Celery and PostgreSQL
 ``executemany`` as baselines; then a late file of a fifth as many rows of the same year) and
 ``flat.py`` (call events with a year of history and with a busy month, and the latency to
@@ -52,6 +53,7 @@ def load_now() -> str:
 def rows(
     p: dict[str, Any],
     p0: dict[str, Any],
+    c: dict[str, Any],
     b: dict[str, Any],
     f: dict[str, Any],
     e: dict[str, Any],
@@ -61,7 +63,7 @@ def rows(
     def met(ok: bool) -> str:
         return "yes" if ok else "no"
 
-    drift = (p.get("drift") or 0) + (p0.get("drift") or 0) + b["drift"] + f["drift"]
+    drift = (p.get("drift") or 0) + (p0.get("drift") or 0) + c["drift"] + b["drift"] + f["drift"]
     cores = os.cpu_count() or 1
     total_import_cpu = b["worker_cpu_ms"] + b["db_cpu_ms"] + b["import_cpu_ms"] + b["redis_cpu_ms"]
     empty, history, month = f["empty"], f["history"], f["month"]
@@ -102,6 +104,19 @@ def rows(
             f"{p0['pipeline_rate'] / p0['bare_rate']:.2f}; CPU"
             f" {p0['pipeline_cpu_ms'] / p0['bare_cpu_ms']:.1f} × bare",
             "",
+        ),
+        (
+            "call updates end to end (4 per call, round by round), one message each",
+            f"{c['calls_rate']:.0f} updates/s; worker CPU {c['calls_cpu_ms']:.2f} ms,"
+            f" PostgreSQL {c['calls_db_cpu_ms']:.2f} ms per update",
+            "≥ 0.5 × bare; ≤ 4 ms, ≤ 1.5 ms",
+            f"bare Celery {c['bare_rate']:.0f} tasks/s, {c['bare_cpu_ms']:.2f} ms",
+            f"{c['calls_rate'] / c['bare_rate']:.2f}",
+            met(
+                c["calls_rate"] >= 0.5 * c["bare_rate"]
+                and c["calls_cpu_ms"] <= 4
+                and c["calls_db_cpu_ms"] <= 1.5
+            ),
         ),
         (
             "the app's no-op task, worker CPU",
@@ -235,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline.py",
         ["--events", events, "--repeats", repeats, "--warmup", "50", "--call-drain", "0"],
     )
+    calls, calls_repeats = ("150", "1") if args.quick else ("500", "3")
+    c = run_script("calls.py", ["--calls", calls, "--repeats", calls_repeats])
     b = run_script(
         "bulk_import.py", ["--rows", str(rows_n), "--late", str(rows_n // 5), "--bare", "5000"]
     )
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [
         *p["load"],
         *p0["load"],
+        *c["loads"],
         b["load"],
         *(x for k in ("empty", "history", "month") for x in f[k]["load"]),
         e["load"],
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| figure | measured | goal | baseline (same run) | ratio | met |")
     print("|---|---|---|---|---|---|")
-    for row in rows(p, p0, b, f, e):
+    for row in rows(p, p0, c, b, f, e):
         print("| " + " | ".join(row) + " |")
     return 0
 
