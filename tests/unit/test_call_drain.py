@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import kombu.pools
 import pytest
 import redis
 from kombu import Exchange, Queue
@@ -34,7 +35,9 @@ def app(settings: Settings) -> Iterator[Any]:
 
     app = create_app(settings)
     yield app
-    app.pool.force_close_all()
+    # Its connections are in kombu's registry, shared by every app of the same broker URL:
+    # closed and forgotten there, so that an app made later in the session gets fresh ones.
+    kombu.pools.reset()
 
 
 @pytest.fixture
