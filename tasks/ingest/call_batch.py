@@ -1,11 +1,13 @@
-"""Set-based ingest of a batch's new calls: a backfill at the speed of the database.
+"""Set-based ingest of a batch's calls: a backfill at the speed of the database.
 
 A CDR backfill or a burst of call updates arrives as ``crm.batch/1`` messages of hundreds of
-calls, nearly all of them new. Each would cost the call stage a dozen statements; here the
-batch's new calls cost a few statements each for the whole batch: one multi-row insert each of
-the ledger rows, the events, their properties, party keys and participants, two reads of the
-follow-ups they touch (which ones, then each one's closer), one tally move. Matching and
-classification are asked once per distinct number, agent and category (``CallLookups``).
+calls, nearly all of them new; a call task takes the live updates queued behind it, most of
+them the next updates of calls stored a moment before. Each would cost the call stage a dozen
+statements; here the batch's new calls cost a few statements each for the whole batch: one
+multi-row insert each of the ledger rows, the events, their properties, party keys and
+participants, two reads of the follow-ups they touch (which ones, then each one's closer), one
+tally move. Matching and classification are asked once per distinct number, agent and category
+(``CallLookups``).
 
 The stored events are the call stage's own: the same fold of the same updates and the same
 ``derive_call``, so a call gives the same event, follow-ups and counts whichever way it came.
@@ -148,7 +150,8 @@ def ingest_new_calls(
     messages: Sequence[tuple[int, Any]],
     before_leaving: Callable[[], None] = lambda: None,
 ) -> BulkResult:
-    """Store the new calls among ``messages`` (index, message) set-based; see the docstring.
+    """Store the new calls among ``messages`` (index, message), and merge the next updates of
+    stored ones (PostgreSQL), set-based; see the module's docstring.
 
     What the stage leaves is known before it writes: ``before_leaving`` is called then, when it
     leaves any message, so that the batch takes what its message-by-message part needs first.
