@@ -54,6 +54,7 @@ from tasks.store import (
     StageResult,
     TallyKey,
     apply_tally_deltas,
+    lock_calls,
     record_deliveries,
     record_delivery,
 )
@@ -136,6 +137,8 @@ def run_batch(
     # held for the commit only, not for the whole batch while other batches wait on them.
     deltas: list[tuple[TallyKey, int]] = []
     session.info[DEFERRED_TALLIES] = deltas
+    if kind == "call":  # every call of the batch first, before its savepoints (tasks.store)
+        lock_calls(session, _calls_named(messages))
     try:
         pending = list(enumerate(messages))
         if (bulk := BULK_STAGES.get(kind)) is not None:
@@ -160,6 +163,17 @@ def run_batch(
     return result
 
 
+def _calls_named(messages: list[Any]) -> set[tuple[str, str]]:
+    """The (source system, call id) of each message that names one; the rest are rejected."""
+    return {
+        (message["source_system"], message["call_id"])
+        for message in messages
+        if isinstance(message, dict)
+        and isinstance(message.get("source_system"), str)
+        and isinstance(message.get("call_id"), str)
+    }
+
+
 def _run_bulk(
     session: Session,
     ctx: StageContext,
@@ -172,11 +186,11 @@ def _run_bulk(
 ) -> list[tuple[int, Any]]:
     """Run the set-based stage in a savepoint; the messages it left, or all when it gave up.
 
-    A concurrent writer it met (``BatchRaced``) has committed by then (the insert or the lock
-    that met it waited for that), so the stage runs once more and reads what it wrote: the
-    updates a pool process took from the queue while the other one's batch held the same
-    calls' earlier updates become duplicates and merges instead of a batch message by
-    message. Raced again, or stopped by what the batch itself holds, it gives up.
+    A concurrent writer it met (``BatchRaced``: a party change, a re-link or a recording
+    rewriting a stored call's event; writers of the same calls wait on their locks first) has
+    committed by then (the lock or insert that met it waited for that), so the stage runs once
+    more and reads what it wrote. Raced again, or stopped by what the batch itself holds, it
+    gives up.
     """
     for attempt in (1, 2):
         try:

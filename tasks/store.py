@@ -734,6 +734,43 @@ def record_party_keys(
     return keys
 
 
+#: Namespace of the advisory locks on calls, one per (source system, call id) ("CAL").
+CALL_LOCK_NAMESPACE = 0x43414C
+
+
+def lock_calls(session: Session, calls: Iterable[tuple[str, str]]) -> None:
+    """Transaction-level advisory locks on calls (source system, call id), taken before
+    anything else a writer of a call takes (its ledger rows, its event), all of a transaction's
+    at once, in the order of their lock ids.
+
+    A batch writes its calls' ledger rows and events set-based, then the messages it left one
+    by one; another batch or a call update holding some of the same calls took theirs in
+    another order (a ledger key of one call, then the event of another), and the two waited on
+    each other until PostgreSQL broke the circle. Holding the calls first, a writer waits for
+    whoever holds any of them, never in a circle. SQLite needs none (one writer at a time).
+    """
+    if not is_postgresql(session):
+        return
+    ids = sorted({_call_lock_id(system, call_id) for system, call_id in calls})
+    if len(ids) == 1:
+        session.execute(_ONE_LOCK, {"ns": CALL_LOCK_NAMESPACE, "key": ids[0]})
+    elif ids:
+        session.execute(_LOCKS_IN_ORDER, {"ns": CALL_LOCK_NAMESPACE, "keys": ids})
+
+
+def _call_lock_id(system: str, call_id: str) -> int:
+    # Any string a message may hold, a lone surrogate included (validation rejects it later).
+    key = f"{system}\x00{call_id}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big", signed=True)
+
+
+_ONE_LOCK = text("SELECT pg_advisory_xact_lock(:ns, :key)")
+# unnest yields the ids in the array's order, and the aggregate takes them as they come.
+_LOCKS_IN_ORDER = text(
+    "SELECT count(pg_advisory_xact_lock(:ns, k)) FROM unnest(CAST(:keys AS integer[])) AS k"
+)
+
+
 def lock_party_keys(session: Session, keys: Iterable[PartyKey]) -> None:
     """Transaction-level advisory locks on party keys, in one global order (no deadlock among
     them). SQLite needs none: it runs one writing transaction at a time."""

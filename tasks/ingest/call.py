@@ -41,6 +41,7 @@ from tasks.store import (
     TallyKey,
     canonical_hash,
     link_inbound,
+    lock_calls,
     lock_event,
     lock_existing_event,
     move_tallies,
@@ -60,6 +61,7 @@ class CallStageResult(StageResult):
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
     schema = shared_schema(CallMessageSchema)
     message = load_message(schema, payload, SCHEMA)
+    lock_calls(session, [(message["source_system"], message["call_id"])])
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
     normalised = schema.dump(message)
     ledger_payload = _ledger_payload(normalised)

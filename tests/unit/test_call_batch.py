@@ -20,6 +20,7 @@ from models.ledger import Delivery, InboundMessage, RejectedMessage
 from models.parties import EventPartyKey, Staff
 from models.targets import Tally
 from tasks import batch as batch_stage
+from tasks import store
 from tasks.batch import ingest_batch
 from tasks.context import StageContext
 from tasks.ingest import call_batch, call_state
@@ -286,6 +287,41 @@ def test_batches_the_set_based_stage_takes_whole_write_side_by_side(
     result = run_batch(world, ctx, [callback("b-side-3", at(24, 10)), {"colour": "red"}])
     assert dict(result.outcomes) == {"stored": 1, "rejected": 1}
     assert not batch_lock_free(engine)
+
+
+def call_lock_free(engine: Engine, call_id: str) -> bool:
+    """Whether another transaction could take the call's lock (``tasks.store.lock_calls``)."""
+    with engine.connect() as probe:
+        free = probe.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:ns, :key)"),
+            {"ns": store.CALL_LOCK_NAMESPACE, "key": store._call_lock_id("pbx-test", call_id)},
+        )
+        probe.rollback()
+    return bool(free)
+
+
+def test_a_batch_holds_its_calls_before_it_writes_and_until_it_commits(
+    world: Session, ctx: StageContext, engine: Engine
+) -> None:
+    """Every call a batch names is held from before its first write to its commit, those the
+    call stage takes included; a call update alone holds its own: a writer of the same calls
+    waits for it, and two batches never wait on each other in a circle."""
+    assert call_lock_free(engine, "b-held-1")
+    result = run_batch(
+        world,
+        ctx,
+        [
+            callback("b-held-1", at(24, 8)),
+            {**callback("b-held-2", at(24, 9)), "recording": {"url": "https://pbx.invalid/r"}},
+            {**callback("b-held-3", at(24, 10)), "from": 42},  # rejected
+        ],
+    )
+    assert dict(result.outcomes) == {"stored": 2, "rejected": 1}
+    assert not call_lock_free(engine, "b-held-1")  # set-based
+    assert not call_lock_free(engine, "b-held-2")  # the call stage's
+    assert call_lock_free(engine, "b-unrelated")
+    ingest_call(world, ctx, callback("b-held-4", at(24, 11)))
+    assert not call_lock_free(engine, "b-held-4")
 
 
 def test_a_batch_the_set_based_stage_gave_up_on_goes_one_batch_at_a_time(
