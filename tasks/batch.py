@@ -6,9 +6,10 @@ batch instead of a dozen or more per message, with the same events, follow-ups, 
 counts and per-message outcomes as below; so are, on PostgreSQL, the next updates of linked
 calls stored before. What that stage leaves (an email stored before, a call update it cannot
 merge, a recording, a possible lead, an invitation, a message that does not validate) runs
-message by message as follows; if it meets a bug, or a concurrent writer took one of its
-messages first, its savepoint is rolled back and every message of the batch runs message by
-message.
+message by message as follows. If a concurrent writer changed what it read, its savepoint is
+rolled back and it runs once more; if that happens again, or it meets a bug, every message of
+the batch runs message by message. A call batch first takes the lock of every call it names
+(``tasks.store.lock_calls``).
 
 A backfill (a year of CDRs, a JSON Lines export) or a burst from a producer arrives as
 ``crm.batch/1`` messages. Each message of a batch runs through its kind's own stage, in a

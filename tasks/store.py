@@ -749,19 +749,26 @@ def lock_calls(session: Session, calls: Iterable[tuple[str, str]]) -> None:
     each other until PostgreSQL broke the circle. Holding the calls first, a writer waits for
     whoever holds any of them, never in a circle. SQLite needs none (one writer at a time).
     """
-    if not is_postgresql(session):
-        return
-    ids = sorted({_call_lock_id(system, call_id) for system, call_id in calls})
-    if len(ids) == 1:
-        session.execute(_ONE_LOCK, {"ns": CALL_LOCK_NAMESPACE, "key": ids[0]})
-    elif ids:
-        session.execute(_LOCKS_IN_ORDER, {"ns": CALL_LOCK_NAMESPACE, "keys": ids})
+    if is_postgresql(session):
+        _advisory_locks(session, CALL_LOCK_NAMESPACE, (f"{s}\x00{c}" for s, c in calls))
 
 
-def _call_lock_id(system: str, call_id: str) -> int:
+def _lock_id(key: str) -> int:
     # Any string a message may hold, a lone surrogate included (validation rejects it later).
-    key = f"{system}\x00{call_id}".encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big", signed=True)
+    return int.from_bytes(
+        hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:4], "big", signed=True
+    )
+
+
+def _advisory_locks(session: Session, namespace: int, keys: Iterable[str]) -> None:
+    """Transaction-level advisory locks on ``keys``, all in one statement, in the order of their
+    lock ids (keys whose ids collide are one lock, so two transactions never take two ids in
+    opposite orders)."""
+    ids = sorted({_lock_id(key) for key in keys})
+    if len(ids) == 1:
+        session.execute(_ONE_LOCK, {"ns": namespace, "key": ids[0]})
+    elif ids:
+        session.execute(_LOCKS_IN_ORDER, {"ns": namespace, "keys": ids})
 
 
 _ONE_LOCK = text("SELECT pg_advisory_xact_lock(:ns, :key)")
@@ -774,14 +781,8 @@ _LOCKS_IN_ORDER = text(
 def lock_party_keys(session: Session, keys: Iterable[PartyKey]) -> None:
     """Transaction-level advisory locks on party keys, in one global order (no deadlock among
     them). SQLite needs none: it runs one writing transaction at a time."""
-    if not is_postgresql(session):
-        return
-    for key in sorted(set(keys)):
-        digest = hashlib.sha256(f"{key.kind}:{key.value}".encode()).digest()
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-            {"ns": PARTY_KEY_LOCK_NAMESPACE, "key": int.from_bytes(digest[:4], "big", signed=True)},
-        )
+    if is_postgresql(session):
+        _advisory_locks(session, PARTY_KEY_LOCK_NAMESPACE, (f"{k.kind}:{k.value}" for k in keys))
 
 
 def responsible_seller_id(session: Session, customer_id: int | None) -> int | None:

@@ -22,8 +22,9 @@ transaction (``tasks.batch``):
   completed, sent again. Their earlier updates are read with the batch's, folded with the new
   ones, and the event rewritten in one statement for all of them.
 
-A concurrent writer that took one of the batch's calls or updates first (its row appears
-while the batch inserts its own), or changed a stored call the batch read before locking it,
+The batch holds its calls' locks (``tasks.store.lock_calls``), so no other writer of them
+comes between its reads and its writes. A writer that takes no call's lock and changed a
+stored call's event after the batch read it, or a party change under the party keys' locks,
 rolls this stage's savepoint back (``BatchRaced``): the stage runs once more, reading what the
 writer committed, and if it races again every message goes through the call stage
 (``tasks.batch``).
@@ -35,7 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     BindParameter,
@@ -64,7 +64,6 @@ from models.events import (
     EventParticipant,
     EventPropertyLink,
     FollowUp,
-    counts,
     reaches_customer_sql,
 )
 from models.invalid import BadInput
@@ -88,7 +87,6 @@ from tasks.ingest.call_state import (
     reaches_customer,
 )
 from tasks.leads import LEAD
-from tasks.periods import period_keys
 from tasks.store import (
     EVENT_KEY,
     BatchRaced,
@@ -101,7 +99,7 @@ from tasks.store import (
     insert_new,
     lock_party_keys,
     party_keys,
-    seller_zone,
+    tally_keys,
 )
 
 
@@ -125,8 +123,7 @@ class _Call:
 class _Stored:
     """A call stored before: its earlier updates and its event as read, and what they make."""
 
-    #: The earlier updates' ledger rows and payloads, in the ledger's order.
-    ledger_ids: list[int]
+    #: The earlier updates' payloads, in the ledger's order.
     payloads: list[dict[str, Any]]
     #: Its event's row as read (every column), and the row the merge makes of it.
     before: dict[str, Any] = field(default_factory=dict)
@@ -181,7 +178,7 @@ def ingest_new_calls(
     # meanwhile then waits on the batch, or the batch on it, never each on the other.
     inbound_ids = _insert_ledger(session, ordered)
     _insert_events(session, new)
-    _merge_stored(session, merged, inbound_ids)
+    _merge_stored(session, merged)
     _link_ledger(session, ordered, inbound_ids)
     _insert_links(session, ctx, new, lookups)
     _add_participants(session, merged)
@@ -189,16 +186,15 @@ def ingest_new_calls(
     settling += [call.event for call in merged if call.stored and call.stored.settles]
     released = [event_view(c.stored.before) for c in merged if c.stored and c.stored.released]
     _follow_ups(session, [e for e in settling if e is not None], lookups, released)
-    zones: dict[int, ZoneInfo] = {}
     for call in ordered:
         event = call.event
         assert event is not None
-        after = _tally_keys(session, event, zones)
+        after = tally_keys(session, event)
         if call.stored is None:
             before: set[TallyKey] = set()
             sellers = {event.seller_id} if event.seller_id is not None else set()
         else:
-            before = _tally_keys(session, event_view(call.stored.before), zones)
+            before = tally_keys(session, event_view(call.stored.before))
             sellers = {key.seller_id for key in before | after}
         result.deltas += [(key, -1) for key in before - after]
         result.deltas += [(key, 1) for key in after - before]
@@ -210,18 +206,6 @@ def ingest_new_calls(
                 "duplicate", detail="this update was already accepted"
             )
     return result
-
-
-def _tally_keys(session: Session, event: CrmEvent, zones: dict[int, ZoneInfo]) -> set[TallyKey]:
-    """What ``tally_keys`` gives, each seller's time zone looked up once per batch."""
-    if event.seller_id is None or not counts(session, event):
-        return set()
-    if (zone := zones.get(event.seller_id)) is None:
-        zone = zones[event.seller_id] = seller_zone(session, event.seller_id)
-    return {
-        TallyKey(event.seller_id, event.category_code, period)
-        for period in period_keys(event.occurred_at, zone)
-    }
 
 
 def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tuple[str, str], _Call]:
@@ -350,7 +334,6 @@ def _read_stored(session: Session, calls: dict[tuple[str, str], _Call], result: 
             _leave(calls, call, result)
             continue
         call.stored = _Stored(
-            ledger_ids=[ledger_id for ledger_id, _key, _payload in updates],
             payloads=[payload for _id, _key, payload in updates],
             before=events[key],
         )
@@ -410,17 +393,12 @@ _STORED_PARTICIPANTS = text(
     "SELECT event_id, staff_id FROM event_participant WHERE event_id = ANY(CAST(:ids AS integer[]))"
 )
 _STORED_LEADS = text("SELECT event_id FROM lead WHERE event_id = ANY(CAST(:ids AS integer[]))")
-# Under the events' locks: their rows and their calls' ledger rows as they are now.
+# Under the events' locks: their rows as they are now.
 _LOCK_STORED = (
     select(_EVENTS)
     .where(_EVENTS.c.id == any_(bindparam("ids", type_=ARRAY(Integer))))
     .order_by(_EVENTS.c.id)
     .with_for_update()
-)
-_LEDGER_IDS_PG = text(
-    "SELECT found.id FROM unnest(CAST(:ids AS varchar[])) AS ids(id)"
-    " CROSS JOIN LATERAL (SELECT m.id FROM inbound_message AS m WHERE m.source_kind = 'call'"
-    " AND m.source_system = :system AND m.source_id = ids.id OFFSET 0) AS found"
 )
 
 
@@ -475,10 +453,14 @@ def _merges_alone(session: Session, ctx: StageContext, call: _Call, state: dict[
     return True
 
 
-def _merge_stored(session: Session, calls: Sequence[_Call], inbound_ids: dict[int, int]) -> None:
-    """Lock the stored calls' events, in id order; check that nothing changed them or added to
-    their updates since they were read (else ``BatchRaced``); write the rows the merges make,
-    those that change, in one statement."""
+def _merge_stored(session: Session, calls: Sequence[_Call]) -> None:
+    """Lock the stored calls' events, in id order; check that nothing changed them since they
+    were read (else ``BatchRaced``); write the rows the merges make, those that change, in one
+    statement.
+
+    No other update of these calls was accepted since the read: the batch holds their locks
+    (``lock_calls``). What it checks for are writers of an event that take no call's lock: a
+    re-link, a hand link, a fetched recording, an erasure."""
     stored = {call.stored.before["id"]: call.stored for call in calls if call.stored is not None}
     if not stored:
         return
@@ -486,17 +468,6 @@ def _merge_stored(session: Session, calls: Sequence[_Call], inbound_ids: dict[in
     locked = [dict(row) for row in session.execute(_LOCK_STORED, {"ids": ids}).mappings()]
     if locked != [stored[event_id].before for event_id in ids]:
         raise BatchRaced("a stored call of the batch changed meanwhile")
-    by_system: dict[str, list[str]] = {}
-    expected: set[int] = set()
-    for call in calls:
-        assert call.stored is not None
-        by_system.setdefault(call.source_system, []).append(call.call_id)
-        expected |= {*call.stored.ledger_ids, *(inbound_ids[i] for i, _payload in call.updates)}
-    now_known: set[int] = set()
-    for system, call_ids in sorted(by_system.items()):
-        now_known |= set(session.scalars(_LEDGER_IDS_PG, {"system": system, "ids": call_ids}))
-    if now_known != expected:
-        raise BatchRaced("an update of a stored call of the batch was accepted meanwhile")
     changed = []
     now = utcnow()
     for call in calls:

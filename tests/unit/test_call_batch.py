@@ -294,7 +294,7 @@ def call_lock_free(engine: Engine, call_id: str) -> bool:
     with engine.connect() as probe:
         free = probe.scalar(
             text("SELECT pg_try_advisory_xact_lock(:ns, :key)"),
-            {"ns": store.CALL_LOCK_NAMESPACE, "key": store._call_lock_id("pbx-test", call_id)},
+            {"ns": store.CALL_LOCK_NAMESPACE, "key": store._lock_id(f"pbx-test\x00{call_id}")},
         )
         probe.rollback()
     return bool(free)
@@ -469,17 +469,12 @@ def test_next_updates_of_stored_calls_are_merged_as_the_call_stage_would(
     assert reconcile(world, ctx).drift == 0
 
 
-@pytest.mark.parametrize("missed_by_the_read", ["update", "row"])
 def test_a_stored_call_changed_after_the_batch_read_it_sends_the_batch_message_by_message(
-    missed_by_the_read: str,
-    world: Session,
-    ctx: StageContext,
-    engine: Engine,
-    monkeypatch: pytest.MonkeyPatch,
+    world: Session, ctx: StageContext, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another worker stored an update of a call after the batch read the call (its read lacks
-    the update, or the event's row as it is now): the batch sees it under the event's lock,
-    gives up, and the call stage folds every update of the call."""
+    """A writer that takes no call's lock (a re-link, a hand link) changed a stored call's
+    event after the batch read it: the batch sees it under the event's lock, gives up (twice),
+    and the call stage folds every update of the call."""
     first = {**callback("b-raced", at(24, 8)), "status": "answered", "sequence": 1}
     ingest_call(world, ctx, first)
     ingest_call(world, ctx, {**first, "note": "soitetaan takaisin", "sequence": 2})
@@ -487,11 +482,7 @@ def test_a_stored_call_changed_after_the_batch_read_it_sends_the_batch_message_b
 
     def read_before_the_other(session: Session, calls: Any, result: Any) -> None:
         read(session, calls, result)
-        stored = calls[("pbx-test", "b-raced")].stored
-        if missed_by_the_read == "update":
-            del stored.ledger_ids[-1], stored.payloads[-1]
-        else:
-            stored.before["body"] = ""
+        calls[("pbx-test", "b-raced")].stored.before["body"] = ""  # as it was before
 
     monkeypatch.setattr(call_batch, "_read_stored", read_before_the_other)
     result = run_batch(world, ctx, [{**first, "status": "completed", "sequence": 3}])
@@ -520,8 +511,7 @@ def test_a_batch_that_met_a_writer_runs_its_set_based_stage_once_more(
         read(session, calls, result)
         reads.append(1)
         if len(reads) == 1:
-            stored = calls[("pbx-test", "b-again")].stored
-            del stored.ledger_ids[-1], stored.payloads[-1]
+            calls[("pbx-test", "b-again")].stored.before["body"] = ""  # as it was before
 
     monkeypatch.setattr(call_batch, "_read_stored", read_before_the_other_once)
     result = run_batch(world, ctx, [{**first, "status": "completed", "sequence": 3}])
