@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import fields, validate
 
-from models.schemas.common import MessageSchema, load_message
+from models.schemas.common import MessageSchema, load_message, shared_schema
 
 SCHEMA = "crm.batch/1"
 #: The kinds a batch may carry (each message still names its own schema).
@@ -32,4 +32,4 @@ class BatchMessageSchema(MessageSchema):
 
 
 def load_batch_message(payload: Any) -> dict[str, Any]:
-    return load_message(BatchMessageSchema(), payload, SCHEMA)
+    return load_message(shared_schema(BatchMessageSchema), payload, SCHEMA, carried="messages")

@@ -155,13 +155,20 @@ def shared_schema(schema_class: type[SchemaT]) -> SchemaT:
     return schema_class()
 
 
-def load_message(schema: Schema, payload: Any, expected_schema: str) -> dict[str, Any]:
-    """Validate ``payload`` against ``schema``; raise :class:`MessageInvalid` with every error."""
+def load_message(
+    schema: Schema, payload: Any, expected_schema: str, *, carried: str | None = None
+) -> dict[str, Any]:
+    """Validate ``payload`` against ``schema``; raise :class:`MessageInvalid` with every error.
+
+    ``carried`` names a field holding messages of their own (a batch's), each validated in its
+    turn: a value no database keeps in one of them rejects that one alone, not their carrier.
+    """
     if not isinstance(payload, dict):
         raise MessageInvalid(
             f"a {expected_schema} message must be a JSON object, got {type(payload).__name__}"
         )
-    unstorable = unstorable_values(payload)
+    envelope = payload if carried is None else {k: v for k, v in payload.items() if k != carried}
+    unstorable = unstorable_values(envelope)
     if unstorable:
         errors = {path: [problem] for path, problem in unstorable}
         raise MessageInvalid(_summarise(errors), errors)

@@ -164,6 +164,13 @@ def test_a_json_lines_backfill_through_batches(loaded: LiveSystem, tmp_path: Pat
         ),
         "",
         json.dumps(outbound_call("jl-2", "2026-10-06T09:00:00+03:00", agent="jl-maija")),
+        # JSON that no database keeps (NaN, a lone surrogate): in the batch of jl-2 and jl-3,
+        # rejected alone.
+        json.dumps(
+            {**outbound_call("jl-nan", "2026-10-06T10:00:00+03:00"), "duration_s": float("nan")}
+        ),
+        json.dumps(outbound_call("jl-3", "2026-10-06T11:00:00+03:00", agent="jl-maija")),
+        json.dumps({**outbound_call("jl-lone", "2026-10-06T12:00:00+03:00"), "note": "\ud800"}),
     ]
     path = tmp_path / "backfill.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -178,6 +185,9 @@ def test_a_json_lines_backfill_through_batches(loaded: LiveSystem, tmp_path: Pat
         "backfill.jsonl:4": ("party", "done"),
         "backfill.jsonl:5": ("call", "rejected"),
         "backfill.jsonl:7": ("call", "stored"),
+        "backfill.jsonl:8": ("call", "rejected"),
+        "backfill.jsonl:9": ("call", "stored"),
+        "backfill.jsonl:10": ("call", "rejected"),
     }
     assert [e["line"] for e in report["errors"]] == [2, 3]
     assert "not a message of a known schema" in report["errors"][1]["error"]
@@ -189,7 +199,7 @@ def test_a_json_lines_backfill_through_batches(loaded: LiveSystem, tmp_path: Pat
     assert again.returncode == 1, again.stderr
     summary = again.stdout.splitlines()[0]
     assert summary == (
-        "4 message(s) published in 2 batch(es): done 1, duplicate 2, rejected 1; 2 not imported"
+        "7 message(s) published in 2 batch(es): done 1, duplicate 3, rejected 3; 2 not imported"
     )
     assert "backfill.jsonl:2: not imported: not JSON" in again.stderr
 

@@ -84,6 +84,37 @@ def test_each_message_has_its_own_outcome(world: Session, ctx: StageContext) -> 
     assert reconcile(world, ctx).drift == 0
 
 
+@pytest.mark.parametrize("kind", ["call", "visit"])
+def test_a_value_no_database_keeps_rejects_its_message_alone(
+    world: Session, ctx: StageContext, kind: str
+) -> None:
+    """JSON carries NaN and lone UTF-16 surrogates, which no text or JSON column keeps: the
+    message holding one is rejected with the reason, the batch's other messages are stored."""
+    good = outbound_call("bt-ok", "2026-11-24T09:00:00+02:00")
+    if kind == "visit":
+        good = {
+            "schema": "crm.visit/1",
+            "source_system": "field-app",
+            "visit_id": "bt-ok",
+            "seller": "anna",
+            "customer_number": "10001",
+            "started_at": "2026-11-24T10:00:00+02:00",
+            "subject": "Käynti",
+        }
+    text, number = ("note", "duration_s") if kind == "call" else ("memo", "location")
+    messages = [{**good, text: "lone \ud800 surrogate"}, good, {**good, number: float("nan")}]
+    result = run(world, ctx, batch(kind, messages), task_id="b-u")
+    assert dict(result.outcomes) == {"stored": 1, "rejected": 2}
+    found = outcomes(world, "b-u")
+    assert found["b-u/1"][0] == "stored"
+    reasons = {
+        r.task_id: r.reason
+        for r in world.scalars(select(RejectedMessage).where(RejectedMessage.task_id.like("b-u/%")))
+    }
+    assert f"{text}: Contains a lone UTF-16 surrogate." in reasons["b-u/0"]
+    assert f"{number}: nan is not a JSON number." in reasons["b-u/2"]
+
+
 def test_a_message_that_breaks_rolls_back_alone(
     world: Session, ctx: StageContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
