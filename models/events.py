@@ -114,18 +114,24 @@ class CrmEvent(Base):
 ANSWERED_STATUSES = ("answered", "completed")
 
 
+def sql_word(word: str) -> Any:
+    """``word`` written into the statement as a string constant, not sent as a parameter: a
+    partial index whose predicate names it (``state = 'open'``) then serves the generic plan of
+    a prepared statement too, where a parameter's value is unknown when it is planned."""
+    if "'" in word:
+        raise ValueError(f"not a plain word: {word!r}")
+    return literal_column(f"'{word}'", String)
+
+
 def reaches_customer_sql(table: Any) -> Any:
     """``table``'s event is a call that reached the customer: an answered inbound call or any
     outbound call (``tasks.ingest.call_state.reaches_customer``).
 
     The values are written into the statement, not sent as parameters: the planner then sees
     that ``ix_crm_event_reaching_call`` holds exactly such calls, also in the generic plan of a
-    prepared statement.
+    prepared statement (``sql_word``).
     """
-
-    def value(word: str) -> Any:
-        return literal_column(f"'{word}'", String)
-
+    value = sql_word
     return and_(
         table.source_kind == value("call"),
         or_(

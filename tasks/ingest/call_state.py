@@ -26,6 +26,7 @@ from models.events import (
     CrmEvent,
     FollowUp,
     reaches_customer_sql,
+    sql_word,
 )
 from models.ledger import InboundMessage
 from models.parties import Staff
@@ -637,9 +638,11 @@ def reconcile_follow_ups(session: Session, event: CrmEvent, *, new: bool = False
 
 
 def open_follow_ups(customers: Any) -> Any:
-    """The ids of the customers' open follow-ups (their partial index)."""
+    """The ids of the customers' open follow-ups (their partial index, also when prepared)."""
     is_open = aliased(FollowUp, name="open_one")
-    return select(is_open.id).where(is_open.customer_id.in_(customers), is_open.state == "open")
+    return select(is_open.id).where(
+        is_open.customer_id.in_(customers), is_open.state == sql_word("open")
+    )
 
 
 def next_reaching_call(customer_id: Any, after: Any, *, until: Any = None, other_than: Any) -> Any:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg.sql
 import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
@@ -603,10 +604,55 @@ def plan_of(world: Session, statement: Any, params: dict[str, Any]) -> list[dict
     return plan_nodes(plan[0]["Plan"])
 
 
+def generic_plan_of(world: Session, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan of ``statement`` prepared, as the driver prepares a statement run five times,
+    in the generic form PostgreSQL may then keep: planned without the parameters' values."""
+    expanded = statement.compile(dialect=world.get_bind().dialect).construct_expanded_state(params)
+    names: list[str] = []
+
+    def numbered(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", numbered, expanded.statement)
+    connection = world.connection()
+    connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+    connection.exec_driver_sql(f"PREPARE generic_plan AS {prepared}")
+    try:
+        # EXECUTE takes no parameters of its own: the values go as literals.
+        driver = connection.connection.driver_connection
+        arguments = ", ".join(
+            psycopg.sql.Literal(expanded.parameters[name]).as_string(driver) for name in names
+        )
+        [[plan]] = connection.exec_driver_sql(
+            f"EXPLAIN (FORMAT JSON) EXECUTE generic_plan({arguments})"
+        ).all()
+    finally:
+        connection.exec_driver_sql("DEALLOCATE generic_plan")
+    return plan_nodes(plan[0]["Plan"])
+
+
 def indexes_read(world: Session, statement: Any, params: dict[str, Any]) -> set[str]:
     return {
         node["Index Name"] for node in plan_of(world, statement, params) if "Index Name" in node
     }
+
+
+def test_open_follow_ups_are_read_by_their_index_also_when_prepared(
+    world: Session, ctx: StageContext
+) -> None:
+    """The driver prepares a statement that a worker runs again and again, and PostgreSQL may
+    then plan it once for any parameters: the customers' open follow-ups must still be read
+    by their partial index, not by all of a busy customer's follow-ups (a backfill's every
+    batch read 14,000 of them that way)."""
+    customer = busy_customer(world, ctx)
+    world.execute(text("ANALYZE follow_up"))
+    params = probes(customer, datetime(2026, 11, 20, tzinfo=UTC))
+    nodes = generic_plan_of(world, call_batch._CANDIDATES_PG, params)
+    indexes = {node["Index Name"] for node in nodes if "Index Name" in node}
+    assert "ix_follow_up_open_customer" in indexes
+    assert "ix_follow_up_customer_id" not in indexes
 
 
 def assert_read_by_index(world: Session, statement: Any, params: dict[str, Any]) -> None:
