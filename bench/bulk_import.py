@@ -14,7 +14,10 @@ the last year), and measures, end to end:
   would allow at best;
 * a late file: ``--late`` rows of another PBX's file of the same year, imported after the
   first (its calls fall among the stored ones, as a second site's or an earlier month's file
-  does): events/s against the first file's, which ought to be about the same;
+  does): events/s against the first file's, which ought to be about the same, and its CPU
+  per event. PostgreSQL's statistics are renewed first (``ANALYZE``), as autovacuum does
+  within a minute or so of a large import; ``--stale-statistics`` imports it with those of
+  before the first file (where autovacuum is off, as it may be on a bench machine);
 * PostgreSQL: the same number of rows inserted by one client with ``executemany`` into a table
   of the call's main columns (one transaction): what the database takes batched, with nothing of
   the pipeline around it.
@@ -78,6 +81,10 @@ class Figures:
     late_rows: int = 0
     late_s: float = 0.0
     late_stored: int = 0
+    late_worker_cpu_ms: float = 0.0
+    late_db_cpu_ms: float = 0.0
+    late_import_cpu_ms: float = 0.0
+    late_analyzed: bool = True
 
     @property
     def import_rate(self) -> float:
@@ -286,14 +293,23 @@ def measure(args: argparse.Namespace) -> Figures:
         db_cpu = pipeline.database_cpu_seconds(world) - db_before
         redis_cpu = pipeline.redis_cpu_seconds() - redis_before
         pipeline.log(f"import done in {import_s:.1f} s: {outcomes}")
-        late_s = 0.0
+        late_s = late_worker = late_db = late_import = 0.0
         if args.late:
             late = world.tmp / "Master-late.csv"
             late.write_text(master_csv(args.late, f"l{run_id}", seed=2))
+            if not args.stale_statistics:
+                with world.engine.connect() as connection:
+                    connection.exec_driver_sql("ANALYZE")
             pipeline.log(f"importing a late file of {args.late} rows of the same year")
-            late_s, late_outcomes, _cpu = run_import(
+            cpu_before, db_before = (
+                pipeline.cpu_seconds(worker),
+                pipeline.database_cpu_seconds(world),
+            )
+            late_s, late_outcomes, late_import = run_import(
                 world, env, late, args.batch_size, args.timeout
             )
+            late_worker = pipeline.cpu_seconds(worker) - cpu_before
+            late_db = pipeline.database_cpu_seconds(world) - db_before
             pipeline.log(f"late import done in {late_s:.1f} s: {late_outcomes}")
 
         bare_cpu_before = pipeline.cpu_seconds(bare)
@@ -320,6 +336,10 @@ def measure(args: argparse.Namespace) -> Figures:
             late_rows=args.late,
             late_s=late_s,
             late_stored=late_stored,
+            late_worker_cpu_ms=late_worker * 1000 / max(args.late, 1),
+            late_db_cpu_ms=late_db * 1000 / max(args.late, 1),
+            late_import_cpu_ms=late_import * 1000 / max(args.late, 1),
+            late_analyzed=not args.stale_statistics,
         )
     finally:
         pipeline.destroy_world(world, args.keep)
@@ -341,8 +361,13 @@ def report(f: Figures) -> None:
     if f.late_rows:
         print(
             f"a late file of the same year: {f.late_rows} rows in {f.late_s:.1f} s = "
-            f"{f.late_rate:.0f} events/s ({f.late_rate / f.import_rate:.2f} x the first file's)"
+            f"{f.late_rate:.0f} events/s ({f.late_rate / f.import_rate:.2f} x the first file's"
+            + (", statistics renewed first)" if f.late_analyzed else ", stale statistics)")
             + ("" if f.late_stored == f.late_rows else "  WARNING: not exactly one per row")
+        )
+        print(
+            f"  CPU per event: worker {f.late_worker_cpu_ms:.2f} ms, PostgreSQL backends "
+            f"{f.late_db_cpu_ms:.2f} ms, the import command {f.late_import_cpu_ms:.2f} ms"
         )
     print(
         f"bare Celery: {f.bare_n} no-op tasks in {f.bare_s:.1f} s = {f.bare_rate:.0f} tasks/s "
@@ -376,6 +401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1000, help="unmeasured rows first")
     parser.add_argument(
         "--late", type=int, default=20_000, help="rows of a late file of the same year (0: none)"
+    )
+    parser.add_argument(
+        "--stale-statistics",
+        action="store_true",
+        help="import the late file without renewing PostgreSQL's statistics first",
     )
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database index (flushed!)")
     parser.add_argument(

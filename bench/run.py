@@ -145,8 +145,11 @@ def rows(
             met(b["import_rate"] >= 5000),
         ),
         (
-            f"a late file of {b['late_rows']:,} rows of the same year, after those",
-            f"{b['late_rate']:.0f} events/s",
+            f"a late file of {b['late_rows']:,} rows of the same year, after those"
+            + (" (statistics renewed first)" if b.get("late_analyzed", True) else ""),
+            f"{b['late_rate']:.0f} events/s; worker CPU {b['late_worker_cpu_ms']:.2f} ms, "
+            f"PostgreSQL {b['late_db_cpu_ms']:.2f} ms, the import command "
+            f"{b['late_import_cpu_ms']:.2f} ms per event",
             "flat in history",
             f"the first file {b['import_rate']:.0f} events/s",
             f"{b['late_rate'] / b['import_rate']:.2f}",
