@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import String, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
+from models.db import is_postgresql
 from models.ledger import Delivery
 from models.schemas.batch import SCHEMA as BATCH_SCHEMA
 
@@ -104,6 +106,10 @@ class Outcome(NamedTuple):
 
 
 _OUTCOME_COLUMNS = tuple(getattr(Delivery, name) for name in Outcome._fields)
+_OUTCOMES = select(*_OUTCOME_COLUMNS).where(Delivery.task_id.in_(bindparam("ids", expanding=True)))
+_OUTCOMES_PG = select(*_OUTCOME_COLUMNS).where(
+    Delivery.task_id == any_(bindparam("ids", type_=ARRAY(String)))
+)
 
 
 def wait_for(
@@ -120,11 +126,16 @@ def wait_for(
     while True:
         ordered = sorted(pending)
         with sessions() as session:
-            for chunk_start in range(0, len(ordered), 500):
-                chunk = ordered[chunk_start : chunk_start + 500]
-                for row in session.execute(
-                    select(*_OUTCOME_COLUMNS).where(Delivery.task_id.in_(chunk))
-                ):
+            if is_postgresql(session):
+                # One array parameter: the same short statement whatever the number of ids,
+                # where an IN list of 500 placeholders was built and parsed again at each poll.
+                chunks = [ordered]
+                statement = _OUTCOMES_PG
+            else:
+                chunks = [ordered[i : i + 500] for i in range(0, len(ordered), 500)]
+                statement = _OUTCOMES
+            for chunk in chunks:
+                for row in session.execute(statement, {"ids": chunk}):
                     done[row[0]] = Outcome(*row)
         pending -= set(done)
         if not pending or time.monotonic() >= deadline:
