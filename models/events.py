@@ -131,14 +131,13 @@ def reaches_customer_sql(table: Any) -> Any:
     that ``ix_crm_event_reaching_call`` holds exactly such calls, also in the generic plan of a
     prepared statement (``sql_word``).
     """
-    value = sql_word
     return and_(
-        table.source_kind == value("call"),
+        table.source_kind == sql_word("call"),
         or_(
-            table.direction == value("outbound"),
+            table.direction == sql_word("outbound"),
             and_(
-                table.direction == value("inbound"),
-                table.status.in_([value(s) for s in ANSWERED_STATUSES]),
+                table.direction == sql_word("inbound"),
+                table.status.in_([sql_word(s) for s in ANSWERED_STATUSES]),
             ),
         ),
     )
