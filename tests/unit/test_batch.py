@@ -102,9 +102,15 @@ def test_a_value_no_database_keeps_rejects_its_message_alone(
             "subject": "Käynti",
         }
     text, number = ("note", "duration_s") if kind == "call" else ("memo", "location")
-    messages = [{**good, text: "lone \ud800 surrogate"}, good, {**good, number: float("nan")}]
+    messages = [
+        {**good, text: "lone \ud800 surrogate"},
+        good,
+        {**good, number: float("nan")},
+        float("nan"),
+        "\udfff",
+    ]
     result = run(world, ctx, batch(kind, messages), task_id="b-u")
-    assert dict(result.outcomes) == {"stored": 1, "rejected": 2}
+    assert dict(result.outcomes) == {"stored": 1, "rejected": 4}
     found = outcomes(world, "b-u")
     assert found["b-u/1"][0] == "stored"
     reasons = {
@@ -113,6 +119,8 @@ def test_a_value_no_database_keeps_rejects_its_message_alone(
     }
     assert f"{text}: Contains a lone UTF-16 surrogate." in reasons["b-u/0"]
     assert f"{number}: nan is not a JSON number." in reasons["b-u/2"]
+    assert "must be a JSON object, got float" in reasons["b-u/3"]
+    assert "must be a JSON object, got str" in reasons["b-u/4"]
 
 
 def test_a_message_that_breaks_rolls_back_alone(
