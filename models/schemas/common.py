@@ -8,10 +8,10 @@ import json
 import math
 import re
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, missing, validate
 
 from models.invalid import MessageInvalid
 
@@ -153,6 +153,43 @@ def shared_schema(schema_class: type[SchemaT]) -> SchemaT:
     than validating the row did. Loading and dumping keep no state in the instance.
     """
     return schema_class()
+
+
+def fitted_schema(schema_class: type[SchemaT], payload: Any) -> SchemaT:
+    """The schema for ``payload``: one that loads and dumps exactly as ``schema_class`` does,
+    but walks only the fields the payload names and those every load needs (required ones and
+    those with a default), not every field the schema declares.
+
+    marshmallow visits each declared field for each message, present or not: a CDR row names
+    13 of a call's 25, and the others cost a third of its validation. One instance per set of
+    names, shared like ``shared_schema``'s; a payload of another set costs one construction.
+    """
+    if not isinstance(payload, dict):
+        return shared_schema(schema_class)
+    attribute_of, _always, _order = _declared(schema_class)
+    named = frozenset(attribute_of[key] for key in payload if key in attribute_of)
+    return _fitted(schema_class, named)
+
+
+@cache
+def _declared(schema_class: type[Schema]) -> tuple[dict[Any, str], frozenset[str], tuple[str, ...]]:
+    """Each field's attribute by its key in a message; the fields every load needs; the order."""
+    fields_ = shared_schema(schema_class).fields
+    attribute_of: dict[Any, str] = {f.data_key or name: name for name, f in fields_.items()}
+    always = frozenset(
+        name for name, f in fields_.items() if f.required or f.load_default is not missing
+    )
+    return attribute_of, always, tuple(fields_)
+
+
+@lru_cache(maxsize=128)
+def _fitted(schema_class: type[SchemaT], named: frozenset[str]) -> SchemaT:
+    _attribute_of, always, order = _declared(schema_class)
+    wanted = named | always
+    if len(wanted) == len(order):
+        return shared_schema(schema_class)
+    # In the declared order: errors are then reported in the order the whole schema gives.
+    return schema_class(only=tuple(name for name in order if name in wanted))
 
 
 def load_message(

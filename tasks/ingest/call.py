@@ -18,7 +18,7 @@ from models.base import utcnow
 from models.db import is_postgresql
 from models.events import CrmEvent
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import load_message, shared_schema
+from models.schemas.common import fitted_schema, load_message
 from tasks.attach import attach
 from tasks.context import StageContext
 from tasks.erasure import refuse_erased
@@ -59,7 +59,7 @@ class CallStageResult(StageResult):
 
 
 def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageResult:
-    schema = shared_schema(CallMessageSchema)
+    schema = fitted_schema(CallMessageSchema, payload)
     message = load_message(schema, payload, SCHEMA)
     lock_calls(session, [(message["source_system"], message["call_id"])])
     # The fold works on the validated values in wire form ("448" and 448 are one duration).

@@ -70,7 +70,7 @@ from models.invalid import BadInput
 from models.ledger import InboundMessage
 from models.parties import EventPartyKey
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import load_message, shared_schema
+from models.schemas.common import fitted_schema, load_message
 from tasks.context import StageContext
 from tasks.erasure import erased_numbers
 from tasks.ingest.call_state import (
@@ -210,11 +210,11 @@ def ingest_new_calls(
 
 def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tuple[str, str], _Call]:
     """Validate each message; group the valid ones by call, each update once."""
-    schema = shared_schema(CallMessageSchema)
     calls: dict[tuple[str, str], _Call] = {}
     slow: set[tuple[str, str]] = set()
     seen: set[str] = set()
     for index, message in messages:
+        schema = fitted_schema(CallMessageSchema, message)
         try:
             loaded = load_message(schema, message, SCHEMA)
         except BadInput:
