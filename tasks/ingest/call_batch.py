@@ -4,8 +4,8 @@ A CDR backfill or a burst of call updates arrives as ``crm.batch/1`` messages of
 calls, nearly all of them new; a call task takes the live updates queued behind it, most of
 them the next updates of calls stored a moment before. Each would cost the call stage a dozen
 statements; here the batch's new calls cost a few statements each for the whole batch: one
-multi-row insert each of the ledger rows, the events, their properties, party keys and
-participants, two reads of the follow-ups they touch (which ones, then each one's closer), one
+multi-row insert each of the events, the ledger rows naming them, their properties, party
+keys and participants, two reads of the follow-ups they touch (which ones, then each one's closer), one
 tally move. Matching and classification are asked once per distinct number, agent and category
 (``CallLookups``).
 
@@ -174,12 +174,12 @@ def ingest_new_calls(
     ordered = list(calls.values())  # in the batch's order, as the call stage stores them
     new = [call for call in ordered if call.stored is None]
     merged = [call for call in ordered if call.stored is not None]
-    # The ledger first, as the call stage writes: a call stage storing one of these calls
-    # meanwhile then waits on the batch, or the batch on it, never each on the other.
-    inbound_ids = _insert_ledger(session, ordered)
+    # The events first, then the ledger rows naming them: every writer of these calls waits
+    # on their locks (``lock_calls``), so no order of the two can meet another's, and each
+    # ledger row is written once, not inserted and then updated with its event.
     _insert_events(session, new)
     _merge_stored(session, merged)
-    _link_ledger(session, ordered, inbound_ids)
+    _insert_ledger(session, ordered)
     _insert_links(session, ctx, new, lookups)
     _add_participants(session, merged)
     settling = [call.event for call in new]
@@ -520,57 +520,27 @@ def _may_become_a_lead(ctx: StageContext, derived: DerivedCall) -> bool:
     )
 
 
-def _insert_ledger(session: Session, calls: Sequence[_Call]) -> dict[int, int]:
-    """The updates' ledger rows, in one statement: message index -> ledger id."""
+def _insert_ledger(session: Session, calls: Sequence[_Call]) -> None:
+    """The updates' ledger rows, each naming its call's event, in one statement."""
     now = utcnow()
-    rows = [
-        {
-            "idempotency_key": f"call:{call.digests[index]}",
-            "schema": SCHEMA,
-            "source_kind": "call",
-            "source_system": call.source_system,
-            "source_id": call.call_id,
-            "payload": payload,
-            "event_id": None,
-            "received_at": now,
-        }
-        for call in calls
-        for index, payload in call.updates
-    ]
-    ids = insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",))
-    if ids is None:
+    rows = []
+    for call in calls:
+        assert call.event is not None
+        rows += [
+            {
+                "idempotency_key": f"call:{call.digests[index]}",
+                "schema": SCHEMA,
+                "source_kind": "call",
+                "source_system": call.source_system,
+                "source_id": call.call_id,
+                "payload": payload,
+                "event_id": call.event.id,
+                "received_at": now,
+            }
+            for index, payload in call.updates
+        ]
+    if insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",)) is None:
         raise BatchRaced("an update of the batch was accepted meanwhile")
-    indexes = [index for call in calls for index, _payload in call.updates]
-    return dict(zip(indexes, ids, strict=True))
-
-
-def _link_ledger(session: Session, calls: Sequence[_Call], inbound_ids: dict[int, int]) -> None:
-    """Each ledger row names its call's event: on PostgreSQL one statement over two arrays."""
-    pairs = [
-        (inbound_ids[index], call.event.id)
-        for call in calls
-        if call.event is not None
-        for index, _payload in call.updates
-    ]
-    if is_postgresql(session):
-        session.execute(
-            _LINK_INBOUND_PG,
-            {"ids": [ledger for ledger, _ in pairs], "events": [event for _, event in pairs]},
-        )
-    else:
-        session.execute(_LINK_INBOUND, [{"inbound_id": i, "event": e} for i, e in pairs])
-
-
-_LINK_INBOUND = (
-    update(table_of(InboundMessage))
-    .where(table_of(InboundMessage).c.id == bindparam("inbound_id"))
-    .values(event_id=bindparam("event"))
-)
-_LINK_INBOUND_PG = text(
-    "UPDATE inbound_message SET event_id = link.event_id"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:events AS bigint[])) AS link(id, event_id)"
-    " WHERE inbound_message.id = link.id"
-)
 
 
 def _insert_events(session: Session, calls: Sequence[_Call]) -> None:
