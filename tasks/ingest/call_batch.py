@@ -5,9 +5,9 @@ calls, nearly all of them new; a call task takes the live updates queued behind 
 them the next updates of calls stored a moment before. Each would cost the call stage a dozen
 statements; here the batch's new calls cost a few statements each for the whole batch: one
 multi-row insert each of the events, the ledger rows naming them, their properties, party
-keys and participants, two reads of the follow-ups they touch (which ones, then each one's closer), one
-tally move. Matching and classification are asked once per distinct number, agent and category
-(``CallLookups``).
+keys and participants, two reads of the follow-ups they touch (which ones, then each one's
+closer), one tally move. Matching and classification are asked once per distinct number,
+agent and category (``CallLookups``).
 
 The stored events are the call stage's own: the same fold of the same updates and the same
 ``derive_call``, so a call gives the same event, follow-ups and counts whichever way it came.
