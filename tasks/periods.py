@@ -34,7 +34,11 @@ def month_key(moment: datetime, zone: ZoneInfo) -> str:
 
 
 def period_keys(moment: datetime, zone: ZoneInfo) -> tuple[str, str]:
-    return week_key(moment, zone), month_key(moment, zone)
+    """``week_key`` and ``month_key`` of ``moment``, converted to the zone once (every stored
+    event asks, a backfill's hundred thousand of them)."""
+    local = moment.astimezone(zone)
+    year, week, _day = local.isocalendar()
+    return f"{year}-W{week:02d}", f"{local.year}-{local.month:02d}"
 
 
 def period_dates(period: str) -> tuple[date, date]:
