@@ -338,10 +338,13 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
             line = reader.line_num
             if not values or all(not v.strip() for v in values):
                 continue
-            lowered = tuple(v.strip().lower() for v in values)
-            if header is None and "disposition" in lowered and "src" in lowered:
-                header = lowered
-                continue
+            # A header row names the disposition column; a data row of a headerless file, read
+            # by the thousand, seldom holds the word at all: lowered whole only when it does.
+            if header is None and "disposition" in ",".join(values).lower():
+                lowered = tuple(v.strip().lower() for v in values)
+                if "disposition" in lowered and "src" in lowered:
+                    header = lowered
+                    continue
             columns = header or CDR_LAYOUTS.get(len(values))
             if columns is None or len(columns) != len(values):
                 expected = len(columns) if columns else "16-21"
