@@ -209,23 +209,26 @@ def _name(name: Any) -> str:
 
 
 def check_nesting(value: Any, where: str) -> None:
-    """Refuse containers nested deeper than :data:`MAX_DEPTH`, without recursing."""
+    """Refuse containers nested deeper than :data:`MAX_DEPTH`, without recursing.
+
+    Only containers are stacked: a batch of 500 calls is some 7,000 values, nearly all of
+    them strings and numbers, walked for every batch the worker takes."""
+    if not isinstance(value, _CONTAINERS):
+        return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
         if depth >= MAX_DEPTH:
             raise Refused(
                 f"the message's {where} is nested deeper than {MAX_DEPTH} levels; no message of"
                 " ours needs that many",
                 field=where,
             )
-        stack.extend((child, depth + 1) for child in children)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _CONTAINERS))
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def _chars(value: Any) -> int:
