@@ -315,9 +315,9 @@ def bare_latency(world: helpers.World, tag: str, n: int, rate: float) -> dict[st
 
 
 def week_of(message: dict[str, Any], zone: Any) -> str:
-    from tasks.periods import week_key
+    from tasks.periods import period_keys
 
-    return week_key(datetime.fromisoformat(message["started_at"]), zone)
+    return period_keys(datetime.fromisoformat(message["started_at"]), zone)[0]
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -23,6 +23,7 @@ from models.invalid import BadInput
 from models.parties import Staff
 from models.targets import ReconcileRun, Tally
 from tasks.context import StageContext
+from tasks.periods import day_keys
 from tasks.store import (
     DEFERRED_TALLIES,
     TALLY_LOCK_NAMESPACE,
@@ -58,9 +59,7 @@ def expected_tallies(
             for seller_id, category, day, number in _day_counts(session, zone, chunk):
                 periods = keys_of_day.get(day)
                 if periods is None:
-                    year, week, _ = day.isocalendar()
-                    periods = (f"{year}-W{week:02d}", f"{day.year}-{day.month:02d}")
-                    keys_of_day[day] = periods
+                    periods = keys_of_day[day] = day_keys(day)
                 for period in periods:
                     key = (seller_id, category, period)
                     counts[key] = counts.get(key, 0) + number

@@ -25,20 +25,16 @@ def aware(value: datetime | None, zone: ZoneInfo, notes: list[str], label: str) 
     return value.replace(tzinfo=zone)
 
 
-def week_key(moment: datetime, zone: ZoneInfo) -> str:
-    return moment.astimezone(zone).strftime("%G-W%V")
-
-
-def month_key(moment: datetime, zone: ZoneInfo) -> str:
-    return moment.astimezone(zone).strftime("%Y-%m")
+def day_keys(day: date) -> tuple[str, str]:
+    """The ISO week (``2026-W48``) and the month (``2026-11``) of a calendar day: the one
+    spelling of the tally periods, for the counts stored and the recount alike."""
+    year, week, _weekday = day.isocalendar()
+    return f"{year}-W{week:02d}", f"{day.year}-{day.month:02d}"
 
 
 def period_keys(moment: datetime, zone: ZoneInfo) -> tuple[str, str]:
-    """``week_key`` and ``month_key`` of ``moment``, converted to the zone once (every stored
-    event asks, a backfill's hundred thousand of them)."""
-    local = moment.astimezone(zone)
-    year, week, _day = local.isocalendar()
-    return f"{year}-W{week:02d}", f"{local.year}-{local.month:02d}"
+    """The week and month of ``moment`` in ``zone`` (``day_keys`` of its local day)."""
+    return day_keys(moment.astimezone(zone))
 
 
 def period_dates(period: str) -> tuple[date, date]:

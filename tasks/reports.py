@@ -37,7 +37,7 @@ from models.parties import Staff
 from models.targets import ReportRun
 from tasks.attach import sanitise_filename
 from tasks.errors import TRANSIENT_ERRORS, BadInput
-from tasks.periods import period_dates, period_keys, period_kind, validate_period
+from tasks.periods import day_keys, period_dates, period_keys, period_kind, validate_period
 from tasks.views import progress_rows, target_categories, zone_of
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,8 @@ class TargetReport:
 def previous_period(period: str) -> str:
     first, _ = period_dates(period)
     if period_kind(period) == "weekly":
-        year, week, _ = (first - timedelta(days=7)).isocalendar()
-        return f"{year}-W{week:02d}"
-    return (first - timedelta(days=1)).strftime("%Y-%m")
+        return day_keys(first - timedelta(days=7))[0]
+    return day_keys(first - timedelta(days=1))[1]
 
 
 def current_period(kind: str, now: datetime, zone: ZoneInfo) -> str:

@@ -21,7 +21,7 @@ from tasks.ingest.call import ingest_call
 from tasks.ingest.party import ingest_party
 from tasks.ingest.visit import ingest_visit
 from tasks.maintenance import reconcile
-from tasks.periods import month_key, period_bounds, period_dates, period_keys, week_key
+from tasks.periods import day_keys, period_bounds, period_dates, period_keys
 from tasks.refresh import refresh_seller
 from tasks.stats import statistics
 from tasks.targets import set_target, target_changes, target_history
@@ -265,8 +265,7 @@ def test_moving_an_event_to_another_category_moves_its_count(
 )
 def test_period_keys(moment: datetime, week: str, month: str) -> None:
     assert period_keys(moment, HELSINKI) == (week, month)
-    assert week_key(moment, HELSINKI) == week
-    assert month_key(moment, HELSINKI) == month
+    assert day_keys(moment.astimezone(HELSINKI).date()) == (week, month)
 
 
 def test_week_53_dates_and_bounds() -> None:
