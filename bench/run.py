@@ -146,7 +146,7 @@ def rows(
         ),
         (
             f"a late file of {b['late_rows']:,} rows of the same year, after those"
-            + (" (statistics renewed first)" if b.get("late_analyzed", True) else ""),
+            + (" (statistics renewed first)" if b["late_analyzed"] else ""),
             f"{b['late_rate']:.0f} events/s; worker CPU {b['late_worker_cpu_ms']:.2f} ms, "
             f"PostgreSQL {b['late_db_cpu_ms']:.2f} ms, the import command "
             f"{b['late_import_cpu_ms']:.2f} ms per event",

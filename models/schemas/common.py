@@ -166,30 +166,28 @@ def fitted_schema(schema_class: type[SchemaT], payload: Any) -> SchemaT:
     """
     if not isinstance(payload, dict):
         return shared_schema(schema_class)
-    attribute_of, _always, _order = _declared(schema_class)
-    named = frozenset(attribute_of[key] for key in payload if key in attribute_of)
-    return _fitted(schema_class, named)
+    attribute_of = _attributes(schema_class)
+    return _fitted(schema_class, frozenset(attribute_of[k] for k in payload if k in attribute_of))
 
 
 @cache
-def _declared(schema_class: type[Schema]) -> tuple[dict[Any, str], frozenset[str], tuple[str, ...]]:
-    """Each field's attribute by its key in a message; the fields every load needs; the order."""
-    fields_ = shared_schema(schema_class).fields
-    attribute_of: dict[Any, str] = {f.data_key or name: name for name, f in fields_.items()}
-    always = frozenset(
-        name for name, f in fields_.items() if f.required or f.load_default is not missing
-    )
-    return attribute_of, always, tuple(fields_)
+def _attributes(schema_class: type[Schema]) -> dict[Any, str]:
+    """Each declared field's attribute by its key in a message (``from`` -> ``from_``)."""
+    return {f.data_key or name: name for name, f in shared_schema(schema_class).fields.items()}
 
 
 @lru_cache(maxsize=128)
 def _fitted(schema_class: type[SchemaT], named: frozenset[str]) -> SchemaT:
-    _attribute_of, always, order = _declared(schema_class)
-    wanted = named | always
-    if len(wanted) == len(order):
-        return shared_schema(schema_class)
+    declared = shared_schema(schema_class).fields
     # In the declared order: errors are then reported in the order the whole schema gives.
-    return schema_class(only=tuple(name for name in order if name in wanted))
+    wanted = tuple(
+        name
+        for name, f in declared.items()
+        if name in named or f.required or f.load_default is not missing
+    )
+    if len(wanted) == len(declared):
+        return shared_schema(schema_class)
+    return schema_class(only=wanted)
 
 
 def load_message(
