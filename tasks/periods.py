@@ -27,9 +27,10 @@ def aware(value: datetime | None, zone: ZoneInfo, notes: list[str], label: str) 
 
 def day_keys(day: date) -> tuple[str, str]:
     """The ISO week (``2026-W48``) and the month (``2026-11``) of a calendar day: the one
-    spelling of the tally periods, for the counts stored and the recount alike."""
+    spelling of the tally periods, for the counts stored and the recount alike. Years have
+    four digits (``0999-W18``), as periods are read, from the year 2 on that events may have."""
     year, week, _weekday = day.isocalendar()
-    return f"{year}-W{week:02d}", f"{day.year}-{day.month:02d}"
+    return f"{year:04d}-W{week:02d}", f"{day.year:04d}-{day.month:02d}"
 
 
 def period_keys(moment: datetime, zone: ZoneInfo) -> tuple[str, str]:

@@ -268,6 +268,20 @@ def test_period_keys(moment: datetime, week: str, month: str) -> None:
     assert day_keys(moment.astimezone(HELSINKI).date()) == (week, month)
 
 
+@pytest.mark.parametrize(
+    "day",
+    [date(2, 1, 1), date(999, 5, 1), date(999, 12, 31), date(1000, 1, 1), date(9998, 12, 31)],
+)
+def test_every_storable_year_has_periods_that_name_it(day: date) -> None:
+    # Events are accepted from the year 2 on: their tally periods must be ones a view, a
+    # report and the recount can name again (four-digit years, as the periods are parsed).
+    week, month = day_keys(day)
+    for period in (week, month):
+        first, last = period_dates(period)
+        assert first <= day <= last, period
+    assert (week[:4], month[:4]) == (f"{day.isocalendar()[0]:04d}", f"{day.year:04d}")
+
+
 def test_week_53_dates_and_bounds() -> None:
     assert period_dates("2026-W53") == (date(2026, 12, 28), date(2027, 1, 3))
     assert period_dates("2027-W01") == (date(2027, 1, 4), date(2027, 1, 10))
