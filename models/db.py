@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from time import monotonic
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     CursorResult,
@@ -181,6 +181,19 @@ def prepared_upsert(session: Session, table: Any, configure: Callable[[Any], Any
         insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         statement = _PREPARED[key] = configure(insert)
     return statement
+
+
+#: Values per ``IN (…)`` list read in slices: well within SQLite's limit on a statement's
+#: parameters (999 before its version 3.32), with room for the statement's other parameters.
+IN_LIST_SIZE = 500
+
+_T = TypeVar("_T")
+
+
+def chunked(values: Sequence[_T], size: int = IN_LIST_SIZE) -> Iterator[Sequence[_T]]:
+    """``values`` in consecutive slices of at most ``size``, for ``IN`` lists of any length."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def is_postgresql(session: Session) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import is_postgresql, upsert_insert
+from models.db import chunked, is_postgresql, upsert_insert
 from models.events import CrmEvent, counted
 from models.invalid import BadInput
 from models.parties import Staff
@@ -55,7 +55,7 @@ def expected_tallies(
     for zone_name, seller_ids in by_zone.items():
         zone = ZoneInfo(zone_name)
         keys_of_day: dict[date, tuple[str, str]] = {}
-        for chunk in _chunks(seller_ids):
+        for chunk in chunked(seller_ids):
             for seller_id, category, day, number in _day_counts(session, zone, chunk):
                 periods = keys_of_day.get(day)
                 if periods is None:
@@ -66,12 +66,8 @@ def expected_tallies(
     return counts
 
 
-def _chunks(ids: list[int], size: int = 1000) -> list[list[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
-
-
 def _day_counts(
-    session: Session, zone: ZoneInfo, seller_ids: list[int]
+    session: Session, zone: ZoneInfo, seller_ids: Sequence[int]
 ) -> Iterator[tuple[int, str, date, int]]:
     """(seller, category, local day, events) of these sellers, whose zone is ``zone``."""
     of_day = (CrmEvent.seller_id.in_(seller_ids), *counted(session))

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from models.base import utcnow
 from models.catalogue import Category, EventClass, EventType
+from models.db import chunked
 from models.documents import EventDocument
 from models.events import (
     CrmEvent,
@@ -237,7 +238,7 @@ def progress_rows(
     all_periods = sorted({p for ps in wanted.values() for p in ps})
     history: dict[tuple[int, str, str], list[tuple[date, int]]] = defaultdict(list)
     counts: dict[tuple[int, str, str], int] = {}
-    for chunk in _chunks(ids):
+    for chunk in chunked(ids):
         for seller_id, code, kind, valid_from, value in session.execute(
             select(
                 Target.seller_id, Target.category_code, Target.kind, Target.valid_from, Target.value
@@ -280,10 +281,6 @@ def progress_rows(
                     }
                 )
     return rows
-
-
-def _chunks(ids: list[int], size: int = 500) -> list[list[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def targets_progress(

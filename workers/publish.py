@@ -10,6 +10,7 @@ import email.utils
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
-from models.db import is_postgresql
+from models.db import chunked, is_postgresql
 from models.ledger import Delivery
 from models.schemas.batch import SCHEMA as BATCH_SCHEMA
 
@@ -129,10 +130,10 @@ def wait_for(
             if is_postgresql(session):
                 # One array parameter: the same short statement whatever the number of ids,
                 # where an IN list of 500 placeholders was built and parsed again at each poll.
-                chunks = [ordered]
+                chunks: list[Sequence[str]] = [ordered]
                 statement = _OUTCOMES_PG
             else:
-                chunks = [ordered[i : i + 500] for i in range(0, len(ordered), 500)]
+                chunks = list(chunked(ordered))
                 statement = _OUTCOMES
             for chunk in chunks:
                 for row in session.execute(statement, {"ids": chunk}):

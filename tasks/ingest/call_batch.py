@@ -58,7 +58,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
-from models.db import insert_rows, is_postgresql, table_of
+from models.db import chunked, insert_rows, is_postgresql, table_of
 from models.events import (
     CrmEvent,
     EventParticipant,
@@ -281,10 +281,8 @@ def _leave_existing(
     for system, call_id in calls:
         by_system.setdefault(system, []).append(call_id)
     for system, ids in sorted(by_system.items()):
-        for start in range(0, len(ids), 1000):
-            found = session.execute(
-                _EARLIER, {"system": system, "ids": ids[start : start + 1000]}
-            ).scalars()
+        for chunk in chunked(ids, 1000):
+            found = session.execute(_EARLIER, {"system": system, "ids": chunk}).scalars()
             for call_id in found:
                 if (call := calls.get((system, call_id))) is not None:
                     _leave(calls, call, result)
@@ -300,10 +298,8 @@ def _read_stored(session: Session, calls: dict[tuple[str, str], _Call], result: 
         by_system.setdefault(system, []).append(call_id)
     earlier: dict[tuple[str, str], list[tuple[int, str, dict[str, Any]]]] = {}
     for system, ids in sorted(by_system.items()):
-        for start in range(0, len(ids), 1000):
-            found = session.execute(
-                _EARLIER_PG, {"system": system, "ids": ids[start : start + 1000]}
-            )
+        for chunk in chunked(ids, 1000):
+            found = session.execute(_EARLIER_PG, {"system": system, "ids": chunk})
             for call_id, ledger_id, key, payload in found:
                 earlier.setdefault((system, call_id), []).append((ledger_id, key, payload))
     if not earlier:

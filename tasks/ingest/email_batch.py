@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.base import utcnow
-from models.db import insert_rows, table_of
+from models.db import chunked, insert_rows, table_of
 from models.documents import DocumentBlob
 from models.events import CrmEvent, EventParticipant, EventPropertyLink
 from models.invalid import BadInput
@@ -205,22 +205,22 @@ def _leave_known(session: Session, emails: list[_Email], result: BulkResult) -> 
     ids = sorted({email.read.message_id for email in emails})
     keys = sorted({_ledger_key(email) for email in emails})
     stored: set[str] = set()
-    for start in range(0, len(ids), 500):
+    for chunk in chunked(ids):
         stored.update(
             session.scalars(
                 select(CrmEvent.source_id).where(
                     CrmEvent.source_system == EMAIL_SOURCE_SYSTEM,
                     CrmEvent.source_kind == "email",
-                    CrmEvent.source_id.in_(ids[start : start + 500]),
+                    CrmEvent.source_id.in_(chunk),
                 )
             )
         )
     accepted: set[str] = set()
-    for start in range(0, len(keys), 500):
+    for chunk in chunked(keys):
         accepted.update(
             session.scalars(
                 select(InboundMessage.idempotency_key).where(
-                    InboundMessage.idempotency_key.in_(keys[start : start + 500])
+                    InboundMessage.idempotency_key.in_(chunk)
                 )
             )
         )
@@ -268,13 +268,13 @@ def _compose_all(
     # the stage, whose writes the next emails would read.
     named = sorted({i for email in emails for i in email.thread_ids})
     stored_threads: set[str | None] = set()
-    for start in range(0, len(named), 500):
+    for chunk in chunked(named):
         stored_threads.update(
             session.scalars(
                 select(CrmEvent.thread_key)
                 .where(
                     CrmEvent.source_kind == "email",
-                    CrmEvent.thread_key.in_(named[start : start + 500]),
+                    CrmEvent.thread_key.in_(chunk),
                 )
                 .distinct()
             )

@@ -3,9 +3,20 @@ email they carry, so that no broker message grows to tens of megabytes."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+
+from config.settings import Settings
+from models.db import create_session_factory
+from models.ledger import Delivery
+from tests.conftest import migrated
 from workers.cli.bulk import BATCH_INLINE_BYTES, Item, batches_of
+from workers.publish import wait_for
 
 MIB = 1024 * 1024
 
@@ -45,3 +56,30 @@ def test_an_email_larger_than_a_batch_goes_alone_and_in_its_place() -> None:
 def test_emails_by_reference_weigh_nothing() -> None:
     refs = [Item(f"f:{n}", "email", {"raw_ref": "0" * 64}) for n in range(600)]
     assert sizes(batches_of(refs, 500)) == [500, 100]
+
+
+def test_an_import_waits_for_more_outcomes_than_old_sqlite_takes_parameters(
+    tmp_path: Path,
+) -> None:
+    # `--wait` on the embedded database reads the outcomes of a whole file at once: the ids go
+    # in IN lists short enough for an SQLite built with its old limit of 999 parameters.
+    settings = Settings.embedded(tmp_path)
+    engine = migrated(settings)
+
+    @event.listens_for(engine, "connect")
+    def old_limit(connection: sqlite3.Connection, _record: Any) -> None:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    engine.dispose()  # connections opened from now on have the limit
+    sessions = create_session_factory(engine)
+    ids = [f"task-{n:04d}" for n in range(1200)]
+    with sessions.begin() as session:
+        session.add_all(
+            Delivery(task_id=i, task_name="crm.ingest.call", outcome="stored") for i in ids
+        )
+    with sessions() as session, pytest.raises(OperationalError, match="too many SQL variables"):
+        session.execute(select(Delivery.task_id).where(Delivery.task_id.in_(ids))).all()
+    outcomes = wait_for(sessions, ids, 0)
+    assert sorted(outcomes) == ids
+    assert {o.outcome for o in outcomes.values()} == {"stored"}
+    engine.dispose()
