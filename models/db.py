@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from time import monotonic
@@ -120,6 +121,11 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        # SQLAlchemy cuts multi-row inserts to the parameters SQLite takes by its version; a
+        # build may take fewer (SQLITE_MAX_VARIABLE_NUMBER): the connection says how many.
+        taken = dbapi_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        if taken < engine.dialect.insertmanyvalues_max_parameters:
+            engine.dialect.insertmanyvalues_max_parameters = taken
 
     @event.listens_for(engine, "begin")
     def on_begin(connection: Any) -> None:
@@ -183,8 +189,8 @@ def prepared_upsert(session: Session, table: Any, configure: Callable[[Any], Any
     return statement
 
 
-#: Values per ``IN (…)`` list read in slices: well within SQLite's limit on a statement's
-#: parameters (999 before its version 3.32), with room for the statement's other parameters.
+#: Values per ``IN (…)`` list read in slices: within the parameters SQLite takes in one
+#: statement (999 by default before its version 3.32), with room for the statement's others.
 IN_LIST_SIZE = 500
 
 _T = TypeVar("_T")

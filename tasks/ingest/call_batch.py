@@ -281,7 +281,7 @@ def _leave_existing(
     for system, call_id in calls:
         by_system.setdefault(system, []).append(call_id)
     for system, ids in sorted(by_system.items()):
-        for chunk in chunked(ids, 1000):
+        for chunk in chunked(ids):  # an IN list: with the system, within SQLite's limit
             found = session.execute(_EARLIER, {"system": system, "ids": chunk}).scalars()
             for call_id in found:
                 if (call := calls.get((system, call_id))) is not None:

@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import random
 import re
+import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg.sql
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from config.settings import Settings
 from models.db import table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, FollowUp
 from models.ledger import Delivery, InboundMessage, RejectedMessage
 from models.parties import EventPartyKey, Staff
+from models.schemas.batch import MAX_BATCH_MESSAGES
 from models.targets import Tally
 from tasks import batch as batch_stage
 from tasks import store
@@ -27,6 +32,7 @@ from tasks.context import StageContext
 from tasks.ingest import call_batch, call_state
 from tasks.ingest.call import ingest_call
 from tasks.maintenance import delete_event, reconcile
+from tests.conftest import migrated
 from tests.unit.test_call_followups import MATTI, callback, event_id, missed
 
 QUEUES = {"crm.ingest.call": "crm.ingest.call"}
@@ -815,3 +821,32 @@ def test_a_call_reads_the_follow_ups_it_may_settle_by_index_whatever_the_statist
     statement = call_state._AFFECTED_BY_CLOSER
     assert world.scalars(statement, params).all() == []
     assert_read_by_index(world, statement, params)
+
+
+def test_a_full_batch_on_an_sqlite_built_for_999_parameters(tmp_path: Path) -> None:
+    # An SQLite built to take at most 999 parameters a statement (the default before 3.32): a
+    # batch of the most calls crm.batch/1 carries reads its calls' earlier updates in lists that
+    # fit, and its multi-row inserts are cut to fit, as the connection reports its limit.
+    settings = Settings.embedded(tmp_path)
+    engine = migrated(settings)
+    engine.dispose()
+
+    def built_for_999(connection: sqlite3.Connection, _record: Any) -> None:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    event.listen(engine, "connect", built_for_999, insert=True)  # before the engine's own
+    ctx = StageContext(settings, "full-batch", "test")
+    start = datetime(2026, 11, 2, 8, tzinfo=UTC)
+    messages = [
+        callback(f"b-full-{n}", (start + timedelta(minutes=n)).isoformat())
+        for n in range(MAX_BATCH_MESSAGES)
+    ]
+    with Session(engine) as session:
+        with pytest.raises(OperationalError, match="too many SQL variables"):
+            session.execute(select(CrmEvent.id).where(CrmEvent.id.in_(range(1000)))).all()
+        session.rollback()
+        run_batch(session, ctx, messages)
+        session.commit()
+        stored = session.scalar(select(func.count()).select_from(CrmEvent))
+    engine.dispose()
+    assert stored == MAX_BATCH_MESSAGES == 1000
