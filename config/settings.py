@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -465,6 +466,23 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+#: The oldest SQLite the embedded database runs on: every store is an INSERT … RETURNING (3.35).
+SQLITE_AT_LEAST = (3, 35, 0)
+
+
+def sqlite_problem(settings: Settings, version: tuple[int, ...]) -> str | None:
+    """Why the SQLite library of ``version`` cannot hold ``settings``' database, if it is an
+    SQLite one and cannot; None otherwise."""
+    if not settings.effective_database_url.startswith("sqlite") or version >= SQLITE_AT_LEAST:
+        return None
+    which = "set to an SQLite file" if settings.database_url else "unset (the embedded SQLite)"
+    return (
+        f"{PREFIX}DATABASE_URL: {which} needs SQLite {'.'.join(map(str, SQLITE_AT_LEAST))} or"
+        f" later, and this Python's sqlite3 module has {'.'.join(map(str, version))}: use a"
+        " PostgreSQL server, or a Python built with a newer SQLite"
+    )
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``CRM_*`` variables, reporting every bad one at once."""
     env = os.environ if environ is None else environ
@@ -500,6 +518,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "CRM_SIGNING_KEY, CRM_SIGNING_CERT and CRM_SIGNING_CERT_STORE go together; missing: "
             + ", ".join(PREFIX + name.upper() for name in signing if name not in given)
         )
+    if (problem := sqlite_problem(settings, sqlite3.sqlite_version_info)) is not None:
+        errors.append(problem)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return settings

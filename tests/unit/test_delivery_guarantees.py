@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sqlite3
 from typing import Any
 
 import pytest
 import redis
 from sqlalchemy.orm import Session
 
-from config.settings import ConfigError, Settings, load_settings
+from config.settings import ConfigError, Settings, load_settings, sqlite_problem
 from workers.base import count_delivery, payload_of
 from workers.broker_check import broker_durability_problems, warn_about_broker
 from workers.cli.messages import replay_arguments
@@ -23,6 +24,23 @@ def test_max_deliveries_defaults_to_five_and_is_validated() -> None:
     for bad in ("0", "-1", "many"):
         with pytest.raises(ConfigError, match="CRM_MAX_DELIVERIES"):
             load_settings({"CRM_MAX_DELIVERIES": bad})
+
+
+def test_an_sqlite_too_old_for_the_embedded_database_is_named_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every store is an INSERT … RETURNING, which SQLite has from 3.35: with an older library
+    # each message would fail in the worker, one by one; the configuration says so at start.
+    assert sqlite_problem(Settings(), sqlite3.sqlite_version_info) is None  # this machine's
+    postgres = Settings(database_url="postgresql+psycopg://crm@db/crm")
+    assert sqlite_problem(postgres, (3, 34, 1)) is None
+    embedded = sqlite_problem(Settings(), (3, 34, 1))
+    assert embedded is not None and "unset (the embedded SQLite) needs SQLite 3.35" in embedded
+    assert "has 3.34.1" in embedded
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    with pytest.raises(ConfigError, match="CRM_DATABASE_URL: set to an SQLite file needs"):
+        load_settings({"CRM_DATABASE_URL": "sqlite:////tmp/crm.sqlite3"})
+    assert load_settings({"CRM_DATABASE_URL": "postgresql+psycopg://crm@db/crm"}).database_url
 
 
 def test_the_counter_starts_at_the_first_redelivery_and_adds_one_each_time(db: Session) -> None:
