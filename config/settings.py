@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -470,10 +469,16 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 SQLITE_AT_LEAST = (3, 35, 0)
 
 
-def sqlite_problem(settings: Settings, version: tuple[int, ...]) -> str | None:
-    """Why the SQLite library of ``version`` cannot hold ``settings``' database, if it is an
-    SQLite one and cannot; None otherwise."""
-    if not settings.effective_database_url.startswith("sqlite") or version >= SQLITE_AT_LEAST:
+def sqlite_problem(settings: Settings, version: tuple[int, ...] | None = None) -> str | None:
+    """Why the SQLite library (this Python's, or of ``version``) cannot hold ``settings``'
+    database, if it is an SQLite one and cannot; None otherwise."""
+    if not settings.effective_database_url.startswith("sqlite"):
+        return None
+    if version is None:
+        import sqlite3  # here: a process on PostgreSQL has no use for it
+
+        version = sqlite3.sqlite_version_info
+    if version >= SQLITE_AT_LEAST:
         return None
     which = "set to an SQLite file" if settings.database_url else "unset (the embedded SQLite)"
     return (
@@ -518,7 +523,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "CRM_SIGNING_KEY, CRM_SIGNING_CERT and CRM_SIGNING_CERT_STORE go together; missing: "
             + ", ".join(PREFIX + name.upper() for name in signing if name not in given)
         )
-    if (problem := sqlite_problem(settings, sqlite3.sqlite_version_info)) is not None:
+    if (problem := sqlite_problem(settings)) is not None:
         errors.append(problem)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

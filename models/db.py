@@ -189,8 +189,9 @@ def prepared_upsert(session: Session, table: Any, configure: Callable[[Any], Any
     return statement
 
 
-#: Values per ``IN (…)`` list read in slices: within the parameters SQLite takes in one
-#: statement (999 by default before its version 3.32), with room for the statement's others.
+#: Values per ``IN (…)`` list read in slices: within the parameters any SQLite build takes in
+#: one statement (SQLITE_MAX_VARIABLE_NUMBER; 999 was the default until 3.32), with room for
+#: the statement's others.
 IN_LIST_SIZE = 500
 
 _T = TypeVar("_T")

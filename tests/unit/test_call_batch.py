@@ -824,7 +824,7 @@ def test_a_call_reads_the_follow_ups_it_may_settle_by_index_whatever_the_statist
 
 
 def test_a_full_batch_on_an_sqlite_built_for_999_parameters(tmp_path: Path) -> None:
-    # An SQLite built to take at most 999 parameters a statement (the default before 3.32): a
+    # An SQLite built to take at most 999 parameters a statement (the default until 3.32): a
     # batch of the most calls crm.batch/1 carries reads its calls' earlier updates in lists that
     # fit, and its multi-row inserts are cut to fit, as the connection reports its limit.
     settings = Settings.embedded(tmp_path)

@@ -58,11 +58,11 @@ def test_emails_by_reference_weigh_nothing() -> None:
     assert sizes(batches_of(refs, 500)) == [500, 100]
 
 
-def test_an_import_waits_for_more_outcomes_than_old_sqlite_takes_parameters(
+def test_an_import_waits_for_more_outcomes_than_an_sqlite_built_for_999_parameters_takes(
     tmp_path: Path,
 ) -> None:
     # `--wait` on the embedded database reads the outcomes of a whole file at once: the ids go
-    # in IN lists short enough for an SQLite built with its old limit of 999 parameters.
+    # in IN lists short enough for an SQLite built to take 999 parameters (the default until 3.32).
     settings = Settings.embedded(tmp_path)
     engine = migrated(settings)
 
