@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from models.jsondoc import read_json
 from models.schemas.common import MessageInvalid
 from models.schemas.party import PARTY_SCHEMAS, SCHEMA, load_party_message
 from tasks.context import StageContext
@@ -121,9 +121,9 @@ def read_party_file(path: Path, source_system: str) -> ImportPlan:
 
 def _json_items(data: bytes) -> list[tuple[int, Any]]:
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImportFileError(f"not JSON: {exc}") from exc
+        document = read_json(data)
+    except ValueError as exc:
+        raise ImportFileError(str(exc)) from exc
     items = document if isinstance(document, list) else [document]
     # Items are numbered from 1, as a person counts them.
     return list(enumerate(items, start=1))

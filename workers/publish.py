@@ -7,7 +7,6 @@ import email
 import email.parser
 import email.policy
 import email.utils
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.queues import BATCH_TASK, INGEST_TASKS, TASK_QUEUES
 from config.settings import Settings
 from models.db import chunked, is_postgresql
+from models.jsondoc import read_json
 from models.ledger import Delivery
 from models.schemas.batch import SCHEMA as BATCH_SCHEMA
 
@@ -47,9 +47,9 @@ def messages_from_file(kind: str, path: Path, settings: Settings) -> list[Any]:
     if kind == "email" and path.suffix.lower() == ".eml":
         return [email_message_from_raw(data, settings)]
     try:
-        loaded = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PublishError(f"{path}: not JSON ({exc})") from exc
+        loaded = read_json(data)
+    except ValueError as exc:
+        raise PublishError(f"{path}: {exc}") from exc
     return loaded if isinstance(loaded, list) else [loaded]
 
 

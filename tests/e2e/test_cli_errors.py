@@ -30,6 +30,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "no-code.json").write_text(json.dumps({"categories": [{"fi": "Neuvottelu"}]}))
     (folder / "no-fi.json").write_text(json.dumps({"properties": [{"code": "urgent", "en": "U"}]}))
     (folder / "not-json.json").write_text("{categories: [")
+    (folder / "latin-1.json").write_bytes(b'{"categories": [{"code": "k", "fi": "K\xe4ynti"}]}')
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     return folder
 
 
@@ -55,7 +57,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["catalogue", "apply", "{dir}/no-code.json", "--dry-run"], "code: Missing data"),
         (["catalogue", "apply", "{dir}/no-fi.json"], "new property urgent needs fi"),
         (["catalogue", "apply", "{dir}/no-fi.json", "--dry-run"], "new property urgent needs fi"),
-        (["catalogue", "apply", "{dir}/not-json.json"], "not-json.json: Expecting"),
+        (["catalogue", "apply", "{dir}/not-json.json"], "not-json.json: not JSON: Expecting"),
+        (["catalogue", "apply", "{dir}/latin-1.json"], "not JSON: 'utf-8' codec can't decode"),
+        (["catalogue", "apply", "{dir}/deep.json"], "deep.json: the JSON is nested deeper than"),
         (["catalogue", "apply", "{dir}/missing.json"], "No such file or directory"),
         (["catalogue", "apply"], "catalogue apply needs a FILE"),
         (["worker", "--bogus-opt"], "No such option '--bogus-opt'"),

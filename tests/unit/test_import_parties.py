@@ -136,6 +136,7 @@ def test_json_items_are_numbered_from_one(tmp_path: Path) -> None:
         ("a.csv", "name,username\nX,x\n", "no column kind"),
         ("a.csv", "", "the file is empty"),
         ("a.json", "{not json", "not JSON"),
+        ("a.json", "[" * 100_000 + "]" * 100_000, "the JSON is nested deeper than 32 levels"),
         ("a.xlsx", "", "give a .csv or .json file"),
         ("a.csv", "kind,name,name\nstaff,a,b\n", "column(s) named twice: name"),
     ],

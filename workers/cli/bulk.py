@@ -277,8 +277,7 @@ def progress_bar(total: int, waiting: bool) -> Any:
 def messages_from_lines(text: str, source: str) -> tuple[list[Item], list[dict[str, Any]]]:
     """One message per line (JSON Lines): its kind read from its ``schema``; blank lines skipped,
     a line that is not a JSON object of a known schema reported with its number."""
-    import json
-
+    from models.jsondoc import read_json
     from models.schemas.kinds import MESSAGE_KINDS
 
     kinds = {kind.schema_name: name for name, kind in MESSAGE_KINDS.items()}
@@ -289,9 +288,9 @@ def messages_from_lines(text: str, source: str) -> tuple[list[Item], list[dict[s
             continue
         label = f"{source}:{number}"
         try:
-            message = json.loads(line)
+            message = read_json(line)
         except ValueError as exc:
-            errors.append({"source": label, "line": number, "error": f"not JSON: {exc}"})
+            errors.append({"source": label, "line": number, "error": str(exc)})
             continue
         schema = message.get("schema") if isinstance(message, dict) else None
         kind = kinds.get(schema) if isinstance(schema, str) else None

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,6 +141,7 @@ def cmd_stats(args: argparse.Namespace, rt: Runtime) -> int:
 
 def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
     from models.db import transaction
+    from models.jsondoc import read_json
     from tasks.catalogue import apply_catalogue, catalogue_document
     from tasks.errors import BadInput
 
@@ -188,8 +188,8 @@ def cmd_catalogue(args: argparse.Namespace, rt: Runtime) -> int:
     if not args.file:
         raise InputError("catalogue apply needs a FILE")
     try:
-        document = json.loads(Path(args.file).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        document = read_json(Path(args.file).read_bytes())
+    except (OSError, ValueError) as exc:
         raise InputError(f"{args.file}: {exc}") from exc
     try:
         with transaction(rt.sessions) as session:

@@ -30,12 +30,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from config.settings import Settings
+from models.jsondoc import MAX_DEPTH, too_deep
 
 #: The longest task id the ledger keeps (the key of ``delivery``, ``rejected_message`` …).
 MAX_TASK_ID = 100
-#: Nesting deeper than any message of ours needs (an email or a visit is 4 levels deep), far
-#: below the depth at which pickling the arguments for the pool process fails.
-MAX_DEPTH = 32
 #: Celery logs and Flower shows these producer-given representations of the arguments.
 MAX_REPR_CHARS = 1024
 #: The headers of one message, counted as characters of their keys and values.
@@ -209,26 +207,13 @@ def _name(name: Any) -> str:
 
 
 def check_nesting(value: Any, where: str) -> None:
-    """Refuse containers nested deeper than :data:`MAX_DEPTH`, without recursing.
-
-    Only containers are stacked: a batch of 500 calls is some 7,000 values, nearly all of
-    them strings and numbers, walked for every batch the worker takes."""
-    if not isinstance(value, _CONTAINERS):
-        return
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth >= MAX_DEPTH:
-            raise Refused(
-                f"the message's {where} is nested deeper than {MAX_DEPTH} levels; no message of"
-                " ours needs that many",
-                field=where,
-            )
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, _CONTAINERS))
-
-
-_CONTAINERS = (dict, list, tuple)
+    """Refuse containers nested deeper than :data:`MAX_DEPTH`, without recursing."""
+    if too_deep(value):
+        raise Refused(
+            f"the message's {where} is nested deeper than {MAX_DEPTH} levels; no message of"
+            " ours needs that many",
+            field=where,
+        )
 
 
 def _chars(value: Any) -> int:

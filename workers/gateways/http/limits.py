@@ -20,7 +20,7 @@ import h11
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from workers.transport.envelope import MAX_DEPTH, Refused, check_nesting
+from models.jsondoc import read_json
 
 #: The whole of one request (headers and body) must arrive within this many seconds
 #: (CRM_HTTP_REQUEST_DEADLINE_S).
@@ -141,16 +141,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_json(body: bytes) -> Any:
     """The JSON document of a body, nested no deeper than a message of ours (400 otherwise)."""
     try:
-        document = json.loads(body)
-    except RecursionError:
-        raise Problem(400, f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Problem(400, f"not JSON: {exc}") from exc
-    try:
-        check_nesting(document, "JSON")
-    except Refused as exc:
-        raise Problem(400, f"the JSON is nested deeper than {MAX_DEPTH} levels") from exc
-    return document
+        return read_json(body)
+    except ValueError as exc:
+        raise Problem(400, str(exc)) from exc
 
 
 def media_type(request: Request) -> str:
