@@ -7,8 +7,9 @@ the last year), and measures, end to end:
 
 * import: ``crm-events import cdr FILE --wait`` as a subprocess, from its start (reading and
   translating the file, publishing ``crm.batch/1`` batches of ``--batch-size``) until every row
-  has its outcome in ``delivery``, processed by ``crm-events worker --concurrency 2``. Reported
-  as events/s, with the worker's and PostgreSQL's CPU per event;
+  has its outcome in ``delivery``, processed by ``crm-events worker --concurrency 2`` (or
+  ``--concurrency``: the baseline keeps 2, the issue's delivery settings). Reported as
+  events/s, with the worker's and PostgreSQL's CPU per event;
 * bare: ``--bare`` no-op tasks through ``bench/bare_worker.py`` (Celery itself, the same
   delivery settings: JSON, late acks, prefetch 1, concurrency 2): what one message per event
   would allow at best;
@@ -65,6 +66,7 @@ SUMMARY = re.compile(r"(\d+) CDR row\(s\) published in (\d+) batch\(es\): (.*)")
 class Figures:
     rows: int
     batch_size: int
+    concurrency: int
     load: float
     import_s: float
     outcomes: str
@@ -267,7 +269,11 @@ def measure(args: argparse.Namespace) -> Figures:
         world.app = pipeline.noop_worker.create_noop_app(settings)
         world.engine = create_engine(world.database_url, isolation_level="AUTOCOMMIT")
         worker = pipeline.start_worker(
-            world, "pipeline", [pipeline.crm_events_command(), "worker"], env
+            world,
+            "pipeline",
+            [pipeline.crm_events_command(), "worker"],
+            env,
+            concurrency=args.concurrency,
         )
         bare = pipeline.start_worker(
             world, "bare", pipeline.bare_command(world.broker_url, args.log_level), env
@@ -320,6 +326,7 @@ def measure(args: argparse.Namespace) -> Figures:
         return Figures(
             rows=args.rows,
             batch_size=args.batch_size,
+            concurrency=args.concurrency,
             load=load,
             import_s=import_s,
             outcomes=outcomes,
@@ -350,7 +357,8 @@ def report(f: Figures) -> None:
     print()
     print(
         f"import cdr: {f.rows} rows in {f.import_s:.1f} s = {f.import_rate:.0f} events/s "
-        f"(batches of {f.batch_size}; load average {f.load:.1f} at the start): {f.outcomes}"
+        f"(batches of {f.batch_size}, {f.concurrency} worker processes; load average "
+        f"{f.load:.1f} at the start): {f.outcomes}"
     )
     print(
         f"  CPU per event: worker {f.worker_cpu_ms:.2f} ms, PostgreSQL backends "
@@ -397,6 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rows", type=int, default=100_000, help="CDR rows to import")
     parser.add_argument("--batch-size", type=int, default=500, help="rows per crm.batch/1")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="processes of the importing worker (the bare baseline keeps 2)",
+    )
     parser.add_argument("--bare", type=int, default=10_000, help="bare no-op tasks (baseline)")
     parser.add_argument("--warmup", type=int, default=1000, help="unmeasured rows first")
     parser.add_argument(
@@ -425,8 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the import")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.bare < 1 or min(args.warmup, args.late) < 0:
-        parser.error("--rows and --bare positive, --warmup and --late not negative")
+    if min(args.rows, args.bare, args.concurrency) < 1 or min(args.warmup, args.late) < 0:
+        parser.error("--rows, --bare and --concurrency positive, --warmup and --late not negative")
     if not 1 <= args.batch_size <= 1000:
         parser.error("--batch-size 1..1000")
     return args
