@@ -190,20 +190,26 @@ def test_deeply_nested_messages_do_not_stop_the_embedded_worker(
     demo_dir: Path, tmp_path: Path
 ) -> None:
     """The filesystem broker too: two messages nested 600 levels deep (as many as the worker
-    has pool processes) are refused and recorded, and the next message is processed."""
+    has pool processes) are refused and recorded, and the next message is processed. They are
+    sent straight to the broker, as a producer of its own would: ``crm-events publish`` refuses
+    such a file itself, saying why."""
     deep: Any = 1
     for _ in range(600):
         deep = [deep]
     call = json.loads((ROOT / "examples/calls/missed-from-switchboard.json").read_text())[1]
-    files = []
-    for index in range(2):
-        path = tmp_path / f"deep-{index}.json"
-        path.write_text(json.dumps({**call, "call_id": f"deep-{index}", "extra": deep}))
-        files.append(str(path))
+    deep_file = tmp_path / "deep.json"
+    deep_file.write_text(
+        json.dumps([{**call, "call_id": f"deep-{i}", "extra": deep} for i in (0, 1)])
+    )
     after = tmp_path / "after.json"
     after.write_text(json.dumps({**call, "call_id": "after-deep"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
     env["CRM_DATA_DIR"] = str(demo_dir)
+    refused = run(demo_dir, "publish", "call", str(deep_file))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"crm-events: {deep_file}: the JSON is nested deeper than 32 levels"
+    )
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "worker", "--concurrency", "2"],
@@ -214,9 +220,16 @@ def test_deeply_nested_messages_do_not_stop_the_embedded_worker(
             start_new_session=True,
         )
     try:
-        published = run(demo_dir, "publish", "call", *files, "--wait", "120", "--json")
-        assert published.returncode == 0, published.stderr
-        outcomes = json.loads(published.stdout)
+        sent = subprocess.run(
+            [sys.executable, "-c", SEND_AND_WAIT, str(deep_file), "120"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert sent.returncode == 0, sent.stderr
+        outcomes = json.loads(sent.stdout)
         assert [o["outcome"] for o in outcomes] == ["rejected", "rejected"]
         assert all("nested deeper than" in o["detail"] for o in outcomes)
         published = run(demo_dir, "publish", "call", str(after), "--wait", "120", "--json")
@@ -224,6 +237,28 @@ def test_deeply_nested_messages_do_not_stop_the_embedded_worker(
         assert json.loads(published.stdout)[0]["outcome"] == "stored"
     finally:
         stop_process(worker)
+
+
+#: Sends each message of a JSON file (argv[1]) to the call task through the broker, waits up to
+#: argv[2] seconds for their outcomes and prints them as JSON (the fields of ``Outcome``).
+SEND_AND_WAIT = """
+import json, sys
+from pathlib import Path
+from config.queues import INGEST_TASKS
+from config.settings import load_settings
+from models.db import create_db_engine, create_session_factory
+from workers.app import create_app
+from workers.publish import publish, wait_for
+
+settings = load_settings()
+app = create_app(settings)
+messages = json.loads(Path(sys.argv[1]).read_text())
+ids = [publish(app, INGEST_TASKS["call"], m, "deep").task_id for m in messages]
+sessions = create_session_factory(create_db_engine(settings))
+done = wait_for(sessions, ids, float(sys.argv[2]))
+print(json.dumps([done[i]._asdict() if i in done else {"outcome": "pending"} for i in ids],
+                 default=str))
+"""
 
 
 def test_a_document_is_copied_out_as_it_arrived(demo_dir: Path, tmp_path: Path) -> None:
