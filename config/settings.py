@@ -385,11 +385,22 @@ def _parse_directory(raw: str) -> Path | None:
     return path
 
 
-def _parse_zone(raw: str) -> str:
+def known_zone(name: str) -> ZoneInfo:
+    """The time zone ``name`` names; ``ValueError`` (with the name, cut) when it names none.
+
+    What zoneinfo raises for a name that is no zone depends on the name and on where the zone
+    database is: ``ZoneInfoNotFoundError``, ``ValueError`` (a path, an empty name, a file that
+    is not a zone), or ``OSError`` (a folder of the database such as ``Europe``, or a name too
+    long for a file name, when it reads the tzdata package). Every one means unknown here.
+    """
     try:
-        ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {raw!r}") from exc
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(f"unknown time zone {name[:64]!r}") from exc
+
+
+def _parse_zone(raw: str) -> str:
+    known_zone(raw)
     return raw
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.instrumentation import manager_of_class
 
-from config.settings import Settings
+from config.settings import Settings, known_zone
 from models.base import UTCDateTime, utcnow
 from models.db import insert_rows, is_postgresql, prepared_upsert, table_of
 from models.events import CrmEvent, EventParticipant, EventPropertyLink, counts
@@ -404,8 +404,8 @@ def seller_zone(session: Session, seller_id: int) -> ZoneInfo:
     seller = session.get(Staff, seller_id)
     name = seller.time_zone if seller is not None else None
     try:
-        return ZoneInfo(name or "Europe/Helsinki")
-    except (KeyError, ValueError):
+        return known_zone(name or "Europe/Helsinki")
+    except ValueError:
         return ZoneInfo("Europe/Helsinki")
 
 

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from config.settings import known_zone
 from models.base import utcnow
 from models.catalogue import Category, EventClass, EventType
 from models.db import chunked
@@ -153,8 +154,8 @@ def staff_by_username(session: Session, username: str) -> Staff | None:
 def zone_of(staff: Staff) -> ZoneInfo:
     """The staff member's zone (weeks and months are counted in it); Helsinki if unusable."""
     try:
-        return ZoneInfo(staff.time_zone or DEFAULT_ZONE)
-    except (KeyError, ValueError):
+        return known_zone(staff.time_zone or DEFAULT_ZONE)
+    except ValueError:
         return ZoneInfo(DEFAULT_ZONE)
 
 

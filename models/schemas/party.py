@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from marshmallow import Schema, ValidationError, fields, validate
 
+from config.settings import known_zone
 from models.schemas.common import MessageInvalid, MessageSchema, Text, load_message
 
 SCHEMA = "crm.party/1"
@@ -14,9 +14,9 @@ SCHEMA = "crm.party/1"
 
 def _known_zone(value: str) -> None:
     try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValidationError(f"Unknown time zone {value!r}.") from exc
+        known_zone(value)
+    except ValueError as exc:
+        raise ValidationError(f"Unknown time zone {value[:64]!r}.") from exc
 
 
 class _PartySchema(MessageSchema):

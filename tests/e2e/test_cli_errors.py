@@ -62,6 +62,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["catalogue", "apply", "{dir}/deep.json"], "deep.json: the JSON is nested deeper than"),
         (["catalogue", "apply", "{dir}/missing.json"], "No such file or directory"),
         (["catalogue", "apply"], "catalogue apply needs a FILE"),
+        (["import", "cdr", "{dir}/no-code.json", "--time-zone", "Europe"], "unknown time zone"),
         (["worker", "--bogus-opt"], "No such option '--bogus-opt'"),
         (["beat", "--bogus-opt"], "No such option '--bogus-opt'"),
         (["seller-view"], "the following arguments are required: username"),

@@ -231,6 +231,10 @@ def test_asterisk_cdrs_as_json(gateway: Gateway, loaded: LiveSystem) -> None:
     assert event(loaded, "1764148800.170", "pbx-gw")["link_state"] == "unlinked"
     status, reply = gateway.post_json("/asterisk/cdr", [{"src": "1", "start": "yesterday"}])
     assert status == 400
+    # A folder of the zone database is no zone (zoneinfo raised OSError for it: a 500).
+    for zone in ("Europe", "A" * 300):
+        status, reply = gateway.post_json(f"/asterisk/cdr?time_zone={zone}", rows)
+        assert (status, reply) == (400, {"error": f"unknown time_zone {zone[:64]!r}"})
 
 
 def test_no_2xx_without_the_broker(loaded: LiveSystem, tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from config.settings import known_zone
 from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
 from workers.cli.common import InputError, emit_json, subcommands
 
@@ -62,9 +62,9 @@ def cmd_import_cdr(args: argparse.Namespace, runtime: Any) -> int:
         raise InputError(f"{path}: {exc.strerror or exc}") from exc
     if args.time_zone:
         try:
-            ZoneInfo(args.time_zone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise InputError(f"unknown time zone {args.time_zone!r}") from exc
+            known_zone(args.time_zone)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
     settings = runtime.settings
     context = CdrContext(
         source_system=args.source_system,

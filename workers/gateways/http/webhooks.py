@@ -23,7 +23,6 @@ import hmac
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from config.queues import CALL_TASK
+from config.settings import known_zone
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import MessageInvalid, load_message, shared_schema
 from tasks.telephony.adapters import (
@@ -152,8 +152,8 @@ async def asterisk_cdr(request: Request) -> JSONResponse:
     zone = arguments.get("time_zone")
     if zone:
         try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+            known_zone(zone)
+        except ValueError as exc:
             raise Problem(400, f"unknown time_zone {zone[:64]!r}") from exc
     context = CdrContext(
         source_system=arguments.get("source_system", "asterisk"),
