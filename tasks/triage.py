@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from config.settings import Settings
 from models.events import CrmEvent
 from models.ledger import InboundMessage
+from models.limits import MAX_ROW_ID, row_id
 from models.parties import Contact, ContactEmail, Customer, EventPartyKey, Lead
 from tasks.ingest.visit import apply_visit_parties
 from tasks.match import customer_by_number
@@ -96,7 +97,7 @@ def link_by_hand(
     contact_reference: str | None = None,
 ) -> HandLink:
     """Link an event to a customer (and contact) by hand; seller re-derived, counts moved."""
-    event = lock_event_by_id(session, event_id)
+    event = lock_event_by_id(session, event_id) if 0 < event_id <= MAX_ROW_ID else None
     if event is None:
         raise LinkError(f"no event {event_id}")
     customer = customer_by_number(session, customer_number)
@@ -148,8 +149,9 @@ def find_customer_contact(
         return None
     text = reference.strip()
     query = select(Contact).where(Contact.customer_id == customer.id).order_by(Contact.id)
-    if text.lstrip("#").isdigit():
-        found = session.scalars(query.where(Contact.id == int(text.lstrip("#")))).all()
+    if text.lstrip("#").isascii() and text.lstrip("#").isdigit():
+        number = row_id(text.lstrip("#"))
+        found = [] if number is None else session.scalars(query.where(Contact.id == number)).all()
     elif "@" in text:
         address = text.lower()
         found = session.scalars(

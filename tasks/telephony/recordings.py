@@ -302,7 +302,7 @@ def download(
             if response.status != 200:
                 raise RecordingRefused(f"answered {response.status} {response.reason}")
             declared = response.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > cap:
+            if declared and declared.isascii() and declared.isdigit() and int(declared) > cap:
                 raise RecordingRefused(f"{declared} bytes is over the {cap}-byte cap")
             content = _read_capped(connection, response, deadline, cap)
             return Downloaded(content, response.getheader("Content-Type"), current)

@@ -38,7 +38,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["events", "--limit=-1"], "argument --limit: must be 0 or more, not -1"),
+        (["events", "--limit=-1"], "argument --limit: must be 0 to 2147483647, not -1"),
+        (["events", "--limit", "9" * 30], "argument --limit: must be 0 to 2147483647"),
+        (["delete-event", "99999999999999999999"], "argument EVENT_ID: must be 0 to 2147483647"),
+        (["link", "9" * 20, "--customer", "1"], "argument EVENT: must be 0 to 2147483647"),
+        (["erase", "release", "9" * 20], "argument N: must be 0 to 2147483647"),
+        (["document", "get", "9" * 20, "1"], "argument EVENT: must be 0 to 2147483647"),
+        (["serve", "--port", "99999"], "argument --port: a port is 0 to 65535, not 99999"),
         (["events", "--limit", "many"], "argument --limit: not a whole number: 'many'"),
         (["events", "--since", "yesterday"], "not a date (YYYY-MM-DD): 'yesterday'"),
         (
@@ -49,7 +55,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["targets", "set", "anna", "sales_action", "--weekly", "4", "--from", "tomorrow"],
             "argument --from: not a date (YYYY-MM-DD): 'tomorrow'",
         ),
-        (["targets", "set", "anna", "sales_action", "--weekly", "-3"], "must be 0 or more"),
+        (["targets", "set", "anna", "sales_action", "--weekly", "-3"], "must be 0 to 2147483647"),
         (["targets", "progress", "--period", "2026-13"], "not a period '2026-13'"),
         (["stats", "--by", "class", "--period", "last week"], "not a period 'last week'"),
         (["report", "targets", "--kind", "weekly", "--period", "2026-11"], "not a weekly period"),

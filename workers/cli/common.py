@@ -39,13 +39,25 @@ class Parser(argparse.ArgumentParser):
 
 
 def count(text: str) -> int:
-    """A whole number from 0 (a limit, a target)."""
+    """A whole number from 0 to what the database keeps (an id, a limit, a target)."""
+    from models.limits import MAX_ROW_ID
+
+    if not text.strip().isascii():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}")
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if not 0 <= value <= MAX_ROW_ID:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_ROW_ID}, not {text[:40]}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port (0: any free one)."""
+    value = count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
     return value
 
 

@@ -410,4 +410,4 @@ def register(sub: Any, add: AddCommand) -> None:
         "delete an event; its counts move off the seller's tallies and cards",
         json_flag=True,
     )
-    p.add_argument("id", type=int, metavar="EVENT_ID")
+    p.add_argument("id", type=count, metavar="EVENT_ID")

@@ -184,12 +184,13 @@ def replay_one(rt: Runtime, ledger_id: str, *, only_pending: bool) -> str | None
     from models.base import utcnow
     from models.db import transaction
     from models.ledger import FailedMessage, RejectedMessage
+    from models.limits import row_id
     from tasks.ledger import whole_payload
     from tasks.retention import is_deleted_payload
     from workers.app import named_queue
 
     kind, _, number = ledger_id.partition(":")
-    if kind not in ("rejected", "failed") or not number.isdigit():
+    if kind not in ("rejected", "failed") or row_id(number) is None:
         raise InputError("an id is rejected:N or failed:N (see `crm-events rejected` / `failed`)")
 
     def locked(session: Session) -> RejectedMessage | FailedMessage | None:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.cli.common import AddCommand, Runtime, emit_json
+from workers.cli.common import AddCommand, Runtime, count, emit_json
 
 
 def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
@@ -181,9 +181,9 @@ def register(sub: Any, add: AddCommand) -> None:
         "unlinked and ambiguous events, with what was tried",
         json_flag=True,
     )
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=count, default=1000)
 
     p = add("link", cmd_link, "link an event to a customer (and contact) by hand", json_flag=True)
-    p.add_argument("event", metavar="EVENT", type=int, help="the event id")
+    p.add_argument("event", metavar="EVENT", type=count, help="the event id")
     p.add_argument("--customer", required=True, metavar="N", help="the customer number")
     p.add_argument("--contact", help="the contact: id, email address or full name")

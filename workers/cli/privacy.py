@@ -7,7 +7,14 @@ import argparse
 import getpass
 from typing import Any
 
-from workers.cli.common import AddCommand, CommandError, InputError, Runtime, emit_json
+from workers.cli.common import (
+    AddCommand,
+    CommandError,
+    InputError,
+    Runtime,
+    count,
+    emit_json,
+)
 
 
 def cmd_erase(args: argparse.Namespace, rt: Runtime) -> int:
@@ -133,7 +140,7 @@ def register(sub: Any, add: AddCommand) -> None:
         "person is accepted again, as when they become a customer's contact once more.",
     )
     p.set_defaults(handler=cmd_erase)
-    p.add_argument("erasure", type=int, metavar="N")
+    p.add_argument("erasure", type=count, metavar="N")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     export = sub.add_parser(

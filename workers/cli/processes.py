@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from config.queues import QUEUES
-from workers.cli.common import AddCommand, InputError, Runtime, emit_json, run_celery
+from workers.cli.common import (
+    AddCommand,
+    InputError,
+    Runtime,
+    emit_json,
+    port,
+    run_celery,
+)
 
 
 def cmd_init_db(args: argparse.Namespace, rt: Runtime) -> int:
@@ -193,5 +200,5 @@ def register(sub: Any, add: AddCommand) -> None:
 
     p = add("smtp-gateway", cmd_smtp_gateway, "receive mail for the CRM addresses and enqueue it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8025)
+    p.add_argument("--port", type=port, default=8025)
     p.add_argument("--lmtp", action="store_true", help="speak LMTP (RFC 2033) instead of SMTP")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from workers.cli.common import AddCommand, Runtime, emit_json
+from workers.cli.common import AddCommand, Runtime, emit_json, port
 
 
 def cmd_serve(args: argparse.Namespace, rt: Runtime) -> int:
@@ -80,7 +80,7 @@ def register(sub: Any, add: AddCommand) -> None:
     ):
         p = add(name, cmd_serve, text)
         p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-        p.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+        p.add_argument("--port", type=port, default=8080, help="port (0 picks a free one)")
 
     tokens = sub.add_parser("token", help="tokens of the HTTP service").add_subparsers(
         dest="token_command", required=True
