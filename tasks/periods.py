@@ -38,16 +38,25 @@ def period_keys(moment: datetime, zone: ZoneInfo) -> tuple[str, str]:
     return day_keys(moment.astimezone(zone))
 
 
+#: The years a period may name: those of the events (models.schemas.common: EARLIEST, LATEST).
+#: At the calendar's ends a period's first or last moment would not exist in UTC.
+PERIOD_YEARS = range(2, 9999)
+
+
 def period_dates(period: str) -> tuple[date, date]:
-    """First and last calendar day of ``2026-W48`` or ``2026-11``."""
-    if match := WEEK_RE.match(period):
+    """First and last calendar day of ``2026-W48`` or ``2026-11``; ``ValueError`` for what is
+    not a period of the years 2 to 9998."""
+    match = WEEK_RE.match(period) or MONTH_RE.match(period)
+    if match is None:
+        raise ValueError(f"a period is 2026-W48 or 2026-11, got {period!r}")
+    if int(match[1]) not in PERIOD_YEARS:
+        raise ValueError(f"a period of the years 2 to 9998, not {period!r}")
+    if match.re is WEEK_RE:
         monday = date.fromisocalendar(int(match[1]), int(match[2]), 1)
         return monday, monday + timedelta(days=6)
-    if match := MONTH_RE.match(period):
-        first = date(int(match[1]), int(match[2]), 1)
-        following = date(first.year + first.month // 12, first.month % 12 + 1, 1)
-        return first, following - timedelta(days=1)
-    raise ValueError(f"a period is 2026-W48 or 2026-11, got {period!r}")
+    first = date(int(match[1]), int(match[2]), 1)
+    following = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return first, following - timedelta(days=1)
 
 
 def period_bounds(period: str, zone: ZoneInfo) -> tuple[datetime, datetime]:

@@ -13,7 +13,7 @@ import binascii
 import functools
 import re
 from dataclasses import dataclass, fields, replace
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -55,12 +55,24 @@ class EventFilters:
         return [f.name for f in fields(cls)]
 
 
+#: The days a search may start or end on: those events may have (models.schemas.common:
+#: EARLIEST, LATEST), away from the calendar's ends, where a day's first moment in a zone is
+#: not a time in UTC. Not imported from there: a listing loads no message schema.
+SEARCH_DAYS = (date(2, 1, 1), date(9998, 12, 31))
+#: Words of a text search: each is two conditions of the query, and a query of thousands of
+#: them is more than a database takes (SQLite's expression tree stops at 1,000 levels).
+MAX_SEARCH_WORDS = 32
+
+
 def parse_day(text: str) -> date:
-    """A day of the search (YYYY-MM-DD); :class:`BadInput` otherwise."""
+    """A day of the search (YYYY-MM-DD, of the years 2 to 9998); :class:`BadInput` otherwise."""
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise BadInput(f"not a date (YYYY-MM-DD): {text[:40]!r}") from exc
+    if not SEARCH_DAYS[0] <= day <= SEARCH_DAYS[1]:
+        raise BadInput(f"not a date of the years 2 to 9998: {text[:40]!r}")
+    return day
 
 
 def _day_start(day: date, zone: ZoneInfo) -> datetime:
@@ -166,12 +178,19 @@ def encode_cursor(event: CrmEvent) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The event a page ended on (its time and id), as :func:`encode_cursor` wrote it;
+    :class:`BadInput` for anything else (a time without its offset or that is no time in UTC,
+    an id no database keeps)."""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         moment, _, number = text.partition("|")
-        return datetime.fromisoformat(moment), int(number)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        when, event_id = datetime.fromisoformat(moment), int(number)
+        if when.tzinfo is None or not 0 <= event_id < 2**63:
+            raise ValueError("not a cursor")
+        when.astimezone(UTC)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise BadInput("not a cursor of this search: start again without one") from exc
+    return when, event_id
 
 
 def search_events(
@@ -276,6 +295,8 @@ def filters_from(values: dict[str, Any]) -> EventFilters:
     for name in ("since", "until"):
         if isinstance(known.get(name), str):
             known[name] = parse_day(known[name])
+    if isinstance(known.get("text"), str) and len(search_stems(known["text"])) > MAX_SEARCH_WORDS:
+        raise BadInput(f"a text search of at most {MAX_SEARCH_WORDS} words")
     if "unlinked" in known:
         known["unlinked"] = str(known["unlinked"]).lower() in ("1", "true", "yes", "on")
     return EventFilters(**known)

@@ -231,6 +231,9 @@ def test_asterisk_cdrs_as_json(gateway: Gateway, loaded: LiveSystem) -> None:
     assert event(loaded, "1764148800.170", "pbx-gw")["link_state"] == "unlinked"
     status, reply = gateway.post_json("/asterisk/cdr", [{"src": "1", "start": "yesterday"}])
     assert status == 400
+    many = "&".join(f"a{i}=1" for i in range(25))
+    status, reply = gateway.post_json(f"/asterisk/cdr?{many}", rows)
+    assert status == 400 and reply["error"].startswith("unreadable query")
     # A folder of the zone database is no zone (zoneinfo raised OSError for it: a 500).
     for zone in ("Europe", "A" * 300):
         status, reply = gateway.post_json(f"/asterisk/cdr?time_zone={zone}", rows)

@@ -196,6 +196,61 @@ def test_what_the_service_refuses_it_says_why(service: HttpService, tokens: dict
     assert status == 405
 
 
+def cursor(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "said"),
+    [
+        # Ids no database keeps: no such path (not a 500 of int() or of the database's integer).
+        ("/v1/events/" + "9" * 5000, 404, "no such endpoint"),
+        ("/v1/events/9223372036854775808", 404, "no such endpoint"),
+        ("/v1/events/1/documents/18446744073709551616", 404, "no such endpoint"),
+        ("/v1/events/999999999999999999", 404, "no event 999999999999999999"),
+        ("/v1/events/2147483648/documents/1", 404, "event 2147483648 has no stored document"),
+        # Days and periods at the ends of the calendar, where a zone's midnight is no UTC time.
+        ("/v1/events?since=0001-01-01", 400, "not a date of the years 2 to 9998"),
+        ("/v1/events?until=9999-12-31", 400, "not a date of the years 2 to 9998"),
+        (f"/v1/sellers/{SELLER}/view?period=0001-W01", 400, "a period of the years 2 to 9998"),
+        (f"/v1/sellers/{SELLER}/view?period=9999-W52", 400, "a period of the years 2 to 9998"),
+        ("/v1/targets/progress?period=9999-W52", 400, "a period of the years 2 to 9998"),
+        # Cursors this search never wrote.
+        ("/v1/events?cursor=" + cursor("2026-11-26T16:45:00|5"), 400, "not a cursor"),
+        ("/v1/events?cursor=" + cursor("2026-11-26T16:45:00+02:00|" + "9" * 20), 400, "cursor"),
+        ("/v1/events?cursor=" + cursor("0001-01-01T00:00:00+14:00|5"), 400, "not a cursor"),
+        # Each word is two conditions: a thousand of them were more than SQLite takes.
+        ("/v1/events?text=" + "+".join(f"w{i}" for i in range(1100)), 400, "at most 32 words"),
+    ],
+)
+def test_what_no_query_can_name_is_refused_with_its_reason(
+    service: HttpService, tokens: dict[str, str], path: str, status: int, said: str
+) -> None:
+    answered, answer = service.request("GET", path, headers=auth(tokens["read"]))
+    assert (answered, said in answer["error"]) == (status, True), answer
+
+
+def test_forms_that_are_not_ours_are_refused_not_a_500(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    # A CSRF token that is not ASCII (hmac.compare_digest refuses such a str: it was a 500).
+    status, _, _ = service.exchange(
+        "POST", "/login", b"token=x&csrf=%C3%A4", {**form, "Cookie": "crm_login_csrf=abc"}
+    )
+    assert status == 403
+    admin = session_cookie(service, tokens["admin"])
+    status, answer = service.request(
+        "POST", "/triage/1/link", b"customer=1&csrf=%C3%A4", {**form, "Cookie": admin}
+    )
+    assert status == 403 and "CSRF" in answer["error"]
+    many = "&".join(f"f{i}=1" for i in range(11)).encode()
+    status, answer = service.request("POST", "/triage/1/link", many, {**form, "Cookie": admin})
+    assert status == 400 and "unreadable form" in answer["error"]
+
+
 def test_a_visit_appears_in_the_sellers_view_and_on_the_stream(
     world: LiveSystem, service: HttpService, tokens: dict[str, str]
 ) -> None:

@@ -31,6 +31,7 @@ from models.db import snapshot
 from models.documents import DocumentBlob, EventDocument
 from models.events import CrmEvent, EventParticipant, FollowUp
 from models.invalid import BadInput
+from models.limits import MAX_ROW_ID
 from models.parties import Customer, Staff
 from models.schemas.common import MessageInvalid
 from models.schemas.kinds import MESSAGE_KINDS
@@ -166,6 +167,8 @@ async def get_event(request: Request) -> JSONResponse:
     await principal_for(request, "read")
     service = service_of(request)
     event_id = request.path_params["event_id"]
+    if event_id > MAX_ROW_ID:
+        raise Problem(404, f"no event {event_id}")
 
     def load() -> dict[str, Any] | None:
         with service.sessions() as session:
@@ -221,6 +224,8 @@ async def get_document(request: Request) -> Response:
     service = service_of(request)
     event_id = request.path_params["event_id"]
     document_id = request.path_params["document_id"]
+    if max(event_id, document_id) > MAX_ROW_ID:
+        raise Problem(404, f"event {event_id} has no stored document {document_id}")
 
     def find() -> tuple[EventDocument, DocumentBlob] | None:
         with service.sessions() as session:
@@ -347,8 +352,8 @@ async def get_tasks(request: Request) -> JSONResponse:
 ROUTES = [
     *(Route(f"/v1/{plural}", producer(kind), methods=["POST"]) for plural, kind in PLURALS.items()),
     Route("/v1/events", list_events, methods=["GET"]),
-    Route("/v1/events/{event_id:int}", get_event, methods=["GET"]),
-    Route("/v1/events/{event_id:int}/documents/{document_id:int}", get_document, methods=["GET"]),
+    Route("/v1/events/{event_id:id}", get_event, methods=["GET"]),
+    Route("/v1/events/{event_id:id}/documents/{document_id:id}", get_document, methods=["GET"]),
     Route("/v1/customers/{number:str}/history", get_history, methods=["GET"]),
     Route("/v1/sellers/{username:str}/view", get_seller_view, methods=["GET"]),
     Route("/v1/targets/progress", get_targets_progress, methods=["GET"]),

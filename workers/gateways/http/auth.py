@@ -108,10 +108,19 @@ def require(principal: Principal | None, action: str) -> Principal:
     return principal
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether ``given`` is ``expected``, in constant time (a guess shows nothing of how much
+    of it was right). As bytes: ``compare_digest`` refuses a ``str`` that is not ASCII, and a
+    form field, a cookie or a header may hold anything."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def check_csrf(request: Request, given: str | None) -> None:
     """A state-changing request of a browser session carries the session's CSRF secret."""
     expected = getattr(request.state, "csrf", None)
     if expected is None:
         return  # a bearer token: no cookie, nothing a third-party page could ride on
-    if not given or not hmac.compare_digest(str(given), str(expected)):
+    if not given or not same_secret(str(given), str(expected)):
         raise Problem(403, "the form's CSRF token is missing or wrong: reload the page")

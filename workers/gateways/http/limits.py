@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import parse_qsl
 
 import h11
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from models.jsondoc import read_json
+
+
+class RowIdConvertor(IntegerConvertor):
+    """``{name:id}`` in a route: a row id of at most 18 digits. A longer one names no row and
+    would not even convert (Python refuses over 4,300 digits): the route does not match it,
+    and the answer is a 404 like any unknown path. A handler answers 404 itself for an id over
+    ``models.limits.MAX_ROW_ID``, which would fail the database's statement."""
+
+    regex = "[0-9]{1,18}"
+
+
+register_url_convertor("id", RowIdConvertor())
 
 #: The whole of one request (headers and body) must arrive within this many seconds
 #: (CRM_HTTP_REQUEST_DEADLINE_S).
@@ -124,7 +138,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, at most ``limit`` bytes (413 otherwise, before or while reading)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise Problem(400, "malformed Content-Length")
         if int(declared) > limit:
             raise Problem(413, f"the body is over {limit} bytes")
@@ -144,6 +158,17 @@ def parse_json(body: bytes) -> Any:
         return read_json(body)
     except ValueError as exc:
         raise Problem(400, str(exc)) from exc
+
+
+def form_fields(
+    text: str, max_fields: int, what: str = "form", *, keep_blank: bool = False
+) -> list[tuple[str, str]]:
+    """The ``name=value`` pairs of a form or a query string; 400 for one of more than
+    ``max_fields`` fields."""
+    try:
+        return parse_qsl(text, keep_blank_values=keep_blank, max_num_fields=max_fields)
+    except ValueError as exc:
+        raise Problem(400, f"unreadable {what}: {exc}") from exc
 
 
 def media_type(request: Request) -> str:

@@ -7,7 +7,6 @@ screens speak Finnish first and English on request (``?lang=en``, remembered in 
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,8 +19,8 @@ from starlette.routing import Route
 
 from models.db import transaction
 from tasks.access import authenticate
-from workers.gateways.http.auth import COOKIE
-from workers.gateways.http.limits import Problem, read_body
+from workers.gateways.http.auth import COOKIE, same_secret
+from workers.gateways.http.limits import Problem, form_fields, read_body
 
 LANG_COOKIE = "crm_lang"
 LOGIN_CSRF_COOKIE = "crm_login_csrf"
@@ -115,18 +114,17 @@ async def login(request: Request) -> Response:
     body = await read_body(request, 16 * 1024)
     form = await run_in_threadpool(_form, body)
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not expected or not hmac.compare_digest(form.get("csrf", ""), expected):
+    if not expected or not same_secret(form.get("csrf", ""), expected):
         raise Problem(403, "the form's CSRF token is missing or wrong: reload the page")
     return await sign_in(request, form.get("token", ""), safe_next(form.get("next")))
 
 
 def _form(body: bytes) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
     try:
-        return dict(parse_qsl(body.decode("utf-8"), max_num_fields=10))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise Problem(400, f"unreadable form: {exc}") from exc
+    return dict(form_fields(text, 10))
 
 
 async def sign_in(request: Request, token: str, target: str) -> Response:

@@ -44,7 +44,7 @@ from tasks.views import (
 from tasks.work import seller_tasks
 from workers.gateways.http.api import moment_of
 from workers.gateways.http.auth import check_csrf, identify
-from workers.gateways.http.limits import Problem, read_body
+from workers.gateways.http.limits import Problem, form_fields, read_body
 from workers.gateways.http.pages import language, login_form, render, service_of
 
 #: Events of a customer's history per page.
@@ -426,9 +426,7 @@ async def triage_link(request: Request) -> Response:
         raise Problem(403, f"the token's scope {principal.scope!r} does not allow linking")
     service = service_of(request)
     body = await read_body(request, 16 * 1024)
-    from urllib.parse import parse_qsl
-
-    form = dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=10))
+    form = dict(form_fields(body.decode("utf-8", "replace"), 10))
     check_csrf(request, form.get("csrf"))
     event_id = request.path_params["event_id"]
     customer = form.get("customer", "").strip()
@@ -475,5 +473,5 @@ ROUTES = [
     Route("/board", board_screen, methods=["GET"]),
     Route("/customers/{number:str}", customer_screen, methods=["GET"]),
     Route("/triage", triage_screen, methods=["GET"]),
-    Route("/triage/{event_id:int}/link", triage_link, methods=["POST"]),
+    Route("/triage/{event_id:id}/link", triage_link, methods=["POST"]),
 ]

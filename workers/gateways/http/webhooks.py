@@ -22,7 +22,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -39,7 +39,8 @@ from tasks.telephony.adapters import (
     asterisk_cdr_to_call,
     twilio_to_call,
 )
-from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
+from workers.gateways.http.auth import same_secret
+from workers.gateways.http.limits import Problem, form_fields, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
 
 #: Messages in one JSON post; a larger batch is split by the sender.
@@ -116,14 +117,10 @@ async def twilio_status(request: Request) -> JSONResponse:
     if media_type(request) != "application/x-www-form-urlencoded":
         raise Problem(415, "Twilio callbacks are form posts")
     try:
-        params = parse_qsl(
-            body.decode("utf-8"),
-            keep_blank_values=True,
-            strict_parsing=False,
-            max_num_fields=MAX_FORM_FIELDS,
-        )
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise Problem(400, f"unreadable form: {exc}") from exc
+    params = form_fields(text, MAX_FORM_FIELDS, keep_blank=True)
     if not settings.twilio_auth_token:
         raise Problem(403, "signature cannot be checked: CRM_TWILIO_AUTH_TOKEN is not set")
     signature = request.headers.get(SIGNATURE_HEADER, "")
@@ -191,10 +188,7 @@ async def json_items(request: Request) -> list[Any]:
 def check_secret(request: Request) -> None:
     expected = service_of(request).settings.webhook_secret
     given = request.headers.get(SECRET_HEADER, "")
-    # Constant-time: the comparison does not reveal how much of a guess was right.
-    if not expected or not hmac.compare_digest(
-        given.encode("utf-8", "replace"), expected.encode("utf-8")
-    ):
+    if not expected or not same_secret(given, expected):
         raise Problem(401, "X-CRM-Webhook-Secret missing or wrong")
 
 
@@ -210,7 +204,7 @@ def signed_url(request: Request, public_base_url: str) -> str:
 
 
 def query(request: Request) -> dict[str, str]:
-    return dict(parse_qsl(request.url.query, max_num_fields=20))
+    return dict(form_fields(request.url.query, 20, "query"))
 
 
 def validated(message: Any, index: int) -> dict[str, Any]:
