@@ -38,8 +38,13 @@ def create_db_engine(
     On a server, a pooled connection is pinged before every use (SQLAlchemy's pre-ping), or,
     given ``ping_after_rest_s``, only after it rested that long (``_ping_after_rest``: for code
     that retries a transaction that meets a lost connection, as every task does).
+
+    A statement's values are kept out of its errors (``hide_parameters``): they are a message's
+    contents, names and numbers, and an error goes to a log, a failure's record and a 500's
+    trace, which name code and never what was asked (docs/security.md).
     """
     url = settings.effective_database_url
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
