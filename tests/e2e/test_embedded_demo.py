@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -285,6 +286,19 @@ def test_a_document_is_copied_out_as_it_arrived(demo_dir: Path, tmp_path: Path) 
     assert out.read_bytes() == pdf
     again = run(demo_dir, "document", "get", event, document["filename"], "--out", str(out))
     assert again.returncode == 2 and "exists: give --force" in again.stderr
+    # --force replaces a file, never a device or a pipe (as /dev/null would have been).
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    forced = run(demo_dir, "document", "get", event, document["filename"], "--out", str(pipe),
+                 "--force")  # fmt: skip
+    assert (forced.returncode, forced.stderr.strip()) == (
+        2,
+        f"crm-events: {pipe} is not a file: give a file or a folder",
+    )
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    nowhere = tmp_path / "no-such-folder" / "x.pdf"
+    lost = run(demo_dir, "document", "get", event, document["filename"], "--out", str(nowhere))
+    assert lost.returncode == 2 and "cannot be written: No such file or directory" in lost.stderr
     to_stdout = subprocess.run(
         [sys.executable, "-m", "workers.cli", "document", "get", event, str(document["id"]),
          "--out", "-"],

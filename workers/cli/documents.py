@@ -50,9 +50,16 @@ def cmd_document_get(args: argparse.Namespace, rt: Runtime) -> int:
         target = target / document.filename
     if target.exists() and not args.force:
         raise InputError(f"{target} exists: give --force to replace it, or another --out")
+    if target.exists() and not target.is_file():
+        # --force replaces a file; a device, a pipe or a socket is no file to replace.
+        raise InputError(f"{target} is not a file: give a file or a folder")
     partial = target.with_name(f".{target.name}.part")
     try:
-        with partial.open("wb") as handle:
+        try:
+            handle = partial.open("wb")
+        except OSError as exc:
+            raise InputError(f"{target}: cannot be written: {exc.strerror or exc}") from exc
+        with handle:
             written = 0
             for chunk in chunks:
                 handle.write(chunk)
