@@ -87,12 +87,15 @@ def publish(app: Celery, task_name: str, message: Any, source: str) -> Published
 
 
 def publish_files(app: Celery, settings: Settings, kind: str, paths: list[Path]) -> list[Published]:
+    """Every message of every file, each file read before any is published: a file that
+    cannot be read stops the command with nothing sent, not after the files before it."""
     task_name = INGEST_TASKS[kind]
-    published = []
-    for path in paths:
-        for index, message in enumerate(messages_from_file(kind, path, settings)):
-            published.append(publish(app, task_name, message, f"{path.name}#{index + 1}"))
-    return published
+    read = [(path, messages_from_file(kind, path, settings)) for path in paths]
+    return [
+        publish(app, task_name, message, f"{path.name}#{index + 1}")
+        for path, messages in read
+        for index, message in enumerate(messages)
+    ]
 
 
 class Outcome(NamedTuple):

@@ -45,6 +45,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["erase", "release", "9" * 20], "argument N: must be 0 to 2147483647"),
         (["document", "get", "9" * 20, "1"], "argument EVENT: must be 0 to 2147483647"),
         (["serve", "--port", "99999"], "argument --port: a port is 0 to 65535, not 99999"),
+        # nan was never reached: the command waited for ever.
+        (["publish", "call", "x.json", "--wait", "nan"], "a number of seconds from 0, not 'nan'"),
+        (["import", "messages", "x.jsonl", "--wait", "-5"], "a number of seconds from 0"),
+        (["import", "cdr", "x.csv", "--source-system", ""], "1 to 100 printable characters"),
         (["events", "--limit", "many"], "argument --limit: not a whole number: 'many'"),
         (["events", "--since", "yesterday"], "not a date (YYYY-MM-DD): 'yesterday'"),
         (
@@ -87,6 +91,18 @@ def test_an_input_error_is_one_line_and_status_2(
 
 
 HEAVY_MODULES = ("sqlalchemy", "celery", "kombu", "redis", "marshmallow", "models", "tasks")
+
+
+def test_files_to_publish_are_all_read_before_any_is_sent(data_dir: Path) -> None:
+    good = data_dir / "good-call.json"
+    good.write_text((ROOT / "examples/calls/outbound-sales-action.json").read_text())
+    bad = data_dir / "bad-call.json"
+    bad.write_text("{not json")
+    queued = data_dir / "broker"
+    before = sorted(queued.rglob("*")) if queued.exists() else []
+    done = crm_events(data_dir, "publish", "call", str(good), str(bad))
+    assert done.returncode == 1 and "bad-call.json: not JSON" in done.stderr
+    assert (sorted(queued.rglob("*")) if queued.exists() else []) == before
 
 
 @pytest.mark.parametrize("args", [["--help"], ["import", "cdr", "--help"], ["events", "--help"]])

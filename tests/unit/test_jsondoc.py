@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def test_a_line_nested_too_deep_is_reported_with_its_number_and_the_rest_are_rea
             '{"schema": "crm.call/1", "call_id": "c-2"}',
         ]
     )
-    items, errors = messages_from_lines(text, "backfill.jsonl")
+    items, errors = messages_from_lines(text.encode(), "backfill.jsonl")
     assert [(i.source, i.kind) for i in items] == [
         ("backfill.jsonl:1", "call"),
         ("backfill.jsonl:4", "call"),
@@ -61,6 +62,32 @@ def test_a_line_nested_too_deep_is_reported_with_its_number_and_the_rest_are_rea
         (2, f"the JSON is nested deeper than {MAX_DEPTH} levels"),
         (3, f"the JSON is nested deeper than {MAX_DEPTH} levels"),
     ]
+
+
+def test_lines_end_at_line_ends_only_and_each_is_read_as_utf_8() -> None:
+    """U+2028, U+2029 and U+0085 are letters in a JSON string (str.splitlines broke lines at
+    them, and both halves were lost); a Latin-1 line is reported, not read with its letters
+    replaced."""
+    memo = json.dumps(
+        {"schema": "crm.visit/1", "memo": "eka\u2028toka\u2029kolmas\x85neljäs"},
+        ensure_ascii=False,
+    ).encode()
+    data = b"\r\n".join(
+        [
+            memo,
+            '{"schema": "crm.visit/1", "memo": "Jääskeläinen"}'.encode("latin-1"),
+            b'{"schema": "crm.call/1"}\r{"schema": "crm.call/1"}',
+        ]
+    )
+    items, errors = messages_from_lines(data, "v.jsonl")
+    assert [(i.source, i.kind) for i in items] == [
+        ("v.jsonl:1", "visit"),
+        ("v.jsonl:3", "call"),
+        ("v.jsonl:4", "call"),
+    ]
+    assert items[0].message["memo"] == "eka\u2028toka\u2029kolmas\x85neljäs"
+    [(line, error)] = [(e["line"], e["error"]) for e in errors]
+    assert line == 2 and error.startswith("not JSON: 'utf-8' codec can't decode byte 0xe4")
 
 
 def test_a_file_to_publish_nested_too_deep_is_refused_before_anything_is_sent(

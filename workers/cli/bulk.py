@@ -23,6 +23,9 @@ DEFAULT_BATCH_SIZE = 500
 #: would be a broker message of tens of megabytes, copied several times on its way (send large
 #: backfills of email by reference, ``raw_ref``). A larger single email goes in a batch alone.
 BATCH_INLINE_BYTES = 8 * 1024 * 1024
+#: How long an import without --wait waits for each batch of parties or targets to be applied
+#: before it publishes what follows.
+ORDERED_WAIT_S = 600
 #: Problems (rejected or failed messages) the summary lists; the JSON has them all.
 SHOWN_PROBLEMS = 20
 
@@ -97,18 +100,32 @@ def run_import(
         by_kind.setdefault(item.kind, []).append(item)
     ordered = [k for k in ORDERED_KINDS if k in by_kind]
     parallel = [k for k in by_kind if k not in ORDERED_KINDS]
+    chunks = [(k, chunk) for k in ordered + parallel for chunk in batches_of(by_kind[k], size)]
+    told = False
     with progress_bar(len(items), wait is not None) as bar:
         published: list[Any] = []
-        for kind in ordered + parallel:
-            for chunk in batches_of(by_kind[kind], size):
-                batch = _publish(runtime, kind, chunk, source_system, bar)
-                published.append(batch)
-                if kind in ORDERED_KINDS:
-                    # The next version of a party must not overtake this one.
-                    report.outcomes.update(
-                        wait_for_batches(
-                            runtime.sessions, [batch], wait or 600, on_done=bar.processed
-                        )
+        for position, (kind, chunk) in enumerate(chunks):
+            batch = _publish(runtime, kind, chunk, source_system, bar)
+            published.append(batch)
+            if kind in ORDERED_KINDS and position + 1 < len(chunks):
+                # What follows must not overtake this batch (a later version of a party, the
+                # calls of its customers): it is applied first, by a running worker.
+                if wait is None and not told:
+                    print(
+                        f"waiting for the {' and '.join(k + ' messages' for k in ordered)} to be "
+                        f"applied before what follows them (a worker must be running; at most "
+                        f"{ORDERED_WAIT_S} s a batch)",
+                        file=sys.stderr,
+                    )
+                    told = True
+                timeout = ORDERED_WAIT_S if wait is None else wait
+                done = wait_for_batches(runtime.sessions, [batch], timeout, on_done=bar.processed)
+                report.outcomes.update(done)
+                if batch.item_ids[0] not in done:
+                    print(
+                        f"{kind} batch {position + 1} not applied within {timeout:g} s: what "
+                        "follows it is published all the same",
+                        file=sys.stderr,
                     )
         _finish(runtime, report, published, wait, bar)
     return report
@@ -274,16 +291,24 @@ def progress_bar(total: int, waiting: bool) -> Any:
 # -- crm-events import messages FILE.jsonl ------------------------------------------------------
 
 
-def messages_from_lines(text: str, source: str) -> tuple[list[Item], list[dict[str, Any]]]:
+def messages_from_lines(data: bytes, source: str) -> tuple[list[Item], list[dict[str, Any]]]:
     """One message per line (JSON Lines): its kind read from its ``schema``; blank lines skipped,
-    a line that is not a JSON object of a known schema reported with its number."""
+    a line that is not a JSON object of a known schema (or not UTF-8) reported with its number.
+
+    Lines end at a line feed, a carriage return or both, and nowhere else: JSON escapes those
+    two in its strings, but not U+2028, U+2029 or U+0085, which ``str.splitlines`` would also
+    break a line at. Each line is decoded on its own, so that one in another encoding is
+    reported, not read with its letters replaced.
+    """
+    import re
+
     from models.jsondoc import read_json
     from models.schemas.kinds import MESSAGE_KINDS
 
     kinds = {kind.schema_name: name for name, kind in MESSAGE_KINDS.items()}
     items: list[Item] = []
     errors: list[dict[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(re.split(rb"\r\n|\r|\n", data), start=1):
         if not line.strip():
             continue
         label = f"{source}:{number}"
@@ -315,10 +340,10 @@ def cmd_import_messages(args: Any, runtime: Any) -> int:
 
     path = Path(args.file)
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte order mark
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from exc
-    items, errors = messages_from_lines(text, path.name)
+    items, errors = messages_from_lines(data, path.name)
     report = run_import(
         runtime,
         items,
@@ -335,7 +360,7 @@ def cmd_import_messages(args: Any, runtime: Any) -> int:
 
 def register(sub: Any, add: Any) -> None:
     """Add ``import messages`` to the ``import`` group."""
-    from workers.cli.common import subcommands
+    from workers.cli.common import seconds, source_system, subcommands
 
     imports = subcommands(sub, "import", "import data from files")
     p = imports.add_parser(
@@ -349,11 +374,12 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("file", metavar="FILE.jsonl")
     p.add_argument(
         "--source-system",
+        type=source_system,
         default="import",
         help="who sent the batches (each message names its own source; default: import)",
     )
     p.add_argument(
-        "--wait", type=float, metavar="SECONDS", help="wait until every message is processed"
+        "--wait", type=seconds, metavar="SECONDS", help="wait until every message is processed"
     )
     p.add_argument(
         "--batch-size",

@@ -53,6 +53,32 @@ def count(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """A time to wait, in seconds: a finite number from 0 (``nan`` would never be reached)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"a number of seconds from 0, not {text[:40]!r}")
+    return value
+
+
+#: What a message's ``source_system`` may be (models.schemas.common.MessageSchema).
+MAX_SOURCE_SYSTEM = 100
+
+
+def source_system(text: str) -> str:
+    """Who sent the messages, as each one names it: 1 to 100 characters."""
+    if not 1 <= len(text) <= MAX_SOURCE_SYSTEM or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"1 to {MAX_SOURCE_SYSTEM} printable characters, not {text[:40]!r}"
+        )
+    return text
+
+
 def port(text: str) -> int:
     """A TCP port (0: any free one)."""
     value = count(text)

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config.queues import INGEST_TASKS
-from workers.cli.common import AddCommand, CommandError, InputError, Runtime, emit_json
+from workers.cli.common import (
+    AddCommand,
+    CommandError,
+    InputError,
+    Runtime,
+    emit_json,
+    seconds,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -272,7 +279,7 @@ def register(sub: Any, add: AddCommand) -> None:
     p.add_argument("kind", choices=sorted(INGEST_TASKS))
     p.add_argument("files", nargs="+")
     p.add_argument(
-        "--wait", type=float, metavar="SECONDS", help="wait until every message is processed"
+        "--wait", type=seconds, metavar="SECONDS", help="wait until every message is processed"
     )
 
     add("rejected", cmd_rejected, "messages rejected as bad input, with reasons", json_flag=True)

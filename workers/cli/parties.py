@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.cli.common import AddCommand, Runtime, count, emit_json
+from workers.cli.common import AddCommand, Runtime, count, emit_json, source_system
 
 
 def cmd_import_parties(args: argparse.Namespace, rt: Runtime) -> int:
@@ -170,7 +170,10 @@ def register(sub: Any, add: AddCommand) -> None:
     p.set_defaults(handler=cmd_import_parties)
     p.add_argument("file", metavar="FILE", help="a .csv or .json file")
     p.add_argument(
-        "--source-system", default="import", help="recorded as the rows' source (default: import)"
+        "--source-system",
+        type=source_system,
+        default="import",
+        help="recorded as the rows' source (default: import)",
     )
     p.add_argument("--dry-run", action="store_true", help="only validate; import nothing")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from config.settings import known_zone
 from workers.cli.bulk import DEFAULT_BATCH_SIZE, batch_size
-from workers.cli.common import InputError, emit_json, subcommands
+from workers.cli.common import InputError, emit_json, seconds, source_system, subcommands
 
 if TYPE_CHECKING:
     from tasks.telephony.adapters import CdrContext
@@ -107,7 +107,10 @@ def register(sub: Any, add: Any) -> None:
     p.set_defaults(handler=cmd_import_cdr)
     p.add_argument("file", metavar="FILE.csv")
     p.add_argument(
-        "--source-system", default="asterisk", help="the PBX's name as source (default: asterisk)"
+        "--source-system",
+        type=source_system,
+        default="asterisk",
+        help="the PBX's name as source (default: asterisk)",
     )
     p.add_argument(
         "--time-zone",
@@ -116,7 +119,7 @@ def register(sub: Any, add: Any) -> None:
         "and noted on the events",
     )
     p.add_argument(
-        "--wait", type=float, metavar="SECONDS", help="wait until every row is processed"
+        "--wait", type=seconds, metavar="SECONDS", help="wait until every row is processed"
     )
     p.add_argument(
         "--batch-size",
