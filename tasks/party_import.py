@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,26 @@ def _json_items(data: bytes) -> list[tuple[int, Any]]:
         raise ImportFileError(str(exc)) from exc
     items = document if isinstance(document, list) else [document]
     # Items are numbered from 1, as a person counts them.
-    return list(enumerate(items, start=1))
+    return [(number, _stripped(item)) for number, item in enumerate(items, start=1)]
+
+
+def _stripped(item: Any) -> Any:
+    """An item's fields with the spaces around their text removed, as the CSV reader removes
+    them from every cell, so that "91011" and "91011 " are one customer in either format.
+
+    Only here, not in the message schema: a ``crm.party/1`` message is upserted by its key
+    exactly as sent, and the import must not change what the queue accepts."""
+    if not isinstance(item, dict):
+        return item
+    return {key: _strip(value) if key in COLUMNS else value for key, value in item.items()}
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list):
+        return [v.strip() if isinstance(v, str) else v for v in value]
+    return value
 
 
 def _decode(data: bytes) -> str:
@@ -138,30 +158,45 @@ def _decode(data: bytes) -> str:
 
 
 def _csv_items(data: bytes) -> list[tuple[int, Any]]:
-    try:
-        return _read_csv(_decode(data))
-    except csv.Error as exc:  # a NUL byte, an unterminated quote at the end, …
-        raise ImportFileError(f"not a readable CSV file: {exc}") from exc
+    return _read_csv(_decode(data))
+
+
+#: Blank lines before the header: nothing but spaces and delimiters (a spreadsheet's empty row).
+LEADING_BLANK_LINES = re.compile(r"(?:[^\S\r\n]|[,;])*(?:\r\n|\r|\n)")
+#: How many column names an error lists (a header may have thousands of them).
+NAMES_SHOWN = 20
 
 
 def _read_csv(text: str) -> list[tuple[int, Any]]:
+    # Blank rows are skipped, before the header too; they still count in the row numbers, as
+    # a spreadsheet shows them.
+    header_row, start = 1, 0
+    while blank := LEADING_BLANK_LINES.match(text, start):
+        header_row, start = header_row + 1, blank.end()
+    text = text[start:]
     header_line = text.splitlines()[0] if text.strip() else ""
     if not header_line:
         raise ImportFileError("the file is empty: the first row names the columns")
     # Spreadsheets in Finnish locales write ";" (the comma is the decimal separator).
     delimiter = max(",;\t", key=header_line.count)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = [h.strip().lower() for h in next(reader)]
+    lines = _Lines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [h.strip().lower() for h in _next_row(reader, lines, header_row)]
     unknown = [h for h in header if h not in COLUMNS]
     if unknown or "kind" not in header:
-        problem = f"unknown column(s) {', '.join(unknown)}" if unknown else "no column kind"
+        problem = f"unknown column(s) {_names(unknown)}" if unknown else "no column kind"
         raise ImportFileError(f"{problem}; the columns are: {', '.join(COLUMNS)}")
-    twice = sorted({h for h in header if header.count(h) > 1})
+    twice = sorted(h for h, n in Counter(header).items() if n > 1)
     if twice:
-        raise ImportFileError(f"column(s) named twice: {', '.join(twice)}")
+        raise ImportFileError(f"column(s) named twice: {_names(twice)}")
     items: list[tuple[int, Any]] = []
-    # Row 1 is the header, as a spreadsheet numbers the rows.
-    for number, cells in enumerate(reader, start=2):
+    number = header_row
+    while True:
+        number += 1
+        try:
+            cells = _next_row(reader, lines, number)
+        except StopIteration:
+            break
         if not any(cell.strip() for cell in cells):
             continue
         if len(cells) > len(header):
@@ -180,6 +215,60 @@ def _read_csv(text: str) -> list[tuple[int, Any]]:
                 item[column] = value
         items.append((number, item))
     return items
+
+
+class _Lines:
+    """The lines of a CSV text for ``csv.reader``, noting when the reader asks past the last.
+
+    The reader asks for another line in the middle of a row only while a quoted field is open
+    (every other row ends at its line break). Python's reader then returns the rest of the
+    file as that one field and raises nothing (``strict=True`` would, but it also refuses
+    ``"Savon Puu Oy" ;``, a space after the closing quote that spreadsheets write and the
+    reader reads right), so a row that reached the end of the file this way is refused here."""
+
+    def __init__(self, text: str) -> None:
+        self._lines = io.StringIO(text, newline="")
+        self.exhausted = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._lines.readline()
+        if not line:
+            self.exhausted = True
+            raise StopIteration
+        return line
+
+
+def _next_row(reader: Any, lines: _Lines, number: int) -> list[str]:
+    """The next row of ``reader``; ``StopIteration`` at the end of the file."""
+    try:
+        cells: list[str] = next(reader)
+    except csv.Error as exc:
+        raise ImportFileError(f"not a readable CSV file: row {number}: {exc}") from exc
+    if lines.exhausted:
+        raise ImportFileError(
+            f"row {number}: a quoted field is never closed (its opening quote takes in "
+            "every later line of the file)"
+        )
+    return cells
+
+
+def _names(names: list[str]) -> str:
+    """Column names for an error: each escaped and shortened, and at most NAMES_SHOWN of them."""
+    unique = list(dict.fromkeys(names))
+    shown = [_printable(name) for name in unique[:NAMES_SHOWN]]
+    if len(unique) > NAMES_SHOWN:
+        shown.append(f"and {len(unique) - NAMES_SHOWN} more")
+    return ", ".join(shown)
+
+
+def _printable(name: str, limit: int = 60) -> str:
+    """A name safe to print on a terminal: an empty one, or one with control characters (an
+    escape sequence), is shown as a Python literal; a long one is cut."""
+    short = name if len(name) <= limit else name[:limit] + "…"
+    return short if short and short.isprintable() else repr(short)
 
 
 def apply_plan(

@@ -139,12 +139,85 @@ def test_json_items_are_numbered_from_one(tmp_path: Path) -> None:
         ("a.json", "[" * 100_000 + "]" * 100_000, "the JSON is nested deeper than 32 levels"),
         ("a.xlsx", "", "give a .csv or .json file"),
         ("a.csv", "kind,name,name\nstaff,a,b\n", "column(s) named twice: name"),
+        ("a.csv", "\n\n", "the file is empty"),
+        ("a.csv", " \t\n;;\n", "the file is empty"),
+        ("a.csv", "kind,\x1b[2J,\n", "unknown column(s) '\\x1b[2j', ''; the columns"),
+        (
+            "a.csv",
+            'kind,customer_number,name,seller\ncustomer,90031,"Alpha Oy,anna\n'
+            "customer,90032,Beta Oy,anna\ncustomer,90033,Gamma Oy,anna\n",
+            "row 2: a quoted field is never closed",
+        ),
+        ("a.csv", 'kind,"name\nstaff,x\n', "row 1: a quoted field is never closed"),
+        ("a.csv", 'kind,name\nstaff,"' + "x" * 200_000 + '"\n', "row 2: field larger than"),
     ],
 )
 def test_unreadable_files(tmp_path: Path, name: str, text: str, reason: str) -> None:
     with pytest.raises(ImportFileError) as refused:
         read_party_file(write(tmp_path, name, text), "erp")
     assert reason in str(refused.value)
+
+
+def test_a_header_of_many_repeated_columns_is_refused(tmp_path: Path) -> None:
+    header = ",".join(["kind"] + ["name"] * 100_000)
+    with pytest.raises(ImportFileError) as refused:
+        read_party_file(write(tmp_path, "wide.csv", header + "\n"), "erp")
+    assert str(refused.value) == "column(s) named twice: name"
+
+
+def test_an_error_lists_at_most_twenty_column_names(tmp_path: Path) -> None:
+    header = ",".join(["kind"] + [f"colour{i}" for i in range(100_000)] + ["\x1b[2J"])
+    with pytest.raises(ImportFileError) as refused:
+        read_party_file(write(tmp_path, "wide.csv", header + "\n"), "erp")
+    listed = ", ".join(f"colour{i}" for i in range(20))
+    assert str(refused.value).startswith(f"unknown column(s) {listed}, and 99981 more; ")
+    assert str(refused.value).isprintable()
+
+
+def test_a_quoted_field_over_several_lines_is_one_cell(tmp_path: Path) -> None:
+    text = 'kind,customer_number,name\ncustomer,1,"Alpha\nOy"\ncustomer,2,"Beta Oy" \n'
+    plan = read_party_file(write(tmp_path, "lines.csv", text), "erp")
+    assert plan.errors == []
+    assert [(row, message["name"]) for row, message in plan.rows] == [
+        (2, "Alpha\nOy"),
+        (3, "Beta Oy"),
+    ]
+
+
+@pytest.mark.parametrize("blank", ["\n", "   \n", ";;;\r\n", "\n \t\n"])
+def test_blank_lines_before_the_header_are_skipped(tmp_path: Path, blank: str) -> None:
+    text = blank + "kind;customer_number;name\ncustomer;1;A\n\ncustomer;1;B\n"
+    plan = read_party_file(write(tmp_path, "blank.csv", text), "erp")
+    header_row = 1 + blank.count("\n")
+    assert [row for row, _ in plan.rows] == [header_row + 1]
+    assert [(e.row, e.reason) for e in plan.errors] == [
+        (header_row + 3, f"the same customer as row {header_row + 1} (1)")
+    ]
+
+
+def test_json_text_is_stripped_as_csv_cells_are(tmp_path: Path) -> None:
+    items = [
+        {"kind": "customer", "customer_number": "91011", "name": "Alpha Oy"},
+        {"kind": "customer", "customer_number": "91011 ", "name": "Beta Oy"},
+        {
+            "kind": " contact",
+            "customer_number": " 91011",
+            "name": " Pekka Puu ",
+            "email": " pekka@alpha.example ",
+            "emails": [" pp@alpha.example"],
+        },
+    ]
+    plan = read_party_file(write(tmp_path, "erp.json", json.dumps(items)), "erp")
+    assert [(e.row, e.reason) for e in plan.errors] == [(2, "the same customer as row 1 (91011)")]
+    assert [message for _, message in plan.rows][1] == {
+        "schema": "crm.party/1",
+        "source_system": "erp",
+        "kind": "contact",
+        "customer_number": "91011",
+        "name": "Pekka Puu",
+        "email": "pekka@alpha.example",
+        "emails": ["pp@alpha.example"],
+    }
 
 
 def test_a_windows_spreadsheet_file_is_read(tmp_path: Path) -> None:
