@@ -323,6 +323,34 @@ def mail_with_attachment(attachment: bytes, filename: str) -> bytes:
     return message.as_bytes(policy=email.policy.SMTP)
 
 
+def test_a_revoked_tokens_stream_ends_at_its_next_event(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    """A stream is not a way around revoking its token: the next change ends it, unsent."""
+    name = f"http-stream-{uuid.uuid4().hex[:6]}"
+    made = world.cli("token", "create", name, "--scope", "read", "--json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+        sock.sendall(
+            f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        received = b""
+        while b"event: ready" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert world.cli("token", "revoke", name).returncode == 0
+        now = datetime.now(UTC).replace(microsecond=0)
+        status, answer = post(service, "/v1/visits", visit(now, "Peruttu"), tokens["ingest"])
+        assert status == 202, answer
+        assert outcomes(world, answer["task_ids"]) == ["stored"]
+        while chunk := sock.recv(65536):  # until the service ends the stream
+            received += chunk
+    assert b"event: view" not in received
+
+
 def test_a_document_downloads_byte_for_byte_with_a_safe_name(
     world: LiveSystem, service: HttpService, tokens: dict[str, str]
 ) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -81,17 +81,33 @@ async def stream_of(request: Request, username: str, whom: Any) -> StreamingResp
         if url
         else polled_changes(service, dict(found))
     )
+
+    async def allowed() -> bool:
+        try:
+            await principal_for(request, "read")
+        except Problem:
+            return False
+        return True
+
     return StreamingResponse(
-        events(changes, username),
+        events(changes, username, allowed),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
-async def events(changes: AsyncIterator[Any], username: str) -> AsyncIterator[bytes]:
-    """The stream's bytes; a change of None is a moment without one (a keep-alive comment)."""
+async def events(
+    changes: AsyncIterator[Any], username: str, allowed: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[bytes]:
+    """The stream's bytes; a change of None is a moment without one (a keep-alive comment).
+
+    The token that opened the stream is asked again (``allowed``, one indexed read) before
+    each event and keep-alive: once it is revoked (or the session has ended), the stream ends
+    there, and the browser's reconnection meets the 401."""
     yield f"retry: {RETRY_MS}\n".encode() + sse("ready", {"seller": username})
     async for change in changes:
+        if not await allowed():
+            return
         yield b": keepalive\n\n" if change is None else sse("view", change)
 
 
