@@ -131,13 +131,16 @@ def _identity(value: str) -> str | None:
 
 
 def _non_negative_int(value: str | None) -> int | None:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` (which ``int`` refuses) and other
+    scripts' digits (which it reads)."""
     text = (value or "").strip()
-    return int(text) if text.isdigit() and len(text) <= 9 else None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
 
 
 def _rfc2822(value: str | None) -> str | None:
     """Twilio's ``Timestamp`` (RFC 2822, ``Wed, 25 Nov 2026 08:30:01 +0000``) as ISO 8601."""
-    if not value:
+    # ASCII only, as every number we read: the parser's int() would take other scripts' digits.
+    if not value or not value.isascii():
         return None
     try:
         moment = email.utils.parsedate_to_datetime(value)
@@ -193,7 +196,8 @@ OUTBOUND_CONTEXT = re.compile(r"internal|outbound|outgoing", re.IGNORECASE)
 #: ``PJSIP/202-00000a2``, ``SIP/anna-0000001f``, ``Local/201@from-queue-…;1`` → the endpoint.
 CHANNEL_ENDPOINT = re.compile(r"^[A-Za-z0-9_]+/([A-Za-z0-9_.]+?)(?:-[0-9a-fA-F]+)?(?:[@;].*)?$")
 CLID_NUMBER = re.compile(r"<([^<>]*)>\s*$")
-CDR_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?$")
+#: ASCII digits: ``\d`` would also take other scripts' digits, which the date parser refuses.
+CDR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,7 @@ def asterisk_cdr_to_call(row: Mapping[str, Any], context: CdrContext) -> dict[st
         "started_at": _cdr_time(cdr, "start", context),
         "answered_at": _cdr_time(cdr, "answer", context) if answered else None,
         "ended_at": _cdr_time(cdr, "end", context),
-        "duration_s": _non_negative_int(cdr.get("billsec")) if answered else None,
+        "duration_s": _cdr_seconds(cdr, "billsec") if answered else None,
     }
     return {k: v for k, v in message.items() if v is not None}
 
@@ -252,7 +256,7 @@ def _clid_number(clid: str) -> str:
 
 
 def _is_extension(value: str) -> bool:
-    return value.isdigit() and len(value) < 6
+    return value.isascii() and value.isdigit() and len(value) < 6
 
 
 def _is_ours(value: str, context: CdrContext) -> bool:
@@ -310,12 +314,25 @@ def _cdr_time(cdr: dict[str, str], column: str, context: CdrContext) -> str | No
     text = cdr.get(column, "")
     if not text:
         return None
-    if not CDR_TIME.match(text):
+    if not CDR_TIME.fullmatch(text):
         raise AdapterError(f"CDR {column} {text[:40]!r} is not a time (YYYY-MM-DD HH:MM:SS)")
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:  # the right shape, but 2026-02-30 or 25:05
+        raise AdapterError(f"CDR {column} {text[:40]!r} is not a time: {exc}") from exc
     if context.time_zone:
         moment = moment.replace(tzinfo=ZoneInfo(context.time_zone))
     return moment.isoformat()
+
+
+def _cdr_seconds(cdr: dict[str, str], column: str) -> int | None:
+    text = cdr.get(column, "")
+    if not text:
+        return None
+    seconds = _non_negative_int(text)
+    if seconds is None:
+        raise AdapterError(f"CDR {column} {text[:40]!r} is not a number of seconds")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -329,27 +346,96 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
     """The rows of a Master.csv, with or without a header row (Asterisk writes none).
 
     Without a header, the columns are known by their number (``CDR_LAYOUTS``). A row that fits
-    no layout is returned with its error, so one bad line never hides the others.
+    no layout, or that the CSV reader refuses (a field of more than 131,072 characters), is
+    returned with its error, so one bad line never hides the others. A row's line is the one it
+    ends on.
     """
     header: tuple[str, ...] | None = None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        for values in reader:
-            line = reader.line_num
-            if not values or all(not v.strip() for v in values):
+    lines = _RecordLines(text)
+    reader = csv.reader(lines)
+    while True:
+        lines.start_record()
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The reader drops the rest of the line it failed on and starts afresh on the next
+            # one, which may still be inside this row's quoted field: skip to the row's end.
+            lines.skip_rest_of_record()
+            yield CdrRow(lines.number, None, f"not CSV: {exc}")
+            continue
+        line = lines.number
+        if not values or all(not v.strip() for v in values):
+            continue
+        # A header row names the disposition column; a data row of a headerless file, read
+        # by the thousand, seldom holds the word at all: lowered whole only when it does.
+        if header is None and "disposition" in ",".join(values).lower():
+            lowered = tuple(v.strip().lower() for v in values)
+            if "disposition" in lowered and "src" in lowered:
+                header = lowered
                 continue
-            # A header row names the disposition column; a data row of a headerless file, read
-            # by the thousand, seldom holds the word at all: lowered whole only when it does.
-            if header is None and "disposition" in ",".join(values).lower():
-                lowered = tuple(v.strip().lower() for v in values)
-                if "disposition" in lowered and "src" in lowered:
-                    header = lowered
-                    continue
-            columns = header or CDR_LAYOUTS.get(len(values))
-            if columns is None or len(columns) != len(values):
-                expected = len(columns) if columns else "16-21"
-                yield CdrRow(line, None, f"{len(values)} fields, expected {expected}")
+        columns = header or CDR_LAYOUTS.get(len(values))
+        if columns is None or len(columns) != len(values):
+            expected = len(columns) if columns else "16-21"
+            yield CdrRow(line, None, f"{len(values)} fields, expected {expected}")
+            continue
+        yield CdrRow(line, dict(zip(columns, values, strict=True)))
+
+
+class _RecordLines:
+    """The text's lines as the CSV reader splits them (at CR, LF or CRLF), counted, with the lines
+    of the current row kept until the next row starts."""
+
+    def __init__(self, text: str) -> None:
+        self._lines = iter(io.StringIO(text, newline=""))
+        self.number = 0
+        self.record: list[str] = []
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.number += 1
+        self.record.append(line)
+        return line
+
+    def start_record(self) -> None:
+        self.record.clear()
+
+    def skip_rest_of_record(self) -> None:
+        """Read on to the end of the current row, as the CSV reader would have split it."""
+        quoted = False
+        for line in self.record:
+            quoted = _quoted_at_end(line, quoted)
+        while quoted:
+            try:
+                quoted = _quoted_at_end(next(self), quoted=True)
+            except StopIteration:  # an unterminated quote ends at the end of the text
+                return
+
+
+def _quoted_at_end(line: str, quoted: bool) -> bool:
+    """Whether a quoted field is still open at the end of this line (its row goes on), reading
+    as the csv module's default dialect does: a quote opens a field only as its first character,
+    ``""`` inside one is a quote, and after the closing quote the field goes on unquoted."""
+    at_field_start = not quoted
+    i = 0
+    while i < len(line):
+        if quoted:
+            end = line.find('"', i)
+            if end < 0:
+                return True
+            if line.startswith('"', end + 1):
+                i = end + 2
                 continue
-            yield CdrRow(line, dict(zip(columns, values, strict=True)))
-    except csv.Error as exc:
-        yield CdrRow(reader.line_num, None, f"not CSV: {exc}")
+            quoted, at_field_start, i = False, False, end + 1
+        elif at_field_start and line[i] == '"':
+            quoted, i = True, i + 1
+        else:
+            comma = line.find(",", i)
+            if comma < 0:
+                return False  # the line break ends the row
+            at_field_start, i = True, comma + 1
+    return quoted

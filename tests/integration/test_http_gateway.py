@@ -127,6 +127,13 @@ def test_twilio_status_callbacks_out_of_order_become_one_event(
     status, reply = gateway.post_twilio(load_example("calls/twilio-status-callbacks.json")[0])
     assert status == 200
     assert outcomes(loaded, reply["task_ids"]) == ["duplicate"]
+    # A duration that str.isdigit() takes but int() cannot read is left out, as any unreadable
+    # one: the callback is stored, not answered with 500.
+    odd = {**load_example("calls/twilio-status-callbacks.json")[0], "CallDuration": "\u00b2"}
+    odd |= {"CallSid": "CA" + "5" * 32, "CallStatus": "completed"}
+    status, reply = gateway.post_twilio(odd)
+    assert status == 200, reply
+    assert outcomes(loaded, reply["task_ids"]) == ["stored"]
 
 
 def test_twilio_signatures_are_checked(gateway: Gateway, loaded: LiveSystem) -> None:
@@ -234,6 +241,12 @@ def test_asterisk_cdrs_as_json(gateway: Gateway, loaded: LiveSystem) -> None:
     many = "&".join(f"a{i}=1" for i in range(25))
     status, reply = gateway.post_json(f"/asterisk/cdr?{many}", rows)
     assert status == 400 and reply["error"].startswith("unreadable query")
+    # A time of the right shape but of no calendar is refused with its reason, not a 500.
+    assert rows[0] is not None
+    bad_day = {**rows[0], "start": "2026-02-30 10:00:00"}
+    status, reply = gateway.post_json("/asterisk/cdr", [rows[1], bad_day])
+    assert (status, reply["index"]) == (400, 1), reply
+    assert "CDR start '2026-02-30 10:00:00' is not a time" in reply["error"]
     # A folder of the zone database is no zone (zoneinfo raised OSError for it: a 500).
     for zone in ("Europe", "A" * 300):
         status, reply = gateway.post_json(f"/asterisk/cdr?time_zone={zone}", rows)

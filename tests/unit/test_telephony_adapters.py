@@ -16,6 +16,7 @@ from tasks.telephony.adapters import (
     twilio_to_call,
 )
 from tests.conftest import EXAMPLES
+from workers.cli.telephony import cdr_messages
 from workers.gateways.http.webhooks import twilio_signature, url_variants, valid_twilio_signature
 
 CONTEXT = CdrContext(own_numbers=("+358 9 111 000",))
@@ -132,6 +133,17 @@ def test_twilio_garbage_is_tolerated_or_refused_with_a_reason() -> None:
     assert "ended_at" not in odd and "sequence" not in odd and "duration_s" not in odd
     with pytest.raises(AdapterError, match="CallSid"):
         twilio_to_call({"CallStatus": "completed"})
+    # Characters str.isdigit() takes but int() refuses or reads as digits of another script.
+    unreadable = twilio_to_call(
+        twilio(
+            CallStatus="completed",
+            Timestamp="Wed, ٢٥ Nov 2026 08:36:44 +0000",
+            SequenceNumber="٢",
+            CallDuration="²",
+        )
+    )
+    assert "ended_at" not in unreadable and "sequence" not in unreadable
+    assert "duration_s" not in unreadable
     # A repeated field counts once (its first value).
     repeated = twilio_to_call(
         [("CallSid", "CA1"), ("CallStatus", "busy"), ("CallStatus", "completed")]
@@ -231,6 +243,81 @@ def test_asterisk_bad_rows() -> None:
         asterisk_cdr_to_call(no_id, CONTEXT)["call_id"]
         == asterisk_cdr_to_call(no_id, CONTEXT)["call_id"]
     )
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("start", "2026-02-30 10:00:00", "day is out of range for month"),
+        ("start", "2026-13-45 10:05:00", "month must be in 1..12"),
+        ("end", "2026-11-26 25:05:00", "hour must be in 0..23"),
+        ("answer", "٢٠٢٦-11-26 10:05:00", r"\(YYYY-MM-DD HH:MM:SS\)"),
+        ("billsec", "²", "not a number of seconds"),
+        ("billsec", "-4", "not a number of seconds"),
+    ],
+)
+def test_asterisk_unreadable_times_and_numbers_are_refused_with_a_reason(
+    column: str, value: str, reason: str
+) -> None:
+    with pytest.raises(AdapterError, match=f"CDR {column} .*{reason}"):
+        asterisk_cdr_to_call(cdr(**{column: value}), CONTEXT)
+
+
+def master_csv_rows() -> list[str]:
+    """The sample's two rows as Asterisk writes them (no header)."""
+    return (EXAMPLES / "calls/asterisk-cdr.csv").read_text().splitlines()[1:]
+
+
+def test_cdr_import_reports_each_unreadable_row_and_reads_the_others() -> None:
+    answered, missed = master_csv_rows()
+    bad_rows = [
+        answered.replace("2026-11-26 10:05:00", "2026-02-30 10:00:00"),
+        answered.replace("2026-11-26 10:05:00", "2026-13-45 10:05:00"),
+        answered.replace("2026-11-26 10:05:00", "2026-11-26 25:05:00"),
+        answered.replace("2026-11-26 10:05:00", "٢٠٢٦-11-26 10:05:00"),
+        answered.replace(",280,", ',"²",'),
+    ]
+    text = "\n".join([answered, *bad_rows, missed]) + "\n"
+    messages, errors = cdr_messages(text, CONTEXT, "f.csv")
+    assert [(label, m["call_id"]) for label, m in messages] == [
+        ("f.csv:1", "1764144300.161"),
+        ("f.csv:7", "1764148800.170"),
+    ]
+    assert [(e["source"], e["line"]) for e in errors] == [(f"f.csv:{n}", n) for n in range(2, 7)]
+    reasons = [e["error"] for e in errors]
+    assert reasons[0] == (
+        "CDR start '2026-02-30 10:00:00' is not a time: day is out of range for month"
+    )
+    assert "month must be in 1..12" in reasons[1] and "hour must be in 0..23" in reasons[2]
+    assert reasons[3].startswith("CDR start") and reasons[4].startswith("CDR billsec")
+
+
+def test_master_csv_reads_on_after_a_field_over_the_csv_limit() -> None:
+    answered, missed = master_csv_rows()
+    huge = answered.replace('""Matti Virtanen""', "x" * 200_000)
+    # The same inside a quoted field of several lines: the row ends where its quote closes.
+    huge_lines = answered.replace('""Matti Virtanen""', "a\n" + "x" * 200_000 + '\n"",b')
+    two_lines = answered.replace('""Matti Virtanen""', "Matti\nVirtanen")
+    text = "\n".join([answered, huge, missed, huge_lines, two_lines, missed]) + "\n"
+    rows = list(read_cdr_csv(text))
+    assert [(r.line, r.error) for r in rows] == [
+        (1, ""),
+        (2, "not CSV: field larger than field limit (131072)"),
+        (3, ""),
+        (6, "not CSV: field larger than field limit (131072)"),
+        (8, ""),
+        (9, ""),
+    ]
+    assert rows[4].fields is not None
+    assert rows[4].fields["clid"] == "Matti\nVirtanen <0401234567>"
+    # An unterminated quote at the end of the file is reported, short or over the limit.
+    short = list(read_cdr_csv(f'{answered}\n{missed}\n"only","two'))
+    assert [(r.line, r.error) for r in short][1:] == [(2, ""), (3, "2 fields, expected 16-21")]
+    long = list(read_cdr_csv(f'{answered}\n{missed}\n"only","two\n{"y" * 200_000}\n'))
+    assert [(r.line, r.error) for r in long][1:] == [
+        (2, ""),
+        (4, "not CSV: field larger than field limit (131072)"),
+    ]
 
 
 def test_master_csv_with_and_without_header() -> None:
