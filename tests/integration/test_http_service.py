@@ -547,6 +547,24 @@ def test_slow_clients_are_dropped_and_hold_no_one_up(service: HttpService) -> No
     assert any(a.startswith(b"HTTP/1.1 408") for a in answers)
 
 
+def test_a_body_that_stops_arriving_is_answered_408(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    """The headers whole, the body never: the client is told, and the service logs no failure
+    (test_requests_are_logged_without_their_secrets_or_a_traceback reads the log after)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+        sock.sendall(
+            b"POST /v1/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + tokens["ingest"].encode() + b"\r\n"
+            b"Content-Length: 100\r\n\r\n{}"
+        )
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b"did not arrive within" in received
+
+
 # -- browsers -------------------------------------------------------------------------------------
 
 

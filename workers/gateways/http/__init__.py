@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
@@ -100,6 +100,14 @@ async def http_answer(request: Request, exc: Exception) -> Response:
     return JSONResponse(document, status_code=exc.status_code, headers=exc.headers)
 
 
+async def gone_answer(request: Request, exc: Exception) -> Response:
+    """The client left, or its body did not arrive in time (``DeadlineProtocol``), while the
+    body was read: nothing can be answered, and it is not the service's failure."""
+    log.info("%s %s: the client went away before its body arrived", request.method,
+             request.url.path[:200])  # fmt: skip
+    return JSONResponse({"error": "the request did not arrive whole"}, status_code=408)
+
+
 async def error_answer(request: Request, exc: Exception) -> Response:
     # The traceback goes to the log; it names code, never the request's contents.
     log.error("%s %s failed", request.method, request.url.path[:200], exc_info=exc)
@@ -125,6 +133,7 @@ def create_service(settings: Settings, celery_app: Any | None = None) -> Starlet
             Problem: problem_answer,
             BadInput: bad_input_answer,
             HTTPException: http_answer,
+            ClientDisconnect: gone_answer,
             Exception: error_answer,
         },
     )

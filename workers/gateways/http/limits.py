@@ -112,13 +112,16 @@ class DeadlineProtocol(H11Protocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
             # The headers are in and the application is waiting for the body: it sees the
-            # client gone, and the connection closes.
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
-            self.transport.close()
-            return
+            # client gone (and answers nothing more), and the client is told why, unless an
+            # answer had begun.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if self.conn.our_state is not h11.SEND_RESPONSE:
+                self.transport.close()
+                return
         body = json.dumps(
             {"error": f"the request did not arrive within {self.deadline_s:g} s"}
         ).encode()
