@@ -420,9 +420,37 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_folder(raw: str) -> Path:
+    """A folder the product writes into (made when missing): not a file or a device."""
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{raw[:200]!r} is not a directory")
+    return path
+
+
+#: The databases the product runs on (``dialect+driver://``): PostgreSQL, and SQLite embedded.
+DATABASE_BACKENDS = ("postgresql", "sqlite")
+
+
+def _parse_database_url(raw: str) -> str:
+    """A SQLAlchemy URL of PostgreSQL or SQLite; what is wrong is said without the URL itself,
+    which may hold a password."""
+    scheme, found, _rest = raw.partition("://")
+    if not raw:
+        return raw
+    if not found or scheme.split("+", 1)[0].lower() not in DATABASE_BACKENDS:
+        shown = scheme[:40] if found else "none"
+        raise ValueError(
+            "a postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE (or sqlite:///FILE) URL; "
+            f"its scheme here: {shown!r}"
+        )
+    return raw
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "data_dir": Path,
-    "document_dir": Path,
+    "database_url": _parse_database_url,
+    "data_dir": _parse_folder,
+    "document_dir": _parse_folder,
     "time_zone": _parse_zone,
     "phone_region": _parse_region,
     "own_numbers": _parse_list,

@@ -164,3 +164,23 @@ def test_an_unusable_signing_key_is_a_one_line_error_not_a_traceback(tmp_path: P
     assert done.returncode == 2
     assert done.stderr.startswith("crm-events: message signing: Invalid private key")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"CRM_DATABASE_URL": "foo"}, "CRM_DATABASE_URL: a postgresql+psycopg://"),
+        ({"CRM_DATABASE_URL": "mysql://crm:db-S3cret@db/crm"}, "its scheme here: 'mysql'"),
+        ({"CRM_DATA_DIR": "/dev/null"}, "CRM_DATA_DIR: '/dev/null' is not a directory"),
+        ({"CRM_DOCUMENT_DIR": "/dev/null"}, "CRM_DOCUMENT_DIR: '/dev/null' is not a directory"),
+    ],
+)
+def test_a_database_or_folder_the_product_cannot_use_is_a_configuration_error(
+    env: dict[str, str], said: str
+) -> None:
+    """Said at start-up, with the setting's name (and never the URL's password), instead of
+    the first command failing on it ('events failed: ArgumentError', 'FileExistsError')."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env)
+    assert said in str(refused.value)
+    assert "S3cret" not in str(refused.value)
