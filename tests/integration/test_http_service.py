@@ -11,6 +11,7 @@ import email.policy
 import json
 import socket
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -689,3 +690,25 @@ def test_nothing_a_sender_wrote_is_markup_on_a_screen(
     status, page = service.request("GET", f"/customers/{CUSTOMER}", headers={"Cookie": cookie})
     assert "Käynti &lt;script&gt;" in page and "Muistio &lt;script&gt;" in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_a_username_with_url_characters_is_linked_and_streamed_as_itself(
+    world: LiveSystem, service: HttpService, tokens: dict[str, str]
+) -> None:
+    """A username may hold a space, '?', '#' or '%': in a link or the stream's address each is
+    quoted, or the path would end there (the seller's screen, live updates, the board)."""
+    odd = f"odd {uuid.uuid4().hex[:4]}?x#y%"
+    party = {"schema": "crm.party/1", "source_system": "erp"}
+    [done] = world.publish(
+        "party",
+        [{**party, "kind": "staff", "username": odd, "name": "Outo Nimi",
+          "email": "outo.nimi@myyntitalo.fi", "role": "seller", "manager": "http-manager"}],
+    )  # fmt: skip
+    assert done.outcome == "done", done.detail
+    quoted = urllib.parse.quote(odd, safe="")
+    cookie = session_cookie(service, tokens["admin"])
+    status, page = service.request("GET", f"/sellers/{quoted}", headers={"Cookie": cookie})
+    assert status == 200, page[:300]
+    assert f'data-live-stream="/v1/stream/sellers/{quoted}"' in page
+    status, board = service.request("GET", "/board", headers={"Cookie": cookie})
+    assert status == 200 and f'href="/sellers/{quoted}"' in board

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
@@ -31,13 +31,21 @@ def service_of(request: Request) -> Any:
     return request.app.state.service
 
 
+def path_segment(value: Any) -> str:
+    """``value`` as one segment of a URL's path: a username or a customer number may hold a
+    space, ``?``, ``#``, ``%`` or ``/``, which would otherwise end or change the path."""
+    return quote(str(value), safe="")
+
+
 def environment() -> Environment:
-    return Environment(
+    made = Environment(
         loader=PackageLoader("workers.gateways.http", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    made.filters["segment"] = path_segment
+    return made
 
 
 def language(request: Request) -> str:

@@ -45,7 +45,7 @@ from tasks.work import seller_tasks
 from workers.gateways.http.api import moment_of
 from workers.gateways.http.auth import check_csrf, identify
 from workers.gateways.http.limits import Problem, form_fields, read_body
-from workers.gateways.http.pages import language, login_form, render, service_of
+from workers.gateways.http.pages import language, login_form, path_segment, render, service_of
 
 #: Events of a customer's history per page.
 HISTORY_PAGE = 25
@@ -227,9 +227,9 @@ async def seller_screen(request: Request) -> Response:
         "f": formats_,
         "period": period,
         "periods": period_links(data["zone"], utcnow()),
-        "fragment_url": f"/sellers/{username}?"
+        "fragment_url": f"/sellers/{path_segment(username)}?"
         + urlencode({"part": "cards", **dict(request.query_params)}),
-        "stream_url": f"/v1/stream/sellers/{username}",
+        "stream_url": f"/v1/stream/sellers/{path_segment(username)}",
         "query": query,
         "principal": principal,
     }
@@ -344,7 +344,11 @@ async def board_screen(request: Request) -> Response:
         "sparkline": sparkline,
         "now": utcnow(),
         "principal": principal,
-        "stream_url": f"/v1/stream/teams/{data['manager']['username']}" if data["manager"] else "",
+        "stream_url": (
+            f"/v1/stream/teams/{path_segment(data['manager']['username'])}"
+            if data["manager"]
+            else ""
+        ),
         "fragment_url": f"/board?{urlencode({'part': 'table', **dict(request.query_params)})}",
     }
     if request.query_params.get("part") == "table":
