@@ -273,6 +273,12 @@ def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
             f"no system {filters.source!r} sent any event: --source is the sending system "
             f"(pbx-hki, field-app, the email gateway); for the kind of event: --source-kind {kind}"
         )
+    if filters.source_kind and filters.source_kind.strip().casefold() not in EVENT_KINDS:
+        raise BadInput(
+            f"no kind of event {filters.source_kind[:40]!r}: it is one of {', '.join(EVENT_KINDS)}"
+        )
+    if filters.source_kind:
+        codes["source_kind"] = filters.source_kind.strip().casefold()
     if filters.state:
         key = filters.state.strip().casefold()
         state = next((c for c, fi in STATES.items() if key in (c, fi)), None)
@@ -295,8 +301,12 @@ def filters_from(values: dict[str, Any]) -> EventFilters:
     for name in ("since", "until"):
         if isinstance(known.get(name), str):
             known[name] = parse_day(known[name])
-    if isinstance(known.get("text"), str) and len(search_stems(known["text"])) > MAX_SEARCH_WORDS:
-        raise BadInput(f"a text search of at most {MAX_SEARCH_WORDS} words")
+    if isinstance(known.get("text"), str):
+        words = len(search_stems(known["text"]))
+        if words > MAX_SEARCH_WORDS:
+            raise BadInput(f"a text search of at most {MAX_SEARCH_WORDS} words")
+        if not words:  # '%' or '!!!': no letter or digit, and a search for nothing finds all
+            raise BadInput(f"the text {known['text'][:40]!r} has no word to look for")
     if "unlinked" in known:
         known["unlinked"] = str(known["unlinked"]).lower() in ("1", "true", "yes", "on")
     return EventFilters(**known)

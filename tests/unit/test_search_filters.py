@@ -14,7 +14,7 @@ from tasks.context import StageContext
 from tasks.errors import BadInput
 from tasks.ingest.email import ingest_email
 from tasks.ingest.visit import ingest_visit
-from tasks.search import EventFilters, search_events
+from tasks.search import EventFilters, filters_from, search_events
 from tasks.views import events_json
 from tests.conftest import ROOT, load_example
 
@@ -52,6 +52,7 @@ def test_classes_types_and_categories_by_code_or_finnish_or_english_name(
         ({"property": "urgent"}, "no property 'urgent': the property is one of "),
         ({"seller": "nobody"}, "no staff member with the username 'nobody'"),
         ({"customer": "99999"}, "no customer with the number '99999'"),
+        ({"source_kind": "bogus"}, "no kind of event 'bogus': it is one of call, email, visit"),
     ],
 )
 def test_a_filter_that_names_nothing_is_bad_input(
@@ -60,6 +61,13 @@ def test_a_filter_that_names_nothing_is_bad_input(
     with pytest.raises(BadInput) as raised:
         found(world, **filters)
     assert raised.value.reason.startswith(said)
+
+
+@pytest.mark.parametrize("text", ["%", "!!!", "\\", "  "])
+def test_a_text_search_with_no_word_in_it_is_bad_input(text: str) -> None:
+    """It looked for nothing, and so found every event."""
+    with pytest.raises(BadInput, match="has no word to look for"):
+        filters_from({"text": text})
 
 
 def test_source_is_the_sending_system_for_every_kind(world: Session, ctx: StageContext) -> None:
