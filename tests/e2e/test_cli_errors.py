@@ -45,6 +45,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["erase", "release", "9" * 20], "argument N: must be 0 to 2147483647"),
         (["document", "get", "9" * 20, "1"], "argument EVENT: must be 0 to 2147483647"),
         (["serve", "--port", "99999"], "argument --port: a port is 0 to 65535, not 99999"),
+        (["demo", "--examples", "{dir}/none", "--no-serve"], "not a folder of example messages"),
         # nan was never reached: the command waited for ever.
         (["publish", "call", "x.json", "--wait", "nan"], "a number of seconds from 0, not 'nan'"),
         (["import", "messages", "x.jsonl", "--wait", "-5"], "a number of seconds from 0"),
@@ -91,6 +92,15 @@ def test_an_input_error_is_one_line_and_status_2(
 
 
 HEAVY_MODULES = ("sqlalchemy", "celery", "kombu", "redis", "marshmallow", "models", "tasks")
+
+
+def test_an_address_the_service_cannot_listen_on_is_said_in_one_line(data_dir: Path) -> None:
+    # 192.0.2.1 is for documentation (RFC 5737): no host has it, and no name is looked up.
+    done = crm_events(data_dir, "serve", "--host", "192.0.2.1", "--port", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "crm-events: cannot listen on 192.0.2.1:0: Cannot assign requested address"
+    )
 
 
 def test_files_to_publish_are_all_read_before_any_is_sent(data_dir: Path) -> None:

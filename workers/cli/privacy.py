@@ -76,6 +76,8 @@ def cmd_export_person(args: argparse.Namespace, rt: Runtime) -> int:
         raise InputError(str(exc)) from exc
     except FileExistsError as exc:
         raise InputError(f"{exc}: give a new or empty folder") from exc
+    except OSError as exc:  # a name too long, no permission, a file where a folder should be
+        raise InputError(f"{args.out}: cannot be written: {exc.strerror or exc}") from exc
     if args.json:
         emit_json(export.as_json())
         return 0

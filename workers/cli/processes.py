@@ -119,6 +119,8 @@ def cmd_flower(args: argparse.Namespace, rt: Runtime) -> int:
 def cmd_demo(args: argparse.Namespace, rt: Runtime) -> int:
     from workers.demo import run_demo
 
+    if args.examples and not (Path(args.examples) / "parties.json").is_file():
+        raise InputError(f"{args.examples}: not a folder of example messages (no parties.json)")
     return run_demo(
         rt,
         examples=Path(args.examples) if args.examples else None,

@@ -6,15 +6,18 @@ import argparse
 import sys
 from typing import Any
 
-from workers.cli.common import AddCommand, Runtime, emit_json, port
+from workers.cli.common import AddCommand, InputError, Runtime, emit_json, port
 
 
 def cmd_serve(args: argparse.Namespace, rt: Runtime) -> int:
     from workers.cli.processes import require_current_schema
-    from workers.gateways.http import serve
+    from workers.gateways.http import CannotListen, serve
 
     require_current_schema(rt)
-    return serve(rt.settings, args.host, args.port)
+    try:
+        return serve(rt.settings, args.host, args.port)
+    except CannotListen as exc:
+        raise InputError(str(exc)) from exc
 
 
 def cmd_token_create(args: argparse.Namespace, rt: Runtime) -> int:

@@ -158,7 +158,11 @@ def cmd_report(args: argparse.Namespace, rt: Runtime) -> int:
     written: list[str] = []
     for manager, report in zip(managers, reports, strict=True):
         if args.out:
-            written += [str(p) for p in write_report_files(report, Path(args.out))]
+            try:
+                written += [str(p) for p in write_report_files(report, Path(args.out))]
+            except OSError as exc:  # a file where the folder should be, no permission, …
+                raise InputError(f"{args.out}: not a folder the report can be written to: "
+                                 f"{exc.strerror or exc}") from exc  # fmt: skip
         if args.send:
             if not report.manager_email:
                 raise CommandError(f"manager {report.manager} has no email address")

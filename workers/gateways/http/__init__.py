@@ -141,6 +141,10 @@ def create_service(settings: Settings, celery_app: Any | None = None) -> Starlet
     return application
 
 
+class CannotListen(Exception):
+    """The address given to serve on is not one this host can listen on."""
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     """Serve until SIGTERM or Ctrl-C (the requests in hand are finished first)."""
     import socket
@@ -175,7 +179,11 @@ def serve(settings: Settings, host: str, port: int) -> int:
     # kept-alive connection waits 40 ms for each answer (Nagle's algorithm, a delayed ACK).
     listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
+    try:
+        listener.bind((host, port))
+    except OSError as exc:  # an unknown host name, an address in use or not this host's
+        listener.close()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     listener.listen(2048)  # connections wait in the backlog until the server serves them
     bound = listener.getsockname()[1]  # port 0 picks a free one
     log.info("crm-events serve listening on http://%s:%s", host, bound)
