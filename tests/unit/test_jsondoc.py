@@ -98,3 +98,20 @@ def test_a_file_to_publish_nested_too_deep_is_refused_before_anything_is_sent(
     with pytest.raises(PublishError) as refused:
         messages_from_file("call", path, settings=None)  # type: ignore[arg-type]
     assert str(refused.value) == f"{path}: the JSON is nested deeper than {MAX_DEPTH} levels"
+
+
+def test_a_rejection_names_at_most_twenty_fields() -> None:
+    """78,000 unknown fields made a 4 MB answer and a 4 MB row of the rejected list."""
+    from models.invalid import MessageInvalid
+    from models.schemas.call import SCHEMA, CallMessageSchema
+    from models.schemas.common import load_message, shared_schema
+
+    message: dict[str, Any] = {"schema": SCHEMA, "source_system": "pbx", "call_id": "c-1"}
+    message.update({f"extra{i}": 1 for i in range(78_000)})
+    message["x" * 5000] = 1
+    with pytest.raises(MessageInvalid) as refused:
+        load_message(shared_schema(CallMessageSchema), message, SCHEMA)
+    errors = refused.value.errors
+    assert len(errors) == 21 and errors["_more"] == ["77981 more field(s) with errors."]
+    assert all(len(name) <= 100 for name in errors)
+    assert len(refused.value.reason) < 2000

@@ -284,7 +284,7 @@ async def get_history(request: Request) -> JSONResponse:
 
     history = await run_in_threadpool(load)
     if history is None:
-        raise Problem(404, f"no customer {number}")
+        raise Problem(404, f"no customer {number[:40]}")
     return JSONResponse(history)
 
 
@@ -312,7 +312,7 @@ async def get_seller_view(request: Request) -> JSONResponse:
 
     cards = await run_in_threadpool(load)
     if cards is None:
-        raise Problem(404, f"no staff member {username!r}")
+        raise Problem(404, f"no staff member {username[:40]!r}")
     return JSONResponse(cards)
 
 

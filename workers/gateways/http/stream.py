@@ -74,7 +74,7 @@ async def stream_of(request: Request, username: str, whom: Any) -> StreamingResp
 
     found = await run_in_threadpool(sellers)
     if found is None:
-        raise Problem(404, f"no staff member {username!r}")
+        raise Problem(404, f"no staff member {username[:40]!r}")
     url = service.settings.effective_redis_url
     changes = (
         redis_changes(url, [name for _, name in found])
