@@ -195,6 +195,8 @@ def test_what_the_service_refuses_it_says_why(service: HttpService, tokens: dict
     assert status == 404 and "no such endpoint" in answer["error"]
     status, answer = service.request("DELETE", "/v1/events", headers=auth(tokens["admin"]))
     assert status == 405
+    status, headers, _ = service.exchange("PUT", "/v1/tasks", b"{}", auth(tokens["admin"]))
+    assert status == 405 and sorted(headers["allow"].split(", ")) == ["GET", "HEAD", "POST"]
 
 
 def cursor(text: str) -> str:
@@ -574,6 +576,7 @@ def test_a_browser_signs_in_with_a_token_and_forms_need_their_csrf_token(
 ) -> None:
     status, headers, body = service.exchange("GET", "/login")
     assert status == 200 and b'name="csrf"' in body
+    assert service.exchange("HEAD", "/login")[0] == 200  # not a form post without its token
     login_cookie = headers["set-cookie"].split(";", 1)[0]
     csrf = body.split(b'name="csrf" value="', 1)[1].split(b'"', 1)[0].decode()
     form = f"csrf={csrf}&token={tokens['read']}&next=/v1/targets/progress".encode()

@@ -349,13 +349,25 @@ async def get_tasks(request: Request) -> JSONResponse:
     return JSONResponse(await run_in_threadpool(load))
 
 
+async def tasks_endpoint(request: Request) -> Response:
+    """``/v1/tasks``: the list (GET) and new work tasks (POST) are one route, so that a method
+    neither takes is answered 405 with both in ``Allow``."""
+    if request.method == "POST":
+        return await post_messages(request, PLURALS["tasks"])
+    return await get_tasks(request)
+
+
 ROUTES = [
-    *(Route(f"/v1/{plural}", producer(kind), methods=["POST"]) for plural, kind in PLURALS.items()),
+    *(
+        Route(f"/v1/{plural}", producer(kind), methods=["POST"])
+        for plural, kind in PLURALS.items()
+        if plural != "tasks"
+    ),
+    Route("/v1/tasks", tasks_endpoint, methods=["GET", "POST"]),
     Route("/v1/events", list_events, methods=["GET"]),
     Route("/v1/events/{event_id:id}", get_event, methods=["GET"]),
     Route("/v1/events/{event_id:id}/documents/{document_id:id}", get_document, methods=["GET"]),
     Route("/v1/customers/{number:str}/history", get_history, methods=["GET"]),
     Route("/v1/sellers/{username:str}/view", get_seller_view, methods=["GET"]),
     Route("/v1/targets/progress", get_targets_progress, methods=["GET"]),
-    Route("/v1/tasks", get_tasks, methods=["GET"]),
 ]

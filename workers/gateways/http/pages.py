@@ -117,7 +117,7 @@ async def login(request: Request) -> Response:
     if request.method == "GET" and token:
         # A kiosk screen: the token in the address, once; the session takes over from there.
         return await sign_in(request, token, target)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # HEAD: the form's headers, as for any page
         return login_form(request, target)
     body = await read_body(request, 16 * 1024)
     form = await run_in_threadpool(_form, body)
