@@ -715,3 +715,14 @@ def test_a_username_with_url_characters_is_linked_and_streamed_as_itself(
     assert f'data-live-stream="/v1/stream/sellers/{quoted}"' in page
     status, board = service.request("GET", "/board", headers={"Cookie": cookie})
     assert status == 200 and f'href="/sellers/{quoted}"' in board
+
+
+def test_the_language_links_never_name_the_host_the_client_said(
+    service: HttpService, tokens: dict[str, str]
+) -> None:
+    cookie = session_cookie(service, tokens["read"])
+    status, page = service.request(
+        "GET", "/board?week=1", headers={"Cookie": cookie, "Host": "evil.example"}
+    )
+    assert status == 200
+    assert 'href="/board?week=1&amp;lang=en"' in page and "evil.example" not in page

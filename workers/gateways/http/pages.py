@@ -37,6 +37,13 @@ def path_segment(value: Any) -> str:
     return quote(str(value), safe="")
 
 
+def same_page(request: Request, **params: str) -> str:
+    """This page's path and query with ``params`` set, as a link relative to the host: the
+    request's Host header is the client's to say and never makes a link of ours."""
+    url = request.url.include_query_params(**params)
+    return url.path + (f"?{url.query}" if url.query else "")
+
+
 def environment() -> Environment:
     made = Environment(
         loader=PackageLoader("workers.gateways.http", "templates"),
@@ -45,6 +52,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     made.filters["segment"] = path_segment
+    made.globals["same_page"] = same_page
     return made
 
 
