@@ -107,6 +107,13 @@ def set_target(
     return {staff.id}
 
 
+def known_seller(session: Session, username: str) -> None:
+    """A filter's seller must exist: a username that names no one is bad input, not a list that
+    is empty for that reason."""
+    if session.scalar(select(Staff.id).where(Staff.username == username)) is None:
+        raise BadInput(f"no staff member with the username {username[:40]!r}")
+
+
 def target_changes(session: Session, seller: str | None = None) -> list[dict[str, Any]]:
     """Every target set or changed, oldest first: before and after, who and when."""
     query = (
@@ -115,6 +122,7 @@ def target_changes(session: Session, seller: str | None = None) -> list[dict[str
         .order_by(TargetChange.changed_at, TargetChange.id)
     )
     if seller:
+        known_seller(session, seller)
         query = query.where(Staff.username == seller)
     return [
         {
@@ -149,6 +157,7 @@ def target_history(session: Session, seller: str | None = None) -> list[dict[str
         .order_by(Staff.username, Target.category_code, Target.kind, Target.valid_from)
     )
     if seller:
+        known_seller(session, seller)
         query = query.where(Staff.username == seller)
     rows: list[dict[str, Any]] = []
     for target, username in session.execute(query):

@@ -28,6 +28,7 @@ from models.events import (
     counted,
     source_of,
 )
+from models.invalid import BadInput
 from models.parties import Contact, Customer, Staff
 from models.targets import Tally, Target
 from tasks.periods import period_bounds, period_dates, period_keys, period_kind
@@ -299,6 +300,8 @@ def targets_progress(
     if seller:
         query = select(Staff).where(Staff.username == seller)
     sellers = list(session.scalars(query))
+    if seller and not sellers:  # as every filter that names nothing: said, not an empty list
+        raise BadInput(f"no staff member with the username {seller[:40]!r}")
 
     def periods(staff: Staff) -> list[str]:
         return [period] if period else list(period_keys(now, zone_of(staff)))

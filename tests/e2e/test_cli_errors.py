@@ -240,6 +240,14 @@ def test_an_events_filter_that_names_nothing_says_so(
     assert line.startswith(f"crm-events: {said}")
 
 
+@pytest.mark.parametrize("command", [["progress"], ["list"], ["changes"]])
+def test_a_targets_seller_that_names_no_one_says_so(data_dir: Path, command: list[str]) -> None:
+    """An empty table was the answer, as if the seller had no targets."""
+    done = crm_events(data_dir, "targets", *command, "--seller", "%")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.strip() == "crm-events: no staff member with the username '%'"
+
+
 def test_a_target_set_again_leaves_a_trace_and_reports_go_to_managers(tmp_path: Path) -> None:
     assert crm_events(tmp_path, "init-db").returncode == 0
     loaded = crm_events(tmp_path, "import", "parties", str(ROOT / "examples" / "parties.json"))
