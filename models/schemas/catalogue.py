@@ -6,11 +6,18 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from models.schemas.common import MessageInvalid, Text, _summarise, no_nul
+from models.schemas.common import MessageInvalid, Text, _summarise
+
+#: A code is a word: letters (any alphabet), digits, "_", "-" and "." and nothing else. It is
+#: typed in filters (--class, ?category=), shown in tables and put into addresses, where a
+#: space, a control character or an escape sequence would break or forge what is shown.
+CODE = validate.Regexp(
+    r"^[\w.-]+\Z", error="A code is letters, digits, '_', '-' and '.', with no space."
+)
 
 
-def _code() -> fields.String:
-    return fields.String(required=True, validate=[validate.Length(min=1, max=40), no_nul])
+def _code(required: bool = True) -> fields.String:
+    return fields.String(required=required, validate=[validate.Length(min=1, max=40), CODE])
 
 
 class NamedEntrySchema(Schema):
@@ -31,8 +38,8 @@ class CategoryEntrySchema(Schema):
     code = _code()
     fi = Text(max_length=200)
     en = Text(max_length=200)
-    default_class = fields.String(validate=[validate.Length(min=1, max=40), no_nul])
-    default_type = fields.String(validate=[validate.Length(min=1, max=40), no_nul])
+    default_class = _code(required=False)
+    default_type = _code(required=False)
     allow_selection = fields.Boolean(truthy={True}, falsy={False})
     sales_target = fields.Boolean(truthy={True}, falsy={False})
 

@@ -32,6 +32,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "not-json.json").write_text("{categories: [")
     (folder / "latin-1.json").write_bytes(b'{"categories": [{"code": "k", "fi": "K\xe4ynti"}]}')
     (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    escape = {"classes": [{"code": "c\u001b[31m", "fi": "Punainen", "en": "Red"}]}
+    (folder / "escape-code.json").write_text(json.dumps(escape))
     return folder
 
 
@@ -71,6 +73,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["catalogue", "apply", "{dir}/not-json.json"], "not-json.json: not JSON: Expecting"),
         (["catalogue", "apply", "{dir}/latin-1.json"], "not JSON: 'utf-8' codec can't decode"),
         (["catalogue", "apply", "{dir}/deep.json"], "deep.json: the JSON is nested deeper than"),
+        # A code is typed in filters and shown in tables: no escape sequence, no space.
+        (["catalogue", "apply", "{dir}/escape-code.json"], "code: A code is letters, digits"),
         (["catalogue", "apply", "{dir}/missing.json"], "No such file or directory"),
         (["catalogue", "apply"], "catalogue apply needs a FILE"),
         (["import", "cdr", "{dir}/no-code.json", "--time-zone", "Europe"], "unknown time zone"),
