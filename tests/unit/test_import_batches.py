@@ -83,3 +83,16 @@ def test_an_import_waits_for_more_outcomes_than_an_sqlite_built_for_999_paramete
     assert sorted(outcomes) == ids
     assert {o.outcome for o in outcomes.values()} == {"stored"}
     engine.dispose()
+
+
+def test_the_summary_of_a_file_with_no_usable_row_has_no_empty_outcome_list(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from workers.cli.bulk import ImportReport, print_report
+
+    error = {"source": "f.csv:1", "line": 1, "error": "1 fields, expected 16-21"}
+    report = ImportReport([], [error], waited=True)
+    assert print_report(report, "CDR row(s)") == 1
+    out, err = capsys.readouterr()
+    assert out == "0 CDR row(s) published in 0 batch(es); 1 not imported\n"
+    assert err == "f.csv:1: not imported: 1 fields, expected 16-21\n"

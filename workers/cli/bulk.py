@@ -217,7 +217,7 @@ def print_report(report: ImportReport, what: str) -> int:
     rows = report.rows()
     counts = Counter(r["outcome"] for r in rows) if report.waited else Counter()
     line = f"{len(rows)} {what} published in {report.batches} batch(es)"
-    if report.waited:
+    if report.waited and counts:
         line += ": " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
     if report.errors:
         line += f"; {len(report.errors)} not imported"
