@@ -713,7 +713,9 @@ def test_a_username_with_url_characters_is_linked_and_streamed_as_itself(
     status, page = service.request("GET", f"/sellers/{quoted}", headers={"Cookie": cookie})
     assert status == 200, page[:300]
     assert f'data-live-stream="/v1/stream/sellers/{quoted}"' in page
-    status, board = service.request("GET", "/board", headers={"Cookie": cookie})
+    status, board = service.request(
+        "GET", "/board?manager=http-manager", headers={"Cookie": cookie}
+    )
     assert status == 200 and f'href="/sellers/{quoted}"' in board
 
 
