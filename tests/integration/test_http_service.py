@@ -588,6 +588,12 @@ def test_a_browser_signs_in_with_a_token_and_forms_need_their_csrf_token(
     cookie = session.split(";", 1)[0]
     status, answer = service.request("GET", "/v1/targets/progress", headers={"Cookie": cookie})
     assert status == 200 and isinstance(answer, list)
+    # A session posts no messages, even an admin's: only a token does.
+    admin = session_cookie(service, tokens["admin"])
+    status, answer = service.request(
+        "POST", "/v1/visits", b"{}", {"Content-Type": "application/json", "Cookie": admin}
+    )
+    assert status == 403 and "Authorization: Bearer" in answer["error"]
     # A form posted without the login page's token is refused; a wrong token is not signed in.
     status, _, _ = service.exchange("POST", "/login", b"token=x&csrf=forged", form_headers)
     assert status == 403

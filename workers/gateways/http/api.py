@@ -41,7 +41,7 @@ from tasks.periods import validate_period, view_moment
 from tasks.search import MAX_LIMIT, filters_from, search_events
 from tasks.views import events_json, seller_cards, staff_by_username, targets_progress, zone_of
 from tasks.work import task_rows
-from workers.gateways.http.auth import identify, require
+from workers.gateways.http.auth import COOKIE, bearer, identify, require
 from workers.gateways.http.limits import Problem, media_type, parse_json, read_body
 from workers.gateways.http.publisher import BrokerUnavailable
 from workers.publish import email_message_from_raw
@@ -84,6 +84,11 @@ def producer(kind: str) -> Any:
 
 
 async def post_messages(request: Request, kind: str) -> JSONResponse:
+    if bearer(request) is None and COOKIE in request.cookies:
+        # A browser's session cookie rides along on another site's request too; no page of
+        # ours posts messages, so only a token that the sender itself holds may.
+        raise Problem(403, "messages are posted with a token (Authorization: Bearer), not a "
+                      "browser's session")  # fmt: skip
     await principal_for(request, "ingest")
     service = service_of(request)
     settings = service.settings
