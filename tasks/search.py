@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session
 from models.catalogue import Category, EventClass, EventProperty, EventType
 from models.events import STATES, CrmEvent, EventPropertyLink, sent_by
 from models.invalid import BadInput
+from models.limits import MAX_ROW_ID
 from models.parties import Customer, Staff
+from tasks.views import known_staff
 
 #: The largest page one request may ask for.
 MAX_LIMIT = 1000
@@ -185,7 +187,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         moment, _, number = text.partition("|")
         when, event_id = datetime.fromisoformat(moment), int(number)
-        if when.tzinfo is None or not 0 <= event_id < 2**63:
+        if when.tzinfo is None or not 0 <= event_id <= MAX_ROW_ID:
             raise ValueError("not a cursor")
         when.astimezone(UTC)
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
@@ -252,11 +254,8 @@ def resolve_filters(session: Session, filters: EventFilters) -> EventFilters:
             known = ", ".join(f"{r.code} ({r.name_fi})" for r in sorted(rows))
             raise BadInput(f"no {label} {wanted!r}: the {label} is one of {known}")
         codes[name] = code
-    if (
-        filters.seller
-        and session.scalar(select(Staff.id).where(Staff.username == filters.seller)) is None
-    ):
-        raise BadInput(f"no staff member with the username {filters.seller!r}")
+    if filters.seller:
+        known_staff(session, filters.seller)
     if (
         filters.customer
         and session.scalar(select(Customer.id).where(Customer.customer_number == filters.customer))
