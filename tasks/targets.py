@@ -22,6 +22,7 @@ from models.parties import Staff
 from models.targets import Target, TargetChange
 from tasks.context import StageContext
 from tasks.store import StageResult, record_inbound, upsert_key
+from tasks.views import known_staff
 
 
 def set_target(
@@ -107,13 +108,6 @@ def set_target(
     return {staff.id}
 
 
-def known_seller(session: Session, username: str) -> None:
-    """A filter's seller must exist: a username that names no one is bad input, not a list that
-    is empty for that reason."""
-    if session.scalar(select(Staff.id).where(Staff.username == username)) is None:
-        raise BadInput(f"no staff member with the username {username[:40]!r}")
-
-
 def target_changes(session: Session, seller: str | None = None) -> list[dict[str, Any]]:
     """Every target set or changed, oldest first: before and after, who and when."""
     query = (
@@ -122,7 +116,7 @@ def target_changes(session: Session, seller: str | None = None) -> list[dict[str
         .order_by(TargetChange.changed_at, TargetChange.id)
     )
     if seller:
-        known_seller(session, seller)
+        known_staff(session, seller)
         query = query.where(Staff.username == seller)
     return [
         {
@@ -157,7 +151,7 @@ def target_history(session: Session, seller: str | None = None) -> list[dict[str
         .order_by(Staff.username, Target.category_code, Target.kind, Target.valid_from)
     )
     if seller:
-        known_seller(session, seller)
+        known_staff(session, seller)
         query = query.where(Staff.username == seller)
     rows: list[dict[str, Any]] = []
     for target, username in session.execute(query):

@@ -149,8 +149,9 @@ def find_customer_contact(
         return None
     text = reference.strip()
     query = select(Contact).where(Contact.customer_id == customer.id).order_by(Contact.id)
-    if text.lstrip("#").isascii() and text.lstrip("#").isdigit():
-        number = row_id(text.lstrip("#"))
+    digits = text.lstrip("#")
+    if digits.isascii() and digits.isdigit():  # an id; one past any row's is no contact's
+        number = row_id(digits)
         found = [] if number is None else session.scalars(query.where(Contact.id == number)).all()
     elif "@" in text:
         address = text.lower()

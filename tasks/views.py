@@ -152,6 +152,15 @@ def staff_by_username(session: Session, username: str) -> Staff | None:
     return session.scalar(select(Staff).where(Staff.username == username))
 
 
+def known_staff(session: Session, username: str) -> Staff:
+    """The staff member a filter names: one who does not exist is bad input, never a list that
+    is empty for that reason."""
+    staff = staff_by_username(session, username)
+    if staff is None:
+        raise BadInput(f"no staff member with the username {username[:40]!r}")
+    return staff
+
+
 def zone_of(staff: Staff) -> ZoneInfo:
     """The staff member's zone (weeks and months are counted in it); Helsinki if unusable."""
     try:
@@ -297,11 +306,7 @@ def targets_progress(
     query = (
         select(Staff).where(Staff.active.is_(True), Staff.role == "seller").order_by(Staff.username)
     )
-    if seller:
-        query = select(Staff).where(Staff.username == seller)
-    sellers = list(session.scalars(query))
-    if seller and not sellers:  # as every filter that names nothing: said, not an empty list
-        raise BadInput(f"no staff member with the username {seller[:40]!r}")
+    sellers = [known_staff(session, seller)] if seller else list(session.scalars(query))
 
     def periods(staff: Staff) -> list[str]:
         return [period] if period else list(period_keys(now, zone_of(staff)))

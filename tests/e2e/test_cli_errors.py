@@ -52,6 +52,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["publish", "call", "x.json", "--wait", "nan"], "a number of seconds from 0, not 'nan'"),
         (["import", "messages", "x.jsonl", "--wait", "-5"], "a number of seconds from 0"),
         (["import", "cdr", "x.csv", "--source-system", ""], "1 to 100 printable characters"),
+        (["import", "cdr", "x.csv", "--batch-size", "0"], "--batch-size: must be 1 to 1000, not 0"),
+        (["import", "cdr", "x.csv", "--batch-size", "²"], "--batch-size: not a whole number"),
         (["events", "--limit", "many"], "argument --limit: not a whole number: 'many'"),
         (["events", "--since", "yesterday"], "not a date (YYYY-MM-DD): 'yesterday'"),
         (

@@ -68,14 +68,13 @@ class ImportReport:
 
 
 def batch_size(text: str) -> int:
+    """Messages per ``crm.batch/1``: 1 to what a batch carries."""
     import argparse
 
     from models.schemas.batch import MAX_BATCH_MESSAGES
+    from workers.cli.common import count
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = count(text)
     if not 1 <= value <= MAX_BATCH_MESSAGES:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_MESSAGES}, not {value}")
     return value
