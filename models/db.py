@@ -234,6 +234,9 @@ def insert_rows(
     On PostgreSQL the values go as one array per column into ``INSERT … SELECT … FROM
     unnest(…)``: one short statement, parsed and executed once, where an ``executemany`` is
     an execution per row on the server and a round of the driver's per-row work in Python.
+    A column whose rows all hold the same value (the batch's source, its time, the defaults:
+    half of an event's columns in a backfill) goes as that one value instead of an array of
+    it: the driver converts and the server reads one value, not one per row.
     Elsewhere (SQLite) ``executemany`` of the plain INSERT (``suffix`` must then be empty).
     """
     if not rows:
@@ -245,50 +248,88 @@ def insert_rows(
         return []
     dialect = session.get_bind().dialect
     names = tuple(rows[0])
-    statement, processors = _unnest_insert(dialect, table, names, suffix)
-    arrays: dict[str, list[Any]] = {}
+    processors = _processors(dialect, table, names)
+    values: dict[str, Any] = {}
+    varying: list[bool] = []
     for position, name in enumerate(names):
         process = processors[position]
-        values = [row[name] for row in rows]
-        arrays[f"c{position}"] = values if process is None else [process(v) for v in values]
-    result = cast(CursorResult[Any], session.execute(statement, arrays))
+        column = [row[name] for row in rows]
+        if process is not None:
+            column = [process(v) for v in column]
+        # Compared once processed (JSON as its text): 1 and 1.0 are equal but not the same JSON.
+        first = column[0]
+        if column.count(first) == len(column) and _same_types(column, first):
+            values[f"c{position}"] = first
+            varying.append(False)
+        else:
+            values[f"c{position}"] = column
+            varying.append(True)
+    if not any(varying):
+        values["c0"] = [values["c0"]] * len(rows)  # one array gives the statement its rows
+        varying[0] = True
+    statement = _unnest_insert(dialect, table, names, suffix, tuple(varying))
+    result = cast(CursorResult[Any], session.execute(statement, values))
     return list(result.all()) if result.returns_rows else []
 
 
-#: (table, columns, suffix) -> the statement of ``insert_rows`` and each column's bind processor.
-_UNNEST: dict[tuple[Table, tuple[str, ...], str], tuple[TextClause, list[Any]]] = {}
+def _same_types(column: list[Any], first: Any) -> bool:
+    """Whether every value is of ``first``'s type (``count`` took ``True`` for ``1``)."""
+    kind = type(first)
+    return kind is str or kind is type(None) or all(type(v) is kind for v in column)
+
+
+#: (table, columns) -> each column's bind processor, for ``insert_rows``.
+_PROCESSORS: dict[tuple[Table, tuple[str, ...]], list[Any]] = {}
+
+#: (table, columns, suffix, which columns vary) -> the statement of ``insert_rows``. Bounded:
+#: each set of constant columns a caller meets is a statement of its own.
+_UNNEST: dict[tuple[Table, tuple[str, ...], str, tuple[bool, ...]], TextClause] = {}
+_UNNEST_MAX = 512
+
+
+def _processors(dialect: Dialect, table: Table, names: tuple[str, ...]) -> list[Any]:
+    key = (table, names)
+    if (found := _PROCESSORS.get(key)) is None:
+        found = _PROCESSORS[key] = [
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+        ]
+    return found
 
 
 def _unnest_insert(
-    dialect: Dialect, table: Table, names: tuple[str, ...], suffix: str
-) -> tuple[TextClause, list[Any]]:
-    key = (table, names, suffix)
+    dialect: Dialect, table: Table, names: tuple[str, ...], suffix: str, varying: tuple[bool, ...]
+) -> TextClause:
+    key = (table, names, suffix, varying)
     if (found := _UNNEST.get(key)) is not None:
         return found
     arrays: list[str] = []
+    aliases: list[str] = []
     picks: list[str] = []
-    processors: list[Any] = []
     for position, name in enumerate(names):
         column_type = table.c[name].type
         impl = column_type.dialect_impl(dialect)
-        processors.append(impl.bind_processor(dialect))
         if isinstance(impl, postgresql.JSONB | postgresql.JSON):
-            # JSON goes as text (its bind processor serialises it), each element cast back.
-            arrays.append(f"CAST(:c{position} AS text[])")
-            picks.append(f"CAST(u.c{position} AS {impl.compile(dialect=dialect)})")
+            # JSON goes as text (its bind processor serialises it), cast back.
+            sent, kept = "text", impl.compile(dialect=dialect)
         elif isinstance(impl, String):
             # As text: an explicit cast to varchar(n) would cut a longer value silently, where
             # the INSERT's own assignment to the column refuses it.
-            arrays.append(f"CAST(:c{position} AS text[])")
-            picks.append(f"u.c{position}")
+            sent = kept = "text"
         else:
-            arrays.append(f"CAST(:c{position} AS {column_type.compile(dialect=dialect)}[])")
-            picks.append(f"u.c{position}")
+            sent = kept = column_type.compile(dialect=dialect)
+        if varying[position]:
+            arrays.append(f"CAST(:c{position} AS {sent}[])")
+            aliases.append(f"c{position}")
+            value = f"u.c{position}"
+        else:
+            value = f"CAST(:c{position} AS {sent})"
+        picks.append(value if sent == kept else f"CAST({value} AS {kept})")
     columns = ", ".join(f'"{name}"' for name in names)
-    aliases = ", ".join(f"c{position}" for position in range(len(names)))
     statement = text(
         f'INSERT INTO "{table.name}" ({columns}) SELECT {", ".join(picks)}'
-        f" FROM unnest({', '.join(arrays)}) AS u({aliases}) {suffix}"
+        f" FROM unnest({', '.join(arrays)}) AS u({', '.join(aliases)}) {suffix}"
     )
-    _UNNEST[key] = (statement, processors)
-    return statement, processors
+    if len(_UNNEST) >= _UNNEST_MAX:
+        _UNNEST.clear()
+    _UNNEST[key] = statement
+    return statement

@@ -61,6 +61,32 @@ def test_rows_read_back_as_given_on_postgresql(db: Session) -> None:
     assert stored(db, "pg") == rows
 
 
+def test_values_alike_but_not_the_same_are_each_stored_as_given(db: Session) -> None:
+    """A column whose rows all hold one value goes as that value once: 1 and 1.0 are equal in
+    Python but not the same JSON, True and 1 not the same value, so neither is sent once."""
+    rows = ledger_rows("alike")
+    for row, n in zip(rows, (1, 1.0, 1), strict=True):
+        row["payload"] = {"n": n}
+        row["received_at"] = WHEN  # the same time in every row: sent once
+    insert_rows(db, table_of(InboundMessage), rows)
+    db.expire_all()
+    found = stored(db, "alike")
+    assert found == rows
+    assert [type(row["payload"]["n"]) for row in found] == [int, float, int]  # type: ignore[index]
+
+
+def test_one_row_and_rows_all_alike_but_their_key(db: Session) -> None:
+    one = ledger_rows("single")[:1]
+    insert_rows(db, table_of(InboundMessage), one)
+    alike = ledger_rows("same")
+    for row in alike:
+        row["payload"], row["received_at"], row["source_id"] = {"same": True}, WHEN, "call"
+    insert_rows(db, table_of(InboundMessage), alike)
+    db.expire_all()
+    assert stored(db, "single") == one
+    assert stored(db, "same") == alike
+
+
 def test_rows_read_back_as_given_on_sqlite(sqlite_world: tuple[Session, StageContext]) -> None:
     session, _ctx = sqlite_world
     rows = ledger_rows("lite")
