@@ -175,6 +175,14 @@ class Settings:
     http_max_body_bytes: int = 1024 * 1024
     #: The whole of one request (headers and body) must reach the HTTP service within this.
     http_request_deadline_s: int = 30
+    #: Event streams (the screens' live updates) one process of the HTTP service keeps open at
+    #: once, and of them per token (a browser session counts as its token): 503 and 429 above,
+    #: so that streams never take every connection from the API.
+    http_max_streams: int = 800
+    http_streams_per_token: int = 20
+    #: An event stream ends after this long; the browser reconnects (reading the view again)
+    #: and its token is asked again, so a forgotten or half-open stream holds no slot forever.
+    http_stream_lifetime_s: int = 3600
     #: Signs browser sessions of the HTTP service; unset, a key made once and kept in the
     #: database, which every replica shares.
     session_secret: str = field(default="", repr=False)
@@ -250,6 +258,17 @@ def _parse_positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+#: The longest an event stream may be kept open (a week): a larger number is surely a mistake.
+MAX_STREAM_LIFETIME_S = 7 * 24 * 3600
+
+
+def _parse_stream_lifetime(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value <= MAX_STREAM_LIFETIME_S:
+        raise ValueError(f"expected 1 to {MAX_STREAM_LIFETIME_S} seconds, got {raw!r}")
     return value
 
 
@@ -493,6 +512,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "public_base_url": _parse_base_url,
     "http_max_body_bytes": _parse_positive_int,
     "http_request_deadline_s": _parse_positive_int,
+    "http_max_streams": _parse_positive_int,
+    "http_streams_per_token": _parse_positive_int,
+    "http_stream_lifetime_s": _parse_stream_lifetime,
     "smtp_ca_file": Path,
     "weekly_report_at": _parse_schedule("weekly"),
     "monthly_report_at": _parse_schedule("monthly"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
 import urllib.request
 import uuid
 from datetime import UTC, date, datetime
@@ -13,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Response, expect
 
 from tests.browser.conftest import ARTIFACTS, Screens
+
+#: A token's streams at once (the service's default, CRM_HTTP_STREAMS_PER_TOKEN).
+STREAMS_PER_TOKEN = 20
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +117,68 @@ def test_a_visit_posted_through_the_api_appears_in_its_card_without_a_reload(
     expect(page.locator("#live-status")).to_contain_text("Päivitetty")
     shot(page, "seller-view-live")
     page.context.close()
+
+
+def open_streams(screens: Screens, token: str, count: int) -> list[socket.socket]:
+    """``count`` streams of the seller's view held open with ``token``, each past its ready."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", screens.port), timeout=30)
+        sock.sendall(
+            b"GET /v1/stream/sellers/anna HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        received = b""
+        while b"event: ready" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        held.append(sock)
+    return held
+
+
+def test_a_screen_refused_its_stream_tries_again_and_goes_live(
+    browser: Browser, screens: Screens
+) -> None:
+    """A token's streams all open (another tab, a script): the screen's own is refused (429),
+    it says so, and tries again later; once a stream is free it follows changes again."""
+    token = screens.cli_json(
+        "token", "create", f"busy-{uuid.uuid4().hex[:6]}", "--scope", "read", "--staff", "anna"
+    )["token"]
+    held = open_streams(screens, token, STREAMS_PER_TOKEN)
+    context = browser.new_context()
+    page = context.new_page()
+    page.clock.install()  # the page's timers, to be moved on rather than waited for
+    page.goto(f"{screens.base}/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+
+    def stream(response: Response) -> bool:
+        return "/v1/stream/" in response.url
+
+    with page.expect_response(stream) as first:
+        page.goto(f"{screens.base}/sellers/anna")
+    assert first.value.status == 429
+    expect(page.locator("#live-status")).to_contain_text("Yhteys katkesi")
+    for sock in held:
+        sock.close()
+    # The service lets a stream go once it sees its client gone: until then a retry may still
+    # be refused, and the page tries again.
+    deadline = time.monotonic() + 60
+    while True:
+        with page.expect_response(stream) as again:
+            page.clock.run_for(31_000)  # the page's wait before trying again
+        if again.value.status == 200:
+            break
+        assert again.value.status == 429
+        assert time.monotonic() < deadline, "the screen never got its stream again"
+    expect(page.locator("#live-status")).to_contain_text("Päivitetty")  # caught up on ready
+    card = page.locator('section.card[data-card="customer_visit"]')
+    subject = f"Takaisin-käynti {uuid.uuid4().hex[:6]}"
+    post_visit(screens, subject)
+    expect(card.locator("li.event .subject", has_text=subject)).to_be_visible(timeout=30_000)
+    shot(page, "seller-view-stream-refused-then-live")
+    context.close()
 
 
 def last_month() -> str:

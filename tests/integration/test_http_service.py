@@ -11,6 +11,7 @@ import email.policy
 import json
 import socket
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -736,3 +737,111 @@ def test_the_language_links_never_name_the_host_the_client_said(
     )
     assert status == 200
     assert 'href="/board?week=1&amp;lang=en"' in page and "evil.example" not in page
+
+
+def open_stream(service: HttpService, token: str) -> tuple[socket.socket | None, int, bytes]:
+    """A seller's stream: (the socket, held open past its ready, or None), status, what came."""
+    sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+    sock.sendall(
+        f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    status = int(received.split(b" ", 2)[1])
+    if status != 200:
+        while b'"}' not in received:  # the JSON reason, a flat object
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        sock.close()
+        return None, status, received
+    while b"event: ready" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return sock, status, received
+
+
+@pytest.fixture(scope="module")
+def narrow(world: LiveSystem) -> Iterator[HttpService]:
+    """A service that holds at most 3 streams, 2 of one token."""
+    env = {**world.env, "CRM_HTTP_MAX_STREAMS": "3", "CRM_HTTP_STREAMS_PER_TOKEN": "2"}
+    running = start_service(env, world.settings.data_dir / "http-narrow.log")
+    yield running
+    stop_service(running)
+
+
+def read_token(world: LiveSystem, name: str = "") -> str:
+    name = name or f"http-streams-{uuid.uuid4().hex[:6]}"
+    made = world.cli("token", "create", name, "--scope", "read", "--json")
+    assert made.returncode == 0, made.stderr
+    return str(json.loads(made.stdout)["token"])
+
+
+def test_streams_are_held_within_their_limits_and_let_go_when_closed(
+    world: LiveSystem, narrow: HttpService
+) -> None:
+    """Streams cannot take every connection: 2 of one token (429 above), 3 in all (503 above),
+    each refusal with its reason and Retry-After; a stream closed frees its place."""
+    first, second = read_token(world), read_token(world)
+    held = []
+    for _ in range(2):
+        sock, status, _received = open_stream(narrow, first)
+        assert status == 200 and sock is not None
+        held.append(sock)
+    _none, status, received = open_stream(narrow, first)
+    assert status == 429
+    assert b"retry-after: 30" in received.lower()
+    assert b"as many as one token may" in received
+    sock, status, _received = open_stream(narrow, second)
+    assert status == 200 and sock is not None
+    held.append(sock)
+    _none, status, received = open_stream(narrow, second)
+    assert status == 503
+    assert b"retry-after: 30" in received.lower()
+    assert b"as many event streams as it may" in received
+    held.pop(0).close()
+    deadline = time.monotonic() + 30
+    while True:  # until the service has seen it gone
+        sock, status, _received = open_stream(narrow, first)
+        if status == 200:
+            break
+        assert status in (429, 503) and time.monotonic() < deadline, status
+    assert sock is not None
+    held.append(sock)
+    for sock in held:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def brief(world: LiveSystem) -> Iterator[HttpService]:
+    """A service whose streams last a second."""
+    env = {**world.env, "CRM_HTTP_STREAM_LIFETIME_S": "1"}
+    running = start_service(env, world.settings.data_dir / "http-brief.log")
+    yield running
+    stop_service(running)
+
+
+def test_a_stream_ends_after_its_lifetime_and_the_client_comes_back(
+    world: LiveSystem, brief: HttpService
+) -> None:
+    """A forgotten or half-open stream holds no place for ever: it ends, and a reconnection
+    (the browser's, after ``retry``) is a new stream that asks for the token again."""
+    name = f"http-brief-{uuid.uuid4().hex[:6]}"
+    token = read_token(world, name)
+    for _ in range(2):  # the second: the client back after the first ended
+        sock, status, received = open_stream(brief, token)
+        assert status == 200 and sock is not None
+        assert b"retry: 2000" in received
+        with sock:
+            while not received.endswith(b"0\r\n\r\n"):  # the last chunk: the stream is over
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+    assert world.cli("token", "revoke", name).returncode == 0
+    _none, status, _received = open_stream(brief, token)
+    assert status == 401

@@ -184,3 +184,20 @@ def test_a_database_or_folder_the_product_cannot_use_is_a_configuration_error(
         load_settings(env)
     assert said in str(refused.value)
     assert "S3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("CRM_HTTP_STREAM_LIFETIME_S", "0"),
+        ("CRM_HTTP_STREAM_LIFETIME_S", "604801"),
+        ("CRM_HTTP_STREAM_LIFETIME_S", "9" * 400),
+        ("CRM_HTTP_MAX_STREAMS", "0"),
+        ("CRM_HTTP_STREAMS_PER_TOKEN", "-1"),
+    ],
+)
+def test_stream_limits_are_counts_and_a_lifetime_of_at_most_a_week(name: str, raw: str) -> None:
+    """A stream's deadline is a time in the event loop: a lifetime past a float's range would
+    fail every stream, where a bad setting is refused at start."""
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: raw})

@@ -65,6 +65,7 @@ class Service:
         self.browser_sessions = Sessions(self)
         self.templates = pages.environment()
         self.instruments = Instruments(self)
+        self.streams = stream.OpenStreams()
         self._redis: Any = None
 
     def redis_client(self) -> Any:

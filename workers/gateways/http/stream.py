@@ -8,13 +8,20 @@ whose data is that notification. Without Redis (the embedded default) the stream
 seller's cards in the database instead, twice a second. The stream starts with an event
 ``ready`` (a client that reconnects reads the view again then: what changed while it was away
 is in it) and keeps the connection open with a comment every 15 s.
+
+Streams are held, so they are counted: one process keeps at most ``CRM_HTTP_MAX_STREAMS`` open
+(503 above it, leaving the rest of its connections to the API) and at most
+``CRM_HTTP_STREAMS_PER_TOKEN`` of one token or its browser sessions (429 above it). A stream
+ends after ``CRM_HTTP_STREAM_LIFETIME_S``; the browser reconnects after ``retry`` and its token
+is asked again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from models.parties import Staff
 from models.targets import SellerView
@@ -35,6 +43,68 @@ KEEPALIVE_S = 15.0
 POLL_S = 0.5
 #: What the browser waits before reconnecting (EventSource's ``retry``).
 RETRY_MS = 2000
+#: What a refused stream's ``Retry-After`` says.
+REFUSED_RETRY_S = 30
+
+
+class OpenStreams:
+    """The streams one process holds, in all and by token (only the event loop touches it)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_token: Counter[int] = Counter()
+
+    def take(self, token_id: int, settings: Any) -> Callable[[], None]:
+        """Count a stream of ``token_id``, or refuse it; the callable lets it go (once)."""
+        if self.total >= settings.http_max_streams:
+            raise _refused(
+                503, "the service holds as many event streams as it may; try again later"
+            )
+        if self.by_token[token_id] >= settings.http_streams_per_token:
+            raise _refused(
+                429,
+                f"this token has {self.by_token[token_id]} event streams open already, as many "
+                "as one token may: close one (a screen's tab) or try again later",
+            )
+        self.total += 1
+        self.by_token[token_id] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.total -= 1
+                self.by_token[token_id] -= 1
+                if not self.by_token[token_id]:
+                    del self.by_token[token_id]
+
+        return release
+
+
+def _refused(status: int, error: str) -> Problem:
+    problem = Problem(status, error)
+    problem.headers["Retry-After"] = str(REFUSED_RETRY_S)
+    return problem
+
+
+class HeldStream(StreamingResponse):
+    """A stream that lets its count go when it ends, however it ends (finished, the client gone,
+    or never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -42,16 +112,16 @@ def sse(event: str, data: Any) -> bytes:
 
 
 async def seller_stream(request: Request) -> StreamingResponse:
-    await principal_for(request, "read")
+    principal = await principal_for(request, "read")
     username = request.path_params["username"]
-    return await stream_of(request, username, lambda staff: [staff])
+    return await stream_of(request, principal.token_id, username, lambda staff: [staff])
 
 
 async def team_stream(request: Request) -> StreamingResponse:
     """The manager's board: one stream for all the sellers whose manager they are."""
-    await principal_for(request, "read")
+    principal = await principal_for(request, "read")
     username = request.path_params["username"]
-    return await stream_of(request, username, team_of)
+    return await stream_of(request, principal.token_id, username, team_of)
 
 
 def team_of(manager: Staff) -> list[Staff]:
@@ -64,7 +134,7 @@ def team_of(manager: Staff) -> list[Staff]:
     )
 
 
-async def stream_of(request: Request, username: str, whom: Any) -> StreamingResponse:
+async def stream_of(request: Request, token_id: int, username: str, whom: Any) -> StreamingResponse:
     service = service_of(request)
 
     def sellers() -> list[tuple[int, str]] | None:
@@ -75,11 +145,15 @@ async def stream_of(request: Request, username: str, whom: Any) -> StreamingResp
     found = await run_in_threadpool(sellers)
     if found is None:
         raise Problem(404, f"no staff member {username[:40]!r}")
+    release = service.streams.take(token_id, service.settings)
+    # The stream's end, as the event loop counts time: each source of changes yields a moment
+    # without one (None) by then at the latest, and the stream ends at it.
+    until = asyncio.get_running_loop().time() + service.settings.http_stream_lifetime_s
     url = service.settings.effective_redis_url
     changes = (
-        redis_changes(url, [name for _, name in found])
+        redis_changes(url, [name for _, name in found], until)
         if url
-        else polled_changes(service, dict(found))
+        else polled_changes(service, dict(found), until)
     )
 
     async def allowed() -> bool:
@@ -89,29 +163,38 @@ async def stream_of(request: Request, username: str, whom: Any) -> StreamingResp
             return False
         return True
 
-    return StreamingResponse(
-        events(changes, username, allowed),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return HeldStream(events(changes, username, allowed, until), release)
 
 
 async def events(
-    changes: AsyncIterator[Any], username: str, allowed: Callable[[], Awaitable[bool]]
+    changes: AsyncGenerator[Any, None],
+    username: str,
+    allowed: Callable[[], Awaitable[bool]],
+    until: float,
 ) -> AsyncIterator[bytes]:
     """The stream's bytes; a change of None is a moment without one (a keep-alive comment).
 
     The token that opened the stream is asked again (``allowed``, one indexed read) before
     each event and keep-alive: once it is revoked (or the session has ended), the stream ends
-    there, and the browser's reconnection meets the 401."""
-    yield f"retry: {RETRY_MS}\n".encode() + sse("ready", {"seller": username})
-    async for change in changes:
-        if not await allowed():
-            return
-        yield b": keepalive\n\n" if change is None else sse("view", change)
+    there, and the browser's reconnection meets the 401. At ``until`` (the event loop's
+    time) it ends too."""
+    loop = asyncio.get_running_loop()
+    try:
+        yield f"retry: {RETRY_MS}\n".encode() + sse("ready", {"seller": username})
+        async for change in changes:
+            if loop.time() >= until or not await allowed():
+                return
+            yield b": keepalive\n\n" if change is None else sse("view", change)
+    finally:
+        await changes.aclose()
 
 
-async def redis_changes(url: str, usernames: list[str]) -> AsyncIterator[Any]:
+def _quiet_for(until: float) -> float:
+    """How long a source of changes may wait for one: a keep-alive's time, or less at the end."""
+    return max(0.0, min(KEEPALIVE_S, until - asyncio.get_running_loop().time()))
+
+
+async def redis_changes(url: str, usernames: list[str], until: float) -> AsyncGenerator[Any, None]:
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(url)
@@ -119,11 +202,13 @@ async def redis_changes(url: str, usernames: list[str]) -> AsyncIterator[Any]:
     try:
         if not usernames:
             while True:  # no one to follow: keep the stream open, quietly
-                await asyncio.sleep(KEEPALIVE_S)
+                await asyncio.sleep(_quiet_for(until))
                 yield None
         await pubsub.subscribe(*(f"crm.seller.{name}" for name in usernames))
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE_S)
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=_quiet_for(until)
+            )
             if message is None:
                 yield None
                 continue
@@ -136,7 +221,9 @@ async def redis_changes(url: str, usernames: list[str]) -> AsyncIterator[Any]:
         await client.aclose()
 
 
-async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator[Any]:
+async def polled_changes(
+    service: Any, sellers: dict[int, str], until: float
+) -> AsyncGenerator[Any, None]:
     """Without Redis: each seller's latest refresh, looked up twice a second."""
 
     def latest() -> dict[int, datetime]:
@@ -151,6 +238,7 @@ async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator
                 ).all()
             )
 
+    loop = asyncio.get_running_loop()
     seen = await run_in_threadpool(latest)
     quiet = 0.0
     while True:
@@ -167,7 +255,7 @@ async def polled_changes(service: Any, sellers: dict[int, str]) -> AsyncIterator
             }
         if not changed:
             quiet += POLL_S
-            if quiet >= KEEPALIVE_S:
+            if quiet >= KEEPALIVE_S or loop.time() >= until:
                 quiet = 0.0
                 yield None
 

@@ -22,11 +22,23 @@
       .catch(function () {})
       .then(function () { loading = false; if (again) { again = false; reload(); } });
   }
-  var stream = new EventSource(root.dataset.liveStream);
-  stream.addEventListener("view", reload);
-  stream.addEventListener("ready", function () {
-    if (connected) reload();  // back after a lost connection: catch up
-    connected = true;
-  });
-  stream.onerror = function () { say(root.dataset.liveLost); };
+  // A lost connection is retried by the browser itself; a refused one (the service busy, a
+  // token's streams all open, a restart's 502 at a proxy) closes the stream: try again later.
+  var REFUSED_RETRY_MS = 30000;
+  function listen() {
+    var stream = new EventSource(root.dataset.liveStream);
+    stream.addEventListener("view", reload);
+    stream.addEventListener("ready", function () {
+      if (connected) reload();  // back after a lost connection: catch up
+      connected = true;
+    });
+    stream.onerror = function () {
+      say(root.dataset.liveLost);
+      if (stream.readyState === EventSource.CLOSED) {
+        connected = true;  // whatever it missed meanwhile is read on its ready
+        setTimeout(listen, REFUSED_RETRY_MS);
+      }
+    };
+  }
+  listen();
 })();
