@@ -50,7 +50,37 @@ def require_current_schema(rt: Runtime) -> None:
         raise InputError(f"{behind}: run crm-events init-db first (docs/operations.md, Upgrading)")
 
 
+#: Celery's options that name queues: to consume (``-Q``) and to leave out (``-X``).
+QUEUE_OPTIONS = {"-Q": "-Q", "--queues": "-Q", "-X": "-X", "--exclude-queues": "-X"}
+
+
+def named_queues(celery_args: list[str]) -> list[tuple[str, str]]:
+    """(option, queue) for each queue that ``-Q``/``--queues``/``-X``/``--exclude-queues`` names,
+    in each of Celery's spellings (``-Q a,b``, ``-Qa,b``, ``--queues=a,b``)."""
+    named: list[tuple[str, str]] = []
+    for position, arg in enumerate(celery_args):
+        name, equals, value = arg.partition("=")
+        if name in QUEUE_OPTIONS and equals:
+            option = QUEUE_OPTIONS[name]
+        elif arg in QUEUE_OPTIONS:
+            option, value = QUEUE_OPTIONS[arg], "".join(celery_args[position + 1 : position + 2])
+        elif arg[:2] in ("-Q", "-X") and not arg.startswith("--"):
+            option, value = arg[:2], arg[2:]
+        else:
+            continue
+        queues = [queue.strip() for queue in value.split(",") if queue.strip()]
+        if not queues:
+            raise InputError(f"{option} names no queue; the queues are {', '.join(QUEUES)}")
+        named += [(option, queue) for queue in queues]
+    return named
+
+
 def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
+    for option, queue in named_queues(args.celery_args):
+        if queue not in QUEUES:
+            raise InputError(
+                f"{option}: no queue {queue[:80]!r}; the queues are {', '.join(QUEUES)}"
+            )
     require_current_schema(rt)
     argv = ["worker", *args.celery_args]
     if not any(
