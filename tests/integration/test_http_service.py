@@ -739,6 +739,30 @@ def test_the_language_links_never_name_the_host_the_client_said(
     assert 'href="/board?week=1&amp;lang=en"' in page and "evil.example" not in page
 
 
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/board/?week=1", "/board?week=1"),
+        ("/v1/events//", "/v1/events"),
+        (f"/sellers/{SELLER}/", f"/sellers/{SELLER}"),
+        ("/sellers/h%C3%A4n/", "/sellers/h%C3%A4n"),  # as the client encoded it
+    ],
+)
+def test_a_trailing_slash_redirects_to_the_path_never_to_the_host_the_client_said(
+    service: HttpService, path: str, location: str
+) -> None:
+    status, headers, _body = service.exchange("GET", path, headers={"Host": "evil.example"})
+    assert (status, headers["location"]) == (307, location)
+
+
+@pytest.mark.parametrize("path", ["//evil.example/", "/nothing-here/", "///"])
+def test_a_trailing_slash_of_no_route_is_not_found_not_sent_elsewhere(
+    service: HttpService, path: str
+) -> None:
+    status, headers, _body = service.exchange("GET", path)
+    assert status == 404 and "location" not in headers
+
+
 def open_stream(service: HttpService, token: str) -> tuple[socket.socket | None, int, bytes]:
     """A seller's stream: (the socket, held open past its ready, or None), status, what came."""
     sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)

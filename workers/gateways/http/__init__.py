@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from config.settings import Settings
@@ -96,9 +97,31 @@ async def bad_input_answer(request: Request, exc: Exception) -> Response:
 
 async def http_answer(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 404 and (found := without_slash(request)) is not None:
+        return RedirectResponse(found, status_code=307)
     reasons = {404: "no such endpoint (see /docs)", 405: "method not allowed here"}
     document = {"error": reasons.get(exc.status_code, str(exc.detail))}
     return JSONResponse(document, status_code=exc.status_code, headers=exc.headers)
+
+
+def without_slash(request: Request) -> str | None:
+    """``/board/`` is ``/board``: the address without its trailing slashes, if a route has it.
+
+    Relative (the path and query alone), where Starlette's own redirect names the host the
+    client's Host header gave: a cache in front would keep and serve that to everyone."""
+    path = request.scope["path"]
+    bare = path.rstrip("/")
+    if not bare or bare == path:
+        return None
+    scope = {**request.scope, "path": bare}
+    if not any(route.matches(scope)[0] is not Match.NONE for route in request.app.router.routes):
+        return None
+    raw = request.scope.get("raw_path")  # as the client encoded it
+    location = raw.rstrip(b"/").decode("latin-1") if raw else quote(bare)
+    if location.startswith("//"):
+        return None  # another host, to a browser
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return f"{location}?{query}" if query else location
 
 
 async def gone_answer(request: Request, exc: Exception) -> Response:
@@ -138,6 +161,7 @@ def create_service(settings: Settings, celery_app: Any | None = None) -> Starlet
             Exception: error_answer,
         },
     )
+    application.router.redirect_slashes = False  # relative, by http_answer instead
     application.state.service = service
     return application
 
