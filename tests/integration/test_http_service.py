@@ -707,9 +707,10 @@ def test_nothing_a_sender_wrote_is_markup_on_a_screen(
 def test_a_username_with_url_characters_is_linked_and_streamed_as_itself(
     world: LiveSystem, service: HttpService, tokens: dict[str, str]
 ) -> None:
-    """A username may hold a space, '?', '#' or '%': in a link or the stream's address each is
-    quoted, or the path would end there (the seller's screen, live updates, the board)."""
-    odd = f"odd {uuid.uuid4().hex[:4]}?x#y%"
+    """A username may hold a space, '?', '#', '%' or '/': in a link or the stream's address each
+    is quoted, or the path would end or branch there (the seller's screen, live updates, the
+    board, the home page's redirect), and each of its addresses takes it whole."""
+    odd = f"tiimi/odd {uuid.uuid4().hex[:4]}?x#y%"
     party = {"schema": "crm.party/1", "source_system": "erp"}
     [done] = world.publish(
         "party",
@@ -720,12 +721,38 @@ def test_a_username_with_url_characters_is_linked_and_streamed_as_itself(
     quoted = urllib.parse.quote(odd, safe="")
     cookie = session_cookie(service, tokens["admin"])
     status, page = service.request("GET", f"/sellers/{quoted}", headers={"Cookie": cookie})
-    assert status == 200, page[:300]
+    assert status == 200, str(page)[:300]
     assert f'data-live-stream="/v1/stream/sellers/{quoted}"' in page
     status, board = service.request(
         "GET", "/board?manager=http-manager", headers={"Cookie": cookie}
     )
     assert status == 200 and f'href="/sellers/{quoted}"' in board
+    status, cards = service.request(
+        "GET", f"/v1/sellers/{quoted}/view", headers=auth(tokens["read"])
+    )
+    assert status == 200 and isinstance(cards, list), cards
+    sock, status, received = open_stream(service, tokens["read"], odd)
+    assert status == 200 and sock is not None, received
+    sock.close()
+    name = f"http-odd-{uuid.uuid4().hex[:6]}"
+    made = world.cli("token", "create", name, "--scope", "read", "--staff", odd, "--json")
+    assert made.returncode == 0, made.stderr
+    own = session_cookie(service, json.loads(made.stdout)["token"])
+    status, headers, _body = service.exchange("GET", "/", headers={"Cookie": own})
+    assert (status, headers["location"]) == (303, f"/sellers/{quoted}")
+    number = f"AB/{uuid.uuid4().hex[:6]}"
+    [done] = world.publish(
+        "party",
+        [{**party, "kind": "customer", "customer_number": number, "name": "Vinoviiva Oy"}],
+    )
+    assert done.outcome == "done", done.detail
+    path = urllib.parse.quote(number, safe="")
+    status, history = service.request(
+        "GET", f"/v1/customers/{path}/history", headers=auth(tokens["read"])
+    )
+    assert status == 200 and history["customer_number"] == number, history
+    status, page = service.request("GET", f"/customers/{path}", headers={"Cookie": cookie})
+    assert status == 200 and "Vinoviiva Oy" in page
 
 
 def test_the_language_links_never_name_the_host_the_client_said(
@@ -763,11 +790,13 @@ def test_a_trailing_slash_of_no_route_is_not_found_not_sent_elsewhere(
     assert status == 404 and "location" not in headers
 
 
-def open_stream(service: HttpService, token: str) -> tuple[socket.socket | None, int, bytes]:
+def open_stream(
+    service: HttpService, token: str, seller: str = SELLER
+) -> tuple[socket.socket | None, int, bytes]:
     """A seller's stream: (the socket, held open past its ready, or None), status, what came."""
     sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)
     sock.sendall(
-        f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+        f"GET /v1/stream/sellers/{urllib.parse.quote(seller, safe='')} HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {token}\r\n\r\n".encode()
     )
     received = b""

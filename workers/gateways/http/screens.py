@@ -467,15 +467,15 @@ async def home(request: Request) -> Response:
 
         if await run_in_threadpool(role) == "manager":
             return RedirectResponse("/board", status_code=303)
-        return RedirectResponse(f"/sellers/{principal.staff}", status_code=303)
+        return RedirectResponse(f"/sellers/{path_segment(principal.staff)}", status_code=303)
     return RedirectResponse("/board", status_code=303)
 
 
 ROUTES = [
     Route("/", home, methods=["GET"]),
-    Route("/sellers/{username:str}", seller_screen, methods=["GET"]),
+    Route("/sellers/{username:path}", seller_screen, methods=["GET"]),
     Route("/board", board_screen, methods=["GET"]),
-    Route("/customers/{number:str}", customer_screen, methods=["GET"]),
+    Route("/customers/{number:path}", customer_screen, methods=["GET"]),
     Route("/triage", triage_screen, methods=["GET"]),
     Route("/triage/{event_id:id}/link", triage_link, methods=["POST"]),
 ]

@@ -261,6 +261,6 @@ async def polled_changes(
 
 
 ROUTES = [
-    Route("/v1/stream/sellers/{username:str}", seller_stream, methods=["GET"]),
-    Route("/v1/stream/teams/{username:str}", team_stream, methods=["GET"]),
+    Route("/v1/stream/sellers/{username:path}", seller_stream, methods=["GET"]),
+    Route("/v1/stream/teams/{username:path}", team_stream, methods=["GET"]),
 ]
