@@ -39,6 +39,7 @@ USED = [
     (virtual.QoS, "append", ["self", "message", "delivery_tag"]),
     (filesystem.Channel, "_put", ["self", "queue", "payload"]),
     (filesystem.Channel, "_restore", ["self", "message"]),
+    (filesystem.Channel, "_get", ["self", "queue"]),
 ]  # fmt: skip
 
 
@@ -60,6 +61,8 @@ def test_the_channel_attributes_the_fetch_reads_are_still_set() -> None:
         assert f"self.{attribute}" in source, attribute
     assert broker_redis.Channel.__mro__[1] is kombu_redis.Channel
     assert broker_fs.Channel.__mro__[1] is filesystem.Channel
+    for attribute in ("data_folder_in", "store_processed", "processed_folder"):
+        assert attribute in vars(filesystem.Channel), attribute  # cached properties
 
 
 def test_kombu_is_pinned_to_the_minor_version_this_was_checked_against() -> None:

@@ -5,25 +5,84 @@ folder can pick the file up in between, read nothing, fail to decode it and lose
 (seen with a visit carrying a photo). Here a message is written under a hidden temporary name
 and renamed into place, which is atomic on POSIX filesystems, so a consumer only ever sees
 whole messages.
+
+kombu reads the whole folder, sorts it and walks it from the front (``list.pop(0)``) for every
+message it takes, and for every queue it finds empty: a backlog of 54,000 messages went at 0.7
+a second. Here a listing is read once, split by queue in the order kombu takes them (by name:
+the time the message was sent, first), and each queue's messages are taken from it; the folder
+is read again when the asked queue has none left, at most every ``RELIST_S``. A message's name
+begins with the time it was sent, in nanoseconds, so that the names sort in the order sent.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
-from time import monotonic
+from collections import deque
+from queue import Empty
+from time import monotonic, monotonic_ns
 from typing import Any
 
 from kombu.transport import filesystem
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 
 
 class Channel(filesystem.Channel):
+    #: A queue found empty looks at the folder again after this long at the soonest (the
+    #: worker's polling interval is 0.05 s).
+    RELIST_S = 0.02
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: "<queue>.msg" -> the names of its messages as last listed, in the order to take them.
+        self._listed: dict[str, deque[str]] = {}
+        self._listed_at = float("-inf")
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        """The queue's next message, as kombu's ``_get`` takes it (moved out of the folder,
+        then read), from the last listing while it has one for the queue."""
+        wanted = f"{queue}.msg"
+        while True:
+            pending = self._listed.get(wanted)
+            if not pending:
+                if monotonic() - self._listed_at < self.RELIST_S:
+                    raise Empty()
+                self._relist()
+                pending = self._listed.get(wanted)
+                if not pending:
+                    raise Empty()
+            filename = pending.popleft()
+            processed = self.processed_folder if self.store_processed else tempfile.gettempdir()
+            try:
+                shutil.move(os.path.join(self.data_folder_in, filename), processed)
+            except OSError:
+                continue  # another consumer took it meanwhile
+            path = os.path.join(processed, filename)
+            try:
+                with open(path, "rb") as handle:
+                    payload = handle.read()
+                if not self.store_processed:
+                    os.remove(path)
+            except OSError as exc:
+                raise filesystem.ChannelError(f"Cannot read file {path!r} from queue.") from exc
+            return loads(bytes_to_str(payload))
+
+    def _relist(self) -> None:
+        listed: dict[str, deque[str]] = {}
+        for filename in sorted(os.listdir(self.data_folder_in)):
+            listed.setdefault(filename.partition(".")[2], deque()).append(filename)
+        self._listed = listed
+        self._listed_at = monotonic()
+
     # Same signature as filesystem.Channel._put, which kombu itself declares with ``payload``
     # where its base AbstractChannel says ``message``: no override can match both.
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        filename = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # Named by the time sent, in nanoseconds and zero-padded: the names sort in the order
+        # the messages were sent (kombu's milliseconds tie, and sort 9999 after 10000).
+        filename = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, filename)
         # The leading dot keeps the temporary name out of every queue's pattern.
         temporary = os.path.join(self.data_folder_out, f".{filename}.tmp")
