@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -360,10 +361,13 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
         except StopIteration:
             return
         except csv.Error as exc:
-            # The reader drops the rest of the line it failed on and starts afresh on the next
-            # one, which may still be inside this row's quoted field: skip to the row's end.
-            lines.skip_rest_of_record()
-            yield CdrRow(lines.number, None, f"not CSV: {exc}")
+            # The reader drops the rest of the line it failed on and starts afresh on the next.
+            if len(lines.record) > 1:  # in a quote opened lines before: read those again
+                first = lines.number - len(lines.record) + 1
+                lines.read_again(lines.record[1:])
+                yield CdrRow(first, None, f"not CSV: {exc} (in a quote opened on this line)")
+            else:
+                yield CdrRow(lines.number, None, f"not CSV: {exc}")
             continue
         line = lines.number
         if not values or all(not v.strip() for v in values):
@@ -377,6 +381,13 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
                 continue
         columns = header or CDR_LAYOUTS.get(len(values))
         if columns is None or len(columns) != len(values):
+            if len(lines.record) > 1:
+                # A quote left open took the lines after it into this row: the line it opened
+                # on is the bad row, and the lines it took are read again as rows of their own.
+                first = line - len(lines.record) + 1
+                lines.read_again(lines.record[1:])
+                yield CdrRow(first, None, "a quote opened on this line is not closed on it")
+                continue
             expected = len(columns) if columns else "16-21"
             yield CdrRow(line, None, f"{len(values)} fields, expected {expected}")
             continue
@@ -385,10 +396,11 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
 
 class _RecordLines:
     """The text's lines as the CSV reader splits them (at CR, LF or CRLF), counted, with the lines
-    of the current row kept until the next row starts."""
+    of the current row kept until the next row starts, and lines given back read again first."""
 
     def __init__(self, text: str) -> None:
         self._lines = iter(io.StringIO(text, newline=""))
+        self._again: deque[str] = deque()
         self.number = 0
         self.record: list[str] = []
 
@@ -396,46 +408,15 @@ class _RecordLines:
         return self
 
     def __next__(self) -> str:
-        line = next(self._lines)
+        line = self._again.popleft() if self._again else next(self._lines)
         self.number += 1
         self.record.append(line)
         return line
 
+    def read_again(self, lines: list[str]) -> None:
+        """Give ``lines`` (the last ones read) to the CSV reader once more, as new rows."""
+        self._again.extendleft(reversed(lines))
+        self.number -= len(lines)
+
     def start_record(self) -> None:
         self.record.clear()
-
-    def skip_rest_of_record(self) -> None:
-        """Read on to the end of the current row, as the CSV reader would have split it."""
-        quoted = False
-        for line in self.record:
-            quoted = _quoted_at_end(line, quoted)
-        while quoted:
-            try:
-                quoted = _quoted_at_end(next(self), quoted=True)
-            except StopIteration:  # an unterminated quote ends at the end of the text
-                return
-
-
-def _quoted_at_end(line: str, quoted: bool) -> bool:
-    """Whether a quoted field is still open at the end of this line (its row goes on), reading
-    as the csv module's default dialect does: a quote opens a field only as its first character,
-    ``""`` inside one is a quote, and after the closing quote the field goes on unquoted."""
-    at_field_start = not quoted
-    i = 0
-    while i < len(line):
-        if quoted:
-            end = line.find('"', i)
-            if end < 0:
-                return True
-            if line.startswith('"', end + 1):
-                i = end + 2
-                continue
-            quoted, at_field_start, i = False, False, end + 1
-        elif at_field_start and line[i] == '"':
-            quoted, i = True, i + 1
-        else:
-            comma = line.find(",", i)
-            if comma < 0:
-                return False  # the line break ends the row
-            at_field_start, i = True, comma + 1
-    return quoted

@@ -295,7 +295,8 @@ def test_cdr_import_reports_each_unreadable_row_and_reads_the_others() -> None:
 def test_master_csv_reads_on_after_a_field_over_the_csv_limit() -> None:
     answered, missed = master_csv_rows()
     huge = answered.replace('""Matti Virtanen""', "x" * 200_000)
-    # The same inside a quoted field of several lines: the row ends where its quote closes.
+    # The same inside a quoted field of several lines: the line the quote opens on is reported,
+    # and the lines the field took are read again (each bad here too), so none is lost.
     huge_lines = answered.replace('""Matti Virtanen""', "a\n" + "x" * 200_000 + '\n"",b')
     two_lines = answered.replace('""Matti Virtanen""', "Matti\nVirtanen")
     text = "\n".join([answered, huge, missed, huge_lines, two_lines, missed]) + "\n"
@@ -304,20 +305,46 @@ def test_master_csv_reads_on_after_a_field_over_the_csv_limit() -> None:
         (1, ""),
         (2, "not CSV: field larger than field limit (131072)"),
         (3, ""),
-        (6, "not CSV: field larger than field limit (131072)"),
+        (4, "not CSV: field larger than field limit (131072) (in a quote opened on this line)"),
+        (5, "not CSV: field larger than field limit (131072)"),
+        (6, "15 fields, expected 16-21"),
         (8, ""),
         (9, ""),
     ]
-    assert rows[4].fields is not None
-    assert rows[4].fields["clid"] == "Matti\nVirtanen <0401234567>"
+    # A quoted field over two lines that makes a whole row is one row.
+    assert rows[6].fields is not None
+    assert rows[6].fields["clid"] == "Matti\nVirtanen <0401234567>"
     # An unterminated quote at the end of the file is reported, short or over the limit.
     short = list(read_cdr_csv(f'{answered}\n{missed}\n"only","two'))
     assert [(r.line, r.error) for r in short][1:] == [(2, ""), (3, "2 fields, expected 16-21")]
     long = list(read_cdr_csv(f'{answered}\n{missed}\n"only","two\n{"y" * 200_000}\n'))
     assert [(r.line, r.error) for r in long][1:] == [
         (2, ""),
+        (3, "not CSV: field larger than field limit (131072) (in a quote opened on this line)"),
         (4, "not CSV: field larger than field limit (131072)"),
     ]
+
+
+@pytest.mark.parametrize("after", [3, 2000])
+def test_a_quote_left_open_mid_file_costs_its_own_row_only(after: int) -> None:
+    """A row whose quote never closes took every later row into one bad row (or, past the CSV
+    reader's field limit, the rest of the file): it is reported alone, the others are read."""
+    answered, missed = master_csv_rows()
+    assert answered.endswith(',""')
+    broken = answered[:-2] + '"Matti V'  # the userfield's quote never closed
+    # Rows as a PBX may write them, unquoted: no quote of theirs closes the one left open.
+    plain = answered.replace("PJSIP/202,30", "PJSIP/202|30").replace('"', "")
+    rows = [plain.replace("1764144300.161", f"1764144300.{n}") for n in range(after)]
+    text = "\n".join([answered, broken, *rows, missed]) + "\n"
+    read = list(read_cdr_csv(text))
+    assert [(r.line, r.error) for r in read if r.error] == [
+        (2, "a quote opened on this line is not closed on it")
+        if after < 100
+        else (2, "not CSV: field larger than field limit (131072) (in a quote opened on this line)")
+    ]
+    good = [r.fields["uniqueid"] for r in read if r.fields is not None]
+    assert good == ["1764144300.161", *(f"1764144300.{n}" for n in range(after)), "1764148800.170"]
+    assert [r.line for r in read if r.fields is not None] == [1, *range(3, after + 4)]
 
 
 def test_master_csv_with_and_without_header() -> None:
