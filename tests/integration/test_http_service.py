@@ -857,6 +857,7 @@ def test_streams_are_held_within_their_limits_and_let_go_when_closed(
     assert status == 503
     assert b"retry-after: 30" in received.lower()
     assert b"as many event streams as it may" in received
+    assert metric(narrow, "crm_http_open_streams") == 3
     held.pop(0).close()
     deadline = time.monotonic() + 30
     while True:  # until the service has seen it gone
@@ -868,6 +869,9 @@ def test_streams_are_held_within_their_limits_and_let_go_when_closed(
     held.append(sock)
     for sock in held:
         sock.close()
+    deadline = time.monotonic() + 30
+    while metric(narrow, "crm_http_open_streams"):  # each let go as its client is seen gone
+        assert time.monotonic() < deadline, "a closed stream is still counted"
 
 
 @pytest.fixture(scope="module")

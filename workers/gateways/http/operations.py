@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -149,6 +149,12 @@ class Instruments:
             ["route"],
             registry=self.registry,
         )
+        self.streams = Gauge(
+            "crm_http_open_streams",
+            "Event streams this HTTP service process holds open (the screens' live updates)",
+            registry=self.registry,
+        )
+        self.streams.set_function(lambda: service.streams.total)
         self.registry.register(StoredFigures(service))
 
 
