@@ -12,6 +12,9 @@ import pytest
 from kombu import Connection
 
 TRANSPORT = "workers.transport.broker_fs:Transport"
+# kombu keeps the bindings it declared for the whole process (its transport's class-level
+# state): each test names queues of its own, or a binding made in another test's folder would
+# be taken as made in this one.
 
 
 @pytest.fixture
@@ -25,6 +28,7 @@ def connect(tmp_path: Path) -> Iterator[Callable[[], Connection]]:
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "control_folder": str(tmp_path / "control"),
+            "processed_folder": str(tmp_path / "processed"),
         }
         made = Connection(transport=TRANSPORT, transport_options=options)
         opened.append(made)
@@ -108,3 +112,28 @@ def test_two_consumers_of_one_queue_take_each_message_once(
         if not got:
             break
     assert sorted(taken) == list(range(200))
+
+
+def test_a_file_that_is_no_message_is_set_aside_and_the_queue_goes_on(
+    connect: Callable[[], Connection], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not JSON, empty, JSON without kombu's envelope, a folder: each stopped the worker (kombu
+    raised from its read); each is moved to unreadable/ with the reason in the log."""
+    sender = connect()
+    sender.SimpleQueue("junk").put({"n": 1})
+    queue_folder = tmp_path / "queue"
+    junk = {
+        "00000000000000000001_a.junk.msg": b"not json",
+        "00000000000000000002_b.junk.msg": b"",
+        "00000000000000000003_c.junk.msg": b'{"body": "x"}',
+    }
+    for name, content in junk.items():
+        (queue_folder / name).write_bytes(content)
+    (queue_folder / "00000000000000000004_d.junk.msg").mkdir()
+    sender.SimpleQueue("junk").put({"n": 2})
+    assert drain(connect(), "junk") == [{"n": 1}, {"n": 2}]
+    aside = tmp_path / "unreadable"
+    assert sorted(p.name for p in aside.iterdir()) == [*junk, "00000000000000000004_d.junk.msg"]
+    assert not [p for p in queue_folder.iterdir() if p.name.endswith(".msg")]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 4 and all("is no message" in line for line in said)

@@ -16,9 +16,8 @@ begins with the time it was sent, in nanoseconds, so that the names sort in the 
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import tempfile
 import uuid
 from collections import deque
 from queue import Empty
@@ -28,6 +27,8 @@ from typing import Any
 from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
+
+log = logging.getLogger(__name__)
 
 
 class Channel(filesystem.Channel):
@@ -40,10 +41,16 @@ class Channel(filesystem.Channel):
         #: "<queue>.msg" -> the names of its messages as last listed, in the order to take them.
         self._listed: dict[str, deque[str]] = {}
         self._listed_at = float("-inf")
+        self._claim_folder: str | None = None
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
-        """The queue's next message, as kombu's ``_get`` takes it (moved out of the folder,
-        then read), from the last listing while it has one for the queue."""
+        """The queue's next message, from the last listing while it has one for the queue.
+
+        A message is claimed by renaming it into the processed folder (kombu moves it to the
+        system's temporary folder: across filesystems that is a copy, which another consumer
+        can read half-written, and a copy left behind when it fails), then read there. A file
+        that is no message (not JSON, not kombu's envelope, a folder) is set aside with an
+        error in the log: kombu's own read raised, and the worker stopped, at each restart."""
         wanted = f"{queue}.msg"
         while True:
             pending = self._listed.get(wanted)
@@ -55,20 +62,43 @@ class Channel(filesystem.Channel):
                 if not pending:
                     raise Empty()
             filename = pending.popleft()
-            processed = self.processed_folder if self.store_processed else tempfile.gettempdir()
+            claimed = os.path.join(self._claims, filename)
             try:
-                shutil.move(os.path.join(self.data_folder_in, filename), processed)
-            except OSError:
+                os.rename(os.path.join(self.data_folder_in, filename), claimed)
+            except FileNotFoundError:
                 continue  # another consumer took it meanwhile
-            path = os.path.join(processed, filename)
-            try:
-                with open(path, "rb") as handle:
-                    payload = handle.read()
-                if not self.store_processed:
-                    os.remove(path)
             except OSError as exc:
-                raise filesystem.ChannelError(f"Cannot read file {path!r} from queue.") from exc
-            return loads(bytes_to_str(payload))
+                raise filesystem.ChannelError(f"Cannot take {filename!r} from queue.") from exc
+            try:
+                with open(claimed, "rb") as handle:
+                    payload = loads(bytes_to_str(handle.read()))
+                self.Message(payload, channel=self)  # what kombu makes of it, or why it cannot
+            except Exception as exc:
+                self._set_aside(claimed, filename, exc)
+                continue
+            if not self.store_processed:
+                os.remove(claimed)
+            return payload
+
+    @property
+    def _claims(self) -> str:
+        if self._claim_folder is None:
+            os.makedirs(self.processed_folder, exist_ok=True)
+            self._claim_folder = str(self.processed_folder)
+        return self._claim_folder
+
+    def _set_aside(self, path: str, filename: str, exc: Exception) -> None:
+        """Move a file that is no message to ``unreadable/`` beside the queue folder."""
+        aside = os.path.join(os.path.dirname(os.path.normpath(self.data_folder_in)), "unreadable")
+        os.makedirs(aside, exist_ok=True)
+        try:
+            os.rename(path, os.path.join(aside, filename))
+        except OSError as move_error:
+            log.error("embedded broker: %s is no message (%r) and stays in %s: %r", filename,
+                      exc, path, move_error)  # fmt: skip
+            return
+        log.error("embedded broker: %s is no message (%s: %s); moved to %s", filename,
+                  type(exc).__name__, str(exc)[:200], aside)  # fmt: skip
 
     def _relist(self) -> None:
         listed: dict[str, deque[str]] = {}
