@@ -874,6 +874,33 @@ def test_streams_are_held_within_their_limits_and_let_go_when_closed(
         assert time.monotonic() < deadline, "a closed stream is still counted"
 
 
+def test_a_head_of_a_stream_answers_its_headers_and_holds_no_place(
+    world: LiveSystem, narrow: HttpService
+) -> None:
+    """A HEAD's body is never written, so a client gone was never noticed: three HEADs, then a
+    request on the same connection (a keep-alive client), held the token's places for the
+    stream's lifetime and left the request unanswered."""
+    token = read_token(world)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", narrow.port), timeout=30) as sock:
+            sock.sendall(
+                f"HEAD /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n"
+                "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            received = b""
+            while b'{"status":"alive"}' not in received:
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+        head = received.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 200") and b"content-type: text/event-stream" in head
+    assert metric(narrow, "crm_http_open_streams") == 0
+    sock, status, _received = open_stream(narrow, token)
+    assert status == 200 and sock is not None
+    sock.close()
+
+
 @pytest.fixture(scope="module")
 def brief(world: LiveSystem) -> Iterator[HttpService]:
     """A service whose streams last a second."""

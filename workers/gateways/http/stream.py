@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -45,6 +45,7 @@ POLL_S = 0.5
 RETRY_MS = 2000
 #: What a refused stream's ``Retry-After`` says.
 REFUSED_RETRY_S = 30
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 class OpenStreams:
@@ -93,11 +94,7 @@ class HeldStream(StreamingResponse):
     or never started)."""
 
     def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        super().__init__(content, media_type="text/event-stream", headers=STREAM_HEADERS)
         self.release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,13 +108,13 @@ def sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def seller_stream(request: Request) -> StreamingResponse:
+async def seller_stream(request: Request) -> Response:
     principal = await principal_for(request, "read")
     username = request.path_params["username"]
     return await stream_of(request, principal.token_id, username, lambda staff: [staff])
 
 
-async def team_stream(request: Request) -> StreamingResponse:
+async def team_stream(request: Request) -> Response:
     """The manager's board: one stream for all the sellers whose manager they are."""
     principal = await principal_for(request, "read")
     username = request.path_params["username"]
@@ -134,7 +131,7 @@ def team_of(manager: Staff) -> list[Staff]:
     )
 
 
-async def stream_of(request: Request, token_id: int, username: str, whom: Any) -> StreamingResponse:
+async def stream_of(request: Request, token_id: int, username: str, whom: Any) -> Response:
     service = service_of(request)
 
     def sellers() -> list[tuple[int, str]] | None:
@@ -145,6 +142,10 @@ async def stream_of(request: Request, token_id: int, username: str, whom: Any) -
     found = await run_in_threadpool(sellers)
     if found is None:
         raise Problem(404, f"no staff member {username[:40]!r}")
+    if request.method == "HEAD":
+        # Its headers alone: no stream to hold (a HEAD's body is never written, so a client
+        # gone would not be noticed and its place would be held for the stream's lifetime).
+        return Response(media_type="text/event-stream", headers=STREAM_HEADERS)
     release = service.streams.take(token_id, service.settings)
     # The stream's end, as the event loop counts time: each source of changes yields a moment
     # without one (None) by then at the latest, and the stream ends at it.
