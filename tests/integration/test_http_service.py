@@ -896,9 +896,9 @@ def test_a_head_of_a_stream_answers_its_headers_and_holds_no_place(
         head = received.split(b"\r\n\r\n", 1)[0].lower()
         assert head.startswith(b"http/1.1 200") and b"content-type: text/event-stream" in head
     assert metric(narrow, "crm_http_open_streams") == 0
-    sock, status, _received = open_stream(narrow, token)
-    assert status == 200 and sock is not None
-    sock.close()
+    stream, status, _received = open_stream(narrow, token)
+    assert status == 200 and stream is not None
+    stream.close()
 
 
 @pytest.fixture(scope="module")
