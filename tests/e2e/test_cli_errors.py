@@ -85,6 +85,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["worker", "--queues=crm.refresh,crm.bogus"], "-Q: no queue 'crm.bogus'"),
         (["worker", "-Qcrm.refresh", "-X", "crm.reportz"], "-X: no queue 'crm.reportz'"),
         (["worker", "--exclude-queues", ","], "-X names no queue; the queues are crm.ingest"),
+        # Celery keeps the spaces: " crm.reports" is no queue, and an exclusion of it none.
+        (["worker", "-Q", "crm.refresh, crm.reports"], "-Q: no queue ' crm.reports'"),
+        (["worker", "-X", "crm.refresh "], "-X: no queue 'crm.refresh '"),
+        (["worker", "-Q", "crm.refresh,"], "-Q: no queue ''"),
+        (["worker", "-Q", "crm.refresh", "-X", "crm.refresh"], "-X leaves no queue to consume"),
         (["beat", "--bogus-opt"], "No such option '--bogus-opt'"),
         (["seller-view"], "the following arguments are required: username"),
         (["no-such-command"], "invalid choice: 'no-such-command'"),

@@ -68,19 +68,28 @@ def named_queues(celery_args: list[str]) -> list[tuple[str, str]]:
             option, value = arg[:2], arg[2:]
         else:
             continue
-        queues = [queue.strip() for queue in value.split(",") if queue.strip()]
-        if not queues:
+        if not value.strip(" ,"):
             raise InputError(f"{option} names no queue; the queues are {', '.join(QUEUES)}")
-        named += [(option, queue) for queue in queues]
+        # As Celery splits them: at each comma, spaces kept (" crm.refresh" is another name).
+        named += [(option, queue) for queue in value.split(",")]
     return named
 
 
-def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
-    for option, queue in named_queues(args.celery_args):
+def check_queues(celery_args: list[str]) -> None:
+    """Every queue -Q and -X name is one of ours, and some queue is left to consume."""
+    named = named_queues(celery_args)
+    for option, queue in named:
         if queue not in QUEUES:
             raise InputError(
                 f"{option}: no queue {queue[:80]!r}; the queues are {', '.join(QUEUES)}"
             )
+    consumed = {queue for option, queue in named if option == "-Q"} or set(QUEUES)
+    if not consumed - {queue for option, queue in named if option == "-X"}:
+        raise InputError("-X leaves no queue to consume")
+
+
+def cmd_worker(args: argparse.Namespace, rt: Runtime) -> int:
+    check_queues(args.celery_args)
     require_current_schema(rt)
     argv = ["worker", *args.celery_args]
     if not any(
