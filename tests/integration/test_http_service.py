@@ -782,7 +782,10 @@ def test_a_trailing_slash_redirects_to_the_path_never_to_the_host_the_client_sai
     assert (status, headers["location"]) == (307, location)
 
 
-@pytest.mark.parametrize("path", ["//evil.example/", "/nothing-here/", "///"])
+# An encoded slash is no trailing slash: redirected to itself, a client went round for ever.
+@pytest.mark.parametrize(
+    "path", ["//evil.example/", "/nothing-here/", "///", "/board/%2F", "/v1/events/%2F/"]
+)
 def test_a_trailing_slash_of_no_route_is_not_found_not_sent_elsewhere(
     service: HttpService, path: str
 ) -> None:

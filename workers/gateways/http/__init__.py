@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -118,8 +118,8 @@ def without_slash(request: Request) -> str | None:
         return None
     raw = request.scope.get("raw_path")  # as the client encoded it
     location = raw.rstrip(b"/").decode("latin-1") if raw else quote(bare)
-    if location.startswith("//"):
-        return None  # another host, to a browser
+    if location.startswith("//") or unquote(location) != bare:
+        return None  # another host, to a browser; or an encoded slash ("%2F") that stays
     query = request.scope.get("query_string", b"").decode("latin-1")
     return f"{location}?{query}" if query else location
 

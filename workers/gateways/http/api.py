@@ -372,7 +372,7 @@ ROUTES = [
     Route("/v1/events", list_events, methods=["GET"]),
     Route("/v1/events/{event_id:id}", get_event, methods=["GET"]),
     Route("/v1/events/{event_id:id}/documents/{document_id:id}", get_document, methods=["GET"]),
-    Route("/v1/customers/{number:path}/history", get_history, methods=["GET"]),
-    Route("/v1/sellers/{username:path}/view", get_seller_view, methods=["GET"]),
+    Route("/v1/customers/{number:name}/history", get_history, methods=["GET"]),
+    Route("/v1/sellers/{username:name}/view", get_seller_view, methods=["GET"]),
     Route("/v1/targets/progress", get_targets_progress, methods=["GET"]),
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import h11
-from starlette.convertors import IntegerConvertor, register_url_convertor
+from starlette.convertors import IntegerConvertor, PathConvertor, register_url_convertor
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -35,6 +35,17 @@ class RowIdConvertor(IntegerConvertor):
 
 
 register_url_convertor("id", RowIdConvertor())
+
+
+class NameConvertor(PathConvertor):
+    """``{name:name}`` in a route: a username or customer number, which may hold '/' (a link
+    quotes it as %2F, but the path is decoded before it is routed). It neither begins nor ends
+    with '/': ``/sellers/anna/`` is ``/sellers/anna`` with a trailing slash (redirected)."""
+
+    regex = "[^/](?:.*[^/])?"
+
+
+register_url_convertor("name", NameConvertor())
 
 #: The whole of one request (headers and body) must arrive within this many seconds
 #: (CRM_HTTP_REQUEST_DEADLINE_S).

@@ -473,9 +473,9 @@ async def home(request: Request) -> Response:
 
 ROUTES = [
     Route("/", home, methods=["GET"]),
-    Route("/sellers/{username:path}", seller_screen, methods=["GET"]),
+    Route("/sellers/{username:name}", seller_screen, methods=["GET"]),
     Route("/board", board_screen, methods=["GET"]),
-    Route("/customers/{number:path}", customer_screen, methods=["GET"]),
+    Route("/customers/{number:name}", customer_screen, methods=["GET"]),
     Route("/triage", triage_screen, methods=["GET"]),
     Route("/triage/{event_id:id}/link", triage_link, methods=["POST"]),
 ]

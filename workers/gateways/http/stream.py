@@ -262,6 +262,6 @@ async def polled_changes(
 
 
 ROUTES = [
-    Route("/v1/stream/sellers/{username:path}", seller_stream, methods=["GET"]),
-    Route("/v1/stream/teams/{username:path}", team_stream, methods=["GET"]),
+    Route("/v1/stream/sellers/{username:name}", seller_stream, methods=["GET"]),
+    Route("/v1/stream/teams/{username:name}", team_stream, methods=["GET"]),
 ]
