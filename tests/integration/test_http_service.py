@@ -623,6 +623,22 @@ def test_requests_are_logged_without_their_secrets_or_a_traceback(
             assert token not in text
 
 
+def test_a_path_is_logged_as_sent_so_no_line_can_be_forged(service: HttpService) -> None:
+    """The path was logged decoded: %0A split the line, and what followed it read as a line of
+    its own (here a made-up request); %00 made the log a binary file to grep."""
+    forged = "%0A1999-01-01%2000:00:00,000%20INFO%20crm.http.access:%20GET%20/forged%20200"
+    path = f"/sellers/x{forged}%00y"
+    status, _headers, _body = service.exchange("GET", path)
+    assert status == 404
+    deadline = time.monotonic() + 30
+    while f'"GET {path}" 404' not in (text := service.log.read_text()):  # logged once answered
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.05)
+    lines = text.splitlines()
+    assert not [line for line in lines if line.startswith("1999-01-01") or "\x00" in line]
+    assert len([line for line in lines if f'"GET {path}" 404' in line]) == 1
+
+
 # -- the screens: who may see them, and nothing a sender wrote runs in them -----------------------
 
 

@@ -34,7 +34,7 @@ from models.invalid import BadInput
 from workers.gateways.http import api, openapi, operations, pages, screens, stream, webhooks
 from workers.gateways.http.auth import Sessions
 from workers.gateways.http.limits import DeadlineProtocol, Problem
-from workers.gateways.http.operations import Instruments, Measure
+from workers.gateways.http.operations import Instruments, Measure, logged_path
 from workers.gateways.http.publisher import Publisher
 
 log = logging.getLogger("crm.http")
@@ -128,13 +128,13 @@ async def gone_answer(request: Request, exc: Exception) -> Response:
     """The client left, or its body did not arrive in time (``DeadlineProtocol``), while the
     body was read: nothing can be answered, and it is not the service's failure."""
     log.info("%s %s: the client went away before its body arrived", request.method,
-             request.url.path[:200])  # fmt: skip
+             logged_path(request.scope))  # fmt: skip
     return JSONResponse({"error": "the request did not arrive whole"}, status_code=408)
 
 
 async def error_answer(request: Request, exc: Exception) -> Response:
     # The traceback goes to the log; it names code, never the request's contents.
-    log.error("%s %s failed", request.method, request.url.path[:200], exc_info=exc)
+    log.error("%s %s failed", request.method, logged_path(request.scope), exc_info=exc)
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 

@@ -158,6 +158,17 @@ class Instruments:
         self.registry.register(StoredFigures(service))
 
 
+def logged_path(scope: Any) -> str:
+    """The request's path for a log line, as the client sent it: percent-encoded, so that a
+    decoded line break or NUL (/sellers/a%0Ab) cannot split the line or forge another; without
+    the query (a kiosk's sign-in carries its token there); at most 200 characters."""
+    raw = scope.get("raw_path")
+    text = raw.decode("ascii", "backslashreplace") if raw else str(scope.get("path", ""))
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text[:200]
+
+
 class Measure:
     """ASGI middleware counting every request by method, route template and status."""
 
@@ -186,13 +197,12 @@ class Measure:
             instruments = scope["app"].state.service.instruments
             instruments.requests.labels(scope["method"], template, str(status)).inc()
             instruments.latency.labels(template).observe(seconds)
-            # The path without its query: a kiosk's sign-in carries its token there.
             client = scope.get("client") or ("-", 0)
             access.info(
                 '%s "%s %s" %d %.1f ms',
                 client[0],
                 scope["method"],
-                scope["path"][:200],
+                logged_path(scope),
                 status,
                 seconds * 1000,
             )
