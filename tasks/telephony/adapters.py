@@ -13,7 +13,6 @@ import functools
 import hashlib
 import io
 import re
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -346,30 +345,28 @@ class CdrRow:
 def read_cdr_csv(text: str) -> Iterator[CdrRow]:
     """The rows of a Master.csv, with or without a header row (Asterisk writes none).
 
-    Without a header, the columns are known by their number (``CDR_LAYOUTS``). A row that fits
-    no layout, or that the CSV reader refuses (a field of more than 131,072 characters), is
-    returned with its error, so one bad line never hides the others. A row's line is the one it
-    ends on.
+    Without a header, the columns are known by their number (``CDR_LAYOUTS``). A row is one
+    line: a row that fits no layout, a quote not closed on its line, or a field the CSV reader
+    refuses (more than 131,072 characters) is returned with its error, and the next line is
+    read on its own, so one bad line never hides or changes the others. (A quote left open
+    would otherwise take the lines after it into its field, silently when what it took made a
+    row of the right length; a CDR holds no line break.)
     """
     header: tuple[str, ...] | None = None
-    lines = _RecordLines(text)
-    reader = csv.reader(lines)
-    while True:
-        lines.start_record()
+    # At CR, LF or CRLF, as the CSV reader splits lines.
+    for number, line in enumerate(io.StringIO(text, newline=""), start=1):
+        if not line.endswith(("\n", "\r")):
+            line += "\n"  # the last line: an open quote then keeps its end, as the others do
         try:
-            values = next(reader)
+            values = next(csv.reader((line,)))
         except StopIteration:
-            return
-        except csv.Error as exc:
-            # The reader drops the rest of the line it failed on and starts afresh on the next.
-            if len(lines.record) > 1:  # in a quote opened lines before: read those again
-                first = lines.number - len(lines.record) + 1
-                lines.read_again(lines.record[1:])
-                yield CdrRow(first, None, f"not CSV: {exc} (in a quote opened on this line)")
-            else:
-                yield CdrRow(lines.number, None, f"not CSV: {exc}")
             continue
-        line = lines.number
+        except csv.Error as exc:
+            yield CdrRow(number, None, f"not CSV: {exc}")
+            continue
+        if values and ("\n" in values[-1] or "\r" in values[-1]):
+            yield CdrRow(number, None, "a quote opened on this line is not closed on it")
+            continue
         if not values or all(not v.strip() for v in values):
             continue
         # A header row names the disposition column; a data row of a headerless file, read
@@ -381,42 +378,7 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
                 continue
         columns = header or CDR_LAYOUTS.get(len(values))
         if columns is None or len(columns) != len(values):
-            if len(lines.record) > 1:
-                # A quote left open took the lines after it into this row: the line it opened
-                # on is the bad row, and the lines it took are read again as rows of their own.
-                first = line - len(lines.record) + 1
-                lines.read_again(lines.record[1:])
-                yield CdrRow(first, None, "a quote opened on this line is not closed on it")
-                continue
             expected = len(columns) if columns else "16-21"
-            yield CdrRow(line, None, f"{len(values)} fields, expected {expected}")
+            yield CdrRow(number, None, f"{len(values)} fields, expected {expected}")
             continue
-        yield CdrRow(line, dict(zip(columns, values, strict=True)))
-
-
-class _RecordLines:
-    """The text's lines as the CSV reader splits them (at CR, LF or CRLF), counted, with the lines
-    of the current row kept until the next row starts, and lines given back read again first."""
-
-    def __init__(self, text: str) -> None:
-        self._lines = iter(io.StringIO(text, newline=""))
-        self._again: deque[str] = deque()
-        self.number = 0
-        self.record: list[str] = []
-
-    def __iter__(self) -> _RecordLines:
-        return self
-
-    def __next__(self) -> str:
-        line = self._again.popleft() if self._again else next(self._lines)
-        self.number += 1
-        self.record.append(line)
-        return line
-
-    def read_again(self, lines: list[str]) -> None:
-        """Give ``lines`` (the last ones read) to the CSV reader once more, as new rows."""
-        self._again.extendleft(reversed(lines))
-        self.number -= len(lines)
-
-    def start_record(self) -> None:
-        self.record.clear()
+        yield CdrRow(number, dict(zip(columns, values, strict=True)))
