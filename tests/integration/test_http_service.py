@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import email.policy
 import json
+import signal
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -948,3 +950,60 @@ def test_a_stream_ends_after_its_lifetime_and_the_client_comes_back(
     assert world.cli("token", "revoke", name).returncode == 0
     _none, status, _received = open_stream(brief, token)
     assert status == 401
+
+
+def test_a_stream_whose_client_reads_nothing_ends_at_the_request_deadline(
+    world: LiveSystem, service: HttpService
+) -> None:
+    """Its writes block once the buffers are full: the stream would never reach its next check
+    of the token or its lifetime's end, and held its place. A write that waits longer than the
+    request deadline (CRM_HTTP_REQUEST_DEADLINE_S) ends it, and the connection is closed."""
+    import redis
+
+    token = read_token(world)
+    sock = socket.create_connection(("127.0.0.1", service.port), timeout=60)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    with sock:
+        sock.sendall(
+            f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        received = b""
+        while b"event: ready" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        client = redis.Redis.from_url(world.settings.effective_redis_url)
+        big = json.dumps({"seller": SELLER, "padding": "x" * 60_000})
+        deadline = time.monotonic() + 120
+        while "the client read nothing for" not in service.log.read_text():
+            assert time.monotonic() < deadline, (
+                "the stream went on writing to a client that reads nothing"
+            )
+            for _ in range(20):
+                client.publish(f"crm.seller.{SELLER}", big)
+            time.sleep(0.1)
+        client.close()
+        deadline = time.monotonic() + 60
+        while metric(service, "crm_http_open_streams"):  # its place is let go
+            assert time.monotonic() < deadline, "the stream is still counted"
+        # Closed unread: draining what the buffers hold through a 2 kB window takes minutes.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_serve_stops_on_sigterm_though_streams_are_open(world: LiveSystem) -> None:
+    """It waited for every connection to close, and a stream closes at its lifetime's end (an
+    hour): a stop (docker stop, systemd) hung until it was killed."""
+    running = start_service(world.env, world.settings.data_dir / "http-stopping.log")
+    try:
+        sock, status, _received = open_stream(running, read_token(world))
+        assert status == 200 and sock is not None
+        with sock:
+            running.process.send_signal(signal.SIGTERM)
+            # uvicorn stops, then raises the signal again: a supervisor sees how it ended.
+            assert running.process.wait(timeout=60) in (0, -signal.SIGTERM)
+            while sock.recv(65536):  # the stream ended, and the connection with it
+                pass
+    finally:
+        stop_service(running)
+    assert "Traceback" not in running.log.read_text()

@@ -67,6 +67,9 @@ class Service:
         self.templates = pages.environment()
         self.instruments = Instruments(self)
         self.streams = stream.OpenStreams()
+        #: Set when the process is told to stop (SIGTERM, Ctrl-C): open streams end then, and
+        #: the requests in hand are finished.
+        self.stopping = False
         self._redis: Any = None
 
     def redis_client(self) -> Any:
@@ -198,7 +201,16 @@ def serve(settings: Settings, host: str, port: int) -> int:
         log_config=None,
         access_log=False,  # logged by Measure, without query strings
     )
-    server = uvicorn.Server(config)  # SIGTERM and SIGINT: finish what is in hand, then stop
+    service = application.state.service
+
+    class Server(uvicorn.Server):
+        """SIGTERM and SIGINT: finish what is in hand, end the event streams, then stop."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.stopping = True
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it a
     # kept-alive connection waits 40 ms for each answer (Nagle's algorithm, a delayed ACK).

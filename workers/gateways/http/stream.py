@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -30,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from models.parties import Staff
 from models.targets import SellerView
@@ -38,7 +39,11 @@ from tasks.views import staff_by_username
 from workers.gateways.http.api import principal_for, service_of
 from workers.gateways.http.limits import Problem
 
+log = logging.getLogger("crm.http")
+
 KEEPALIVE_S = 15.0
+#: How long a source of changes waits at most before it looks whether its stream has ended.
+STEP_S = 1.0
 #: How often the embedded default looks at the seller's cards.
 POLL_S = 0.5
 #: What the browser waits before reconnecting (EventSource's ``retry``).
@@ -93,13 +98,26 @@ class HeldStream(StreamingResponse):
     """A stream that lets its count go when it ends, however it ends (finished, the client gone,
     or never started)."""
 
-    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], release: Callable[[], None], send_within_s: float
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=STREAM_HEADERS)
         self.release = release
+        self.send_within_s = send_within_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            # A client that stops reading blocks the write once the buffers are full, and the
+            # stream would never reach its lifetime's end or its next check of the token.
+            await asyncio.wait_for(send(message), self.send_within_s)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, sending)
+        except TimeoutError:
+            # The connection is closed (the server says the answer was left unfinished).
+            log.info("%s: the client read nothing for %.0f s; its stream ends",
+                     scope.get("path", "")[:200].encode("unicode_escape").decode(),
+                     self.send_within_s)  # fmt: skip
         finally:
             self.release()
 
@@ -147,14 +165,19 @@ async def stream_of(request: Request, token_id: int, username: str, whom: Any) -
         # gone would not be noticed and its place would be held for the stream's lifetime).
         return Response(media_type="text/event-stream", headers=STREAM_HEADERS)
     release = service.streams.take(token_id, service.settings)
-    # The stream's end, as the event loop counts time: each source of changes yields a moment
-    # without one (None) by then at the latest, and the stream ends at it.
-    until = asyncio.get_running_loop().time() + service.settings.http_stream_lifetime_s
+    loop = asyncio.get_running_loop()
+    until = loop.time() + service.settings.http_stream_lifetime_s
+
+    def ended() -> bool:
+        """Past the stream's lifetime, or the service is stopping (SIGTERM): each source of
+        changes says so within STEP_S (a moment without a change, None), and it ends there."""
+        return service.stopping or loop.time() >= until
+
     url = service.settings.effective_redis_url
     changes = (
-        redis_changes(url, [name for _, name in found], until)
+        redis_changes(url, [name for _, name in found], ended)
         if url
-        else polled_changes(service, dict(found), until)
+        else polled_changes(service, dict(found), ended)
     )
 
     async def allowed() -> bool:
@@ -164,66 +187,66 @@ async def stream_of(request: Request, token_id: int, username: str, whom: Any) -
             return False
         return True
 
-    return HeldStream(events(changes, username, allowed, until), release)
+    send_within_s = float(service.settings.http_request_deadline_s)
+    return HeldStream(events(changes, username, allowed, ended), release, send_within_s)
 
 
 async def events(
     changes: AsyncGenerator[Any, None],
     username: str,
     allowed: Callable[[], Awaitable[bool]],
-    until: float,
+    ended: Callable[[], bool],
 ) -> AsyncIterator[bytes]:
     """The stream's bytes; a change of None is a moment without one (a keep-alive comment).
 
     The token that opened the stream is asked again (``allowed``, one indexed read) before
     each event and keep-alive: once it is revoked (or the session has ended), the stream ends
-    there, and the browser's reconnection meets the 401. At ``until`` (the event loop's
-    time) it ends too."""
-    loop = asyncio.get_running_loop()
+    there, and the browser's reconnection meets the 401. When ``ended()`` it ends too."""
     try:
         yield f"retry: {RETRY_MS}\n".encode() + sse("ready", {"seller": username})
         async for change in changes:
-            if loop.time() >= until or not await allowed():
+            if ended() or not await allowed():
                 return
             yield b": keepalive\n\n" if change is None else sse("view", change)
     finally:
         await changes.aclose()
 
 
-def _quiet_for(until: float) -> float:
-    """How long a source of changes may wait for one: a keep-alive's time, or less at the end."""
-    return max(0.0, min(KEEPALIVE_S, until - asyncio.get_running_loop().time()))
-
-
-async def redis_changes(url: str, usernames: list[str], until: float) -> AsyncGenerator[Any, None]:
+async def redis_changes(
+    url: str, usernames: list[str], ended: Callable[[], bool]
+) -> AsyncGenerator[Any, None]:
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(url)
     pubsub = client.pubsub()
+    quiet = 0.0
     try:
-        if not usernames:
-            while True:  # no one to follow: keep the stream open, quietly
-                await asyncio.sleep(_quiet_for(until))
-                yield None
-        await pubsub.subscribe(*(f"crm.seller.{name}" for name in usernames))
+        if usernames:
+            await pubsub.subscribe(*(f"crm.seller.{name}" for name in usernames))
         while True:
-            message = await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=_quiet_for(until)
-            )
-            if message is None:
+            message = None
+            if usernames:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=STEP_S)
+            else:
+                await asyncio.sleep(STEP_S)  # no one to follow: keep the stream open, quietly
+            if message is not None:
+                quiet = 0.0
+                try:
+                    yield json.loads(message["data"])
+                except ValueError:
+                    continue
+                continue
+            quiet += STEP_S
+            if quiet >= KEEPALIVE_S or ended():
+                quiet = 0.0
                 yield None
-                continue
-            try:
-                yield json.loads(message["data"])
-            except ValueError:
-                continue
     finally:
         await pubsub.aclose()
         await client.aclose()
 
 
 async def polled_changes(
-    service: Any, sellers: dict[int, str], until: float
+    service: Any, sellers: dict[int, str], ended: Callable[[], bool]
 ) -> AsyncGenerator[Any, None]:
     """Without Redis: each seller's latest refresh, looked up twice a second."""
 
@@ -239,7 +262,6 @@ async def polled_changes(
                 ).all()
             )
 
-    loop = asyncio.get_running_loop()
     seen = await run_in_threadpool(latest)
     quiet = 0.0
     while True:
@@ -256,7 +278,7 @@ async def polled_changes(
             }
         if not changed:
             quiet += POLL_S
-            if quiet >= KEEPALIVE_S or loop.time() >= until:
+            if quiet >= KEEPALIVE_S or ended():
                 quiet = 0.0
                 yield None
 
