@@ -38,6 +38,7 @@ from models.targets import SellerView
 from tasks.views import staff_by_username
 from workers.gateways.http.api import principal_for, service_of
 from workers.gateways.http.limits import Problem
+from workers.gateways.http.operations import logged_path
 
 log = logging.getLogger("crm.http")
 
@@ -116,8 +117,7 @@ class HeldStream(StreamingResponse):
         except TimeoutError:
             # The connection is closed (the server says the answer was left unfinished).
             log.info("%s: the client read nothing for %.0f s; its stream ends",
-                     scope.get("path", "")[:200].encode("unicode_escape").decode(),
-                     self.send_within_s)  # fmt: skip
+                     logged_path(scope), self.send_within_s)  # fmt: skip
         finally:
             self.release()
 
