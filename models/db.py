@@ -236,7 +236,8 @@ def insert_rows(
     an execution per row on the server and a round of the driver's per-row work in Python.
     A column whose rows all hold the same value (the batch's source, its time, the defaults:
     half of an event's columns in a backfill) goes as that one value instead of an array of
-    it: the driver converts and the server reads one value, not one per row.
+    it, in batches of ``SENT_ONCE_FROM`` rows or more: the driver converts and the server reads
+    one value, not one per row.
     Elsewhere (SQLite) ``executemany`` of the plain INSERT (``suffix`` must then be empty).
     """
     if not rows:
@@ -258,7 +259,11 @@ def insert_rows(
             column = [process(v) for v in column]
         # Compared once processed (JSON as its text): 1 and 1.0 are equal but not the same JSON.
         first = column[0]
-        if column.count(first) == len(column) and _same_types(column, first):
+        if (
+            len(rows) >= SENT_ONCE_FROM
+            and column.count(first) == len(column)
+            and _same_types(column, first)
+        ):
             values[f"c{position}"] = first
             varying.append(False)
         else:
@@ -277,6 +282,11 @@ def _same_types(column: list[Any], first: Any) -> bool:
     kind = type(first)
     return kind is str or kind is type(None) or all(type(v) is kind for v in column)
 
+
+#: Rows from which a column of one value is sent once. A smaller batch (a few calls drained at
+#: a quiet moment) sends every column as an array: the saving is small there, and each set of
+#: constant columns would be a statement of its own for the server to plan until prepared.
+SENT_ONCE_FROM = 50
 
 #: (table, columns) -> each column's bind processor, for ``insert_rows``.
 _PROCESSORS: dict[tuple[Table, tuple[str, ...]], list[Any]] = {}

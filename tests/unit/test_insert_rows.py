@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
-from models.db import insert_rows, table_of
+from models.db import SENT_ONCE_FROM, insert_rows, table_of
 from models.ledger import Delivery, InboundMessage
 from tasks.context import StageContext
 from tasks.store import record_deliveries
@@ -61,24 +61,33 @@ def test_rows_read_back_as_given_on_postgresql(db: Session) -> None:
     assert stored(db, "pg") == rows
 
 
+def many_ledger_rows(prefix: str) -> list[dict[str, object]]:
+    """A batch large enough for its constant columns to be sent once."""
+    return [
+        {**row, "idempotency_key": f"{prefix}:{n:03d}", "source_id": f"call-{n}"}
+        for n in range(SENT_ONCE_FROM)
+        for row in ledger_rows(prefix)[:1]
+    ]
+
+
 def test_values_alike_but_not_the_same_are_each_stored_as_given(db: Session) -> None:
     """A column whose rows all hold one value goes as that value once: 1 and 1.0 are equal in
     Python but not the same JSON, True and 1 not the same value, so neither is sent once."""
-    rows = ledger_rows("alike")
-    for row, n in zip(rows, (1, 1.0, 1), strict=True):
+    rows = many_ledger_rows("alike")
+    for row, n in zip(rows, (1, 1.0) * SENT_ONCE_FROM, strict=False):
         row["payload"] = {"n": n}
         row["received_at"] = WHEN  # the same time in every row: sent once
     insert_rows(db, table_of(InboundMessage), rows)
     db.expire_all()
     found = stored(db, "alike")
     assert found == rows
-    assert [type(row["payload"]["n"]) for row in found] == [int, float, int]  # type: ignore[index]
+    assert {type(row["payload"]["n"]) for row in found[:2]} == {int, float}  # type: ignore[index]
 
 
 def test_one_row_and_rows_all_alike_but_their_key(db: Session) -> None:
     one = ledger_rows("single")[:1]
     insert_rows(db, table_of(InboundMessage), one)
-    alike = ledger_rows("same")
+    alike = many_ledger_rows("same")
     for row in alike:
         row["payload"], row["received_at"], row["source_id"] = {"same": True}, WHEN, "call"
     insert_rows(db, table_of(InboundMessage), alike)
