@@ -336,19 +336,9 @@ def test_a_revoked_tokens_stream_ends_at_its_next_event(
 ) -> None:
     """A stream is not a way around revoking its token: the next change ends it, unsent."""
     name = f"http-stream-{uuid.uuid4().hex[:6]}"
-    made = world.cli("token", "create", name, "--scope", "read", "--json")
-    assert made.returncode == 0, made.stderr
-    token = json.loads(made.stdout)["token"]
-    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
-        sock.sendall(
-            f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        received = b""
-        while b"event: ready" not in received:
-            chunk = sock.recv(65536)
-            assert chunk, received
-            received += chunk
+    sock, status, received = open_stream(service, read_token(world, name))
+    assert status == 200 and sock is not None
+    with sock:
         assert world.cli("token", "revoke", name).returncode == 0
         now = datetime.now(UTC).replace(microsecond=0)
         status, answer = post(service, "/v1/visits", visit(now, "Peruttu"), tokens["ingest"])
@@ -632,11 +622,7 @@ def test_a_path_is_logged_as_sent_so_no_line_can_be_forged(service: HttpService)
     path = f"/sellers/x{forged}%00y"
     status, _headers, _body = service.exchange("GET", path)
     assert status == 404
-    deadline = time.monotonic() + 30
-    while f'"GET {path}" 404' not in (text := service.log.read_text()):  # logged once answered
-        assert time.monotonic() < deadline, text[-2000:]
-        time.sleep(0.05)
-    lines = text.splitlines()
+    lines = logged(service, f'"GET {path}" 404').splitlines()
     assert not [line for line in lines if line.startswith("1999-01-01") or "\x00" in line]
     assert len([line for line in lines if f'"GET {path}" 404' in line]) == 1
 
@@ -811,33 +797,40 @@ def test_a_trailing_slash_of_no_route_is_not_found_not_sent_elsewhere(
     assert status == 404 and "location" not in headers
 
 
+def read_until(sock: socket.socket, marker: bytes, received: bytes = b"") -> bytes:
+    """What ``sock`` sends until ``marker`` has come (the connection must not end first)."""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return received
+
+
+def logged(service: HttpService, text: str) -> str:
+    """The service's log once it holds ``text`` (a line is written after its answer is sent)."""
+    deadline = time.monotonic() + 60
+    while text not in (log := service.log.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{log[-2000:]}"
+        time.sleep(0.05)  # polling the condition, not waiting a fixed time
+    return log
+
+
 def open_stream(
     service: HttpService, token: str, seller: str = SELLER
 ) -> tuple[socket.socket | None, int, bytes]:
     """A seller's stream: (the socket, held open past its ready, or None), status, what came."""
-    sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", service.port), timeout=60)
     sock.sendall(
         f"GET /v1/stream/sellers/{urllib.parse.quote(seller, safe='')} HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {token}\r\n\r\n".encode()
     )
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, received
-        received += chunk
+    received = read_until(sock, b"\r\n\r\n")
     status = int(received.split(b" ", 2)[1])
     if status != 200:
-        while b'"}' not in received:  # the JSON reason, a flat object
-            chunk = sock.recv(65536)
-            assert chunk, received
-            received += chunk
+        received = read_until(sock, b'"}', received)  # the JSON reason, a flat object
         sock.close()
         return None, status, received
-    while b"event: ready" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, received
-        received += chunk
-    return sock, status, received
+    return sock, status, read_until(sock, b"event: ready", received)
 
 
 @pytest.fixture(scope="module")
@@ -909,11 +902,7 @@ def test_a_head_of_a_stream_answers_its_headers_and_holds_no_place(
                 f"Authorization: Bearer {token}\r\n\r\n"
                 "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n".encode()
             )
-            received = b""
-            while b'{"status":"alive"}' not in received:
-                chunk = sock.recv(65536)
-                assert chunk, received
-                received += chunk
+            received = read_until(sock, b'{"status":"alive"}')
         head = received.split(b"\r\n\r\n", 1)[0].lower()
         assert head.startswith(b"http/1.1 200") and b"content-type: text/event-stream" in head
     assert metric(narrow, "crm_http_open_streams") == 0
@@ -960,30 +949,18 @@ def test_a_stream_whose_client_reads_nothing_ends_at_the_request_deadline(
     request deadline (CRM_HTTP_REQUEST_DEADLINE_S) ends it, and the connection is closed."""
     import redis
 
-    token = read_token(world)
-    sock = socket.create_connection(("127.0.0.1", service.port), timeout=60)
+    sock, status, _received = open_stream(service, read_token(world))
+    assert status == 200 and sock is not None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     with sock:
-        sock.sendall(
-            f"GET /v1/stream/sellers/{SELLER} HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        received = b""
-        while b"event: ready" not in received:
-            chunk = sock.recv(65536)
-            assert chunk, received
-            received += chunk
+        # 18 MB of notifications: more than the connection's buffers hold, less than Redis
+        # keeps for a subscriber that lags (32 MB).
         client = redis.Redis.from_url(world.settings.effective_redis_url)
         big = json.dumps({"seller": SELLER, "padding": "x" * 60_000})
-        deadline = time.monotonic() + 120
-        while "the client read nothing for" not in service.log.read_text():
-            assert time.monotonic() < deadline, (
-                "the stream went on writing to a client that reads nothing"
-            )
-            for _ in range(20):
-                client.publish(f"crm.seller.{SELLER}", big)
-            time.sleep(0.1)
+        for _ in range(300):
+            client.publish(f"crm.seller.{SELLER}", big)
         client.close()
+        logged(service, "the client read nothing for")
         deadline = time.monotonic() + 60
         while metric(service, "crm_http_open_streams"):  # its place is let go
             assert time.monotonic() < deadline, "the stream is still counted"
