@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from time import monotonic
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    JSON,
     CursorResult,
     Dialect,
     Engine,
@@ -22,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import Null
 
 from config.settings import Settings
 
@@ -237,7 +240,7 @@ def insert_rows(
     A column whose rows all hold the same value (the batch's source, its time, the defaults:
     half of an event's columns in a backfill) goes as that one value instead of an array of
     it, in batches of ``SENT_ONCE_FROM`` rows or more: the driver converts and the server reads
-    one value, not one per row.
+    one value, not one per row. JSON goes as its text (a :class:`JsonText` as it is).
     Elsewhere (SQLite) ``executemany`` of the plain INSERT (``suffix`` must then be empty).
     """
     if not rows:
@@ -245,6 +248,8 @@ def insert_rows(
     if not is_postgresql(session):
         if suffix:
             raise ValueError("an ON CONFLICT or RETURNING suffix is PostgreSQL's alone here")
+        if any(isinstance(v, JsonText) for row in rows for v in row.values()):
+            rows = [{k: _parsed(v) for k, v in row.items()} for row in rows]
         session.execute(table.insert(), rows)
         return []
     dialect = session.get_bind().dialect
@@ -300,10 +305,41 @@ _UNNEST_MAX = 512
 def _processors(dialect: Dialect, table: Table, names: tuple[str, ...]) -> list[Any]:
     key = (table, names)
     if (found := _PROCESSORS.get(key)) is None:
-        found = _PROCESSORS[key] = [
-            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-        ]
+        found = _PROCESSORS[key] = [_processor(dialect, table.c[name].type) for name in names]
     return found
+
+
+def _processor(dialect: Dialect, column_type: Any) -> Any:
+    """How ``insert_rows`` sends a column's values: JSON as its text (``_json_text``), the rest
+    by the type's own bind processor."""
+    impl = column_type.dialect_impl(dialect)
+    if isinstance(impl, postgresql.JSONB | postgresql.JSON):
+        return _json_text
+    return impl.bind_processor(dialect)
+
+
+class JsonText(str):
+    """A value's JSON text, made by its writer (a ledger row's payload is the text its key was
+    hashed from): ``insert_rows`` sends it as it is into a JSON column."""
+
+
+def _parsed(value: Any) -> Any:
+    """A :class:`JsonText` as its value again, for a driver that serialises JSON itself."""
+    return json.loads(value) if isinstance(value, JsonText) else value
+
+
+def _json_text(value: Any) -> str | None:
+    """A JSON column's value as text, cast to JSON by the statement: the server parses it once.
+    The driver's own JSONB adapter sent binary JSONB that the text array then printed and the
+    cast parsed again; and each adapter object was unequal to every other, so a column of one
+    value (the candidates' empty list) went as an array. ``None`` is JSON's null, as the column
+    type says (``none_as_null`` is off); SQL's NULL is ``null()``. Serialised as the driver
+    did (``json.dumps``' defaults)."""
+    if isinstance(value, JsonText):
+        return value
+    if isinstance(value, Null):
+        return None
+    return json.dumps(None if value is JSON.NULL else value)
 
 
 def _unnest_insert(
@@ -319,7 +355,7 @@ def _unnest_insert(
         column_type = table.c[name].type
         impl = column_type.dialect_impl(dialect)
         if isinstance(impl, postgresql.JSONB | postgresql.JSON):
-            # JSON goes as text (its bind processor serialises it), cast back.
+            # JSON goes as its text (``_json_text``), cast to the column's type.
             sent, kept = "text", impl.compile(dialect=dialect)
         elif isinstance(impl, String):
             # As text: an explicit cast to varchar(n) would cut a longer value silently, where

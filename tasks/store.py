@@ -74,8 +74,15 @@ class BatchRaced(Exception):
         self.again = again
 
 
-def canonical_hash(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def canonical_text(payload: Any) -> str:
+    """``payload``'s JSON in one spelling (keys sorted, no spaces): what its hash is taken of."""
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def canonical_hash(payload: Any, text: str | None = None) -> str:
+    """The hash of ``payload``'s canonical text (``text``, when the caller has it)."""
+    if text is None:
+        text = canonical_text(payload)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -58,7 +58,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
 from models.base import UTCDateTime, utcnow
-from models.db import chunked, insert_rows, is_postgresql, table_of
+from models.db import JsonText, chunked, insert_rows, is_postgresql, table_of
 from models.events import (
     CrmEvent,
     EventParticipant,
@@ -94,6 +94,7 @@ from tasks.store import (
     StageResult,
     TallyKey,
     canonical_hash,
+    canonical_text,
     event_column_defaults,
     event_view,
     insert_new,
@@ -112,6 +113,8 @@ class _Call:
     updates: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     #: index -> the update's canonical hash (its ledger key), taken once.
     digests: dict[int, str] = field(default_factory=dict)
+    #: index -> the update's canonical text, hashed for its key and stored as its payload.
+    texts: dict[int, str] = field(default_factory=dict)
     duplicates: list[int] = field(default_factory=list)
     derived: DerivedCall | None = None
     event: CrmEvent | None = None
@@ -225,13 +228,15 @@ def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tupl
         normalised = schema.dump(loaded)
         if normalised.get("recording"):
             slow.add(key)
-        digest = canonical_hash(normalised)
+        spelled = canonical_text(normalised)
+        digest = canonical_hash(normalised, spelled)
         if digest in seen:
             call.duplicates.append(index)
         else:
             seen.add(digest)
             call.updates.append((index, normalised))
             call.digests[index] = digest
+            call.texts[index] = spelled
     for key in slow:
         _leave(calls, calls[key], result)
     return calls
@@ -529,11 +534,11 @@ def _insert_ledger(session: Session, calls: Sequence[_Call]) -> None:
                 "source_kind": "call",
                 "source_system": call.source_system,
                 "source_id": call.call_id,
-                "payload": payload,
+                "payload": JsonText(call.texts[index]),
                 "event_id": call.event.id,
                 "received_at": now,
             }
-            for index, payload in call.updates
+            for index, _payload in call.updates
         ]
     if insert_new(session, table_of(InboundMessage), rows, ("idempotency_key",)) is None:
         raise BatchRaced("an update of the batch was accepted meanwhile")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import JSON, func, select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
-from models.db import SENT_ONCE_FROM, insert_rows, table_of
+from models.db import SENT_ONCE_FROM, JsonText, insert_rows, table_of
 from models.ledger import Delivery, InboundMessage
 from tasks.context import StageContext
 from tasks.store import record_deliveries
@@ -102,6 +102,50 @@ def test_rows_read_back_as_given_on_sqlite(sqlite_world: tuple[Session, StageCon
     insert_rows(session, table_of(InboundMessage), rows)
     session.expire_all()
     assert stored(session, "lite") == rows
+
+
+JSON_VALUES: list[object] = [
+    None,  # JSON's null, not SQL's NULL: the column type's none_as_null is off
+    JSON.NULL,
+    [],
+    'Äänipuhelu \u2713 "x" \\ \n',
+    {"b": [1, 2.5, True, None], "a": {"nested": "ü"}},
+]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["few", "sent-once-sized"])
+def test_json_values_are_stored_as_the_orm_stores_them(db: Session, many: bool) -> None:
+    """JSON goes as its text and is parsed once by the server, each kind of value as the ORM
+    would store it; a JsonText (a writer's own spelling) is the value it spells."""
+    prefix = f"json{int(many)}"
+    rows = many_ledger_rows(prefix) if many else ledger_rows(prefix)
+    values = [*JSON_VALUES, JsonText('{"spelled":["by","its","writer"]}')]
+    for n, row in enumerate(rows):
+        row["payload"] = values[n % len(values)]
+    insert_rows(db, table_of(InboundMessage), rows)
+    db.expire_all()
+    for row, got in zip(rows, stored(db, prefix), strict=True):
+        value = row["payload"]
+        if isinstance(value, JsonText):
+            value = {"spelled": ["by", "its", "writer"]}
+        assert got["payload"] == (None if value is JSON.NULL else value)
+    kinds = db.execute(
+        select(func.jsonb_typeof(InboundMessage.payload))
+        .where(InboundMessage.idempotency_key.startswith(f"{prefix}:"))
+        .order_by(InboundMessage.idempotency_key)
+    ).scalars()
+    assert [*kinds][:2] == ["null", "null"]  # stored JSON null, not SQL NULL
+
+
+def test_a_writers_json_text_is_stored_as_its_value_on_sqlite(
+    sqlite_world: tuple[Session, StageContext],
+) -> None:
+    session, _ctx = sqlite_world
+    rows = ledger_rows("litejson")
+    rows[0]["payload"] = JsonText('{"a":[1,"ü"]}')
+    insert_rows(session, table_of(InboundMessage), rows)
+    session.expire_all()
+    assert stored(session, "litejson")[0]["payload"] == {"a": [1, "ü"]}
 
 
 def test_a_value_too_long_for_its_column_is_refused_not_cut(db: Session) -> None:
