@@ -18,7 +18,7 @@ from models.base import utcnow
 from models.db import is_postgresql
 from models.events import CrmEvent
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import fitted_schema, load_message
+from models.schemas.common import dump_loaded, fitted_schema, load_message
 from tasks.attach import attach
 from tasks.context import StageContext
 from tasks.erasure import refuse_erased
@@ -63,7 +63,7 @@ def ingest_call(session: Session, ctx: StageContext, payload: Any) -> CallStageR
     message = load_message(schema, payload, SCHEMA)
     lock_calls(session, [(message["source_system"], message["call_id"])])
     # The fold works on the validated values in wire form ("448" and 448 are one duration).
-    normalised = schema.dump(message)
+    normalised = dump_loaded(schema, message)
     ledger_payload = _ledger_payload(normalised)
     inbound_id, earlier = record_inbound_update(
         session,

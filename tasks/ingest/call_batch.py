@@ -70,7 +70,7 @@ from models.invalid import BadInput
 from models.ledger import InboundMessage
 from models.parties import EventPartyKey
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import fitted_schema, load_message
+from models.schemas.common import dump_loaded, fitted_schema, load_message
 from tasks.context import StageContext
 from tasks.erasure import erased_numbers
 from tasks.ingest.call_state import (
@@ -225,7 +225,7 @@ def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tupl
             continue
         key = (loaded["source_system"], loaded["call_id"])
         call = calls.setdefault(key, _Call(*key))
-        normalised = schema.dump(loaded)
+        normalised = dump_loaded(schema, loaded)
         if normalised.get("recording"):
             slow.add(key)
         spelled = canonical_text(normalised)
