@@ -394,12 +394,18 @@ class TallyKey:
     period: str
 
 
-def tally_keys(session: Session, event: CrmEvent) -> set[TallyKey]:
+def tally_keys(
+    session: Session, event: CrmEvent, zones: dict[int, ZoneInfo] | None = None
+) -> set[TallyKey]:
     """The tally keys an event counts toward: none when unassigned, cancelled, or an internal
-    call that does not count (:func:`counted`)."""
+    call that does not count (:func:`counted`). ``zones`` keeps the sellers' zones for a
+    caller that asks for many events in one transaction (a batch)."""
     if event.seller_id is None or not counts(session, event):
         return set()
-    zone = seller_zone(session, event.seller_id)
+    known = zones.get(event.seller_id) if zones is not None else None
+    zone = known or seller_zone(session, event.seller_id)
+    if zones is not None:
+        zones[event.seller_id] = zone
     return {
         TallyKey(event.seller_id, event.category_code, period)
         for period in period_keys(event.occurred_at, zone)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     BindParameter,
@@ -189,15 +190,16 @@ def ingest_new_calls(
     settling += [call.event for call in merged if call.stored and call.stored.settles]
     released = [event_view(c.stored.before) for c in merged if c.stored and c.stored.released]
     _follow_ups(session, [e for e in settling if e is not None], lookups, released)
+    zones: dict[int, ZoneInfo] = {}
     for call in ordered:
         event = call.event
         assert event is not None
-        after = tally_keys(session, event)
+        after = tally_keys(session, event, zones)
         if call.stored is None:
             before: set[TallyKey] = set()
             sellers = {event.seller_id} if event.seller_id is not None else set()
         else:
-            before = tally_keys(session, event_view(call.stored.before))
+            before = tally_keys(session, event_view(call.stored.before), zones)
             sellers = {key.seller_id for key in before | after}
         result.deltas += [(key, -1) for key in before - after]
         result.deltas += [(key, 1) for key in after - before]

@@ -11,7 +11,7 @@ re-check of an open event's party are the stage's, after this (``tasks.leads``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -262,13 +262,7 @@ class CallLookups:
     def phone(self, raw: str) -> PartyMatch:
         if raw not in self._phones:
             self._phones[raw] = match_phone(self.session, raw, self.settings, self._owners)
-        found = self._phones[raw]
-        return replace(
-            found,
-            other_contact_ids=list(found.other_contact_ids),
-            candidates=list(found.candidates),
-            notes=list(found.notes),
-        )
+        return self._phones[raw].copy()
 
     def customer_id(self, number: str | None) -> int | None:
         if not number:
@@ -286,8 +280,7 @@ class CallLookups:
     def classify(self, request: ClassificationRequest) -> Classification:
         if request not in self._classes:
             self._classes[request] = classify(self.session, request)
-        found = self._classes[request]
-        return replace(found, properties=list(found.properties), notes=list(found.notes))
+        return self._classes[request].copy()
 
 
 @dataclass

@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -135,9 +136,10 @@ def ingest_new_emails(
     _count_senders(session, ctx, emails)
     _insert_links(session, ctx, emails)
     _insert_documents(session, ctx, emails)
+    zones: dict[int, ZoneInfo] = {}
     for email in emails:
         assert email.event is not None
-        keys = tally_keys(session, email.event)
+        keys = tally_keys(session, email.event, zones)
         result.deltas += [(key, 1) for key in keys]
         sellers = {key.seller_id for key in keys}
         result.results[email.index] = StageResult("stored", email.event.id, "created", sellers)
