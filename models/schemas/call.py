@@ -12,6 +12,8 @@ from models.schemas.common import (
     Code,
     CodeList,
     ErpReferencesSchema,
+    Integer,
+    String,
     Text,
     Time,
 )
@@ -35,19 +37,19 @@ class RecordingSchema(Schema):
 
 
 class CallMessageSchema(ErpReferencesSchema):
-    schema = fields.String(required=True, validate=validate.Equal(SCHEMA))
+    schema = String(required=True, validate=validate.Equal(SCHEMA))
     call_id = Text(required=True, max_length=200)
     # Unknown provider statuses are kept raw: never a reason to drop the call.
     status = Text(max_length=40, allow_none=True)
-    direction = fields.String(validate=validate.OneOf(["inbound", "outbound"]), allow_none=True)
+    direction = String(validate=validate.OneOf(["inbound", "outbound"]), allow_none=True)
     from_ = Text(data_key="from", max_length=64, allow_none=True)
     to = Text(max_length=64, allow_none=True)
     agent = Text(max_length=320, allow_none=True)
     started_at = Time(allow_none=True)
     answered_at = Time(allow_none=True)
     ended_at = Time(allow_none=True)
-    duration_s = fields.Integer(validate=validate.Range(min=0, max=7 * 24 * 3600), allow_none=True)
-    sequence = fields.Integer(validate=validate.Range(min=0), allow_none=True)
+    duration_s = Integer(validate=validate.Range(min=0, max=7 * 24 * 3600), allow_none=True)
+    sequence = Integer(validate=validate.Range(min=0), allow_none=True)
     recording = fields.Nested(RecordingSchema, allow_none=True)
     note = Text(max_length=100_000, allow_none=True)
     category = Code()

@@ -13,6 +13,7 @@ from models.schemas.common import (
     Code,
     CodeList,
     ErpReferencesSchema,
+    String,
     Text,
     Time,
 )
@@ -38,7 +39,7 @@ class VisitMessageSchema(ErpReferencesSchema):
     cancelled = fields.Boolean(load_default=False)
     #: Any CRM status: a visit may be booked (scheduled) or open as well as done; cancelled is
     #: the same as ``cancelled: true``.
-    state = fields.String(validate=validate.OneOf(STATES), allow_none=True)
+    state = String(validate=validate.OneOf(STATES), allow_none=True)
     #: When the app last changed the visit: an update older than the one applied is ignored.
     updated_at = Time(allow_none=True)
     category = Code()
