@@ -260,19 +260,26 @@ def _dump_plan(schema: Schema) -> tuple[tuple[str, str, fields.Field], ...] | No
 
 
 def load_message(
-    schema: Schema, payload: Any, expected_schema: str, *, carried: str | None = None
+    schema: Schema,
+    payload: Any,
+    expected_schema: str,
+    *,
+    carried: str | None = None,
+    known_storable: bool = False,
 ) -> dict[str, Any]:
     """Validate ``payload`` against ``schema``; raise :class:`MessageInvalid` with every error.
 
     ``carried`` names a field holding messages of their own (a batch's), each validated in its
     turn: a value no database keeps in one of them rejects that one alone, not their carrier.
+    ``known_storable``: the caller found every value storable (``storable``), for many
+    messages at once.
     """
     if not isinstance(payload, dict):
         raise MessageInvalid(
             f"a {expected_schema} message must be a JSON object, got {type(payload).__name__}"
         )
     envelope = payload if carried is None else {k: v for k, v in payload.items() if k != carried}
-    unstorable = unstorable_values(envelope)
+    unstorable = [] if known_storable else unstorable_values(envelope)
     if unstorable:
         errors = {path: [problem] for path, problem in unstorable}
         raise MessageInvalid(_summarise(errors), errors)
@@ -313,6 +320,20 @@ def _capped(errors: dict[str, Any]) -> dict[str, Any]:
 MAX_REPORTED_VALUES = 20
 
 
+def storable(payload: Any) -> bool:
+    """Whether every value of ``payload`` can be kept (see ``unstorable_values``).
+
+    Nearly every message holds none: C's encoder says so at a fraction of the walk's cost (a
+    surrogate fails the UTF-8 encoding, a non-finite float ``allow_nan``). A batch asks once
+    for all its messages, where asking for each would build an encoder for each.
+    """
+    try:
+        json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):
+        return False  # the walk finds what it was, and where
+    return True
+
+
 def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
     """Paths of values that JSON can carry but no database text or JSON column can keep.
 
@@ -321,13 +342,7 @@ def unstorable_values(payload: Any, path: str = "") -> list[tuple[str, str]]:
     They are bad input, reported here with their paths, which are shown ASCII-escaped so that
     the reason itself can always be stored.
     """
-    try:
-        # Nearly every message holds none: C's encoder says so at a fraction of the walk's cost
-        # (a surrogate fails the UTF-8 encoding, a non-finite float allow_nan).
-        json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except (ValueError, TypeError, RecursionError):
-        pass  # the walk finds what it was, and where
-    else:
+    if storable(payload):
         return []
     found: list[tuple[str, str]] = []
     stack: list[tuple[str, Any]] = [(path, payload)]

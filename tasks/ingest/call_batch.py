@@ -71,7 +71,7 @@ from models.invalid import BadInput
 from models.ledger import InboundMessage
 from models.parties import EventPartyKey
 from models.schemas.call import SCHEMA, CallMessageSchema
-from models.schemas.common import dump_loaded, fitted_schema, load_message
+from models.schemas.common import dump_loaded, fitted_schema, load_message, storable
 from tasks.context import StageContext
 from tasks.erasure import erased_numbers
 from tasks.ingest.call_state import (
@@ -218,10 +218,11 @@ def _group(messages: Sequence[tuple[int, Any]], result: BulkResult) -> dict[tupl
     calls: dict[tuple[str, str], _Call] = {}
     slow: set[tuple[str, str]] = set()
     seen: set[str] = set()
+    all_storable = storable([message for _index, message in messages])
     for index, message in messages:
         schema = fitted_schema(CallMessageSchema, message)
         try:
-            loaded = load_message(schema, message, SCHEMA)
+            loaded = load_message(schema, message, SCHEMA, known_storable=all_storable)
         except BadInput:
             result.left.append(index)  # the call stage rejects it, with its reason
             continue
