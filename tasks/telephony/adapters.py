@@ -320,9 +320,25 @@ def _cdr_time(cdr: dict[str, str], column: str, context: CdrContext) -> str | No
         moment = datetime.fromisoformat(text)
     except ValueError as exc:  # the right shape, but 2026-02-30 or 25:05
         raise AdapterError(f"CDR {column} {text[:40]!r} is not a time: {exc}") from exc
-    if context.time_zone:
-        moment = moment.replace(tzinfo=ZoneInfo(context.time_zone))
-    return moment.isoformat()
+    if not context.time_zone:
+        return moment.isoformat()
+    offset = _hour_offset(context.time_zone, text[:13])
+    if offset is None:  # the offset changes within this hour
+        return moment.replace(tzinfo=ZoneInfo(context.time_zone)).isoformat()
+    return moment.isoformat() + offset
+
+
+@functools.lru_cache(maxsize=16384)
+def _hour_offset(zone: str, hour: str) -> str | None:
+    """The UTC offset, as ``isoformat`` writes it, of every wall time in ``hour`` (the CDR
+    time's ``YYYY-MM-DD HH``) in ``zone``, or None when it is not one offset. A file's rows
+    share their hours: the zone's rules are read once an hour, not three times a row (the
+    most of a row's conversion)."""
+    start = datetime.fromisoformat(f"{hour}:00:00").replace(tzinfo=ZoneInfo(zone))
+    end = start.replace(minute=59, second=59, microsecond=999999)
+    if start.utcoffset() != end.utcoffset():
+        return None
+    return start.isoformat()[len("YYYY-MM-DDTHH:MM:SS") :]
 
 
 def _cdr_seconds(cdr: dict[str, str], column: str) -> int | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -11,6 +13,7 @@ from models.schemas.common import load_message
 from tasks.telephony.adapters import (
     AdapterError,
     CdrContext,
+    _cdr_time,
     asterisk_cdr_to_call,
     read_cdr_csv,
     twilio_to_call,
@@ -206,6 +209,28 @@ def test_asterisk_fields_and_naive_times() -> None:
     }
     utc = asterisk_cdr_to_call(cdr(), CdrContext(time_zone="UTC"))
     assert utc["started_at"] == "2026-11-26T10:05:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "zone",
+    ["UTC", "Europe/Helsinki", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu"],
+)
+def test_cdr_times_in_a_zone_are_written_as_the_zone_writes_them(zone: str) -> None:
+    """The offset read once an hour gives what the zone gives each time: across both of the
+    year's changes (a missing hour, an hour twice, a half-hour shift), in the old local mean
+    time, and with fractions of a second."""
+    context = CdrContext(time_zone=zone)
+    days = [date(2026, 3, 8), date(2026, 3, 29), date(2026, 4, 5), date(2026, 10, 4)]
+    days += [date(2026, 10, 25), date(2026, 11, 1), date(1883, 11, 18), date(1921, 4, 30)]
+    moments = [
+        datetime.combine(day, time()) + timedelta(minutes=minute, seconds=minute % 60)
+        for day in days
+        for minute in range(0, 36 * 60, 7)
+    ]
+    for moment in moments:
+        for text in (f"{moment:%Y-%m-%d %H:%M:%S}", f"{moment:%Y-%m-%dT%H:%M:%S}.25"):
+            expected = datetime.fromisoformat(text).replace(tzinfo=ZoneInfo(zone)).isoformat()
+            assert _cdr_time({"start": text}, "start", context) == expected, text
 
 
 def test_asterisk_direction_agent_and_legs() -> None:
