@@ -349,6 +349,9 @@ def _persistent_event(session: Session, event_id: int, values: dict[str, Any]) -
 
 
 _EVENT_COLUMNS = tuple(column.key for column in CrmEvent.__table__.columns)
+_EVENT_TIMES = tuple(
+    column.key for column in CrmEvent.__table__.columns if isinstance(column.type, UTCDateTime)
+)
 _EVENT_CLASS = manager_of_class(CrmEvent)
 
 
@@ -356,8 +359,10 @@ def event_view(row: dict[str, Any]) -> CrmEvent:
     """An event a batch inserted, as a read would give its columns (datetimes in UTC), without
     an ORM instance, which costs more to build than the row to insert: read, never written."""
     state: dict[str, Any] = dict.fromkeys(_EVENT_COLUMNS)
-    for key, value in row.items():
-        state[key] = value.astimezone(UTC) if isinstance(value, datetime) else value
+    state.update(row)
+    for key in _EVENT_TIMES:
+        if isinstance(value := state[key], datetime):
+            state[key] = value.astimezone(UTC)
     return cast(CrmEvent, SimpleNamespace(**state))
 
 
