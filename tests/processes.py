@@ -1,5 +1,5 @@
-"""Processes the tests start: their environment and ports, a worker's readiness, and a warm
-stop of anything we run."""
+"""Processes the tests start: their environment and ports, a worker's readiness, a warm stop
+of anything we run, and waiting for what they report (a condition, a line in their log)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
@@ -86,3 +87,36 @@ def wait_for_worker(
     while not app.control.ping(destination=destination, timeout=1):
         assert process.poll() is None, f"worker exited:\n{log()}"
         assert time.monotonic() < deadline, f"worker did not answer a ping:\n{log()}"
+
+
+#: How often ``wait_until`` asks again. A process's log or a broker's queue has no way to tell
+#: the test that it changed, so the condition is asked again at this pace until its deadline.
+POLL_S = 0.05
+
+
+def wait_until(
+    condition: Callable[[], Any], what: str | Callable[[], str], timeout: float = 60
+) -> Any:
+    """``condition()`` once it is true (its value), asked every ``POLL_S`` until ``timeout``
+    seconds have passed; then the test fails with ``what`` (or what it returns then)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what if isinstance(what, str) else what()
+        time.sleep(POLL_S)
+    return value
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 60) -> str:
+    """The log at ``path`` once it holds ``text`` (its whole text, for further asserts)."""
+
+    def read() -> str:
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def holding() -> str:
+        log = read()
+        return log if text in log else ""
+
+    found: str = wait_until(
+        holding, lambda: f"{text!r} not logged in {path}:\n{read()[-4000:]}", timeout
+    )
+    return found

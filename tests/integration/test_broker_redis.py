@@ -20,6 +20,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from tests.processes import wait_until
+
 pytestmark = pytest.mark.integration
 
 TRANSPORT = "workers.transport.broker_redis:Transport"
@@ -39,13 +41,6 @@ def connection(url: str) -> Connection:
 def keep(received: list[Any], item: Any, message: Any) -> None:
     received.append(item)
     message.ack()
-
-
-def wait_until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_a_message_fetched_by_a_consumer_that_vanished_comes_back(

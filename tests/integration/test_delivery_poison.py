@@ -34,7 +34,7 @@ from sqlalchemy import select
 
 from tests.conftest import ROOT
 from tests.integration.conftest import LiveSystem
-from tests.processes import stop_process, wait_for_worker
+from tests.processes import stop_process, wait_for_log, wait_for_worker
 
 QUEUE = "tests.delivery"
 DIE_TASK = "tests.delivery.die"
@@ -146,14 +146,6 @@ def publish_and_wait(
     log = Path(app.log_path).read_text(errors="replace")
     assert task_id in done, f"{task} {task_id} has no outcome; test worker log:\n{log[-4000:]}"
     return done[task_id]
-
-
-def wait_for_log(path: Path, text: str, timeout: float = 60) -> None:
-    """Until the test worker's log has a line containing ``text``."""
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"not logged: {text!r}\n{path.read_text()[-4000:]}"
-        time.sleep(0.1)
 
 
 def failures_of(live: LiveSystem, task_id: str) -> list[Any]:

@@ -26,6 +26,7 @@ from openapi_spec_validator import validate
 
 from tests.http_service import HttpService, start_service, stop_service
 from tests.integration.conftest import LiveSystem
+from tests.processes import wait_for_log
 from workers.publish import wait_for
 
 pytestmark = pytest.mark.integration
@@ -808,11 +809,7 @@ def read_until(sock: socket.socket, marker: bytes, received: bytes = b"") -> byt
 
 def logged(service: HttpService, text: str) -> str:
     """The service's log once it holds ``text`` (a line is written after its answer is sent)."""
-    deadline = time.monotonic() + 60
-    while text not in (log := service.log.read_text()):
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{log[-2000:]}"
-        time.sleep(0.05)  # polling the condition, not waiting a fixed time
-    return log
+    return wait_for_log(service.log, text)
 
 
 def open_stream(
