@@ -221,6 +221,13 @@ def asterisk_cdr_to_call(row: Mapping[str, Any], context: CdrContext) -> dict[st
     legs, an answered one outranks unanswered ones.
     """
     cdr = {str(k).strip().lower(): "" if v is None else str(v).strip() for k, v in row.items()}
+    return cdr_to_call(cdr, context)
+
+
+def cdr_to_call(cdr: dict[str, str], context: CdrContext) -> dict[str, Any]:
+    """:func:`asterisk_cdr_to_call` of a CDR whose column names are lower case and whose
+    values are stripped strings, as :func:`read_cdr_csv` reads them: a file's rows skip
+    normalising 18 names and values each (a fifth of the conversion)."""
     call_id = cdr.get("linkedid") or cdr.get("uniqueid")
     if not call_id:
         if not (cdr.get("channel") and cdr.get("start")):
@@ -353,6 +360,9 @@ def _cdr_seconds(cdr: dict[str, str], column: str) -> int | None:
 
 @dataclass(frozen=True)
 class CdrRow:
+    """A line of a Master.csv: its fields by lower-case column name, values stripped (or None
+    with the error that makes it no CDR)."""
+
     line: int
     fields: dict[str, str] | None
     error: str = ""
@@ -397,4 +407,4 @@ def read_cdr_csv(text: str) -> Iterator[CdrRow]:
             expected = len(columns) if columns else "16-21"
             yield CdrRow(number, None, f"{len(values)} fields, expected {expected}")
             continue
-        yield CdrRow(number, dict(zip(columns, values, strict=True)))
+        yield CdrRow(number, dict(zip(columns, map(str.strip, values), strict=True)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -11,6 +12,7 @@ import pytest
 from models.schemas.call import SCHEMA, CallMessageSchema
 from models.schemas.common import load_message
 from tasks.telephony.adapters import (
+    CDR_LAYOUTS,
     AdapterError,
     CdrContext,
     _cdr_time,
@@ -447,3 +449,26 @@ def test_signature_url_with_and_without_the_default_port() -> None:
         "https://crm.example.fi/t",
     ]
     assert url_variants("http://127.0.0.1:8080/t") == ["http://127.0.0.1:8080/t"]
+
+
+def test_a_file_row_converts_as_the_same_cdr_posted_with_padded_names_and_values() -> None:
+    """A Master.csv row skips the webhook's normalising of names and values (read_cdr_csv has
+    done it): padded values, upper-case names or a header row give the same messages."""
+    answered, missed = master_csv_rows()
+    padded = answered.replace('"ANSWERED"', '" ANSWERED "').replace('"202"', '"  202 "')
+    header = ",".join(f'" {name.upper()} "' for name in CDR_LAYOUTS[18])
+    for text in (f"{padded}\n{missed}\n", f"{header}\n{padded}\n{missed}\n"):
+        read = [row for row in read_cdr_csv(text) if row.fields is not None]
+        columns = CDR_LAYOUTS[18]
+        posted = [
+            asterisk_cdr_to_call(
+                {f" {k.upper()} ": f"  {v} " for k, v in zip(columns, values, strict=True)},
+                CONTEXT,
+            )
+            for values in csv.reader(text.splitlines()[-2:])
+        ]
+        messages, errors = cdr_messages(text, CONTEXT, "f.csv")
+        assert errors == []
+        assert [m for _label, m in messages] == posted
+        assert [r.fields["dst"] for r in read if r.fields] == ["202", "201"]
+        assert messages[0][1]["status"] == "completed" and messages[0][1]["agent"] == "202"

@@ -36,7 +36,7 @@ def read_cdr_messages(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source label, message) for each usable row as it is read; an error row for every other
     one is added to ``errors``."""
-    from tasks.telephony.adapters import AdapterError, asterisk_cdr_to_call, read_cdr_csv
+    from tasks.telephony.adapters import AdapterError, cdr_to_call, read_cdr_csv
 
     for row in read_cdr_csv(text):
         label = f"{source}:{row.line}"
@@ -44,7 +44,7 @@ def read_cdr_messages(
             errors.append({"source": label, "line": row.line, "error": row.error})
             continue
         try:
-            message = asterisk_cdr_to_call(row.fields, context)
+            message = cdr_to_call(row.fields, context)
         except AdapterError as exc:
             errors.append({"source": label, "line": row.line, "error": exc.reason})
             continue
