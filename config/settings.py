@@ -49,6 +49,12 @@ class ConfigError(ValueError):
     """One or more ``CRM_*`` variables are invalid; the message lists all of them."""
 
 
+def soft_time_limit(hard_s: int) -> int:
+    """The soft limit of a task: 30 s before the hard one, or a quarter of it for short limits
+    (a task then still has time to roll back and be recorded before its process is killed)."""
+    return hard_s - min(30, max(1, hard_s // 4))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed, immutable configuration of every process (worker, beat, gateways, command line)."""

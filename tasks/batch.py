@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from config.queues import CALL_TASK, EMAIL_TASK, PARTY_TASK, TARGET_TASK, VISIT_TASK
 from models.db import is_postgresql
 from models.ledger import FailedMessage, RejectedMessage
-from models.schemas.batch import load_batch_message
+from models.schemas.batch import item_id, load_batch_message
 from tasks.context import StageContext
 from tasks.errors import TRANSIENT_ERRORS, BadInput
 from tasks.ingest.call import CallStageResult, ingest_call
@@ -79,11 +79,6 @@ BulkStage = Callable[[Session, StageContext, list[tuple[int, Any]], Callable[[],
 
 #: kind -> its set-based stage for the messages it can take (the rest go message by message).
 BULK_STAGES: dict[str, BulkStage] = {"call": ingest_new_calls, "email": ingest_new_emails}
-
-
-def item_id(batch_id: str | None, index: int) -> str:
-    """The id a batch's message is known by (its delivery row, its rejection, ``wait_for``)."""
-    return f"{batch_id or 'batch'}/{index}"
 
 
 @dataclass

@@ -12,8 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config.queues import PARTY_QUEUE, QUEUES, TASK_QUEUES
-from config.settings import Settings
-from workers.base import soft_time_limit
+from config.settings import Settings, soft_time_limit
 from workers.beat import BEAT_SCHEDULE
 from workers.exposure import POOL_ARGUMENTS_FILTER
 
@@ -51,7 +50,11 @@ def named_queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-def create_app(settings: Settings) -> Celery:
+def create_app(settings: Settings, *, tasks: bool = True) -> Celery:
+    """The app of a worker, beat or the HTTP service; with ``tasks=False``, an app that only
+    sends messages by task name (the commands that publish), without importing the tasks, the
+    stages and the database layer they need: an import then starts publishing some 0.3 s
+    sooner, while the workers wait for its first batch."""
     # Messages show their kind, source and ids, never their contents (workers/exposure.py).
     app = Celery("crm_events", set_as_current=True, amqp="workers.exposure:SummarisingAMQP")
     logging.getLogger("celery.pool").addFilter(POOL_ARGUMENTS_FILTER)
@@ -104,7 +107,8 @@ def create_app(settings: Settings) -> Celery:
         from workers.transport.signing import configure_signing
 
         configure_signing(app, settings)
-    for module in TASK_MODULES:
-        __import__(module)
+    if tasks:
+        for module in TASK_MODULES:
+            __import__(module)
     app.finalize()
     return app

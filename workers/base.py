@@ -30,7 +30,7 @@ from sqlalchemy.pool import NullPool
 
 from config.logging import add_to_log_context, log_context
 from config.queues import REFRESH_SELLER_TASK, TASK_QUEUES
-from config.settings import Settings
+from config.settings import Settings, soft_time_limit
 from models.base import utcnow
 from models.db import (
     PING_AFTER_REST_S,
@@ -65,12 +65,6 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
 #: Retries of a message whose outcome could not be recorded (the database unavailable): with the
 #: backoff capped at CRM_RETRY_BACKOFF_MAX_S, weeks of waiting; Celery reads None as its default 3.
 RECORD_RETRIES = 10_000
-
-
-def soft_time_limit(hard_s: int) -> int:
-    """The soft limit: 30 s before the hard one, or a quarter of it for short limits (a task
-    then still has time to roll back and be recorded before its process is killed)."""
-    return hard_s - min(30, max(1, hard_s // 4))
 
 
 class CrmTask(Task):

@@ -26,6 +26,7 @@ from models.db import chunked, is_postgresql
 from models.jsondoc import read_json
 from models.ledger import Delivery
 from models.schemas.batch import SCHEMA as BATCH_SCHEMA
+from models.schemas.batch import item_id
 
 
 class PublishError(Exception):
@@ -165,8 +166,6 @@ def publish_batches(
     on_published: Any = None,
 ) -> list[PublishedBatch]:
     """Publish ``messages`` of one kind as ``crm.batch/1`` messages of at most ``size`` each."""
-    from tasks.batch import item_id
-
     batches = []
     for start in range(0, len(messages), size):
         chunk = messages[start : start + size]

@@ -31,5 +31,10 @@ class BatchMessageSchema(MessageSchema):
     )
 
 
+def item_id(batch_id: str | None, index: int) -> str:
+    """The id a batch's message is known by (its delivery row, its rejection, ``wait_for``)."""
+    return f"{batch_id or 'batch'}/{index}"
+
+
 def load_batch_message(payload: Any) -> dict[str, Any]:
     return load_message(shared_schema(BatchMessageSchema), payload, SCHEMA, carried="messages")

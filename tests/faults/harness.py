@@ -692,7 +692,7 @@ class Scenario:
     def publish_batches(self, stream: list[Message], size: int) -> list[str]:
         """Publish the stream as ``crm.batch/1`` messages of ``size``, one kind per batch;
         returns (and accounts for) the id of each message in them."""
-        from tasks.batch import item_id
+        from models.schemas.batch import item_id
 
         ids: list[str] = []
         by_kind: dict[str, list[Message]] = {}

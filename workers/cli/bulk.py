@@ -182,7 +182,7 @@ def _publish(runtime: Any, kind: str, chunk: list[Item], source_system: str, bar
     from workers.publish import publish_batches
 
     [batch] = publish_batches(
-        runtime.app,
+        runtime.publisher,
         kind,
         [i.message for i in chunk],
         source_system=source_system,

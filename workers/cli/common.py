@@ -113,6 +113,7 @@ class Runtime:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._app: Any = None
+        self._publisher: Any = None
 
     @property
     def engine(self) -> Engine:
@@ -137,6 +138,18 @@ class Runtime:
 
             self._app = create_app(self.settings)
         return self._app
+
+    @property
+    def publisher(self) -> Any:
+        """An app for sending messages by task name only (``create_app(tasks=False)``): what
+        the commands that publish use, the app itself when it is built already."""
+        if self._app is not None:
+            return self._app
+        if self._publisher is None:
+            from workers.app import create_app
+
+            self._publisher = create_app(self.settings, tasks=False)
+        return self._publisher
 
 
 def emit_json(document: Any) -> None:

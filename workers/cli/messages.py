@@ -26,7 +26,9 @@ def cmd_publish(args: argparse.Namespace, rt: Runtime) -> int:
     from workers.publish import PublishError, publish_files, wait_for
 
     try:
-        published = publish_files(rt.app, rt.settings, args.kind, [Path(p) for p in args.files])
+        published = publish_files(
+            rt.publisher, rt.settings, args.kind, [Path(p) for p in args.files]
+        )
     except PublishError as exc:
         raise CommandError(str(exc)) from exc
     rows: list[dict[str, Any]] = [
