@@ -12,7 +12,14 @@ from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, ValidationError, fields, missing, validate
-from marshmallow.decorators import POST_DUMP, PRE_DUMP
+from marshmallow.decorators import (
+    POST_DUMP,
+    POST_LOAD,
+    PRE_DUMP,
+    PRE_LOAD,
+    VALIDATES,
+    VALIDATES_SCHEMA,
+)
 
 from models.invalid import MessageInvalid
 
@@ -259,6 +266,61 @@ def _dump_plan(schema: Schema) -> tuple[tuple[str, str, fields.Field], ...] | No
     return tuple(plan)
 
 
+def load_valid(schema: Schema, payload: Any) -> Any:
+    """``schema.load(payload)``, the way nearly every message goes: each field it names loaded
+    by the field itself, without marshmallow's per-field error bookkeeping (an error store, a
+    getter built per field, the hooks looked up), a fifth of a call update's load. A message
+    with a key the schema does not know, or a value a field refuses, is loaded again by
+    marshmallow, which then reports every error as it always does; a schema with anything
+    that bookkeeping serves (load hooks, validators of its own, partial or lenient loading,
+    another attribute path, an overridden ``load``) is left to marshmallow whole."""
+    plan = _load_plan(schema)
+    if plan is None or type(payload) is not dict:
+        return schema.load(payload)
+    keys, steps = plan
+    if not payload.keys() <= keys:
+        return schema.load(payload)
+    loaded: dict[str, Any] = {}
+    try:
+        for data_key, attr, field_obj in steps:
+            value = field_obj.deserialize(payload.get(data_key, missing), data_key, payload)
+            if value is not missing:
+                loaded[attr] = value
+    except ValidationError:
+        return schema.load(payload)
+    return loaded
+
+
+@lru_cache(maxsize=256)
+def _load_plan(
+    schema: Schema,
+) -> tuple[frozenset[str], tuple[tuple[str, str, fields.Field], ...]] | None:
+    """The keys ``schema`` takes and (key, attribute, field) for each field it loads, or None
+    when ``load_valid`` must leave the load to marshmallow."""
+    hooks = schema._hooks
+    if (
+        schema.many
+        or schema.partial not in (None, False)
+        or schema.unknown != RAISE
+        or schema.dict_class is not dict
+        or hooks[PRE_LOAD]
+        or hooks[POST_LOAD]
+        or hooks[VALIDATES]
+        or hooks[VALIDATES_SCHEMA]
+        or type(schema).load is not Schema.load
+        or type(schema)._do_load is not Schema._do_load
+        or type(schema)._deserialize is not Schema._deserialize
+    ):
+        return None
+    steps = []
+    for name, field_obj in schema.load_fields.items():
+        attr = field_obj.attribute or name
+        if "." in attr:
+            return None  # marshmallow nests the value under the dotted path
+        steps.append((name if field_obj.data_key is None else field_obj.data_key, attr, field_obj))
+    return frozenset(key for key, _attr, _field in steps), tuple(steps)
+
+
 def load_message(
     schema: Schema,
     payload: Any,
@@ -290,7 +352,7 @@ def load_message(
             {"schema": [f"Must be {expected_schema!r}."]},
         )
     try:
-        loaded: dict[str, Any] = schema.load(payload)
+        loaded: dict[str, Any] = load_valid(schema, payload)
     except ValidationError as exc:
         errors = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
         errors = _capped(errors)
