@@ -53,8 +53,8 @@ def named_queue(name: str) -> Queue:
 def create_app(settings: Settings, *, tasks: bool = True) -> Celery:
     """The app of a worker, beat or the HTTP service; with ``tasks=False``, an app that only
     sends messages by task name (the commands that publish), without importing the tasks, the
-    stages and the database layer they need: an import then starts publishing some 0.3 s
-    sooner, while the workers wait for its first batch."""
+    stages and what they need: an import then starts publishing about half a second sooner,
+    while the workers wait for its first batch."""
     # Messages show their kind, source and ids, never their contents (workers/exposure.py).
     app = Celery("crm_events", set_as_current=True, amqp="workers.exposure:SummarisingAMQP")
     logging.getLogger("celery.pool").addFilter(POOL_ARGUMENTS_FILTER)

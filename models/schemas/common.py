@@ -269,7 +269,7 @@ def _dump_plan(schema: Schema) -> tuple[tuple[str, str, fields.Field], ...] | No
 def load_valid(schema: Schema, payload: Any) -> Any:
     """``schema.load(payload)``, the way nearly every message goes: each field it names loaded
     by the field itself, without marshmallow's per-field error bookkeeping (an error store, a
-    getter built per field, the hooks looked up), a fifth of a call update's load. A message
+    getter built per field, the hooks looked up), two fifths of a call update's load. A message
     with a key the schema does not know, or a value a field refuses, is loaded again by
     marshmallow, which then reports every error as it always does; a schema with anything
     that bookkeeping serves (load hooks, validators of its own, partial or lenient loading,

@@ -227,7 +227,7 @@ def asterisk_cdr_to_call(row: Mapping[str, Any], context: CdrContext) -> dict[st
 def cdr_to_call(cdr: dict[str, str], context: CdrContext) -> dict[str, Any]:
     """:func:`asterisk_cdr_to_call` of a CDR whose column names are lower case and whose
     values are stripped strings, as :func:`read_cdr_csv` reads them: a file's rows skip
-    normalising 18 names and values each (a fifth of the conversion)."""
+    normalising 18 names and values each (an eighth of the conversion)."""
     call_id = cdr.get("linkedid") or cdr.get("uniqueid")
     if not call_id:
         if not (cdr.get("channel") and cdr.get("start")):
