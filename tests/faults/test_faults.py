@@ -17,7 +17,6 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import suppress
 
 import pytest
@@ -42,6 +41,7 @@ from tests.faults.harness import (
     probe,
     scenario,
 )
+from tests.processes import wait_until
 from workers.publish import wait_for
 from workers.transport.drain import RECORD_PREFIX
 
@@ -135,7 +135,11 @@ def test_messages_taken_from_their_queue_come_back_when_their_process_is_killed(
             # While a task holds messages it took, its list of them is in the broker: kill the
             # pool then, once, and wait for a killed task to run again (Celery put it at the
             # end of its queue) unless its list went with an acknowledgement in the meantime.
-            wait_until(lambda: bool(broker.keys(f"{RECORD_PREFIX}*")), deadline - time.monotonic())
+            wait_until(
+                lambda: broker.keys(f"{RECORD_PREFIX}*"),
+                "no task held messages it took from the queue",
+                max(deadline - time.monotonic(), 0),
+            )
             for worker in run.workers.running:
                 for pid in children(worker.process.pid):
                     with suppress(ProcessLookupError):
@@ -180,8 +184,9 @@ def test_email_batches_killed_before_their_commit_are_applied_exactly_once(
                 {"ns": TALLY_LOCK_NAMESPACE, "seller": anna},
             )
             run.publish_batches(stream.messages, size=10)
-            reached = wait_until(lambda: tally_waiters(run) >= 2, 60)
-            assert reached, "no two email batches reached their tallies"
+            wait_until(
+                lambda: tally_waiters(run) >= 2, "no two email batches reached their tallies", 60
+            )
             for worker in run.workers.running:
                 for child in children(worker.process.pid):
                     with suppress(ProcessLookupError):
@@ -208,14 +213,6 @@ def tally_waiters(run: Scenario) -> int:
             )
             or 0
         )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not (held := condition()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return held
 
 
 def redelivered(run: Scenario) -> int:
